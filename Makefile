@@ -1,0 +1,28 @@
+# One command each: set up, serve the default model, run the tests.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+# The CPU build of torch; on a CUDA machine install the torch build you want first and set TORCH=.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup serve test lint proto
+
+setup:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)")
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+serve:
+	$(BIN)/goodspeed serve
+
+test:
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy engine server client bench
+
+proto:
+	$(BIN)/python -m client.pb.generate

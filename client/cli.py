@@ -1,0 +1,90 @@
+"""The `goodspeed` command line: serve, generate, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    models = sub.add_parser("models", help="list or download the known models")
+    verbs = models.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="the known models and which are in the cache")
+    pull = verbs.add_parser("pull", help="download, verify and convert a model into the cache")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="convert again even if cached")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from engine.catalog import CATALOG, find_model
+    from engine.fetch import ModelFetchError, cache_root, is_cached, pull
+
+    if args.verb == "list":
+        print(f"cache: {cache_root()}")
+        for model in CATALOG:
+            state = "cached" if is_cached(model.name) else "not cached"
+            print(f"  {model.name:22} {state:11} {model.description}")
+        return 0
+    entry = find_model(args.name)
+    if entry is None:
+        known = ", ".join(m.name for m in CATALOG)
+        print(f"error: unknown model {args.name!r}; known models: {known}", file=sys.stderr)
+        return 2
+    try:
+        path = pull(entry, force=args.force)
+    except ModelFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{entry.name} is ready in {path}")
+    return 0
+
+
+def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    engine = kinds.add_parser("engine", help="batch-1 speculation and batched throughput, vs transformers")
+    engine.add_argument("--model", default="smollm2-135m")
+    engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    engine.add_argument("--num-prompts", type=int, default=8)
+    engine.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft lengths to measure")
+    engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    engine.add_argument("--no-transformers", action="store_true", help="skip the transformers baselines")
+    engine.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/engine-DTYPE.json)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.kind == "engine":
+        from bench.engine import run_engine_bench
+
+        run_engine_bench(
+            model=args.model,
+            dtype=args.dtype,
+            num_prompts=args.num_prompts,
+            ks=args.k,
+            concurrency=args.concurrency,
+            with_transformers=not args.no_transformers,
+            out_path=args.out or Path("bench-results") / f"engine-{args.dtype}.json",
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="goodspeed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_models(sub)
+    add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return run_models(args)
+    if args.command == "bench":
+        return run_bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The interface every drafter implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    token_ids: list[int] = field(default_factory=list)
+    # [len(token_ids), V]: the distribution each token was drawn from; None for a model-free
+    # drafter, whose proposals count as one-hot distributions in verification.
+    probs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRequest:
+    req_id: str
+    token_ids: list[int]  # prompt and generated tokens so far (read-only)
+    num_draft_tokens: int  # propose at most this many
+
+
+class Drafter(ABC):
+    """Proposes up to k tokens per request and learns how many the target accepted."""
+
+    name: str
+
+    def add_request(self, req_id: str, token_ids: list[int]) -> None:  # noqa: B027 - optional hook
+        """A request joined the batch; token_ids is its prompt."""
+
+    def remove_request(self, req_id: str) -> None:  # noqa: B027 - optional hook
+        """A request left; forget its state."""
+
+    @abstractmethod
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """One draft per request, each at most num_draft_tokens long (it may be empty)."""
+
+    def observe(self, req_id: str, num_draft_tokens: int, num_accepted_tokens: int) -> None:  # noqa: B027
+        """How many of the proposed tokens the target accepted this step."""

@@ -1,0 +1,87 @@
+"""Prompt-lookup drafting: continue the longest earlier match of the sequence's suffix.
+
+For each request an index maps every n-gram of length min_n to the positions right after its
+occurrences in the prompt and generated tokens. To propose, the last min_n tokens are looked up,
+each candidate's match is extended backwards up to max_n tokens, and the tokens that followed
+the longest match are proposed (the most recent such match on ties). No model runs: a draft
+costs microseconds and its distribution is one-hot.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from engine.drafters.base import Draft, Drafter, DraftRequest
+
+# Candidates examined per lookup, most recent first: bounds the cost on very repetitive text.
+MAX_CANDIDATES = 64
+
+
+@dataclass(slots=True)
+class NgramIndex:
+    min_n: int
+    # n-gram of length min_n -> positions i such that tokens[i - min_n : i] is that n-gram
+    continuations: dict[tuple[int, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
+    num_indexed: int = 0  # positions below this are in the index
+
+    def update(self, token_ids: list[int]) -> None:
+        # Index positions up to len - 1: a match ending at the very end has nothing after it.
+        end = len(token_ids) - 1
+        for i in range(max(self.num_indexed, self.min_n), end + 1):
+            self.continuations[tuple(token_ids[i - self.min_n : i])].append(i)
+        self.num_indexed = max(self.num_indexed, end + 1)
+
+    def lookup(self, token_ids: list[int], max_n: int, num_draft_tokens: int) -> list[int]:
+        self.update(token_ids)
+        length = len(token_ids)
+        if length <= self.min_n:
+            return []
+        candidates = self.continuations.get(tuple(token_ids[length - self.min_n :]))
+        if not candidates:
+            return []
+        best_start, best_len = -1, 0
+        for start in reversed(candidates[-MAX_CANDIDATES:]):
+            if start >= length:
+                continue
+            match_len = self.min_n
+            while (
+                match_len < max_n
+                and start - match_len - 1 >= 0
+                and token_ids[start - match_len - 1] == token_ids[length - match_len - 1]
+            ):
+                match_len += 1
+            if match_len > best_len:
+                best_start, best_len = start, match_len
+                if match_len == max_n:
+                    break
+        return token_ids[best_start : best_start + num_draft_tokens]
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.min_n = min_n
+        self.max_n = max_n
+        self.indexes: dict[str, NgramIndex] = {}
+
+    def add_request(self, req_id: str, token_ids: list[int]) -> None:
+        index = NgramIndex(self.min_n)
+        index.update(token_ids)
+        self.indexes[req_id] = index
+
+    def remove_request(self, req_id: str) -> None:
+        self.indexes.pop(req_id, None)
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        drafts = []
+        for request in requests:
+            index = self.indexes.get(request.req_id)
+            if index is None or request.num_draft_tokens <= 0:
+                drafts.append(Draft())
+                continue
+            drafts.append(Draft(index.lookup(request.token_ids, self.max_n, request.num_draft_tokens)))
+        return drafts

@@ -1,0 +1,142 @@
+"""The link between the control plane and the engine process.
+
+Two faster-fifo queues: ring buffers in shared memory guarded by a process-shared mutex and
+condition variable. Measured here, a round trip costs 116 us against 232 us for
+multiprocessing.Queue (which pickles and goes through a pipe and a feeder thread), and a reader
+with nothing to read sleeps on the condition variable, so an idle engine uses no CPU. Frames are
+msgspec msgpack bytes, never pickle.
+
+Engine death is watched separately, on the process sentinel: a watcher thread wakes the moment
+the process exits and posts an EngineError to the result queue, so a parent blocked in `recv`
+learns at once. (If the engine were killed inside the microseconds it holds the queue's mutex,
+that queue would stay locked; the control plane therefore also takes the death callback, which
+does not touch the queue.)
+
+This module is shared by both sides, so it must not import torch, grpc or anyio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import threading
+from collections.abc import Callable
+from queue import Empty
+from typing import Any, Generic, TypeVar
+
+import faster_fifo
+import msgspec
+
+from engine.config import EngineConfig
+from engine.protocol import EngineError, EngineInput, EngineOutput, Shutdown
+
+QUEUE_BYTES = 16 * 1024 * 1024
+FOREVER_S = 1e9
+
+T = TypeVar("T")
+
+
+def _raw_bytes(data: bytes) -> bytes:
+    return data
+
+
+def _new_queue() -> faster_fifo.Queue:
+    # Module-level functions, not codec objects, so the queue pickles into the spawned process.
+    return faster_fifo.Queue(QUEUE_BYTES, loads=bytes, dumps=_raw_bytes)
+
+
+class QueueEnd(Generic[T]):
+    """Typed messages over one faster-fifo queue."""
+
+    def __init__(self, queue: faster_fifo.Queue, message_type: Any) -> None:
+        self.queue = queue
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
+
+    def put(self, message: Any, timeout: float = 10.0) -> None:
+        self.queue.put(self.encoder.encode(message), timeout=timeout)
+
+    def get(self, timeout: float | None = None) -> T | None:
+        """The next message, or None when `timeout` seconds pass first."""
+        try:
+            data = self.queue.get(timeout=FOREVER_S if timeout is None else timeout)
+        except Empty:
+            return None
+        return self.decoder.decode(data)
+
+
+class EngineDiedError(RuntimeError):
+    """The engine process is gone."""
+
+
+def _engine_main(config: EngineConfig, plans: faster_fifo.Queue, results: faster_fifo.Queue) -> None:
+    from engine.worker import run_engine  # torch is imported here, in the engine process only
+
+    run_engine(config, QueueEnd(plans, EngineInput), QueueEnd(results, EngineOutput))
+
+
+class EngineProcess:
+    """Starts the engine in a spawned process and talks to it; used from one thread at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        plans, results = _new_queue(), _new_queue()
+        self._plans: QueueEnd[EngineInput] = QueueEnd(plans, EngineInput)
+        self._results: QueueEnd[EngineOutput] = QueueEnd(results, EngineOutput)
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(
+            target=_engine_main, args=(config, plans, results), name="goodspeed-engine", daemon=True
+        )
+        self.died = threading.Event()
+        self._on_death: list[Callable[[int | None], None]] = []
+
+    def start(self) -> None:
+        self.process.start()
+        threading.Thread(target=self._watch, name="goodspeed-engine-watch", daemon=True).start()
+
+    def on_death(self, callback: Callable[[int | None], None]) -> None:
+        """Calls callback(exitcode) from the watcher thread when the process exits."""
+        self._on_death.append(callback)
+        if self.died.is_set():
+            callback(self.process.exitcode)
+
+    def _watch(self) -> None:
+        multiprocessing.connection.wait([self.process.sentinel])
+        self.process.join(timeout=1.0)
+        self.died.set()
+        for callback in list(self._on_death):
+            callback(self.process.exitcode)
+        # Wake a reader blocked on the result queue.
+        self._results.put(EngineError(f"engine process exited (exit code {self.process.exitcode})"), timeout=1.0)
+
+    def send(self, message: EngineInput) -> None:
+        if self.died.is_set():
+            raise EngineDiedError(f"engine process exited (exit code {self.process.exitcode})")
+        self._plans.put(message)
+
+    def recv(self, timeout: float | None = None) -> EngineOutput | None:
+        """The next message from the engine; None if `timeout` passes first."""
+        return self._results.get(timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Asks the engine to exit, then makes sure it has.
+
+        Only the watcher thread reaps the process (two threads waiting on one child race), so
+        this waits for its `died` event rather than joining.
+        """
+        if self.process.pid is None:
+            return  # never started
+        if not self.died.is_set():
+            with contextlib.suppress(Exception):  # a full or broken queue: terminate below
+                self._plans.put(Shutdown(), timeout=1.0)
+            self.died.wait(timeout)
+        if not self.died.is_set():
+            self.process.terminate()
+            self.died.wait(2.0)
+        if not self.died.is_set():
+            self.kill()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.died.wait(5.0)

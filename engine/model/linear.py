@@ -1,0 +1,51 @@
+"""Linear layers, with weights prepacked for oneDNN on the CPU.
+
+On a CPU, `F.linear` repacks a bfloat16 weight on every call, and float32 products of a few rows
+run at a fraction of the machine's speed. For the skinny products of decoding and verification
+(1 to 17 rows) a prepacked weight fixes both: bfloat16 at one row gets about 1.5x faster, and
+float32 with 9 rows costs about 1.3x one row instead of 2.3x. That is what makes verifying k
+draft tokens cheap enough to pay off. For a single float32 row, MKL's plain product is still the
+fastest, so float32 keeps both forms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The number of rows oneDNN picks its packed layout for; the layout serves other row counts too.
+PACK_FOR_NUM_ROWS = 16
+
+
+class Linear:
+    """y = x @ weight.T + bias over [T, in] -> [T, out]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False) -> None:
+        # weight: [out, in]; bias: [out] or None.
+        self.bias = bias
+        self.packed: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = weight
+        if prepack:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_NUM_ROWS)
+            if weight.dtype != torch.float32:
+                self.dense = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and (self.dense is None or x.shape[0] > 1):
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return out
+        assert self.dense is not None  # one of the two forms always exists
+        return F.linear(x, self.dense, self.bias)
+
+
+def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Checks once that this torch build's packed path runs and agrees with F.linear."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+        got = Linear(weight, prepack=True)(x).float()
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))

@@ -1,0 +1,159 @@
+"""Our forward pass for llama-family decoders (llama, qwen2) over a ragged batch.
+
+One step carries requests with different numbers of query tokens: a prefill chunk, one decode
+token, or 1 + k tokens to verify. The linear layers run once over all of the step's tokens
+(flattened), so each weight is read once per step; attention runs per sequence against that
+sequence's own region of the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import KVCache
+from engine.model.spec import ModelSpec
+from engine.model.weights import LayerWeights, ModelWeights
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSlice:
+    """Where one sequence's query tokens sit in the flat step and where its KV lives."""
+
+    query_start: int  # index of its first token among the step's tokens
+    num_query_tokens: int
+    kv_start: int  # first cache row of its region
+    num_cached_tokens: int  # tokens already in the cache before this step
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.num_cached_tokens + self.num_query_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_ids: torch.Tensor  # [T] int64, cache rows the step's K/V are written to
+    logit_rows: torch.Tensor  # [N] int64, which of the T tokens need logits
+    seqs: list[SeqSlice]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, hidden]. Normalise in float32 and scale in the model dtype, as transformers does.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions: [T] -> cos, sin: [T, 1, D/2], computed in float32 like transformers.
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    cos = (freqs.cos() * scale).to(dtype)
+    sin = (freqs.sin() * scale).to(dtype)
+    return cos[:, None, :], sin[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; rotates the two halves of each head (transformers' rotate_half layout).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive mask [G * n, L] letting query i see keys up to its own position; None for n == 1."""
+    n, num_kv = seq.num_query_tokens, seq.num_kv_tokens
+    if n == 1:
+        return None
+    query_pos = torch.arange(n, device=device)[:, None] + seq.num_cached_tokens
+    key_pos = torch.arange(num_kv, device=device)[None, :]
+    mask = torch.zeros(n, num_kv, dtype=dtype, device=device).masked_fill(key_pos > query_pos, float("-inf"))
+    return mask.repeat(num_groups, 1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Grouped-query attention of one sequence.
+
+    q: [n, H, D]; k, v: [Hkv, L, D] (views into the cache); mask: [G * n, L] or None.
+    The G query heads that share a KV head are folded into rows, so no K/V is repeated.
+    Returns [n, H * D].
+    """
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[0]
+    groups = num_heads // num_kv_heads
+    qg = q.to(k.dtype).view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)
+    qg = qg.reshape(num_kv_heads, groups * n, head_dim)
+    if k.device.type == "cpu":
+        # On the CPU the cache is float32, where matmul-softmax-matmul beats SDPA's kernels for
+        # short query blocks.
+        scores = torch.matmul(qg, k.transpose(1, 2)) * scale  # [Hkv, G*n, L]
+        if mask is not None:
+            scores = scores + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    else:
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    out = out.view(num_kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim)
+    return out.to(q.dtype)
+
+
+class Transformer:
+    """Stateless apart from its weights: the KV cache is passed in by the caller."""
+
+    def __init__(self, spec: ModelSpec, weights: ModelWeights) -> None:
+        self.spec = spec
+        self.weights = weights
+        self.scale = spec.head_dim**-0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Runs the step's tokens through the model; returns logits [N, vocab] for `logit_rows`."""
+        spec, w = self.spec, self.weights
+        x = w.embed[batch.token_ids]  # [T, hidden]
+        cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
+        groups = spec.num_heads // spec.num_kv_heads
+        masks = [causal_mask(seq, groups, kv_cache.dtype, x.device) for seq in batch.seqs]
+        for layer_idx, layer in enumerate(w.layers):
+            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, masks)
+            h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        h = rms_norm(x[batch.logit_rows], w.final_norm, spec.rms_norm_eps)
+        return w.lm_head(h)
+
+    def _attention(
+        self,
+        layer_idx: int,
+        layer: LayerWeights,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        spec = self.spec
+        num_tokens = x.shape[0]
+        h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+        qkv = layer.qkv(h).view(num_tokens, -1, spec.head_dim)
+        num_qk = spec.num_heads + spec.num_kv_heads
+        qk = apply_rope(qkv[:, :num_qk], cos, sin)  # [T, H + Hkv, D]
+        q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
+        v_new = qkv[:, num_qk:]
+        k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
+        outs = []
+        for seq, mask in zip(batch.seqs, masks, strict=True):
+            kv_rows = slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)
+            q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
+            outs.append(attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, self.scale))
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return layer.o_proj(attn)

@@ -1,0 +1,121 @@
+"""Messages between the control plane and the engine process.
+
+msgspec structs of primitives only (no tensors, no pickle), encoded as msgpack arrays. A request's
+full data crosses once, in the plan that admits it; after that a plan carries only how many
+tokens each request runs this step and which requests to forget, and a result carries only the
+new tokens (vLLM V1's SchedulerOutput / ModelRunnerOutput pattern). This module is shared by
+both sides, so it must not import torch, grpc or anyio.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FinishReason(enum.IntEnum):
+    NONE = 0  # still running
+    LENGTH = 1  # max_new_tokens reached
+    EOS = 2  # an end-of-sequence token was generated
+    STOP = 3  # a stop sequence matched (decided by the control plane)
+    CANCELLED = 4  # the client went away
+    DEADLINE = 5  # the client's deadline passed
+    ERROR = 6  # the engine could not run the request
+
+
+class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    pass
+
+
+class SamplingParams(_Wire, frozen=True):
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0  # 1 means off
+    top_k: int = 0  # 0 means off
+    seed: int = 0  # per-request seed; randomness is keyed by (seed, position)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class NewRequest(_Wire, frozen=True):
+    req_id: str
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: list[int] = []  # tokens that end the request (EOS); checked by the engine
+
+
+class ScheduledRequest(_Wire, frozen=True):
+    req_id: str
+    num_prompt_tokens: int = 0  # prompt tokens to prefill this step; 0 for a decode step
+    num_draft_tokens: int = 0  # k: tokens the drafter may propose this decode step; 0 is plain decoding
+
+
+class StepPlan(_Wire, frozen=True, tag=1):
+    step_id: int
+    new_requests: list[NewRequest] = []  # each request's full data, sent once
+    scheduled: list[ScheduledRequest] = []  # the requests that run this step
+    finished_req_ids: list[str] = []  # finished or aborted by the control plane: free their state
+
+
+class Shutdown(_Wire, frozen=True, tag=2):
+    pass
+
+
+class RequestOutput(_Wire, frozen=True):
+    req_id: str
+    new_token_ids: list[int] = []  # accepted draft tokens plus the recovered or bonus token
+    num_draft_tokens: int = 0  # tokens actually drafted (the drafter may find fewer than k)
+    num_accepted_tokens: int = 0  # drafted tokens the target accepted
+    finish_reason: FinishReason = FinishReason.NONE
+    error: str = ""
+
+
+class StepTimings(_Wire, frozen=True):
+    draft_s: float = 0.0  # proposing draft tokens
+    forward_s: float = 0.0  # the batched target forward
+    sample_s: float = 0.0  # sampling and verification
+    step_s: float = 0.0  # the whole step, from plan received to result built
+
+
+class StepResult(_Wire, frozen=True, tag=3):
+    step_id: int
+    outputs: list[RequestOutput] = []
+    timings: StepTimings = StepTimings()
+    num_batched_tokens: int = 0  # query tokens in the forward
+    num_context_tokens: int = 0  # KV tokens attended to, summed over sequences
+    num_free_kv_tokens: int = 0
+
+
+class EngineReady(_Wire, frozen=True, tag=4):
+    model_name: str
+    model_type: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    kv_capacity_tokens: int
+    max_draft_tokens: int
+    drafter: str
+    device: str
+    dtype: str
+    model_path: str  # where the tokenizer and chat template can be read
+    load_s: float = 0.0
+
+
+class EngineError(_Wire, frozen=True, tag=5):
+    message: str
+    traceback: str = ""
+
+
+EngineInput = StepPlan | Shutdown
+EngineOutput = StepResult | EngineReady | EngineError
+
+
+def make_input_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder[EngineInput]]:
+    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineInput)
+
+
+def make_output_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder[EngineOutput]]:
+    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineOutput)

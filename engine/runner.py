@@ -1,0 +1,228 @@
+"""One engine step: prefill chunks, draft, verify in one batched forward, accept."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
+from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
+from engine.protocol import (
+    FinishReason,
+    NewRequest,
+    RequestOutput,
+    SamplingParams,
+    ScheduledRequest,
+    StepPlan,
+    StepResult,
+    StepTimings,
+)
+from engine.verify import accept_matching, verify_sampled
+
+
+@dataclass(slots=True)
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int]
+    kv_start: int
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def num_new_tokens_left(self) -> int:
+        return self.max_new_tokens - (len(self.token_ids) - self.num_prompt_tokens)
+
+
+@dataclass(slots=True)
+class _Work:
+    """One scheduled request within the step being built."""
+
+    state: RequestState
+    query_token_ids: list[int]  # fed to the model this step
+    draft: Draft
+    num_logits: int  # logit rows it needs: 0 mid-prefill, 1 at prefill end, 1 + k when decoding
+
+
+class ModelRunner:
+    """Owns the model, the KV cache, the drafter and every running request's state."""
+
+    def __init__(self, model: Transformer, kv_cache: KVCache, drafter: Drafter, max_draft_tokens: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.allocator = RegionAllocator(kv_cache.capacity_tokens)
+        self.drafter = drafter
+        self.max_draft_tokens = max_draft_tokens
+        self.requests: dict[str, RequestState] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.spec.max_position_embeddings
+
+    def add_request(self, new: NewRequest) -> None:
+        num_tokens = len(new.prompt_token_ids) + new.max_new_tokens
+        if not new.prompt_token_ids or new.max_new_tokens <= 0:
+            raise ValueError(f"request {new.req_id!r} needs a prompt and max_new_tokens > 0")
+        if num_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {new.req_id!r} needs {num_tokens} tokens, the model's limit is {self.max_model_len}"
+            )
+        region = self.allocator.allocate(new.req_id, num_tokens, self.kv_cache)
+        self.requests[new.req_id] = RequestState(
+            req_id=new.req_id,
+            token_ids=list(new.prompt_token_ids),
+            num_prompt_tokens=len(new.prompt_token_ids),
+            max_new_tokens=new.max_new_tokens,
+            sampling=new.sampling,
+            stop_token_ids=frozenset(new.stop_token_ids),
+            kv_start=region.start,
+        )
+        self.drafter.add_request(new.req_id, self.requests[new.req_id].token_ids)
+
+    def remove_request(self, req_id: str) -> None:
+        if self.requests.pop(req_id, None) is not None:
+            self.allocator.free(req_id)
+            self.drafter.remove_request(req_id)
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        for req_id in plan.finished_req_ids:
+            self.remove_request(req_id)
+        errors: dict[str, str] = {}
+        for new in plan.new_requests:
+            try:
+                self.add_request(new)
+            except (KVCacheFullError, ValueError) as exc:
+                errors[new.req_id] = str(exc)
+        outputs = [
+            RequestOutput(s.req_id, finish_reason=FinishReason.ERROR, error=errors.get(s.req_id, "unknown request"))
+            for s in plan.scheduled
+            if s.req_id not in self.requests
+        ]
+        works = [self._plan_work(self.requests[s.req_id], s) for s in plan.scheduled if s.req_id in self.requests]
+        self._draft(works)
+        drafted = forwarded = time.perf_counter()
+        batch, emitted = None, []
+        if works:
+            batch = self._forward_batch(works)
+            logits = self.model.forward(batch, self.kv_cache)
+            if logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)  # so forward_s is the forward's own time
+            forwarded = time.perf_counter()
+            emitted = self._sample(works, logits)
+        sampled = time.perf_counter()
+        outputs += [self._advance(work, tokens) for work, tokens in zip(works, emitted, strict=True)]
+        return StepResult(
+            step_id=plan.step_id,
+            outputs=outputs,
+            timings=StepTimings(
+                draft_s=drafted - started,
+                forward_s=forwarded - drafted,
+                sample_s=sampled - forwarded,
+                step_s=time.perf_counter() - started,
+            ),
+            num_batched_tokens=int(batch.token_ids.shape[0]) if batch else 0,
+            num_context_tokens=sum(seq.num_kv_tokens for seq in batch.seqs) if batch else 0,
+            num_free_kv_tokens=self.allocator.num_free_tokens,
+        )
+
+    def _plan_work(self, state: RequestState, scheduled: ScheduledRequest) -> _Work:
+        if state.is_prefilling:
+            num_left = state.num_prompt_tokens - state.num_computed_tokens
+            num_tokens = min(max(scheduled.num_prompt_tokens, 1), num_left)
+            start = state.num_computed_tokens
+            is_last_chunk = num_tokens == num_left
+            return _Work(state, state.token_ids[start : start + num_tokens], Draft(), int(is_last_chunk))
+        # k is capped so that a fully accepted draft plus its bonus token never passes max_new_tokens.
+        num_draft = min(scheduled.num_draft_tokens, self.max_draft_tokens, state.num_new_tokens_left - 1)
+        return _Work(state, [state.token_ids[-1]], Draft(), 1 + max(num_draft, 0))
+
+    def _draft(self, works: list[_Work]) -> None:
+        wanting = [w for w in works if w.num_logits > 1]
+        if not wanting:
+            return
+        requests = [DraftRequest(w.state.req_id, w.state.token_ids, w.num_logits - 1) for w in wanting]
+        for work, draft in zip(wanting, self.drafter.propose(requests), strict=True):
+            work.draft = draft
+            work.query_token_ids = work.query_token_ids + draft.token_ids
+            work.num_logits = 1 + len(draft.token_ids)
+
+    def _forward_batch(self, works: list[_Work]) -> ForwardBatch:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_ids: list[int] = []
+        logit_rows: list[int] = []
+        seqs = []
+        for work in works:
+            state, num_query = work.state, len(work.query_token_ids)
+            first = state.num_computed_tokens
+            seqs.append(SeqSlice(len(token_ids), num_query, state.kv_start, first))
+            end_row = len(token_ids) + num_query
+            logit_rows.extend(range(end_row - work.num_logits, end_row))
+            token_ids.extend(work.query_token_ids)
+            positions.extend(range(first, first + num_query))
+            slot_ids.extend(range(state.kv_start + first, state.kv_start + first + num_query))
+        device = self.model.device
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return ForwardBatch(
+            as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs
+        )
+
+    def _sample(self, works: list[_Work], logits: torch.Tensor) -> list[list[int]]:
+        """logits: [N, V], the rows of every work in order -> the tokens each work emits."""
+        is_any_greedy = any(w.state.sampling.is_greedy for w in works if w.num_logits)
+        argmaxes = logits.argmax(dim=-1).tolist() if is_any_greedy else []
+        emitted: list[list[int]] = []
+        row = 0
+        for work in works:
+            rows = slice(row, row + work.num_logits)
+            row += work.num_logits
+            if work.num_logits == 0:
+                emitted.append([])
+            elif work.state.sampling.is_greedy:
+                emitted.append(accept_matching(work.draft.token_ids, argmaxes[rows]))
+            else:
+                first_position = len(work.state.token_ids)
+                emitted.append(
+                    verify_sampled(
+                        logits[rows], work.draft.token_ids, work.draft.probs, work.state.sampling, first_position
+                    )
+                )
+        return emitted
+
+    def _advance(self, work: _Work, emitted: list[int]) -> RequestOutput:
+        """Commits a step's tokens to the request; rejected drafts roll back by not counting them."""
+        state = work.state
+        num_draft = len(work.draft.token_ids)
+        num_accepted = max(len(emitted) - 1, 0) if num_draft else 0
+        if state.is_prefilling:
+            state.num_computed_tokens += len(work.query_token_ids)
+        else:
+            state.num_computed_tokens += 1 + num_accepted
+        emitted = emitted[: state.num_new_tokens_left]
+        finish_reason = FinishReason.NONE
+        for i, token_id in enumerate(emitted):
+            if token_id in state.stop_token_ids:
+                emitted, finish_reason = emitted[: i + 1], FinishReason.EOS
+                break
+        state.token_ids.extend(emitted)
+        if finish_reason == FinishReason.NONE and state.num_new_tokens_left <= 0:
+            finish_reason = FinishReason.LENGTH
+        if num_draft:
+            self.drafter.observe(state.req_id, num_draft, num_accepted)
+        if finish_reason != FinishReason.NONE:
+            self.remove_request(state.req_id)
+        return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason)

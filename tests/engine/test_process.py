@@ -1,0 +1,154 @@
+"""The engine process, driven through its shared-memory queues (a tiny random model: these tests
+are about the mechanics, not the outputs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.ipc import EngineDiedError, EngineProcess
+from engine.protocol import (
+    EngineError,
+    EngineReady,
+    FinishReason,
+    NewRequest,
+    ScheduledRequest,
+    StepPlan,
+    StepResult,
+)
+
+pytestmark = pytest.mark.slow
+
+KV_TOKENS = 512
+
+
+def make_tiny_llama(path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=127,
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def start_engine(model: Path | str) -> EngineProcess:
+    engine = EngineProcess(EngineConfig(model=str(model), kv_cache_tokens=KV_TOKENS, num_threads=1))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Iterator[tuple[EngineProcess, EngineReady]]:
+    engine = start_engine(tiny_model)
+    ready = engine.recv(timeout=120)
+    assert isinstance(ready, EngineReady), ready
+    yield engine, ready
+    engine.shutdown()
+    assert engine.process.exitcode == 0, engine.process.exitcode
+
+
+def step(engine: EngineProcess, plan: StepPlan) -> StepResult:
+    engine.send(plan)
+    result = engine.recv(timeout=30)
+    assert isinstance(result, StepResult), result
+    assert result.step_id == plan.step_id
+    return result
+
+
+def test_ready_reports_the_model_and_kv_capacity(engine: tuple[EngineProcess, EngineReady]) -> None:
+    _, ready = engine
+    assert ready.kv_capacity_tokens == KV_TOKENS
+    assert ready.vocab_size == 128 and ready.eos_token_ids == [127]
+    assert ready.model_type == "llama" and ready.device == "cpu"
+
+
+def test_abort_mid_generation_frees_the_kv(engine: tuple[EngineProcess, EngineReady]) -> None:
+    proc, _ = engine
+    new = [NewRequest("keep", [5, 6, 7, 8], 20, stop_token_ids=[]), NewRequest("drop", [9, 10, 11], 100)]
+    result = step(proc, StepPlan(0, new, [ScheduledRequest("keep", 4), ScheduledRequest("drop", 3)]))
+    assert result.num_free_kv_tokens == KV_TOKENS - (4 + 20) - (3 + 100)
+    assert all(len(o.new_token_ids) == 1 for o in result.outputs)
+    both = [ScheduledRequest("keep", num_draft_tokens=2), ScheduledRequest("drop", num_draft_tokens=2)]
+    for step_id in (1, 2):
+        result = step(proc, StepPlan(step_id, scheduled=both))
+        assert {o.req_id for o in result.outputs} == {"keep", "drop"}
+    # abort "drop": the same plan frees it and keeps "keep" running
+    result = step(proc, StepPlan(3, scheduled=[both[0]], finished_req_ids=["drop"]))
+    assert result.num_free_kv_tokens == KV_TOKENS - (4 + 20)
+    step_id, reason = 4, FinishReason.NONE
+    while reason == FinishReason.NONE:
+        result = step(proc, StepPlan(step_id, scheduled=[both[0]]))
+        reason, step_id = result.outputs[0].finish_reason, step_id + 1
+    assert reason == FinishReason.LENGTH
+    assert result.num_free_kv_tokens == KV_TOKENS
+
+
+def test_unknown_or_oversized_requests_get_an_error_not_a_crash(engine: tuple[EngineProcess, EngineReady]) -> None:
+    proc, _ = engine
+    plan = StepPlan(
+        10,
+        [NewRequest("huge", [1, 2, 3], KV_TOKENS)],
+        [ScheduledRequest("huge", 3), ScheduledRequest("ghost", 1)],
+    )
+    result = step(proc, plan)
+    errors = {o.req_id: o.error for o in result.outputs}
+    assert all(o.finish_reason == FinishReason.ERROR for o in result.outputs)
+    assert "needs 515 KV tokens" in errors["huge"]
+    assert errors["ghost"] == "unknown request"
+    assert step(proc, StepPlan(11)).outputs == []  # still serving
+
+
+def test_idle_engine_uses_no_cpu(engine: tuple[EngineProcess, EngineReady]) -> None:
+    proc, _ = engine
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{proc.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+    before = cpu_seconds()
+    time.sleep(1.5)
+    assert cpu_seconds() - before < 0.05
+
+
+def test_killed_engine_is_noticed_at_once(tiny_model: Path) -> None:
+    proc = start_engine(tiny_model)
+    assert isinstance(proc.recv(timeout=120), EngineReady)
+    died_with: list[int | None] = []
+    proc.on_death(died_with.append)
+    killed_at = time.perf_counter()
+    proc.process.kill()
+    message = proc.recv(timeout=10)
+    assert time.perf_counter() - killed_at < 1.0
+    assert isinstance(message, EngineError) and "exit code -9" in message.message
+    assert died_with == [-9]
+    with pytest.raises(EngineDiedError):
+        proc.send(StepPlan(0))
+
+
+def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
+    proc = start_engine(tmp_path / "missing-model")
+    message = proc.recv(timeout=120)
+    assert isinstance(message, EngineError)
+    assert "engine failed to start" in message.message and "unknown model" in message.message
+    proc.shutdown()
