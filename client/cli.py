@@ -7,6 +7,69 @@ import sys
 from pathlib import Path
 
 
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from server.__main__ import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="serve a model over gRPC (the default model with no flags)")
+    add_serve_arguments(serve)
+
+
+def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gen = sub.add_parser("generate", help="send one request to a running server")
+    gen.add_argument("prompt", help="the prompt (raw text), or the user message with --chat")
+    gen.add_argument("--target", default="localhost:50051", help="server address")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--json", action="store_true", help="print the response (or each chunk) as JSON")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    gen.add_argument("--speculation", choices=["auto", "off", "fixed"])
+    gen.add_argument("--num-draft-tokens", type=int, default=0, help="k with --speculation fixed")
+    gen.add_argument("--timeout", type=float, help="deadline in seconds")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from client.client import Client
+
+    options = {
+        "messages": [("user", args.prompt)] if args.chat else None,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "speculation": args.speculation,
+        "num_draft_tokens": args.num_draft_tokens,
+        "timeout": args.timeout,
+    }
+    prompt = None if args.chat else args.prompt
+    try:
+        with Client(args.target) as client:
+            if not args.stream:
+                response = client.generate(prompt, **options)
+                print(MessageToJson(response) if args.json else response.text)
+                return 0
+            for chunk in client.generate_stream(prompt, **options):
+                if args.json:
+                    print(MessageToJson(chunk, indent=None), flush=True)
+                else:
+                    print(chunk.text, end="", flush=True)
+            if not args.json:
+                print()
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = sub.add_parser("models", help="list or download the known models")
     verbs = models.add_subparsers(dest="verb", required=True)
@@ -72,6 +135,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goodspeed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    add_generate(sub)
     add_models(sub)
     add_bench(sub)
     return parser
@@ -79,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from server.__main__ import run
+
+        return run(args)
+    if args.command == "generate":
+        return run_generate(args)
     if args.command == "models":
         return run_models(args)
     if args.command == "bench":

@@ -78,6 +78,7 @@ class StepTimings(_Wire, frozen=True):
     forward_s: float = 0.0  # the batched target forward
     sample_s: float = 0.0  # sampling and verification
     step_s: float = 0.0  # the whole step, from plan received to result built
+    idle_s: float = 0.0  # how long the engine waited for this plan after sending its last result
 
 
 class StepResult(_Wire, frozen=True, tag=3):
@@ -87,6 +88,7 @@ class StepResult(_Wire, frozen=True, tag=3):
     num_batched_tokens: int = 0  # query tokens in the forward
     num_context_tokens: int = 0  # KV tokens attended to, summed over sequences
     num_free_kv_tokens: int = 0
+    finished_at_s: float = 0.0  # time.monotonic() in the engine when the result was built
 
 
 class EngineReady(_Wire, frozen=True, tag=4):

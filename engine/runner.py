@@ -94,7 +94,8 @@ class ModelRunner:
             self.drafter.remove_request(req_id)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan, idle_s: float = 0.0) -> StepResult:
+        """Runs one plan. idle_s: how long the engine waited for it (reported back for overhead)."""
         started = time.perf_counter()
         for req_id in plan.finished_req_ids:
             self.remove_request(req_id)
@@ -130,10 +131,12 @@ class ModelRunner:
                 forward_s=forwarded - drafted,
                 sample_s=sampled - forwarded,
                 step_s=time.perf_counter() - started,
+                idle_s=idle_s,
             ),
             num_batched_tokens=int(batch.token_ids.shape[0]) if batch else 0,
             num_context_tokens=sum(seq.num_kv_tokens for seq in batch.seqs) if batch else 0,
             num_free_kv_tokens=self.allocator.num_free_tokens,
+            finished_at_s=time.monotonic(),
         )
 
     def _plan_work(self, state: RequestState, scheduled: ScheduledRequest) -> _Work:

@@ -85,6 +85,7 @@ def run_engine(config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: Queue
         ready.kv_capacity_tokens,
     )
     parent_pid = os.getppid()
+    sent_at = time.perf_counter()
     while True:
         message = inbox.get(timeout=PARENT_CHECK_S)
         if message is None:
@@ -96,7 +97,8 @@ def run_engine(config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: Queue
             return
         if isinstance(message, StepPlan):
             try:
-                outbox.put(runner.step(message))
+                outbox.put(runner.step(message, idle_s=time.perf_counter() - sent_at))
+                sent_at = time.perf_counter()
             except Exception as exc:
                 outbox.put(EngineError(f"engine step {message.step_id} failed: {exc}", traceback.format_exc()))
                 return

@@ -1,0 +1,184 @@
+"""The server process: one root task group owning the gRPC server, the engine and the control loop.
+
+Start-up: the port opens at once with health NOT_SERVING; the engine process loads the model
+(downloading it the first time); then the control loop starts and health turns SERVING.
+SIGTERM or SIGINT drains: health NOT_SERVING, new requests get UNAVAILABLE, running and waiting
+requests finish (up to --drain-grace seconds), then the engine is shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import anyio
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from client.pb import generation_pb2 as pb
+from client.pb import generation_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.engine_client import EngineClient
+from server.interceptor import ErrorInterceptor
+from server.loop import ControlLoop
+from server.policy import PolicySettings, SpeculationPolicy
+from server.request import Limits, SpeculationMode
+from server.scheduler import SchedulerLimits
+from server.service import AdminService, GenerationService, ServiceContext, Services
+from server.stats import ServerStats
+from server.tokenizer import TextTokenizer
+
+log = structlog.get_logger("goodspeed.server")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+HEALTH_SERVICES = ("", GENERATION_SERVICE)
+
+
+def configure_logging(log_format: str) -> None:
+    renderer = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def build_grpc_server(config: ServerConfig, services: Services) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+        maximum_concurrent_rpcs=config.max_waiting_requests + config.max_running_requests + 256,
+    )
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(services), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_AdminServicer_to_server(AdminService(services, config.admin_token), server)  # type: ignore[no-untyped-call]
+    reflection.enable_server_reflection(
+        (
+            GENERATION_SERVICE,
+            ADMIN_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
+async def set_health(health: health_aio.HealthServicer, is_serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_SERVICES:
+        await health.set(name, status)
+
+
+async def serve(config: ServerConfig) -> None:
+    configure_logging(config.log_format)
+    stats = ServerStats(max_draft_tokens=config.engine.max_draft_tokens)
+    if config.metrics_port:
+        stats.metrics.serve(config.metrics_port, config.host)
+    services = Services()
+    server = build_grpc_server(config, services)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await set_health(health, False)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"could not listen on {address}")
+    await server.start()
+    log.info("listening", address=address, metrics_port=config.metrics_port or None, model=config.engine.model)
+    engine = EngineClient(config.engine)
+    try:
+        ready = await engine.start()
+        async with anyio.create_task_group() as tg:
+            stop = anyio.Event()
+            tg.start_soon(watch_signals, stop)
+            log.info(
+                "engine ready",
+                model=ready.model_name,
+                device=ready.device,
+                dtype=ready.dtype,
+                kv_tokens=ready.kv_capacity_tokens,
+                load_s=round(ready.load_s, 1),
+            )
+            loop = build_loop(config, engine, ready, stats, health)
+            await tg.start(loop.run)
+            services.context = ServiceContext(
+                loop=loop,
+                tokenizer=TextTokenizer(ready.model_path),
+                ready=ready,
+                limits=Limits(
+                    config.max_new_tokens_limit,
+                    ready.max_draft_tokens,
+                    config.max_stop_sequences,
+                    config.max_stop_length,
+                ),
+                stats=stats,
+                default_max_new_tokens=config.default_max_new_tokens,
+            )
+            stats.metrics.kv_tokens_capacity.set(ready.kv_capacity_tokens)
+            await set_health(health, True)
+            log.info("serving", address=address)
+            await stop.wait()
+            await drain(config, server, health, loop)
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await server.stop(0)
+            await engine.stop()
+            log.info("stopped")
+
+
+def build_loop(
+    config: ServerConfig, engine: EngineClient, ready: object, stats: ServerStats, health: health_aio.HealthServicer
+) -> ControlLoop:
+    assert engine.ready is not None
+    mode = {"auto": SpeculationMode.AUTO, "off": SpeculationMode.OFF, "fixed": SpeculationMode.FIXED}
+    settings = PolicySettings(
+        mode[config.speculation_mode], config.num_draft_tokens, engine.ready.max_draft_tokens
+    ).validated(engine.ready.max_draft_tokens)
+    limits = SchedulerLimits(
+        max_running=config.max_running_requests,
+        max_waiting=config.max_waiting_requests,
+        max_step_tokens=config.max_step_tokens,
+        kv_capacity_tokens=engine.ready.kv_capacity_tokens,
+    )
+
+    async def on_serving_change(is_serving: bool) -> None:
+        await set_health(health, is_serving)
+
+    return ControlLoop(
+        engine, limits, SpeculationPolicy(settings), stats, config.max_engine_restarts, on_serving_change
+    )
+
+
+async def watch_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal received; draining", signal=signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def drain(
+    config: ServerConfig, server: grpc.aio.Server, health: health_aio.HealthServicer, loop: ControlLoop
+) -> None:
+    await set_health(health, False)
+    loop.drain()
+    with anyio.move_on_after(config.drain_grace_s) as scope:
+        await loop.wait_idle()
+    if scope.cancelled_caught:
+        log.warning("drain grace passed with requests still running", running=len(loop.scheduler.running))
+    await server.stop(grace=1.0)

@@ -1,0 +1,59 @@
+"""Configuration of the server process (the control plane)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+
+SPECULATION_MODES = ("auto", "off", "fixed")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090  # 0 turns the Prometheus endpoint off
+    # Scheduling
+    max_running_requests: int = 32  # the largest batch
+    max_waiting_requests: int = 256  # beyond it new requests get RESOURCE_EXHAUSTED
+    max_step_tokens: int = 512  # query tokens per engine step; prefill chunks fill what decodes leave
+    # Requests
+    default_max_new_tokens: int = 128
+    max_new_tokens_limit: int = 4096
+    max_stop_sequences: int = 8
+    max_stop_length: int = 256
+    # Speculation
+    speculation_mode: str = "auto"  # the server-wide default: auto, off or fixed
+    num_draft_tokens: int = 4  # k for fixed (and for auto until the goodput policy decides)
+    # Operations
+    admin_token: str = ""  # when set, Admin calls need `authorization: Bearer <token>`
+    drain_grace_s: float = 30.0  # SIGTERM: how long running requests may take to finish
+    max_engine_restarts: int = 3  # within the restart window; beyond it the server exits
+    log_format: str = "console"  # console or json
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        require(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
+        require(0 <= self.metrics_port < 65536, f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        require(self.max_running_requests >= 1, "max_running_requests must be >= 1")
+        require(self.max_waiting_requests >= 0, "max_waiting_requests must be >= 0")
+        require(
+            self.max_step_tokens > self.max_running_requests,
+            "max_step_tokens must exceed max_running_requests, so every running request gets a token",
+        )
+        require(
+            1 <= self.default_max_new_tokens <= self.max_new_tokens_limit,
+            "default_max_new_tokens must be in [1, max_new_tokens_limit]",
+        )
+        require(self.speculation_mode in SPECULATION_MODES, f"speculation_mode must be one of {SPECULATION_MODES}")
+        require(
+            0 <= self.num_draft_tokens <= self.engine.max_draft_tokens,
+            f"num_draft_tokens must be in [0, {self.engine.max_draft_tokens}] (the engine's max_draft_tokens)",
+        )
+        require(self.drain_grace_s >= 0, "drain_grace_s must be >= 0")
+        require(self.log_format in ("console", "json"), "log_format must be console or json")

@@ -1,0 +1,183 @@
+"""The control loop: the one task that owns the scheduler and drives the engine.
+
+RPC handlers never touch scheduling state; they send the loop messages (submit, abort) through a
+bounded stream, and read their request's chunks from its mailbox. Each iteration the loop takes
+every pending message, ends expired requests, asks the scheduler for a plan, runs it on the
+engine and applies the result. With nothing to do it blocks on its inbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from engine.ipc import EngineDiedError
+from engine.protocol import FinishReason
+from server.engine_client import EngineClient
+from server.errors import ResourceExhaustedError, UnavailableError
+from server.policy import SpeculationPolicy
+from server.request_state import RequestState
+from server.scheduler import Scheduler, SchedulerLimits
+from server.stats import ServerStats
+
+log = structlog.get_logger("goodspeed.loop")
+
+RESTART_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    state: RequestState
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    req_id: str
+    reason: FinishReason
+
+
+Message = Submit | Abort
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        engine: EngineClient,
+        limits: SchedulerLimits,
+        policy: SpeculationPolicy,
+        stats: ServerStats,
+        max_engine_restarts: int,
+        on_serving_change: Callable[[bool], Awaitable[None]],
+    ) -> None:
+        self.engine = engine
+        self.scheduler = Scheduler(limits, policy)
+        self.policy = policy
+        self.stats = stats
+        self.max_engine_restarts = max_engine_restarts
+        self.on_serving_change = on_serving_change
+        # Room for every request the server can hold twice over (a submit and an abort each).
+        inbox_size = 2 * (limits.max_waiting + limits.max_running) + 64
+        self._send, self._inbox = anyio.create_memory_object_stream[Message](inbox_size)
+        self.is_draining = False
+        self._restarts: list[float] = []
+        self._idle = anyio.Event()
+
+    # Called by RPC handlers, on the event loop thread.
+
+    def submit(self, state: RequestState) -> None:
+        if self.is_draining:
+            raise UnavailableError("the server is shutting down; retry on another instance")
+        try:
+            self._send.send_nowait(Submit(state))
+        except anyio.WouldBlock:
+            raise ResourceExhaustedError("the server's inbox is full; retry later") from None
+
+    def abort(self, req_id: str, reason: FinishReason) -> None:
+        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):  # the loop is gone or swamped
+            self._send.send_nowait(Abort(req_id, reason))
+
+    def drain(self) -> None:
+        """Refuse new requests; the running and waiting ones are served to the end."""
+        self.is_draining = True
+
+    async def wait_idle(self) -> None:
+        while self.scheduler.has_work:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # The loop itself.
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        is_back_to_back = False
+        while True:
+            self._handle_pending()
+            self.scheduler.expire(time.monotonic())
+            self._record_finished()
+            plan = self.scheduler.schedule()
+            self._update_gauges()
+            if plan is None:
+                self._idle.set()
+                self._handle(await self._inbox.receive())
+                is_back_to_back = False
+                continue
+            try:
+                result = await self.engine.step(plan)
+            except EngineDiedError as exc:
+                await self._recover(exc)
+                is_back_to_back = False
+                continue
+            self.scheduler.update(result)
+            self.stats.observe_step(plan, result, self.scheduler.planned_draft_tokens, is_back_to_back)
+            self._record_finished()
+            is_back_to_back = True
+
+    def _handle_pending(self) -> None:
+        while True:
+            try:
+                message = self._inbox.receive_nowait()
+            except anyio.WouldBlock:
+                return
+            self._handle(message)
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Submit):
+            try:
+                self.scheduler.add(message.state)
+            except ResourceExhaustedError as exc:
+                self.stats.metrics.rejected.labels(code="RESOURCE_EXHAUSTED").inc()
+                message.state.mailbox.put(message.state.end(FinishReason.CANCELLED, time.monotonic(), exc))
+        else:
+            self.scheduler.abort(message.req_id, message.reason, time.monotonic())
+
+    def _record_finished(self) -> None:
+        for state in self.scheduler.take_finished():
+            self.stats.observe_finished(state)
+            log_finished(state)
+
+    def _update_gauges(self) -> None:
+        metrics = self.stats.metrics
+        metrics.running.set(len(self.scheduler.running))
+        metrics.waiting.set(len(self.scheduler.waiting))
+        metrics.kv_tokens_used.set(self.scheduler.num_reserved_tokens)
+
+    async def _recover(self, exc: EngineDiedError) -> None:
+        """The engine died: fail what it held, restart it, and carry on with the waiting requests."""
+        now = time.monotonic()
+        log.error("engine died", error=str(exc), running=len(self.scheduler.running))
+        await self.on_serving_change(False)
+        self.scheduler.fail_all_running(UnavailableError(f"the engine failed and is restarting: {exc}"), now)
+        self._record_finished()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._restarts) > self.max_engine_restarts:
+            raise RuntimeError(f"the engine died {len(self._restarts)} times in {RESTART_WINDOW_S:.0f} s; giving up")
+        await self.engine.stop()
+        await self.engine.start()
+        self.stats.num_engine_restarts += 1
+        self.stats.metrics.engine_restarts.inc()
+        await self.on_serving_change(True)
+        log.info("engine restarted", restarts=self.stats.num_engine_restarts)
+
+
+def log_finished(state: RequestState) -> None:
+    spec = state.speculation
+    final = state.final(state.finished_s or time.monotonic())
+    log.info(
+        "request finished",
+        request_id=state.request.request_id,
+        finish_reason=FinishReason(state.finish_reason).name,
+        prompt_tokens=final.num_prompt_tokens,
+        completion_tokens=final.num_completion_tokens,
+        ttft_s=round(final.time_to_first_token_s, 4),
+        total_s=round(final.total_s, 4),
+        steps=spec.num_steps,
+        drafted=spec.num_drafted,
+        accepted=spec.num_accepted,
+        mean_accepted_length=round(spec.mean_accepted_length, 3),
+    )

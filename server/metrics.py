@@ -1,0 +1,53 @@
+"""Prometheus metrics, in a registry of their own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("goodspeed_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.rejected = Counter("goodspeed_rejected_requests", "Requests refused at admission", ["code"], registry=r)
+        self.running = Gauge("goodspeed_requests_running", "Requests in the batch", registry=r)
+        self.waiting = Gauge("goodspeed_requests_waiting", "Requests waiting for admission", registry=r)
+        self.prompt_tokens = Counter("goodspeed_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("goodspeed_generated_tokens", "Generated tokens", registry=r)
+        self.steps = Counter("goodspeed_engine_steps", "Engine steps", registry=r)
+        self.step_seconds = Histogram("goodspeed_step_seconds", "Engine step time", buckets=STEP_BUCKETS, registry=r)
+        self.batch_size = Gauge("goodspeed_batch_size", "Requests in the last step", registry=r)
+        self.draft_tokens = Counter("goodspeed_spec_draft_tokens", "Drafted tokens", registry=r)
+        self.accepted_tokens = Counter("goodspeed_spec_accepted_tokens", "Accepted draft tokens", registry=r)
+        self.accepted_per_position = Counter(
+            "goodspeed_spec_accepted_tokens_per_position",
+            "Accepted draft tokens by position",
+            ["position"],
+            registry=r,
+        )
+        self.draft_length = Histogram(
+            "goodspeed_spec_draft_length",
+            "k chosen per decoding request and step",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "goodspeed_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            "goodspeed_request_seconds",
+            "Request latency, arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_tokens_used = Gauge("goodspeed_kv_tokens_used", "KV tokens reserved by running requests", registry=r)
+        self.kv_tokens_capacity = Gauge("goodspeed_kv_tokens_capacity", "KV cache size in tokens", registry=r)
+        self.engine_restarts = Counter("goodspeed_engine_restarts", "Engine process restarts", registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Serves /metrics from a daemon thread."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,31 @@
+"""The server-wide speculation settings, changed at run time through Admin.SetPolicy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.errors import InvalidArgumentError
+from server.request import SpeculationMode
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    mode: SpeculationMode  # AUTO, OFF or FIXED: what requests that do not choose get
+    num_draft_tokens: int  # k for FIXED
+    max_draft_tokens: int  # no request ever drafts more
+
+    def validated(self, engine_max_draft_tokens: int) -> PolicySettings:
+        """Returns self, or raises InvalidArgumentError naming the bad field."""
+        if self.mode not in (SpeculationMode.AUTO, SpeculationMode.OFF, SpeculationMode.FIXED):
+            raise InvalidArgumentError("policy.mode", f"must be AUTO, OFF or FIXED, got {int(self.mode)}")
+        if not 0 <= self.max_draft_tokens <= engine_max_draft_tokens:
+            raise InvalidArgumentError(
+                "policy.max_draft_tokens",
+                f"must be in [0, {engine_max_draft_tokens}] (the engine's limit), got {self.max_draft_tokens}",
+            )
+        if not 0 <= self.num_draft_tokens <= self.max_draft_tokens:
+            raise InvalidArgumentError(
+                "policy.num_draft_tokens",
+                f"must be in [0, max_draft_tokens={self.max_draft_tokens}], got {self.num_draft_tokens}",
+            )
+        return self

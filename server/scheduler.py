@@ -1,0 +1,195 @@
+"""Continuous batching: which requests run in the next engine step, and with how many tokens.
+
+Requests join and leave between steps. A request is admitted when a batch slot is free and the
+KV budget can hold its prompt plus its max_new_tokens (the engine reserves exactly that), in
+arrival order. Each step first gives every decoding request 1 + k tokens (k from the speculation
+policy), then fills what is left of the step's token budget with prefill chunks, so a long prompt
+is prefilled over several steps while running streams keep flowing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.protocol import FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
+from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
+from server.policy import SpeculationPolicy
+from server.request import Chunk
+from server.request_state import RequestState, Status
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    max_running: int
+    max_waiting: int
+    max_step_tokens: int
+    kv_capacity_tokens: int
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, policy: SpeculationPolicy) -> None:
+        self.limits = limits
+        self.policy = policy
+        self.waiting: deque[RequestState] = deque()
+        self.running: dict[str, RequestState] = {}
+        self.num_reserved_tokens = 0
+        self.finished_in_engine: list[str] = []  # ended here; the next plan tells the engine
+        self.planned_draft_tokens: dict[str, int] = {}  # k sent in the current plan
+        self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
+        self.step_id = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.finished_in_engine)
+
+    def add(self, state: RequestState) -> None:
+        need = state.num_reserved_tokens
+        if need > self.limits.kv_capacity_tokens:
+            raise ResourceExhaustedError(
+                f"the request needs {need} KV tokens (prompt + max_new_tokens) but the server holds "
+                f"{self.limits.kv_capacity_tokens} in all; shorten the prompt or lower max_new_tokens"
+            )
+        if len(self.waiting) >= self.limits.max_waiting:
+            raise ResourceExhaustedError(f"the waiting queue is full ({self.limits.max_waiting} requests); retry later")
+        self.waiting.append(state)
+
+    def take_finished(self) -> list[RequestState]:
+        finished, self.just_finished = self.just_finished, []
+        return finished
+
+    def abort(self, req_id: str, reason: FinishReason, now: float) -> RequestState | None:
+        """Ends a waiting or running request (cancel, deadline); returns it, or None if unknown."""
+        for state in self.waiting:
+            if state.req_id == req_id:
+                self.waiting.remove(state)
+                self._finish(state, reason, now)
+                return state
+        running = self.running.get(req_id)
+        if running is not None:
+            self._finish(running, reason, now)
+        return running
+
+    def expire(self, now: float) -> list[RequestState]:
+        expired = [s for s in [*self.waiting, *self.running.values()] if s.deadline_s and s.deadline_s <= now]
+        for state in expired:
+            self.abort(state.req_id, FinishReason.DEADLINE, now)
+        return expired
+
+    def fail_all_running(self, error: Exception, now: float) -> None:
+        """The engine is gone with everything it held: fail the running requests, keep the waiting."""
+        for state in list(self.running.values()):
+            state.is_in_engine = False
+            self._finish(state, FinishReason.CANCELLED, now, error)
+        self.finished_in_engine.clear()
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when there is nothing to send."""
+        new = self._admit()
+        budget = self.limits.max_step_tokens
+        decoding = [s for s in self.running.values() if not s.is_prefilling]
+        chosen = self.policy.choose(decoding)
+        scheduled = []
+        self.planned_draft_tokens = {}
+        for state in decoding:
+            k = max(0, min(chosen.get(state.req_id, 0), budget - 1, state.request.max_new_tokens - 1))
+            budget -= 1 + k
+            self.planned_draft_tokens[state.req_id] = k
+            scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k))
+        for state in self.running.values():
+            if state.is_prefilling and budget > 0:
+                chunk = min(state.num_prompt_left, budget)
+                budget -= chunk
+                state.num_prompt_done += chunk
+                scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk))
+        if not (new or scheduled or self.finished_in_engine):
+            return None
+        self.step_id += 1
+        plan = StepPlan(self.step_id, new, scheduled, self.finished_in_engine)
+        self.finished_in_engine = []
+        return plan
+
+    def _admit(self) -> list[NewRequest]:
+        new = []
+        while self.waiting and len(self.running) < self.limits.max_running:
+            head = self.waiting[0]
+            if self.num_reserved_tokens + head.num_reserved_tokens > self.limits.kv_capacity_tokens:
+                break  # first come, first served: wait for KV rather than overtake
+            self.waiting.popleft()
+            head.status, head.is_in_engine = Status.RUNNING, True
+            self.running[head.req_id] = head
+            self.num_reserved_tokens += head.num_reserved_tokens
+            new.append(head.new_request())
+        return new
+
+    def update(self, result: StepResult) -> None:
+        """Applies the engine's step result: new tokens, finished requests, chunks for clients."""
+        now = time.monotonic()
+        for output in result.outputs:
+            state = self.running.get(output.req_id)
+            if state is None:
+                continue  # ended while the step ran; the engine is told in the next plan
+            if output.finish_reason == FinishReason.ERROR:
+                state.is_in_engine = False
+                self._finish(state, FinishReason.CANCELLED, now, EngineFailedError(output.error))
+                continue
+            text = ""
+            if output.new_token_ids:
+                state.first_token_s = state.first_token_s or now
+                state.output_ids.extend(output.new_token_ids)
+                text = state.text.push(output.new_token_ids)
+                self._count_step(state, len(output.new_token_ids), output.num_draft_tokens, output.num_accepted_tokens)
+            chunk = Chunk(
+                text,
+                output.new_token_ids,
+                output.num_draft_tokens,
+                output.num_accepted_tokens,
+                step_finished_s=result.finished_at_s,
+            )
+            reason = FinishReason(output.finish_reason)
+            if reason != FinishReason.NONE:
+                state.is_in_engine = False  # the engine freed it itself
+            elif state.text.is_stopped:
+                reason = FinishReason.STOP
+            if reason == FinishReason.NONE:
+                if chunk.token_ids:
+                    state.mailbox.put(chunk)
+                continue
+            last = self._finish(state, reason, now)
+            merged = Chunk(
+                text + last.text,
+                chunk.token_ids,
+                chunk.num_drafted,
+                chunk.num_accepted,
+                final=last.final,
+                step_finished_s=result.finished_at_s,
+            )
+            state.mailbox.put(merged)
+
+    def _count_step(self, state: RequestState, num_new: int, num_drafted: int, num_accepted: int) -> None:
+        """Speculation figures of decoding steps (the token sampled at the end of a prefill is not one)."""
+        if state.req_id not in self.planned_draft_tokens:
+            return
+        summary = state.speculation
+        summary.num_steps += 1
+        summary.num_generated += num_new
+        summary.num_drafted += num_drafted
+        summary.num_accepted += num_accepted
+        summary.draft_lengths.append(self.planned_draft_tokens[state.req_id])
+
+    def _finish(self, state: RequestState, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
+        """Ends a request; it leaves the batch and its KV reservation is released."""
+        if state.status == Status.RUNNING:
+            del self.running[state.req_id]
+            self.num_reserved_tokens -= state.num_reserved_tokens
+        if state.is_in_engine:
+            self.finished_in_engine.append(state.req_id)
+            state.is_in_engine = False
+        if reason == FinishReason.DEADLINE and error is None:
+            error = DeadlineExceededError("the deadline passed before the request finished")
+        last = state.end(reason, now, error)
+        self.just_finished.append(state)
+        if reason not in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
+            state.mailbox.put(last)  # cancelled, deadline, error: nothing else will follow
+        return last

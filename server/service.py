@@ -1,0 +1,301 @@
+"""The gRPC servicers: protobuf in and out, domain objects inside.
+
+Handlers validate and convert, hand the request to the control loop and stream its chunks.
+They raise `ServiceError`s and never catch them: the interceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from client.pb import generation_pb2 as pb
+from client.pb import generation_pb2_grpc as pb_grpc
+from engine.protocol import EngineReady, FinishReason, SamplingParams
+from server.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
+from server.loop import ControlLoop
+from server.policy import PolicySettings
+from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, SpeculationMode
+from server.request_state import RequestState, Status
+from server.stats import ServerStats, mean
+from server.text_stream import TextStream
+from server.tokenizer import ChatTemplateError, TextTokenizer
+
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What the handlers need, built once the engine is ready."""
+
+    loop: ControlLoop
+    tokenizer: TextTokenizer
+    ready: EngineReady
+    limits: Limits
+    stats: ServerStats
+    default_max_new_tokens: int
+
+
+@dataclass
+class Services:
+    """The servicers exist before the engine is ready (gRPC wants them before it starts)."""
+
+    context: ServiceContext | None = None
+
+    def get(self) -> ServiceContext:
+        if self.context is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self.context
+
+
+def request_from_pb(message: pb.GenerateRequest, default_max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=message.request_id or uuid.uuid4().hex[:16],
+        prompt=message.prompt,
+        messages=tuple(ChatMessage(m.role, m.content) for m in message.messages),
+        max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else default_max_new_tokens,
+        temperature=message.temperature if message.HasField("temperature") else 0.0,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        top_k=message.top_k if message.HasField("top_k") else 0,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+        speculation_mode=int(message.speculation.mode),
+        num_draft_tokens=message.speculation.num_draft_tokens,
+    )
+
+
+def speculation_to_pb(final: Final) -> pb.SpeculationStats:
+    spec = final.speculation
+    return pb.SpeculationStats(
+        steps=spec.num_steps,
+        drafted_tokens=spec.num_drafted,
+        accepted_tokens=spec.num_accepted,
+        mean_accepted_length=spec.mean_accepted_length,
+        draft_lengths=spec.draft_lengths,
+    )
+
+
+def chunk_to_pb(chunk: Chunk, request_id: str) -> pb.GenerateChunk:
+    final = chunk.final
+    if final is None:
+        return pb.GenerateChunk(
+            request_id=request_id,
+            text=chunk.text,
+            token_ids=chunk.token_ids,
+            drafted_tokens=chunk.num_drafted,
+            accepted_tokens=chunk.num_accepted,
+        )
+    return pb.GenerateChunk(
+        request_id=request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        drafted_tokens=chunk.num_drafted,
+        accepted_tokens=chunk.num_accepted,
+        finish_reason=finish_reason_to_pb(final.finish_reason),
+        usage=usage_to_pb(final),
+        speculation=speculation_to_pb(final),
+        seed=final.seed,
+    )
+
+
+def usage_to_pb(final: Final) -> pb.Usage:
+    return pb.Usage(prompt_tokens=final.num_prompt_tokens, completion_tokens=final.num_completion_tokens)
+
+
+def finish_reason_to_pb(reason: FinishReason) -> str:
+    """The proto enum's name; the engine's reasons share them (NONE and ERROR never reach a client)."""
+    return reason.name if reason.name in pb.FinishReason.keys() else "FINISH_REASON_UNSPECIFIED"  # noqa: SIM118
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        stats = self.services.get().stats
+        async for chunk, request_id in self._run(request, context):
+            yield chunk_to_pb(chunk, request_id)
+            if chunk.step_finished_s:
+                stats.observe_chunk_delay(time.monotonic() - chunk.step_finished_s)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        text: list[str] = []
+        token_ids: list[int] = []
+        final: Final | None = None
+        request_id = ""
+        async for chunk, chunk_request_id in self._run(request, context):
+            text.append(chunk.text)
+            token_ids += chunk.token_ids
+            final, request_id = chunk.final, chunk_request_id
+        assert final is not None  # _run always ends with the final chunk or raises
+        return pb.GenerateResponse(
+            request_id=request_id,
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=finish_reason_to_pb(final.finish_reason),
+            usage=usage_to_pb(final),
+            speculation=speculation_to_pb(final),
+            seed=final.seed,
+            time_to_first_token_s=final.time_to_first_token_s,
+            total_s=final.total_s,
+        )
+
+    async def _run(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[Chunk, str]]:
+        ctx = self.services.get()
+        state = self._prepare(ctx, request, context)
+        ctx.loop.submit(state)
+        try:
+            while True:
+                for chunk in await state.mailbox.take():
+                    if chunk.error is not None:
+                        raise chunk.error
+                    yield chunk, state.request.request_id
+                    if chunk.final is not None:
+                        return
+        finally:
+            if state.status != Status.FINISHED:
+                is_late = state.deadline_s is not None and time.monotonic() >= state.deadline_s
+                ctx.loop.abort(state.req_id, FinishReason.DEADLINE if is_late else FinishReason.CANCELLED)
+
+    def _prepare(
+        self, ctx: ServiceContext, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> RequestState:
+        generation = request_from_pb(request, ctx.default_max_new_tokens)
+        generation.validate(ctx.limits)
+        prompt_ids = tokenize(ctx.tokenizer, generation.prompt, generation.messages)
+        max_len = ctx.ready.max_model_len
+        if len(prompt_ids) >= max_len:
+            field = "messages" if generation.messages else "prompt"
+            raise InvalidArgumentError(field, f"is {len(prompt_ids)} tokens; the model's context is {max_len} tokens")
+        if len(prompt_ids) + generation.max_new_tokens > max_len:
+            raise InvalidArgumentError(
+                "max_new_tokens",
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({generation.max_new_tokens}) "
+                f"exceeds the model's context of {max_len} tokens",
+            )
+        remaining = context.time_remaining()
+        seed = generation.seed if generation.seed is not None else secrets.randbits(63)
+        return RequestState(
+            req_id=uuid.uuid4().hex,
+            request=generation,
+            prompt_ids=prompt_ids,
+            sampling=SamplingParams(generation.temperature, generation.top_p, generation.top_k, seed & MAX_SEED),
+            stop_token_ids=list(ctx.ready.eos_token_ids),
+            text=TextStream(ctx.tokenizer, generation.stop),
+            deadline_s=time.monotonic() + remaining if remaining is not None else None,
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        if bool(request.text) == bool(request.messages):
+            raise InvalidArgumentError("text", "give exactly one of text and messages")
+        messages = tuple(ChatMessage(m.role, m.content) for m in request.messages)
+        return pb.TokenizeResponse(token_ids=tokenize(self.services.get().tokenizer, request.text, messages))
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        ctx = self.services.get()
+        ready = ctx.ready
+        return pb.ModelInfoResponse(
+            model=ready.model_name,
+            model_type=ready.model_type,
+            vocab_size=ready.vocab_size,
+            max_model_len=ready.max_model_len,
+            device=ready.device,
+            dtype=ready.dtype,
+            drafter=ready.drafter,
+            max_draft_tokens=ready.max_draft_tokens,
+            max_new_tokens_limit=ctx.limits.max_new_tokens,
+            kv_capacity_tokens=ready.kv_capacity_tokens,
+            eos_token_ids=ready.eos_token_ids,
+        )
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
+        ctx = self.services.get()
+        stats, scheduler = ctx.stats, ctx.loop.scheduler
+        return pb.Stats(
+            requests_running=len(scheduler.running),
+            requests_waiting=len(scheduler.waiting),
+            requests_finished=stats.num_finished,
+            prompt_tokens=stats.num_prompt_tokens,
+            generated_tokens=stats.num_generated_tokens,
+            steps=stats.num_steps,
+            drafted_tokens=stats.num_drafted,
+            accepted_tokens=stats.num_accepted,
+            accepted_per_position=stats.accepted_per_position,
+            drafts_per_length=stats.drafts_per_length,
+            mean_accepted_length=stats.mean_accepted_length,
+            mean_step_s=mean(stats.recent_step_s),
+            mean_overhead_fraction=mean(stats.recent_overhead),
+            kv_tokens_used=scheduler.num_reserved_tokens,
+            kv_tokens_capacity=scheduler.limits.kv_capacity_tokens,
+            uptime_s=stats.uptime_s,
+            engine_restarts=stats.num_engine_restarts,
+            drafted_per_position=stats.drafted_per_position,
+            mean_chunk_delay_s=mean(stats.recent_chunk_delay_s),
+        )
+
+
+def tokenize(tokenizer: TextTokenizer, text: str, messages: tuple[ChatMessage, ...]) -> list[int]:
+    if not messages:
+        return tokenizer.encode(text)
+    try:
+        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+    except ChatTemplateError as exc:
+        raise InvalidArgumentError("messages", str(exc)) from exc
+
+
+def field_or(message: pb.Policy, name: str, default: int) -> int:
+    return int(getattr(message, name)) if message.HasField(name) else default
+
+
+def policy_to_pb(settings: PolicySettings) -> pb.Policy:
+    return pb.Policy(
+        mode=settings.mode.name,
+        num_draft_tokens=settings.num_draft_tokens,
+        max_draft_tokens=settings.max_draft_tokens,
+    )
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, services: Services, admin_token: str) -> None:
+        self.services = services
+        self.admin_token = admin_token
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.admin_token:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", ""))
+        if not secrets.compare_digest(given, f"Bearer {self.admin_token}"):
+            raise UnauthenticatedError("Admin calls need the header `authorization: Bearer <admin token>`")
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
+        self._authorize(context)
+        return policy_to_pb(self.services.get().loop.policy.settings)
+
+    async def SetPolicy(self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
+        self._authorize(context)
+        ctx = self.services.get()
+        policy = request.policy
+        current = ctx.loop.policy.settings
+        if policy.mode not in SpeculationMode._value2member_map_:
+            raise InvalidArgumentError("policy.mode", f"unknown mode {policy.mode}; use AUTO, OFF or FIXED")
+        settings = PolicySettings(
+            mode=SpeculationMode(policy.mode) or current.mode,
+            num_draft_tokens=policy.num_draft_tokens
+            if policy.HasField("num_draft_tokens")
+            else current.num_draft_tokens,
+            max_draft_tokens=policy.max_draft_tokens
+            if policy.HasField("max_draft_tokens")
+            else current.max_draft_tokens,
+        ).validated(ctx.ready.max_draft_tokens)
+        ctx.loop.policy.settings = settings
+        return policy_to_pb(settings)
