@@ -70,6 +70,27 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    health = sub.add_parser("health", help="exit 0 if the server's health check says SERVING (for probes)")
+    health.add_argument("--target", default="localhost:50051")
+    health.add_argument("--timeout", type=float, default=3.0)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = sub.add_parser("models", help="list or download the known models")
     verbs = models.add_subparsers(dest="verb", required=True)
@@ -114,9 +135,31 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     engine.add_argument("--no-transformers", action="store_true", help="skip the transformers baselines")
     engine.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/engine-DTYPE.json)")
+    service = kinds.add_parser("service", help="control-plane overhead and reliability under cancels")
+    service.add_argument("--target", help="a running server; by default one is started")
+    service.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
+    service.add_argument("--streams", type=int, nargs="+", default=[16], help="concurrent streams to time")
+    service.add_argument("--max-new-tokens", type=int, default=128)
+    service.add_argument("--requests", type=int, default=200)
+    service.add_argument("--concurrency", type=int, default=32)
+    service.add_argument("--cancel-share", type=float, default=0.3, help="share of requests the client cancels")
+    service.add_argument("--out", type=Path, default=Path("bench-results") / "service.json")
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.kind == "service":
+        from bench.service import main as service_main
+
+        return service_main(
+            args.target,
+            args.dtype,
+            args.streams,
+            args.max_new_tokens,
+            args.requests,
+            args.concurrency,
+            args.cancel_share,
+            args.out,
+        )
     if args.kind == "engine":
         from bench.engine import run_engine_bench
 
@@ -137,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     add_generate(sub)
+    add_health(sub)
     add_models(sub)
     add_bench(sub)
     return parser
@@ -150,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "health":
+        return run_health(args)
     if args.command == "models":
         return run_models(args)
     if args.command == "bench":

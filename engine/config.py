@@ -20,6 +20,7 @@ class EngineConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
+    nice: int = 10  # the engine process's niceness, relative to the server's (0 keeps it equal)
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in DEVICES:
@@ -36,5 +37,7 @@ class EngineConfig:
             raise ValueError(
                 f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}"
             )
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")

@@ -6,11 +6,13 @@ multiprocessing.Queue (which pickles and goes through a pipe and a feeder thread
 with nothing to read sleeps on the condition variable, so an idle engine uses no CPU. Frames are
 msgspec msgpack bytes, never pickle.
 
-Engine death is watched separately, on the process sentinel: a watcher thread wakes the moment
-the process exits and posts an EngineError to the result queue, so a parent blocked in `recv`
-learns at once. (If the engine were killed inside the microseconds it holds the queue's mutex,
-that queue would stay locked; the control plane therefore also takes the death callback, which
-does not touch the queue.)
+Two ways to wait for a result:
+- `recv` blocks on the result queue (benchmarks, tests). A watcher thread waits on the process
+  sentinel and posts an EngineError the moment the engine exits, so `recv` learns of a death at once.
+- the async control plane waits on a *doorbell*, a pipe the engine writes one byte to after each
+  result, with `poll` to take the result. An event loop can wait on a pipe without a thread hop,
+  and only the engine holds the pipe's write end, so its death shows as end-of-file on the same
+  descriptor, with no need to touch a queue a killed engine may have left locked.
 
 This module is shared by both sides, so it must not import torch, grpc or anyio.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import threading
 from collections.abc import Callable
 from queue import Empty
@@ -58,9 +61,12 @@ class QueueEnd(Generic[T]):
         self.queue.put(self.encoder.encode(message), timeout=timeout)
 
     def get(self, timeout: float | None = None) -> T | None:
-        """The next message, or None when `timeout` seconds pass first."""
+        """The next message, or None when `timeout` seconds pass first (0: do not wait)."""
         try:
-            data = self.queue.get(timeout=FOREVER_S if timeout is None else timeout)
+            if timeout == 0:
+                data = self.queue.get(block=False)
+            else:
+                data = self.queue.get(timeout=FOREVER_S if timeout is None else timeout)
         except Empty:
             return None
         return self.decoder.decode(data)
@@ -70,10 +76,26 @@ class EngineDiedError(RuntimeError):
     """The engine process is gone."""
 
 
-def _engine_main(config: EngineConfig, plans: faster_fifo.Queue, results: faster_fifo.Queue) -> None:
+class Doorbell:
+    """The engine's end of the doorbell pipe."""
+
+    def __init__(self, connection: multiprocessing.connection.Connection) -> None:
+        self.fd = connection.fileno()
+        self._connection = connection  # keeps the descriptor open
+
+    def ring(self) -> None:
+        os.write(self.fd, b"\0")
+
+
+def _engine_main(
+    config: EngineConfig,
+    plans: faster_fifo.Queue,
+    results: faster_fifo.Queue,
+    doorbell: multiprocessing.connection.Connection,
+) -> None:
     from engine.worker import run_engine  # torch is imported here, in the engine process only
 
-    run_engine(config, QueueEnd(plans, EngineInput), QueueEnd(results, EngineOutput))
+    run_engine(config, QueueEnd(plans, EngineInput), QueueEnd(results, EngineOutput), Doorbell(doorbell))
 
 
 class EngineProcess:
@@ -85,15 +107,36 @@ class EngineProcess:
         self._plans: QueueEnd[EngineInput] = QueueEnd(plans, EngineInput)
         self._results: QueueEnd[EngineOutput] = QueueEnd(results, EngineOutput)
         context = multiprocessing.get_context("spawn")
+        self._doorbell, doorbell_writer = context.Pipe(duplex=False)
+        self._doorbell_writer: multiprocessing.connection.Connection | None = doorbell_writer
         self.process = context.Process(
-            target=_engine_main, args=(config, plans, results), name="goodspeed-engine", daemon=True
+            target=_engine_main, args=(config, plans, results, doorbell_writer), name="goodspeed-engine", daemon=True
         )
         self.died = threading.Event()
         self._on_death: list[Callable[[int | None], None]] = []
 
     def start(self) -> None:
         self.process.start()
+        if self._doorbell_writer is not None:
+            self._doorbell_writer.close()  # now only the engine holds it: end-of-file means it is gone
+            self._doorbell_writer = None
+        os.set_blocking(self._doorbell.fileno(), False)
         threading.Thread(target=self._watch, name="goodspeed-engine-watch", daemon=True).start()
+
+    @property
+    def doorbell_fd(self) -> int:
+        return self._doorbell.fileno()
+
+    def answer_doorbell(self) -> bool:
+        """Takes the pending rings; False once the engine has closed its end (it is gone)."""
+        try:
+            return bool(os.read(self.doorbell_fd, 65536))
+        except BlockingIOError:
+            return True
+
+    def poll(self) -> EngineOutput | None:
+        """The next result if one has arrived; never waits."""
+        return self._results.get(timeout=0)
 
     def on_death(self, callback: Callable[[int | None], None]) -> None:
         """Calls callback(exitcode) from the watcher thread when the process exits."""

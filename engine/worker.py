@@ -6,6 +6,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from engine.config import EngineConfig
 from engine.drafters import make_drafter
 from engine.fetch import resolve_model
-from engine.ipc import QueueEnd
+from engine.ipc import Doorbell, QueueEnd
 from engine.kv_cache import KVCache
 from engine.model.loader import load_transformer
 from engine.protocol import EngineError, EngineInput, EngineOutput, EngineReady, Shutdown, StepPlan
@@ -68,15 +69,28 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     return runner, ready
 
 
-def run_engine(config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: QueueEnd[EngineOutput]) -> None:
+def run_engine(
+    config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: QueueEnd[EngineOutput], doorbell: Doorbell
+) -> None:
     """Main loop of the engine process. Blocks on its inbox when idle; exits on Shutdown."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    if config.nice:
+        # The engine keeps every core busy while it computes; a lower priority lets the control
+        # plane hand chunks to gRPC without waiting for a time slice (measured: 16 streams, chunk
+        # written 4.0 -> 2.4 ms after its step, throughput unchanged).
+        os.nice(config.nice)
+
+    def send(message: EngineOutput) -> None:
+        outbox.put(message)
+        doorbell.ring()
+
     try:
         runner, ready = build_runner(config)
     except Exception as exc:
-        outbox.put(EngineError(f"engine failed to start: {exc}", traceback.format_exc()))
+        log.error("engine failed to start: %s", exc)
+        send(EngineError(f"engine failed to start: {exc}", traceback.format_exc()))
         return
-    outbox.put(ready)
+    send(ready)
     log.info(
         "engine ready: %s on %s (%s), %d KV tokens",
         ready.model_name,
@@ -84,6 +98,14 @@ def run_engine(config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: Queue
         ready.dtype,
         ready.kv_capacity_tokens,
     )
+    try:
+        serve_plans(runner, inbox, send)
+    except BrokenPipeError:
+        log.warning("the control plane is gone; engine exits")
+
+
+def serve_plans(runner: ModelRunner, inbox: QueueEnd[EngineInput], send: Callable[[EngineOutput], None]) -> None:
+    """Runs plans until Shutdown, a failed step, or the parent's exit."""
     parent_pid = os.getppid()
     sent_at = time.perf_counter()
     while True:
@@ -97,8 +119,10 @@ def run_engine(config: EngineConfig, inbox: QueueEnd[EngineInput], outbox: Queue
             return
         if isinstance(message, StepPlan):
             try:
-                outbox.put(runner.step(message, idle_s=time.perf_counter() - sent_at))
-                sent_at = time.perf_counter()
+                result = runner.step(message, idle_s=time.perf_counter() - sent_at)
             except Exception as exc:
-                outbox.put(EngineError(f"engine step {message.step_id} failed: {exc}", traceback.format_exc()))
+                log.exception("engine step %d failed", message.step_id)
+                send(EngineError(f"engine step {message.step_id} failed: {exc}", traceback.format_exc()))
                 return
+            send(result)
+            sent_at = time.perf_counter()

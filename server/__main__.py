@@ -45,6 +45,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-new-tokens-limit", type=int, default=defaults.max_new_tokens_limit)
     add("--threads", type=int, default=engine.num_threads, help="engine torch threads; 0 means all cores")
     add(
+        "--engine-nice",
+        type=int,
+        default=engine.nice,
+        help="niceness of the engine process, so gRPC stays responsive while it computes",
+    )
+    add(
         "--admin-token",
         default=os.environ.get("GOODSPEED_ADMIN_TOKEN", ""),
         help="require `authorization: Bearer TOKEN` on Admin calls (or set GOODSPEED_ADMIN_TOKEN)",
@@ -62,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_draft_tokens=args.max_draft_tokens,
         drafter=args.drafter,
         num_threads=args.threads,
+        nice=args.engine_nice,
     )
     mode = POLICIES[args.policy]
     assert mode in SPECULATION_MODES

@@ -121,9 +121,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         stats = self.services.get().stats
         async for chunk, request_id in self._run(request, context):
-            yield chunk_to_pb(chunk, request_id)
+            message = chunk_to_pb(chunk, request_id)
+            handed_s = time.monotonic()
+            yield message  # resumes once gRPC has written the message to the transport
             if chunk.step_finished_s:
-                stats.observe_chunk_delay(time.monotonic() - chunk.step_finished_s)
+                stats.observe_chunk_delay(handed_s - chunk.step_finished_s, time.monotonic() - chunk.step_finished_s)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         text: list[str] = []
@@ -239,7 +241,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             uptime_s=stats.uptime_s,
             engine_restarts=stats.num_engine_restarts,
             drafted_per_position=stats.drafted_per_position,
-            mean_chunk_delay_s=mean(stats.recent_chunk_delay_s),
+            mean_chunk_handed_s=mean(stats.recent_chunk_handed_s),
+            mean_chunk_written_s=mean(stats.recent_chunk_written_s),
         )
 
 

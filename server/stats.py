@@ -32,7 +32,8 @@ class ServerStats:
     drafts_per_length: list[int] = field(default_factory=list)
     recent_step_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
-    recent_chunk_delay_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_chunk_handed_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_chunk_written_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
 
     def __post_init__(self) -> None:
         n = self.max_draft_tokens
@@ -91,8 +92,11 @@ class ServerStats:
         if state.finished_s is not None:
             m.request_seconds.observe(state.finished_s - state.arrival_s)
 
-    def observe_chunk_delay(self, seconds: float) -> None:
-        self.recent_chunk_delay_s.append(seconds)
+    def observe_chunk_delay(self, handed_s: float, written_s: float) -> None:
+        """From the end of the engine step that made a chunk to its handing to gRPC, and to gRPC
+        having written it to the transport."""
+        self.recent_chunk_handed_s.append(handed_s)
+        self.recent_chunk_written_s.append(written_s)
 
     @property
     def mean_accepted_length(self) -> float:

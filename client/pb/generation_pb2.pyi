@@ -188,7 +188,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_delay_s")
+    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s")
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -207,7 +207,8 @@ class Stats(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
-    MEAN_CHUNK_DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_CHUNK_HANDED_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_CHUNK_WRITTEN_S_FIELD_NUMBER: _ClassVar[int]
     requests_running: int
     requests_waiting: int
     requests_finished: int
@@ -226,8 +227,9 @@ class Stats(_message.Message):
     uptime_s: float
     engine_restarts: int
     drafted_per_position: _containers.RepeatedScalarFieldContainer[int]
-    mean_chunk_delay_s: float
-    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_delay_s: _Optional[float] = ...) -> None: ...
+    mean_chunk_handed_s: float
+    mean_chunk_written_s: float
+    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens")

@@ -1,0 +1,175 @@
+"""`goodspeed bench service`: control-plane overhead and reliability of a running server.
+
+1. Overhead: N concurrent greedy streams. The engine reports, per step, how long it waited for the
+   plan after sending its previous result; when the control loop had work the whole time, that
+   wait is control plane + IPC. The server also measures, per chunk, the time from the end of the
+   engine step that made it to the handler handing it to gRPC. Both come from GetStats (means over
+   the last 200 steps and chunks), read right after the streams finish.
+2. Reliability: many requests at a fixed concurrency, a share of them cancelled at a random point;
+   every request must end (finished or cancelled, never hung) and the server must end idle with
+   its KV budget fully released.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+
+from bench.server_process import start_server
+from bench.workloads import completion_workload
+from client.client import AsyncClient
+from client.pb import generation_pb2 as pb
+
+
+@dataclass
+class ReliabilityCounts:
+    finished: int = 0
+    cancelled: int = 0
+    failed: list[str] = field(default_factory=list)
+    hung: int = 0
+
+
+async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int) -> dict[str, Any]:
+    prompts = [item.prompt or "" for item in completion_workload(num_streams)]
+    tokens = 0
+    started = time.perf_counter()
+
+    async def stream(prompt: str) -> None:
+        nonlocal tokens
+        async for chunk in client.generate_stream(prompt, max_new_tokens=max_new_tokens, speculation="off"):
+            tokens += len(chunk.token_ids)
+
+    async with anyio.create_task_group() as tg:
+        for prompt in prompts:
+            tg.start_soon(stream, prompt)
+    seconds = time.perf_counter() - started
+    stats = await client.stats()
+    return {
+        "streams": num_streams,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "mean_step_ms": round(stats.mean_step_s * 1000, 2),
+        "overhead_percent_of_step": round(stats.mean_overhead_fraction * 100, 2),
+        "step_end_to_chunk_handed_ms": round(stats.mean_chunk_handed_s * 1000, 3),
+        "step_end_to_chunk_written_ms": round(stats.mean_chunk_written_s * 1000, 3),
+    }
+
+
+async def reliability(
+    client: AsyncClient, num_requests: int, concurrency: int, cancel_share: float, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    prompts = [item.prompt or "" for item in completion_workload(40)]
+    counts = ReliabilityCounts()
+    before = await client.stats()
+    limiter = anyio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        cancel_after = rng.randint(0, 6) if rng.random() < cancel_share else None
+        max_new = rng.choice([8, 16, 32, 64])
+        async with limiter:
+            with anyio.move_on_after(120) as timeout:
+                received = 0
+                try:
+                    async for chunk in client.generate_stream(prompts[i % len(prompts)], max_new_tokens=max_new):
+                        received += 1
+                        if cancel_after is not None and received > cancel_after:
+                            counts.cancelled += 1
+                            return  # leaving the loop closes the call: the server sees a cancel
+                        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                            counts.finished += 1
+                            return
+                    counts.failed.append(f"request {i}: stream ended without a finish reason")
+                except grpc.aio.AioRpcError as exc:
+                    counts.failed.append(f"request {i}: {exc.code().name}: {exc.details()}")
+            if timeout.cancelled_caught:
+                counts.hung += 1
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(num_requests):
+            tg.start_soon(one, i)
+    seconds = time.perf_counter() - started
+    with anyio.fail_after(30):
+        while True:
+            after = await client.stats()
+            if after.requests_running == after.requests_waiting == 0:
+                break
+            await anyio.sleep(0.05)
+    return {
+        "requests": num_requests,
+        "concurrency": concurrency,
+        "finished": counts.finished,
+        "cancelled_by_client": counts.cancelled,
+        "failed": counts.failed,
+        "hung": counts.hung,
+        "server_finished_delta": after.requests_finished - before.requests_finished,
+        "server_idle_after": after.requests_running == 0 and after.requests_waiting == 0,
+        "kv_tokens_used_after": after.kv_tokens_used,
+        "seconds": round(seconds, 1),
+    }
+
+
+async def run_service_bench(
+    target: str, streams: list[int], max_new_tokens: int, requests: int, concurrency: int, cancel_share: float
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"overhead": [], "reliability": None}
+    async with AsyncClient(target) as client:
+        await client.wait_ready()
+        info = await client.model_info()
+        report["model"] = {"name": info.model, "dtype": info.dtype, "device": info.device}
+        await client.generate("def warm_up():", max_new_tokens=8)
+        for n in streams:
+            row = await overhead(client, n, max_new_tokens)
+            report["overhead"].append(row)
+            print(
+                f"{n:3d} streams: {row['tokens_per_s']:7.1f} tok/s, step {row['mean_step_ms']:.1f} ms, "
+                f"control plane + IPC {row['overhead_percent_of_step']:.2f}% of the step, "
+                f"step end -> chunk handed to gRPC {row['step_end_to_chunk_handed_ms']:.3f} ms, "
+                f"written {row['step_end_to_chunk_written_ms']:.3f} ms"
+            )
+        rel = await reliability(client, requests, concurrency, cancel_share, seed=0)
+        report["reliability"] = rel
+        print(
+            f"{rel['requests']} requests at {rel['concurrency']} concurrent: {rel['finished']} finished, "
+            f"{rel['cancelled_by_client']} cancelled by the client, {len(rel['failed'])} failed, "
+            f"{rel['hung']} hung; server counted {rel['server_finished_delta']} endings, "
+            f"idle after: {rel['server_idle_after']}, KV tokens still reserved: {rel['kv_tokens_used_after']}"
+        )
+    return report
+
+
+def main(
+    target: str | None,
+    dtype: str,
+    streams: list[int],
+    max_new_tokens: int,
+    requests: int,
+    concurrency: int,
+    cancel_share: float,
+    out_path: Path,
+) -> int:
+    server = None
+    if target is None:
+        server = start_server(out_path.parent / "logs", "--dtype", dtype)
+        target = server.target
+    try:
+        report = anyio.run(
+            run_service_bench, target, streams, max_new_tokens, requests, concurrency, cancel_share, backend="asyncio"
+        )
+    finally:
+        if server is not None:
+            server.stop()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    rel = report["reliability"]
+    is_reliable = not rel["failed"] and not rel["hung"] and rel["server_idle_after"] and not rel["kv_tokens_used_after"]
+    return 0 if is_reliable else 1

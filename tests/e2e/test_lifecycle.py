@@ -1,0 +1,124 @@
+"""Admission limits, engine death and graceful draining, on servers of their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from client.client import Client
+from client.pb import generation_pb2 as pb
+from tests.e2e.conftest import RunningServer, start_server
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+POEM = [("user", "Write a long poem about the sea.")]
+
+
+def engine_pid(server: RunningServer) -> int:
+    """The engine process: the server's spawned child (not the resource tracker)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat[1]) == server.process.pid and "spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no engine process found")
+
+
+def health(client: Client) -> int:
+    try:
+        return int(client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
+    except grpc.RpcError:
+        return -1
+
+
+def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def small_server(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("small"),
+        "--max-running-requests",
+        "1",
+        "--max-waiting-requests",
+        "1",
+        "--kv-cache-tokens",
+        "512",
+        "--max-step-tokens",
+        "64",
+    )
+    yield running
+    running.stop()
+
+
+def test_kv_budget_and_full_queue_give_resource_exhausted(small_server: RunningServer) -> None:
+    with Client(small_server.target) as client:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            client.generate("hi", max_new_tokens=600)
+        assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "needs 601 KV tokens" in excinfo.value.details()
+        running = client.stub.GenerateStream(
+            pb.GenerateRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in POEM], max_new_tokens=400)
+        )
+        assert next(running).token_ids
+        waiting = client.stub.GenerateStream(pb.GenerateRequest(prompt="def f(x):", max_new_tokens=8))
+        threading.Thread(target=lambda: list(waiting), daemon=True).start()
+        wait_for(lambda: client.stats().requests_waiting == 1, what="a waiting request")
+        with pytest.raises(grpc.RpcError) as excinfo:
+            client.generate("def g(x):", max_new_tokens=8)
+        assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "waiting queue is full" in excinfo.value.details()
+        running.cancel()
+        wait_for(lambda: client.stats().requests_running + client.stats().requests_waiting == 0, what="idle")
+        assert client.generate("def h(x):", max_new_tokens=4).usage.completion_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def fragile_server(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    return start_server(tmp_path_factory.mktemp("fragile"), "--drain-grace", "60")
+
+
+def test_engine_death_fails_running_requests_and_the_engine_restarts(fragile_server: RunningServer) -> None:
+    with Client(fragile_server.target) as client:
+        stream = client.generate_stream(messages=POEM, max_new_tokens=2000)
+        assert next(stream).token_ids
+        os.kill(engine_pid(fragile_server), signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(stream)
+        assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "engine" in excinfo.value.details()
+        wait_for(lambda: health(client) == health_pb2.HealthCheckResponse.SERVING, what="SERVING again")
+        assert client.generate("def f(x):", max_new_tokens=4).usage.completion_tokens == 4
+        assert client.stats().engine_restarts == 1
+
+
+def test_sigterm_drains_running_requests_then_exits(fragile_server: RunningServer) -> None:
+    with Client(fragile_server.target) as client:
+        stream = client.generate_stream(messages=POEM, max_new_tokens=120)
+        chunks = [next(stream)]
+        fragile_server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: health(client) == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as excinfo:
+            client.generate("def f(x):", max_new_tokens=4)
+        assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
+        chunks += list(stream)
+    assert chunks[-1].finish_reason in (pb.LENGTH, pb.EOS)
+    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens
+    assert fragile_server.process.wait(60) == 0

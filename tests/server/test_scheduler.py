@@ -1,0 +1,137 @@
+"""Continuous batching decisions, driven with hand-built engine results (no model)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.protocol import FinishReason, ScheduledRequest
+from server.errors import DeadlineExceededError, ResourceExhaustedError
+from server.policy import PolicySettings, SpeculationPolicy
+from server.request import SpeculationMode
+from server.request_state import Status
+from server.scheduler import Scheduler, SchedulerLimits
+from tests.server.fakes import make_state, result
+
+NONE = FinishReason.NONE
+
+
+def make_scheduler(
+    max_running: int = 4,
+    max_waiting: int = 4,
+    max_step_tokens: int = 64,
+    kv: int = 1000,
+    mode: SpeculationMode = SpeculationMode.FIXED,
+    k: int = 3,
+) -> Scheduler:
+    policy = SpeculationPolicy(PolicySettings(mode, k, 8))
+    return Scheduler(SchedulerLimits(max_running, max_waiting, max_step_tokens, kv), policy)
+
+
+def test_admission_respects_batch_size_and_kv_budget_first_come_first_served() -> None:
+    scheduler = make_scheduler(max_running=2, kv=100)
+    for name, prompt_len in (("a", 30), ("b", 30), ("c", 10)):
+        scheduler.add(make_state(name, prompt_len, max_new_tokens=20))
+    plan = scheduler.schedule()
+    assert plan is not None and [n.req_id for n in plan.new_requests] == ["a", "b"]
+    assert scheduler.num_reserved_tokens == 100 and [s.req_id for s in scheduler.waiting] == ["c"]
+
+
+def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused() -> None:
+    scheduler = make_scheduler(max_waiting=1, kv=100)
+    with pytest.raises(ResourceExhaustedError, match="needs 120 KV tokens"):
+        scheduler.add(make_state("big", 100, max_new_tokens=20))
+    scheduler.add(make_state("a", 10))
+    with pytest.raises(ResourceExhaustedError, match="waiting queue is full"):
+        scheduler.add(make_state("b", 10))
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
+    scheduler = make_scheduler(max_step_tokens=32, k=3)
+    scheduler.add(make_state("short", 4, max_new_tokens=50))
+    plan = scheduler.schedule()
+    assert plan is not None and plan.scheduled == [ScheduledRequest("short", num_prompt_tokens=4)]
+    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler.add(make_state("long", 100))
+    chunks = []
+    for _ in range(4):
+        plan = scheduler.schedule()
+        assert plan is not None
+        decode = [s for s in plan.scheduled if s.req_id == "short"]
+        assert decode == [ScheduledRequest("short", num_draft_tokens=3)]  # decoding every step
+        chunks += [s.num_prompt_tokens for s in plan.scheduled if s.req_id == "long"]
+        scheduler.update(result(plan.step_id, ("short", [66, 67], 3, 1, NONE)))
+    assert chunks == [28, 28, 28, 16]  # 32-token steps minus the decode's 1 + k
+    assert not scheduler.running["long"].is_prefilling
+
+
+def test_per_request_modes_override_the_server_policy() -> None:
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO, k=3)
+    scheduler.add(make_state("default", 2))
+    scheduler.add(make_state("off", 2, mode=SpeculationMode.OFF))
+    scheduler.add(make_state("fixed", 2, mode=SpeculationMode.FIXED, k=6))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, *[(n, [70], 0, 0, NONE) for n in ("default", "off", "fixed")]))
+    plan = scheduler.schedule()
+    assert plan is not None
+    assert {s.req_id: s.num_draft_tokens for s in plan.scheduled} == {"default": 3, "off": 0, "fixed": 6}
+
+
+def test_abort_releases_kv_and_tells_the_engine_in_the_next_plan() -> None:
+    scheduler = make_scheduler()
+    scheduler.add(make_state("a", 10, max_new_tokens=10))
+    plan = scheduler.schedule()
+    assert plan is not None
+    state = scheduler.abort("a", FinishReason.CANCELLED, time.monotonic())
+    assert state is not None and state.status == Status.FINISHED and scheduler.num_reserved_tokens == 0
+    plan = scheduler.schedule()
+    assert plan is not None and plan.finished_req_ids == ["a"] and not plan.scheduled
+    assert scheduler.schedule() is None
+
+
+def test_engine_finished_requests_are_not_reported_back() -> None:
+    scheduler = make_scheduler()
+    state = make_state("a", 3, max_new_tokens=2)
+    scheduler.add(state)
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("a", [72], 0, 0, NONE)))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("a", [105], 0, 0, FinishReason.LENGTH)))
+    chunks = state.mailbox._chunks
+    assert chunks[-1].final is not None and chunks[-1].final.finish_reason == FinishReason.LENGTH
+    assert "".join(c.text for c in chunks) == "Hi"
+    assert scheduler.schedule() is None  # nothing to tell the engine: it freed the request itself
+
+
+def test_stop_sequence_ends_the_request_and_frees_it_in_the_engine() -> None:
+    scheduler = make_scheduler()
+    state = make_state("a", 3, max_new_tokens=20, stop=("\n\n",))
+    scheduler.add(state)
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("a", [ord("o")], 0, 0, NONE)))
+    for ids in ([ord("k"), ord("\n")], [ord("\n"), ord("x")]):
+        plan = scheduler.schedule()
+        assert plan is not None
+        scheduler.update(result(plan.step_id, ("a", ids, 3, 1, NONE)))
+    texts = [c.text for c in state.mailbox._chunks]
+    assert texts == ["o", "k", ""] and state.finish_reason == FinishReason.STOP
+    plan = scheduler.schedule()
+    assert plan is not None and plan.finished_req_ids == ["a"]
+
+
+def test_deadlines_end_waiting_and_running_requests() -> None:
+    scheduler = make_scheduler(max_running=1)
+    now = time.monotonic()
+    running, waiting = make_state("run", 3, deadline_s=now + 10), make_state("wait", 3, deadline_s=now + 1)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    assert scheduler.schedule() is not None
+    expired = scheduler.expire(now + 5)
+    assert expired == [waiting] and isinstance(waiting.mailbox._chunks[-1].error, DeadlineExceededError)
+    assert scheduler.expire(now + 11) == [running]
+    assert scheduler.schedule() is not None and not scheduler.running
