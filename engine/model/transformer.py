@@ -74,29 +74,34 @@ def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torc
     return mask.repeat(num_groups, 1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Grouped-query attention of one sequence.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Grouped-query attention of one sequence, written into `out`.
 
-    q: [n, H, D]; k, v: [Hkv, L, D] (views into the cache); mask: [G * n, L] or None.
-    The G query heads that share a KV head are folded into rows, so no K/V is repeated.
-    Returns [n, H * D].
+    q: [n, H, D], already scaled, in the cache dtype; k, v: [Hkv, L, D] (views into the cache);
+    mask: [G * n, L] or None; out: [n, H * D]. The G query heads that share a KV head are folded
+    into rows, so no K/V is repeated. A decode step (n = 1) needs no reshuffling at all.
     """
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[0]
     groups = num_heads // num_kv_heads
-    qg = q.to(k.dtype).view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)
-    qg = qg.reshape(num_kv_heads, groups * n, head_dim)
+    if n == 1:
+        qg = q.view(num_kv_heads, groups, head_dim)
+    else:
+        qg = q.view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, groups * n, head_dim)
     if k.device.type == "cpu":
         # On the CPU the cache is float32, where matmul-softmax-matmul beats SDPA's kernels for
         # short query blocks.
-        scores = torch.matmul(qg, k.transpose(1, 2)) * scale  # [Hkv, G*n, L]
+        scores = torch.bmm(qg, k.transpose(1, 2))  # [Hkv, G*n, L]
         if mask is not None:
-            scores = scores + mask
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+            scores += mask
+        probs = torch.softmax(scores, dim=-1)
+        if n == 1:
+            torch.bmm(probs, v, out=out.view(num_kv_heads, groups, head_dim))
+            return
+        o = torch.bmm(probs, v)
     else:
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    out = out.view(num_kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim)
-    return out.to(q.dtype)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=1.0)
+    out.copy_(o.view(num_kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim))
 
 
 class Transformer:
@@ -150,10 +155,10 @@ class Transformer:
         q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
         v_new = qkv[:, num_qk:]
         k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
-        outs = []
+        q = (q * self.scale).to(kv_cache.dtype)
+        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
         for seq, mask in zip(batch.seqs, masks, strict=True):
             kv_rows = slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
-            outs.append(attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, self.scale))
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return layer.o_proj(attn)
+            attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, attn[q_rows])
+        return layer.o_proj(attn.to(x.dtype))
