@@ -180,6 +180,27 @@ def batched_throughput(
     return sum(len(j.output_ids) for j in jobs), time.perf_counter() - started
 
 
+def no_tax(runner: ModelRunner, prompts: list[list[int]], eos_ids: list[int], repeats: int = 3) -> dict[str, Any]:
+    """Plain decoding (k = 0) of a batch of 16 with the n-gram drafter loaded (it still reports
+    after every step how much it could propose) against no drafter at all, interleaved."""
+    from engine.drafters import NoDrafter
+
+    ngram, none = runner.drafter, NoDrafter()
+    seconds: dict[str, list[float]] = {"ngram k=0": [], "no drafter": []}
+    for _ in range(repeats):
+        for name, drafter in (("ngram k=0", ngram), ("no drafter", none)):
+            runner.drafter = drafter
+            tokens, elapsed = batched_throughput(runner, prompts, 16, 64, eos_ids)
+            seconds[name].append(elapsed / tokens)
+    runner.drafter = ngram
+    mean = {name: sum(v) / len(v) for name, v in seconds.items()}
+    return {
+        "seconds_per_token": {name: round(v, 6) for name, v in mean.items()},
+        "ngram_k0_over_no_drafter": round(mean["ngram k=0"] / mean["no drafter"], 4),
+        "runs": repeats,
+    }
+
+
 def run_engine_bench(
     model: str,
     dtype: str,
@@ -232,7 +253,13 @@ def run_engine_bench(
     if hf is not None:
         n = max(concurrency)
         report["batched"][f"transformers static x{n}"] = throughput_row(*hf.static_batch(batch_prompts[:n], 64))
+    report["no_tax"] = no_tax(runner, batch_prompts, eos)
     print_batched(dtype, report["batched"])
+    tax = report["no_tax"]
+    print(
+        f"\nk = 0 with the n-gram drafter vs no drafter, batch 16: {tax['ngram_k0_over_no_drafter']:.4f}x the "
+        f"time per token ({tax['runs']} interleaved runs each)"
+    )
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=2) + "\n")

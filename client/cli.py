@@ -144,9 +144,48 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     service.add_argument("--concurrency", type=int, default=32)
     service.add_argument("--cancel-share", type=float, default=0.3, help="share of requests the client cancels")
     service.add_argument("--out", type=Path, default=Path("bench-results") / "service.json")
+    load = kinds.add_parser("load", help="open-loop Poisson load: latency against rate, per speculation policy")
+    load.add_argument(
+        "--workload", default="editing", help="editing, completion, or a .jsonl workload file (see bench/data/)"
+    )
+    load.add_argument("--target", help="a running server; by default one is started")
+    load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
+    load.add_argument("--policies", nargs="+", default=["off", "fixed1", "fixed2", "fixed4", "fixed8", "auto"])
+    load.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per workload)")
+    load.add_argument("--seconds-per-point", type=float, default=40.0, help="arrivals span about this long")
+    load.add_argument("--min-requests", type=int, default=10)
+    load.add_argument("--max-requests", type=int, default=40)
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
+    workload.add_argument("workload_kind", choices=["editing", "completion"])
+    workload.add_argument("--num-items", type=int, default=164)
+    workload.add_argument("--out", type=Path, required=True)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.kind == "load":
+        from bench.load import main as load_main
+
+        return load_main(
+            args.workload,
+            args.target,
+            args.dtype,
+            args.policies,
+            args.rates,
+            args.seconds_per_point,
+            args.min_requests,
+            args.max_requests,
+            args.seed,
+            args.out_dir,
+        )
+    if args.kind == "workload":
+        from bench.workloads import build_workload, save_workload
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_workload(build_workload(args.workload_kind, args.num_items), args.out)
+        print(f"wrote {args.out}")
+        return 0
     if args.kind == "service":
         from bench.service import main as service_main
 

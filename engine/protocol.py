@@ -64,6 +64,19 @@ class Shutdown(_Wire, frozen=True, tag=2):
     pass
 
 
+class ProfileShape(_Wire, frozen=True):
+    num_seqs: int  # sequences in the batch
+    num_query_tokens: int  # tokens per sequence this step: 1 + k to verify, more for a prefill chunk
+    num_context_tokens: int  # tokens already in each sequence's KV cache
+
+
+class ProfileRequest(_Wire, frozen=True, tag=6):
+    """Time synthetic steps of these shapes, to warm the control plane's step-cost model."""
+
+    shapes: list[ProfileShape]
+    repeats: int = 2
+
+
 class RequestOutput(_Wire, frozen=True):
     req_id: str
     new_token_ids: list[int] = []  # accepted draft tokens plus the recovered or bonus token
@@ -71,6 +84,7 @@ class RequestOutput(_Wire, frozen=True):
     num_accepted_tokens: int = 0  # drafted tokens the target accepted
     finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
+    num_draftable: int = 0  # how many tokens the drafter could propose for the next step (<= max k)
 
 
 class StepTimings(_Wire, frozen=True):
@@ -111,8 +125,20 @@ class EngineError(_Wire, frozen=True, tag=5):
     traceback: str = ""
 
 
-EngineInput = StepPlan | Shutdown
-EngineOutput = StepResult | EngineReady | EngineError
+class StepSample(_Wire, frozen=True):
+    num_batched_tokens: int
+    num_context_tokens: int  # summed over sequences, the step's own tokens included
+    num_seqs: int
+    num_draft_tokens: int
+    step_s: float
+
+
+class ProfileResult(_Wire, frozen=True, tag=7):
+    samples: list[StepSample]
+
+
+EngineInput = StepPlan | Shutdown | ProfileRequest
+EngineOutput = StepResult | EngineReady | EngineError | ProfileResult
 
 
 def make_input_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder[EngineInput]]:

@@ -229,4 +229,9 @@ class ModelRunner:
             self.drafter.observe(state.req_id, num_draft, num_accepted)
         if finish_reason != FinishReason.NONE:
             self.remove_request(state.req_id)
-        return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason)
+            return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason)
+        num_draftable = 0
+        if emitted and self.max_draft_tokens:
+            k = min(self.max_draft_tokens, state.num_new_tokens_left - 1)
+            num_draftable = self.drafter.num_available(state.req_id, state.token_ids, k) if k > 0 else 0
+        return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason, num_draftable=num_draftable)

@@ -17,7 +17,17 @@ from engine.fetch import resolve_model
 from engine.ipc import Doorbell, QueueEnd
 from engine.kv_cache import KVCache
 from engine.model.loader import load_transformer
-from engine.protocol import EngineError, EngineInput, EngineOutput, EngineReady, Shutdown, StepPlan
+from engine.profile import profile_steps
+from engine.protocol import (
+    EngineError,
+    EngineInput,
+    EngineOutput,
+    EngineReady,
+    ProfileRequest,
+    ProfileResult,
+    Shutdown,
+    StepPlan,
+)
 from engine.runner import ModelRunner
 
 log = logging.getLogger("goodspeed.engine")
@@ -117,6 +127,9 @@ def serve_plans(runner: ModelRunner, inbox: QueueEnd[EngineInput], send: Callabl
             continue
         if isinstance(message, Shutdown):
             return
+        if isinstance(message, ProfileRequest):
+            send(ProfileResult(profile_steps(runner, message.shapes, message.repeats)))
+            continue
         if isinstance(message, StepPlan):
             try:
                 result = runner.step(message, idle_s=time.perf_counter() - sent_at)

@@ -25,6 +25,7 @@ from server.engine_client import EngineClient
 from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
 from server.policy import PolicySettings, SpeculationPolicy
+from server.policy.profile import profile_shapes, warm_cost_model
 from server.request import Limits, SpeculationMode
 from server.scheduler import SchedulerLimits
 from server.service import AdminService, GenerationService, ServiceContext, Services
@@ -113,7 +114,9 @@ async def serve(config: ServerConfig) -> None:
                 kv_tokens=ready.kv_capacity_tokens,
                 load_s=round(ready.load_s, 1),
             )
-            loop = build_loop(config, engine, ready, stats, health)
+            loop = build_loop(config, engine, stats, health)
+            shapes = profile_shapes(config.max_running_requests, ready.max_draft_tokens, config.max_step_tokens)
+            await warm_cost_model(engine, loop.policy.cost_model, shapes)
             await tg.start(loop.run)
             services.context = ServiceContext(
                 loop=loop,
@@ -142,7 +145,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def build_loop(
-    config: ServerConfig, engine: EngineClient, ready: object, stats: ServerStats, health: health_aio.HealthServicer
+    config: ServerConfig, engine: EngineClient, stats: ServerStats, health: health_aio.HealthServicer
 ) -> ControlLoop:
     assert engine.ready is not None
     mode = {"auto": SpeculationMode.AUTO, "off": SpeculationMode.OFF, "fixed": SpeculationMode.FIXED}

@@ -12,7 +12,17 @@ import anyio.to_thread
 
 from engine.config import EngineConfig
 from engine.ipc import EngineDiedError, EngineProcess
-from engine.protocol import EngineError, EngineOutput, EngineReady, StepPlan, StepResult
+from engine.protocol import (
+    EngineError,
+    EngineOutput,
+    EngineReady,
+    ProfileRequest,
+    ProfileResult,
+    ProfileShape,
+    StepPlan,
+    StepResult,
+    StepSample,
+)
 
 STARTUP_TIMEOUT_S = 1800.0  # the first start downloads and converts the model
 
@@ -53,6 +63,16 @@ class EngineClient:
         if isinstance(message, EngineError):
             raise EngineDiedError(message.message)
         raise EngineDiedError(f"expected a StepResult, got {type(message).__name__}")
+
+    async def profile(self, shapes: list[ProfileShape], repeats: int = 1) -> list[StepSample]:
+        """Times synthetic steps (only while no request is running)."""
+        if self.process is None:
+            raise EngineDiedError("the engine is not running")
+        self.process.send(ProfileRequest(shapes, repeats))
+        message = await self._receive()
+        if isinstance(message, ProfileResult):
+            return message.samples
+        raise EngineDiedError(f"expected a ProfileResult, got {type(message).__name__}")
 
     async def stop(self) -> None:
         if self.process is not None:

@@ -22,6 +22,7 @@ from engine.protocol import FinishReason
 from server.engine_client import EngineClient
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.policy import SpeculationPolicy
+from server.policy.cost_model import StepShape
 from server.request_state import RequestState
 from server.scheduler import Scheduler, SchedulerLimits
 from server.stats import ServerStats
@@ -114,6 +115,9 @@ class ControlLoop:
                 is_back_to_back = False
                 continue
             self.scheduler.update(result)
+            shape = StepShape(result.num_batched_tokens, len(plan.scheduled), result.num_context_tokens)
+            self.policy.observe_step(shape, result.timings.step_s)
+            self._update_policy_gauges()
             self.stats.observe_step(plan, result, self.scheduler.planned_draft_tokens, is_back_to_back)
             self._record_finished()
             is_back_to_back = True
@@ -140,6 +144,17 @@ class ControlLoop:
         for state in self.scheduler.take_finished():
             self.stats.observe_finished(state)
             log_finished(state)
+
+    def _update_policy_gauges(self) -> None:
+        metrics, policy = self.stats.metrics, self.policy
+        if policy.last_choice is not None:
+            metrics.goodput.labels(plan="chosen").set(policy.last_choice.goodput)
+            metrics.goodput.labels(plan="plain").set(policy.last_choice.plain_goodput)
+        metrics.acceptance_rate.set(policy.acceptance.server_rate)
+        metrics.cost_model_error.set(policy.cost_model.relative_error)
+        if policy.cost_model.num_samples % policy.cost_model.refit_every == 0:
+            for feature, value in policy.cost_model.coefficients().items():
+                metrics.cost_coefficient.labels(feature=feature).set(value)
 
     def _update_gauges(self) -> None:
         metrics = self.stats.metrics

@@ -47,6 +47,22 @@ class Metrics:
         self.kv_tokens_used = Gauge("goodspeed_kv_tokens_used", "KV tokens reserved by running requests", registry=r)
         self.kv_tokens_capacity = Gauge("goodspeed_kv_tokens_capacity", "KV cache size in tokens", registry=r)
         self.engine_restarts = Counter("goodspeed_engine_restarts", "Engine process restarts", registry=r)
+        self.goodput = Gauge(
+            "goodspeed_policy_goodput_tokens_per_second",
+            "Predicted goodput of the last AUTO step",
+            ["plan"],
+            registry=r,
+        )
+        self.acceptance_rate = Gauge(
+            "goodspeed_policy_acceptance_rate", "Server-wide per-token acceptance estimate", registry=r
+        )
+        self.cost_model_error = Gauge(
+            "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r
+        )
+        self.cost_coefficient = Gauge(
+            "goodspeed_policy_cost_coefficient_seconds", "Step-cost model coefficients", ["feature"], registry=r
+        )
+        self.probes = Counter("goodspeed_policy_probes", "k = 1 probes of requests kept at k = 0", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Serves /metrics from a daemon thread."""

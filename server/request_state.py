@@ -31,6 +31,7 @@ class RequestState:
     status: Status = Status.WAITING
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
+    num_draftable: int = 0  # tokens the drafter could propose next step, as of the last result
     output_ids: list[int] = field(default_factory=list)
     speculation: SpeculationSummary = field(default_factory=SpeculationSummary)
     finish_reason: FinishReason = FinishReason.NONE
@@ -50,6 +51,15 @@ class RequestState:
     def num_reserved_tokens(self) -> int:
         """KV rows the engine keeps for this request: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.request.max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt and generated tokens: what the engine holds in its KV cache, give or take one."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_new_tokens_left(self) -> int:
+        return self.request.max_new_tokens - len(self.output_ids)
 
     @property
     def is_prefilling(self) -> bool:

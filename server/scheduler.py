@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from engine.protocol import FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
 from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
 from server.policy import SpeculationPolicy
+from server.policy.goodput import StepBase
 from server.request import Chunk
 from server.request_state import RequestState, Status
 
@@ -87,28 +88,43 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to send."""
         new = self._admit()
-        budget = self.limits.max_step_tokens
         decoding = [s for s in self.running.values() if not s.is_prefilling]
-        chosen = self.policy.choose(decoding)
+        # Prefill chunks take what one token per decoding request leaves; drafts come on top.
+        budget = self.limits.max_step_tokens - len(decoding)
+        chunks = []
+        for state in self.running.values():
+            if state.is_prefilling and budget > 0:
+                chunks.append((state, min(state.num_prompt_left, budget)))
+                budget -= chunks[-1][1]
+        chosen = self.policy.choose(decoding, self._base(decoding, chunks, budget))
         scheduled = []
         self.planned_draft_tokens = {}
         for state in decoding:
-            k = max(0, min(chosen.get(state.req_id, 0), budget - 1, state.request.max_new_tokens - 1))
-            budget -= 1 + k
+            k = max(0, min(chosen.get(state.req_id, 0), budget, state.num_new_tokens_left - 1))
+            budget -= k
             self.planned_draft_tokens[state.req_id] = k
             scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k))
-        for state in self.running.values():
-            if state.is_prefilling and budget > 0:
-                chunk = min(state.num_prompt_left, budget)
-                budget -= chunk
-                state.num_prompt_done += chunk
-                scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk))
+        for state, chunk in chunks:
+            state.num_prompt_done += chunk
+            scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk))
         if not (new or scheduled or self.finished_in_engine):
             return None
         self.step_id += 1
         plan = StepPlan(self.step_id, new, scheduled, self.finished_in_engine)
         self.finished_in_engine = []
         return plan
+
+    @staticmethod
+    def _base(decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
+        """The step as it stands before drafts, for the goodput policy."""
+        context = sum(s.num_tokens for s in decoding) + sum(s.num_prompt_done + n for s, n in chunks)
+        return StepBase(
+            num_tokens=len(decoding) + sum(n for _, n in chunks),
+            num_seqs=len(decoding) + len(chunks),
+            num_context_tokens=context,
+            num_generated=float(len(decoding)),
+            max_extra_tokens=room,
+        )
 
     def _admit(self) -> list[NewRequest]:
         new = []
@@ -147,6 +163,7 @@ class Scheduler:
                 output.num_accepted_tokens,
                 step_finished_s=result.finished_at_s,
             )
+            state.num_draftable = output.num_draftable
             reason = FinishReason(output.finish_reason)
             if reason != FinishReason.NONE:
                 state.is_in_engine = False  # the engine freed it itself
@@ -171,6 +188,7 @@ class Scheduler:
         """Speculation figures of decoding steps (the token sampled at the end of a prefill is not one)."""
         if state.req_id not in self.planned_draft_tokens:
             return
+        self.policy.observe_draft(state.req_id, num_drafted, num_accepted)
         summary = state.speculation
         summary.num_steps += 1
         summary.num_generated += num_new
@@ -189,6 +207,7 @@ class Scheduler:
         if reason == FinishReason.DEADLINE and error is None:
             error = DeadlineExceededError("the deadline passed before the request finished")
         last = state.end(reason, now, error)
+        self.policy.forget(state.req_id)
         self.just_finished.append(state)
         if reason not in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
             state.mailbox.put(last)  # cancelled, deadline, error: nothing else will follow

@@ -221,7 +221,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         ctx = self.services.get()
-        stats, scheduler = ctx.stats, ctx.loop.scheduler
+        stats, scheduler, policy = ctx.stats, ctx.loop.scheduler, ctx.loop.policy
+        choice = policy.last_choice
         return pb.Stats(
             requests_running=len(scheduler.running),
             requests_waiting=len(scheduler.waiting),
@@ -243,6 +244,12 @@ class GenerationService(pb_grpc.GenerationServicer):
             drafted_per_position=stats.drafted_per_position,
             mean_chunk_handed_s=mean(stats.recent_chunk_handed_s),
             mean_chunk_written_s=mean(stats.recent_chunk_written_s),
+            acceptance_rate=policy.acceptance.server_rate,
+            goodput_tokens_per_s=choice.goodput if choice else 0.0,
+            plain_goodput_tokens_per_s=choice.plain_goodput if choice else 0.0,
+            cost_model_ms={name: value * 1000 for name, value in policy.cost_model.coefficients().items()},
+            cost_model_error=policy.cost_model.relative_error,
+            policy_probes=policy.num_probes,
         )
 
 

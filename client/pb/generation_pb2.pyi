@@ -188,7 +188,14 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s")
+    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes")
+    class CostModelMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +216,12 @@ class Stats(_message.Message):
     DRAFTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     MEAN_CHUNK_HANDED_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_CHUNK_WRITTEN_S_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_GOODPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    POLICY_PROBES_FIELD_NUMBER: _ClassVar[int]
     requests_running: int
     requests_waiting: int
     requests_finished: int
@@ -229,7 +242,13 @@ class Stats(_message.Message):
     drafted_per_position: _containers.RepeatedScalarFieldContainer[int]
     mean_chunk_handed_s: float
     mean_chunk_written_s: float
-    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ...) -> None: ...
+    acceptance_rate: float
+    goodput_tokens_per_s: float
+    plain_goodput_tokens_per_s: float
+    cost_model_ms: _containers.ScalarMap[str, float]
+    cost_model_error: float
+    policy_probes: int
+    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens")

@@ -14,6 +14,9 @@ class NoDrafter(Drafter):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft() for _ in requests]
 
+    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
+        return 0
+
 
 def make_drafter(name: str, ngram_min: int = 2, ngram_max: int = 4) -> Drafter:
     if name == "ngram":

@@ -40,3 +40,9 @@ class Drafter(ABC):
 
     def observe(self, req_id: str, num_draft_tokens: int, num_accepted_tokens: int) -> None:  # noqa: B027
         """How many of the proposed tokens the target accepted this step."""
+
+    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
+        """How many tokens a proposal for this request would have right now (at most
+        num_draft_tokens). The control plane plans k with it; a model-based drafter can always
+        propose, a model-free one only when it finds a match."""
+        return num_draft_tokens

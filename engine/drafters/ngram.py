@@ -67,6 +67,8 @@ class NgramDrafter(Drafter):
         self.min_n = min_n
         self.max_n = max_n
         self.indexes: dict[str, NgramIndex] = {}
+        # req_id -> (sequence length, tokens asked for, proposal) of the latest lookup
+        self.last: dict[str, tuple[int, int, list[int]]] = {}
 
     def add_request(self, req_id: str, token_ids: list[int]) -> None:
         index = NgramIndex(self.min_n)
@@ -75,13 +77,29 @@ class NgramDrafter(Drafter):
 
     def remove_request(self, req_id: str) -> None:
         self.indexes.pop(req_id, None)
+        self.last.pop(req_id, None)
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafts = []
         for request in requests:
-            index = self.indexes.get(request.req_id)
-            if index is None or request.num_draft_tokens <= 0:
+            if request.num_draft_tokens <= 0:
                 drafts.append(Draft())
                 continue
-            drafts.append(Draft(index.lookup(request.token_ids, self.max_n, request.num_draft_tokens)))
+            drafts.append(Draft(self._lookup(request.req_id, request.token_ids, request.num_draft_tokens)))
         return drafts
+
+    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
+        return len(self._lookup(req_id, token_ids, num_draft_tokens))
+
+    def _lookup(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> list[int]:
+        """The proposal, remembered until the sequence grows: asking how long it would be after a
+        step, then proposing in the next, costs one lookup."""
+        index = self.indexes.get(req_id)
+        if index is None:
+            return []
+        cached = self.last.get(req_id)
+        if cached is not None and cached[0] == len(token_ids) and cached[1] >= num_draft_tokens:
+            return cached[2][:num_draft_tokens]
+        proposal = index.lookup(token_ids, self.max_n, num_draft_tokens)
+        self.last[req_id] = (len(token_ids), num_draft_tokens, proposal)
+        return proposal

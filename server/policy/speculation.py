@@ -1,17 +1,29 @@
 """Chooses k for every decoding request of a step.
 
 Per-request modes win: OFF means 0, FIXED means the request's own k. Requests that leave it to
-the server get the server-wide mode. AUTO uses the server's k until the goodput policy lands
-(issue 4): then it picks k from measured acceptance and step cost.
+the server get the server-wide mode. AUTO asks the goodput chooser, which weighs each request's
+measured acceptance against the step's predicted cost; it only considers as many tokens as the
+drafter can propose right now (the engine reports that after each step), so requests without a
+proposal cost nothing. A request kept at k = 0 for a while although proposals exist is probed
+with k = 1 now and then (at most one probe every few steps server-wide), so a stale low
+estimate can recover when its text turns repetitive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.policy.acceptance import AcceptanceEstimator
+from server.policy.cost_model import StepCostModel, StepShape
+from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings
 from server.request import SpeculationMode
+
+PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
+PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
+MARGIN = 0.03  # speculation must beat plain decoding by 3% in the model's eyes
 
 
 class Decoding(Protocol):
@@ -21,22 +33,66 @@ class Decoding(Protocol):
     def speculation_mode(self) -> int: ...
     @property
     def requested_draft_tokens(self) -> int: ...
+    @property
+    def num_new_tokens_left(self) -> int: ...
+    @property
+    def num_draftable(self) -> int: ...
 
 
+@dataclass
 class SpeculationPolicy:
-    def __init__(self, settings: PolicySettings) -> None:
-        self.settings = settings
+    settings: PolicySettings
+    cost_model: StepCostModel = field(default_factory=StepCostModel)
+    acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
+    last_choice: Choice | None = None  # for observability
+    steps_at_zero: dict[str, int] = field(default_factory=dict)
+    steps_since_probe: int = 0
+    num_probes: int = 0
 
-    def choose(self, requests: Sequence[Decoding]) -> dict[str, int]:
+    def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
         settings = self.settings
-        chosen = {}
+        chosen, auto = {}, []
         for request in requests:
+            bound = min(settings.max_draft_tokens, max(request.num_new_tokens_left - 1, 0))
             mode = request.speculation_mode or settings.mode
             if mode == SpeculationMode.OFF:
-                k = 0
+                chosen[request.req_id] = 0
             elif request.speculation_mode == SpeculationMode.FIXED:
-                k = request.requested_draft_tokens
-            else:  # the server's FIXED or AUTO
-                k = settings.num_draft_tokens
-            chosen[request.req_id] = min(k, settings.max_draft_tokens)
+                chosen[request.req_id] = min(request.requested_draft_tokens, bound)
+            elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
+                chosen[request.req_id] = min(settings.num_draft_tokens, bound)
+            else:
+                rate = safe_rate(self.acceptance.rate(request.req_id))
+                auto.append(Candidate(request.req_id, rate, 1.0, min(bound, request.num_draftable)))
+        if auto and base is not None:
+            chosen.update(self._choose_auto(auto, base))
         return chosen
+
+    def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, int]:
+        times = self.cost_model.step_times(base.num_seqs, base.num_context_tokens, max_tokens_needed(base, candidates))
+        choice = choose(candidates, base, times, MARGIN)
+        self.last_choice = choice
+        chosen = dict(choice.draft_tokens)
+        self.steps_since_probe += 1
+        for c in candidates:
+            if chosen[c.req_id] > 0:
+                self.steps_at_zero[c.req_id] = 0
+                continue
+            waited = self.steps_at_zero.get(c.req_id, 0) + 1
+            self.steps_at_zero[c.req_id] = waited
+            if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and c.max_draft_tokens:
+                chosen[c.req_id] = 1
+                self.steps_at_zero[c.req_id] = 0
+                self.steps_since_probe = 0
+                self.num_probes += 1
+        return chosen
+
+    def observe_draft(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
+        self.acceptance.observe(req_id, num_drafted, num_accepted)
+
+    def observe_step(self, shape: StepShape, seconds: float) -> None:
+        self.cost_model.observe(shape, seconds)
+
+    def forget(self, req_id: str) -> None:
+        self.acceptance.forget(req_id)
+        self.steps_at_zero.pop(req_id, None)

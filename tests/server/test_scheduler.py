@@ -54,15 +54,17 @@ def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
     assert plan is not None and plan.scheduled == [ScheduledRequest("short", num_prompt_tokens=4)]
     scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
     scheduler.add(make_state("long", 100))
-    chunks = []
+    chunks, drafts = [], []
     for _ in range(4):
         plan = scheduler.schedule()
         assert plan is not None
         decode = [s for s in plan.scheduled if s.req_id == "short"]
-        assert decode == [ScheduledRequest("short", num_draft_tokens=3)]  # decoding every step
+        assert len(decode) == 1 and decode[0].num_prompt_tokens == 0  # decoding every step
+        drafts.append(decode[0].num_draft_tokens)
         chunks += [s.num_prompt_tokens for s in plan.scheduled if s.req_id == "long"]
-        scheduler.update(result(plan.step_id, ("short", [66, 67], 3, 1, NONE)))
-    assert chunks == [28, 28, 28, 16]  # 32-token steps minus the decode's 1 + k
+        scheduler.update(result(plan.step_id, ("short", [66], 0, 0, NONE)))
+    assert chunks == [31, 31, 31, 7]  # 32-token steps minus the decode token
+    assert drafts == [0, 0, 0, 3]  # drafts only take what the prefill leaves
     assert not scheduler.running["long"].is_prefilling
 
 

@@ -1,0 +1,109 @@
+"""How long an engine step takes, as a function of its shape: fitted, not assumed.
+
+T = f(N) + a B + b C / 1000
+
+N: query tokens in the step (1 per plain decode, 1 + k to verify k drafts, prefill chunks);
+B: sequences; C: context tokens attended, summed over sequences. f is piecewise linear in N
+with knots at 1, 2, 4, ..., 64 (a "ramp" feature per segment) and linear beyond: the cost of a
+matrix product is flat while it is memory-bound and grows once it is compute-bound, and kernels
+change with the row count, so f is left free apart from being non-decreasing. All slopes are
+kept >= 0, so more work never predicts less time. The model starts from a profile of synthetic steps run at
+start-up and is refitted online, by least squares, on the latest steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+KNOTS = (1, 2, 4, 8, 16, 32, 64)
+RAMPS = tuple(f"tokens_{lo}_{hi}" for lo, hi in pairwise(KNOTS))
+FEATURES = ("const", *RAMPS, "tokens_over_64", "seqs", "context_ktokens")
+# Features whose coefficient may have either sign; the rest are slopes, kept >= 0.
+SIGNED = {"const"}
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    num_tokens: int  # N
+    num_seqs: int  # B
+    num_context_tokens: int  # C
+
+
+def token_ramps(n: float) -> list[float]:
+    """How far n is through each knot segment, 0..1, then the tokens past the last knot."""
+    ramps = [min(max((n - lo) / (hi - lo), 0.0), 1.0) for lo, hi in pairwise(KNOTS)]
+    return [*ramps, max(0.0, n - KNOTS[-1])]
+
+
+def features(shape: StepShape) -> list[float]:
+    return [1.0, *token_ramps(shape.num_tokens), shape.num_seqs, shape.num_context_tokens / 1000]
+
+
+def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, signed: np.ndarray) -> np.ndarray:
+    """Least squares with the unsigned coefficients held >= 0 (drop the negatives, refit: an
+    active-set loop that ends in at most len(coef) rounds)."""
+    active = np.ones(x.shape[1], dtype=bool)
+    coef = np.zeros(x.shape[1])
+    for _ in range(x.shape[1]):
+        coef = np.zeros(x.shape[1])
+        coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        negative = (coef < 0) & ~signed
+        if not negative.any():
+            break
+        active &= ~negative
+    return coef
+
+
+class StepCostModel:
+    def __init__(self, window: int = 1000, refit_every: int = 25, error_decay: float = 0.05) -> None:
+        self.profile: list[tuple[list[float], float]] = []  # kept: they cover shapes the traffic may not
+        self.recent: deque[tuple[list[float], float]] = deque(maxlen=window)
+        self.coef = np.zeros(len(FEATURES))
+        self.refit_every = refit_every
+        self.error_decay = error_decay
+        self.relative_error = 0.0  # EMA of |predicted - measured| / measured, before refitting on it
+        self.num_samples = 0
+        self._signed = np.array([name in SIGNED for name in FEATURES])
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.coef.any())
+
+    def warm(self, samples: list[tuple[StepShape, float]]) -> None:
+        self.profile = [(features(shape), seconds) for shape, seconds in samples]
+        self.refit()
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        if self.is_fitted and seconds > 0:
+            error = abs(self.predict(shape) - seconds) / seconds
+            self.relative_error += self.error_decay * (error - self.relative_error)
+        self.recent.append((features(shape), seconds))
+        self.num_samples += 1
+        if self.num_samples % self.refit_every == 0:
+            self.refit()
+
+    def refit(self) -> None:
+        rows = self.profile + list(self.recent)
+        if len(rows) < len(FEATURES):
+            return
+        x = np.array([r[0] for r in rows])
+        y = np.array([r[1] for r in rows])
+        self.coef = nonnegative_lstsq(x, y, self._signed)
+
+    def predict(self, shape: StepShape) -> float:
+        return float(np.dot(self.coef, features(shape)))
+
+    def step_times(self, num_seqs: int, num_context_tokens: int, max_tokens: int) -> list[float]:
+        """Predicted step time for N = 0 .. max_tokens at fixed B and C (entry 0 unused), so the
+        chooser prices many token counts with one pass."""
+        c = self.coef
+        base = c[0] + c[-2] * num_seqs + c[-1] * num_context_tokens / 1000
+        slopes = c[1:-2]
+        return [float(base + np.dot(slopes, token_ramps(n))) for n in range(max_tokens + 1)]
+
+    def coefficients(self) -> dict[str, float]:
+        return {name: float(value) for name, value in zip(FEATURES, self.coef, strict=True)}

@@ -1,0 +1,40 @@
+"""The start-up profile that warms the step-cost model before the first request."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from engine.protocol import ProfileShape
+from server.engine_client import EngineClient
+from server.policy.cost_model import StepCostModel, StepShape
+
+log = structlog.get_logger("goodspeed.policy")
+
+MAX_PROFILE_TOKENS = 128  # bigger steps are slow to time and the online refit covers them
+
+
+def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) -> list[ProfileShape]:
+    """Decode and verify steps of 1 to 32 sequences, short and long contexts, and one prefill chunk."""
+    shapes = []
+    for context, batch_sizes in ((64, (1, 2, 4)), (512, (1, 2, 4, 8, 16, 32))):
+        for num_seqs in batch_sizes:
+            for num_query in (1, 2, 4, 8):
+                fits = num_seqs <= max_seqs and num_query <= max_draft_tokens + 1
+                if fits and num_seqs * num_query <= MAX_PROFILE_TOKENS:
+                    shapes.append(ProfileShape(num_seqs, num_query, context))
+    shapes.append(ProfileShape(1, min(prefill_tokens, MAX_PROFILE_TOKENS), 0))
+    return shapes
+
+
+async def warm_cost_model(engine: EngineClient, model: StepCostModel, shapes: list[ProfileShape]) -> None:
+    started = time.perf_counter()
+    samples = await engine.profile(shapes)
+    model.warm([(StepShape(s.num_batched_tokens, s.num_seqs, s.num_context_tokens), s.step_s) for s in samples])
+    log.info(
+        "step-cost model warmed",
+        shapes=len(samples),
+        seconds=round(time.perf_counter() - started, 1),
+        coefficients_ms={k: round(v * 1000, 3) for k, v in model.coefficients().items()},
+    )
