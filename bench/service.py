@@ -1,6 +1,7 @@
 """`goodspeed bench service`: control-plane overhead and reliability of a running server.
 
-1. Overhead: N concurrent greedy streams. The engine reports, per step, how long it waited for the
+1. Overhead: N concurrent greedy streams, with speculation off and with the goodput policy (whose
+   choice of k every step is control-plane work too). The engine reports, per step, how long it waited for the
    plan after sending its previous result; when the control loop had work the whole time, that
    wait is control plane + IPC. The server also measures, per chunk, the time from the end of the
    engine step that made it to the handler handing it to gRPC. Both come from GetStats (means over
@@ -36,14 +37,14 @@ class ReliabilityCounts:
     hung: int = 0
 
 
-async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int) -> dict[str, Any]:
+async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, speculation: str) -> dict[str, Any]:
     prompts = [item.prompt or "" for item in completion_workload(num_streams)]
     tokens = 0
     started = time.perf_counter()
 
     async def stream(prompt: str) -> None:
         nonlocal tokens
-        async for chunk in client.generate_stream(prompt, max_new_tokens=max_new_tokens, speculation="off"):
+        async for chunk in client.generate_stream(prompt, max_new_tokens=max_new_tokens, speculation=speculation):
             tokens += len(chunk.token_ids)
 
     async with anyio.create_task_group() as tg:
@@ -53,6 +54,7 @@ async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int) -
     stats = await client.stats()
     return {
         "streams": num_streams,
+        "speculation": speculation,
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1),
         "mean_step_ms": round(stats.mean_step_s * 1000, 2),
@@ -126,11 +128,12 @@ async def run_service_bench(
         info = await client.model_info()
         report["model"] = {"name": info.model, "dtype": info.dtype, "device": info.device}
         await client.generate("def warm_up():", max_new_tokens=8)
-        for n in streams:
-            row = await overhead(client, n, max_new_tokens)
+        for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
+            row = await overhead(client, n, max_new_tokens, speculation)
             report["overhead"].append(row)
             print(
-                f"{n:3d} streams: {row['tokens_per_s']:7.1f} tok/s, step {row['mean_step_ms']:.1f} ms, "
+                f"{n:3d} streams, {speculation:4}: {row['tokens_per_s']:7.1f} tok/s, "
+                f"step {row['mean_step_ms']:.1f} ms, "
                 f"control plane + IPC {row['overhead_percent_of_step']:.2f}% of the step, "
                 f"step end -> chunk handed to gRPC {row['step_end_to_chunk_handed_ms']:.3f} ms, "
                 f"written {row['step_end_to_chunk_written_ms']:.3f} ms"

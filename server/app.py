@@ -25,6 +25,7 @@ from server.engine_client import EngineClient
 from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
 from server.policy import PolicySettings, SpeculationPolicy
+from server.policy.acceptance import AcceptanceEstimator
 from server.policy.profile import profile_shapes, warm_cost_model
 from server.request import Limits, SpeculationMode
 from server.scheduler import SchedulerLimits
@@ -162,9 +163,8 @@ def build_loop(
     async def on_serving_change(is_serving: bool) -> None:
         await set_health(health, is_serving)
 
-    return ControlLoop(
-        engine, limits, SpeculationPolicy(settings), stats, config.max_engine_restarts, on_serving_change
-    )
+    policy = SpeculationPolicy(settings, acceptance=AcceptanceEstimator(engine.ready.max_draft_tokens))
+    return ControlLoop(engine, limits, policy, stats, config.max_engine_restarts, on_serving_change)
 
 
 async def watch_signals(stop: anyio.Event) -> None:

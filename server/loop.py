@@ -150,7 +150,8 @@ class ControlLoop:
         if policy.last_choice is not None:
             metrics.goodput.labels(plan="chosen").set(policy.last_choice.goodput)
             metrics.goodput.labels(plan="plain").set(policy.last_choice.plain_goodput)
-        metrics.acceptance_rate.set(policy.acceptance.server_rate)
+        metrics.acceptance_rate.labels(draft_token="first").set(policy.acceptance.server_first_rate)
+        metrics.acceptance_rate.labels(draft_token="rest").set(policy.acceptance.server_rest_rate)
         metrics.cost_model_error.set(policy.cost_model.relative_error)
         if policy.cost_model.num_samples % policy.cost_model.refit_every == 0:
             for feature, value in policy.cost_model.coefficients().items():

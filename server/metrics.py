@@ -54,7 +54,10 @@ class Metrics:
             registry=r,
         )
         self.acceptance_rate = Gauge(
-            "goodspeed_policy_acceptance_rate", "Server-wide per-token acceptance estimate", registry=r
+            "goodspeed_policy_acceptance_rate",
+            "Server-wide acceptance estimate of the first draft token, and of each further one given the last passed",
+            ["draft_token"],
+            registry=r,
         )
         self.cost_model_error = Gauge(
             "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r

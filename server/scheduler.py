@@ -2,9 +2,10 @@
 
 Requests join and leave between steps. A request is admitted when a batch slot is free and the
 KV budget can hold its prompt plus its max_new_tokens (the engine reserves exactly that), in
-arrival order. Each step first gives every decoding request 1 + k tokens (k from the speculation
-policy), then fills what is left of the step's token budget with prefill chunks, so a long prompt
-is prefilled over several steps while running streams keep flowing.
+arrival order. Each step gives every decoding request one token, fills the step's token budget
+with prefill chunks (so a long prompt is prefilled over several steps while running streams keep
+flowing), and leaves the rest to draft tokens, whose number per request the speculation policy
+chooses knowing the prefill's cost.
 """
 
 from __future__ import annotations

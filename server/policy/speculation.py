@@ -62,8 +62,9 @@ class SpeculationPolicy:
             elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
                 chosen[request.req_id] = min(settings.num_draft_tokens, bound)
             else:
-                rate = safe_rate(self.acceptance.rate(request.req_id))
-                auto.append(Candidate(request.req_id, rate, 1.0, min(bound, request.num_draftable)))
+                first, rest = self.acceptance.rates(request.req_id)
+                max_k = min(bound, request.num_draftable)
+                auto.append(Candidate(request.req_id, safe_rate(first), safe_rate(rest), 1.0, max_k))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen

@@ -43,9 +43,11 @@ class FakeRequest:
 
 
 def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
+    """Every draft token of a request passes with its given rate (first and further alike)."""
+
     class Fixed(AcceptanceEstimator):
-        def rate(self, req_id: str) -> float:
-            return rates[req_id]
+        def rates(self, req_id: str) -> tuple[float, float]:
+            return rates[req_id], rates[req_id]
 
     return Fixed()
 
@@ -148,7 +150,7 @@ def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
     # alone loses, four win. A chooser that stopped at the first loss would never speculate.
     times = [0.0, 0.030, 0.040, 0.0405, 0.041, 0.0415, 0.042]
     base = StepBase(1, 1, 100, 1.0, 100)
-    choice = choose([Candidate("r", 0.7, 1.0, 5)], base, times, margin=0.0)
+    choice = choose([Candidate("r", 0.7, 0.7, 1.0, 5)], base, times, margin=0.0)
     assert choice.draft_tokens["r"] == 5 and choice.goodput > choice.plain_goodput
 
 
@@ -170,3 +172,15 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     assert model.relative_error < 0.1 + 2 * noise
     times = model.step_times(4, 1200, 40)
     assert all(b >= a - 1e-12 for a, b in pairwise(times[1:]))  # never cheaper with more tokens
+
+
+def test_bursty_acceptance_gets_a_first_and_a_continuation_rate() -> None:
+    estimator = AcceptanceEstimator(8)
+    for _ in range(30):  # copying: a draft is either right all the way or wrong at once
+        estimator.observe("copy", num_drafted=8, num_accepted=8)
+        estimator.observe("copy", num_drafted=8, num_accepted=0)
+    first, rest = estimator.rates("copy")
+    assert 0.4 < first < 0.6 and rest > 0.9
+    assert estimator.position_rates()[7] > 0.9  # the eighth token, given the seventh passed
+    unknown_first, unknown_rest = estimator.rates("new request")  # starts from the server-wide rates
+    assert unknown_first == estimator.server_first_rate and unknown_rest == estimator.server_rest_rate
