@@ -73,6 +73,18 @@ class AcceptanceEstimator:
             return first, rest
         return own.first.value(first, PRIOR_TRIALS), own.rest.value(rest, PRIOR_TRIALS)
 
+    def pass_chances(self, req_id: str, max_draft_tokens: int) -> list[float]:
+        """P(draft position j + 1 passes | position j passed) for this request, j = 0 .. max - 1.
+
+        The first from the request's own first rate; later positions follow the server-wide
+        curve (later tokens of a right draft pass even more often), scaled by how the request's
+        continuation rate compares with the server's.
+        """
+        first, rest = self.rates(req_id)
+        scale = rest / self.server_rest_rate
+        curve = self.position_rates()
+        return [first] + [min(0.999, curve[j] * scale) for j in range(1, max_draft_tokens)]
+
     def observe(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
         """A decoding step that verified num_drafted draft tokens and accepted num_accepted."""
         if num_drafted <= 0:

@@ -1,15 +1,14 @@
 """Choosing k for every decoding request of a step, to maximise the step's goodput.
 
 Goodput = expected generated tokens / predicted step time (SmartSpec, arXiv 2406.14066). With a
-request's acceptance rates (f for the first draft token, r for each further one given the one
-before passed; see acceptance.py) and match rate m (the probability its drafter has a proposal;
-1 when the engine said it has one), drafting position j adds m f r^(j-1) expected tokens and m
-query tokens. The gains per token fall with j, so for any total number of extra tokens the best
-allocation takes the best gains first. The chooser sorts every (request, position) by gain,
-walks the sorted list accumulating expected tokens and step time (from the cost model), and
-keeps the prefix with the highest goodput: the global optimum of this model, found greedily
-from all-zero. SmartSpec picks one k for the whole
-batch; here every request gets its own.
+request's chances c_l that draft token l passes given token l - 1 did (see acceptance.py) and
+its match rate m (the probability its drafter has a proposal; 1 when the engine said it has
+one), drafting position j adds m c_1 ... c_j expected tokens and m query tokens. These gains
+fall with j, so for any total number of extra tokens the best allocation takes the best gains
+first. The chooser sorts every (request, position) by gain, walks the sorted list accumulating
+expected tokens and step time (from the cost model), and keeps the prefix with the highest
+goodput: the global optimum of this model, found greedily from all-zero. SmartSpec picks one k
+for the whole batch; here every request gets its own.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ MIN_GAIN = 0.01  # positions expected to add less than this many tokens are not 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     req_id: str
-    first_rate: float  # P(the first draft token is accepted)
-    rest_rate: float  # P(each further draft token is accepted | the one before was)
+    pass_chances: Sequence[float]  # [j]: P(draft token j + 1 is accepted | token j was); len >= max
     match_rate: float  # P(the drafter proposes anything)
     max_draft_tokens: int
 
@@ -62,12 +60,12 @@ def choose(candidates: Sequence[Candidate], base: StepBase, times: Sequence[floa
     """
     gains: list[tuple[float, float, float, str]] = []  # (per-token gain, tokens gained, tokens paid, request)
     for c in candidates:
-        power = c.first_rate
-        for _ in range(c.max_draft_tokens):
-            if c.match_rate * power < MIN_GAIN:
+        reach = 1.0
+        for chance in c.pass_chances[: c.max_draft_tokens]:
+            reach *= chance
+            if c.match_rate * reach < MIN_GAIN:
                 break
-            gains.append((power, c.match_rate * power, c.match_rate, c.req_id))
-            power *= c.rest_rate
+            gains.append((reach, c.match_rate * reach, c.match_rate, c.req_id))
     gains.sort(key=lambda g: -g[0])
     plain_s = interpolate(times, base.num_tokens)
     plain = base.num_generated / plain_s if plain_s > 0 else 0.0

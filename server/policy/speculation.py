@@ -62,9 +62,8 @@ class SpeculationPolicy:
             elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
                 chosen[request.req_id] = min(settings.num_draft_tokens, bound)
             else:
-                first, rest = self.acceptance.rates(request.req_id)
-                max_k = min(bound, request.num_draftable)
-                auto.append(Candidate(request.req_id, safe_rate(first), safe_rate(rest), 1.0, max_k))
+                chances = [safe_rate(c) for c in self.acceptance.pass_chances(request.req_id, bound)]
+                auto.append(Candidate(request.req_id, chances, 1.0, min(bound, request.num_draftable)))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen

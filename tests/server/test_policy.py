@@ -46,8 +46,8 @@ def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
     """Every draft token of a request passes with its given rate (first and further alike)."""
 
     class Fixed(AcceptanceEstimator):
-        def rates(self, req_id: str) -> tuple[float, float]:
-            return rates[req_id], rates[req_id]
+        def pass_chances(self, req_id: str, max_draft_tokens: int) -> list[float]:
+            return [rates[req_id]] * max_draft_tokens
 
     return Fixed()
 
@@ -150,7 +150,7 @@ def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
     # alone loses, four win. A chooser that stopped at the first loss would never speculate.
     times = [0.0, 0.030, 0.040, 0.0405, 0.041, 0.0415, 0.042]
     base = StepBase(1, 1, 100, 1.0, 100)
-    choice = choose([Candidate("r", 0.7, 0.7, 1.0, 5)], base, times, margin=0.0)
+    choice = choose([Candidate("r", [0.7] * 5, 1.0, 5)], base, times, margin=0.0)
     assert choice.draft_tokens["r"] == 5 and choice.goodput > choice.plain_goodput
 
 
