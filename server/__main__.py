@@ -91,6 +91,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The control plane's numpy (the cost model's least squares) must not start a BLAS thread per
+    # core: those threads spin after each call and take CPU from the engine.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import anyio
 
     from server.app import serve

@@ -59,7 +59,7 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, signed: np.ndarray) -> np.nd
 
 
 class StepCostModel:
-    def __init__(self, window: int = 1000, refit_every: int = 25, error_decay: float = 0.05) -> None:
+    def __init__(self, window: int = 500, refit_every: int = 25, error_decay: float = 0.05) -> None:
         self.profile: list[tuple[list[float], float]] = []  # kept: they cover shapes the traffic may not
         self.recent: deque[tuple[list[float], float]] = deque(maxlen=window)
         self.coef = np.zeros(len(FEATURES))
