@@ -27,7 +27,8 @@ from client.client import AsyncClient
 from client.pb import generation_pb2 as pb
 
 POLICIES = ("off", "fixed1", "fixed2", "fixed4", "fixed8", "auto")
-DEFAULT_RATES = {"editing": [0.2, 0.4, 0.7, 1.0, 1.5], "completion": [0.2, 0.5, 1.0, 1.5, 2.2]}
+# From light load (requests mostly alone) to beyond what OFF can serve on 2 CPU cores.
+DEFAULT_RATES = {"editing": [0.2, 0.5, 1.0, 2.0, 3.0], "completion": [0.3, 0.8, 1.5, 2.5, 3.5]}
 
 
 @dataclass
@@ -158,9 +159,10 @@ async def run_load(
         await client.wait_ready()
         for policy in policies:  # warm-up: every policy once, so no point pays first-use costs
             await run_request(client, items[0], policy, RequestRecord(arrival_s=time.perf_counter()))
-        for rate in rates:
+        for i, rate in enumerate(rates):
             num_requests = requests_for(rate, seconds_per_point, min_requests, max_requests)
-            for policy in policies:
+            # Rotated per rate, so no policy always runs first or always follows the same one.
+            for policy in policies[i % len(policies) :] + policies[: i % len(policies)]:
                 await wait_idle(client)
                 point = await run_point(client, items, policy, rate, num_requests, seed)
                 results.append(point)

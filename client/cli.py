@@ -153,7 +153,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load.add_argument("--policies", nargs="+", default=["off", "fixed1", "fixed2", "fixed4", "fixed8", "auto"])
     load.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per workload)")
     load.add_argument("--seconds-per-point", type=float, default=40.0, help="arrivals span about this long")
-    load.add_argument("--min-requests", type=int, default=10)
+    load.add_argument("--min-requests", type=int, default=16)
     load.add_argument("--max-requests", type=int, default=40)
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--out-dir", type=Path, default=Path("bench-results"))

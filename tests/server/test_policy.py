@@ -174,13 +174,17 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     assert all(b >= a - 1e-12 for a, b in pairwise(times[1:]))  # never cheaper with more tokens
 
 
-def test_bursty_acceptance_gets_a_first_and_a_continuation_rate() -> None:
+def test_bursty_acceptance_gets_a_first_rate_and_a_position_curve() -> None:
     estimator = AcceptanceEstimator(8)
     for _ in range(30):  # copying: a draft is either right all the way or wrong at once
         estimator.observe("copy", num_drafted=8, num_accepted=8)
         estimator.observe("copy", num_drafted=8, num_accepted=0)
-    first, rest = estimator.rates("copy")
-    assert 0.4 < first < 0.6 and rest > 0.9
-    assert estimator.position_rates()[7] > 0.9  # the eighth token, given the seventh passed
-    unknown_first, unknown_rest = estimator.rates("new request")  # starts from the server-wide rates
-    assert unknown_first == estimator.server_first_rate and unknown_rest == estimator.server_rest_rate
+    chances = estimator.pass_chances("copy", 8)
+    assert 0.4 < chances[0] < 0.6
+    assert all(c > 0.9 for c in chances[1:])  # the eighth token, given the seventh passed, too
+    assert estimator.server_rest_rate > 0.9
+    # A new request starts from the server-wide rate; its own evidence then moves it.
+    assert estimator.first_rate("new request") == estimator.server_first_rate
+    for _ in range(10):
+        estimator.observe("new request", num_drafted=4, num_accepted=0)
+    assert estimator.first_rate("new request") < 0.2 < estimator.server_first_rate
