@@ -35,7 +35,7 @@ class VariantStats:
     num_drafted: int = 0
     num_accepted: int = 0
     num_diverged: int = 0  # outputs that differ from the plain output of the same engine
-    # top-1 minus top-2 logit of the plain model where a diverging output first differs
+    # top-1 minus top-2 logit of transformers' model where a diverging output first differs
     divergence_margins: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -154,13 +154,21 @@ def batch_one(
     for name, variant in stats.items():
         reference = stats["transformers plain"].outputs if name.startswith("transformers") else plain
         variant.num_diverged = sum(a != b for a, b in zip(variant.outputs, reference, strict=True))
-        if hf is not None and not name.startswith("transformers"):
-            variant.divergence_margins = [
-                hf.top2_margin(ids + common_prefix(a, b))
-                for ids, a, b in zip(prompts, variant.outputs, reference, strict=True)
-                if a != b
-            ]
+        if hf is not None:
+            variant.divergence_margins = divergence_margins(hf, prompts, variant.outputs, reference)
     return stats
+
+
+def divergence_margins(
+    hf: HFReference, prompts: list[list[int]], outputs: list[list[int]], references: list[list[int]]
+) -> list[float]:
+    """For each output that differs from its reference: the transformers model's top-1 minus
+    top-2 logit where they first differ (small = a near-tie that rounding can flip)."""
+    return [
+        hf.top2_margin(ids + common_prefix(a, b))
+        for ids, a, b in zip(prompts, outputs, references, strict=True)
+        if a != b
+    ]
 
 
 def common_prefix(a: list[int], b: list[int]) -> list[int]:
@@ -242,9 +250,11 @@ def run_engine_bench(
         }
         if hf is not None:
             ours, theirs = stats["ours plain"].outputs, stats["transformers plain"].outputs
-            report["batch_one"][workload]["ours plain"]["diverged_from_transformers_plain"] = sum(
-                a != b for a, b in zip(ours, theirs, strict=True)
-            )
+            row = report["batch_one"][workload]["ours plain"]
+            row["diverged_from_transformers_plain"] = sum(a != b for a, b in zip(ours, theirs, strict=True))
+            row["transformers_divergence_logit_margins"] = [
+                round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)
+            ]
         print_batch_one(workload, dtype, report["batch_one"][workload])
     batch_prompts = [item.token_ids(tokenizer) for item in build_workload("completion", max(concurrency))]
     for n in concurrency:
@@ -279,8 +289,18 @@ def print_batch_one(workload: str, dtype: str, rows: dict[str, dict[str, Any]]) 
         mal_text = f"{mal:.2f}" if mal is not None else "-"
         print(
             f"{name:34} {row['tokens_per_s']:8.1f} {row['speedup_vs_ours_plain']:7.2f}x {mal_text:>14} "
-            f"{row['diverged_outputs']:>9}"
+            f"{row['diverged_outputs']:>9}" + margins_text(row["divergence_logit_margins"])
         )
+    if "diverged_from_transformers_plain" in rows["ours plain"]:
+        ours = rows["ours plain"]
+        print(
+            f"ours plain vs transformers plain: {ours['diverged_from_transformers_plain']} outputs differ"
+            + margins_text(ours["transformers_divergence_logit_margins"])
+        )
+
+
+def margins_text(margins: list[float]) -> str:
+    return f"  (logit margins where they part: {', '.join(f'{m:.3f}' for m in margins)})" if margins else ""
 
 
 def print_batched(dtype: str, rows: dict[str, dict[str, Any]]) -> None:
