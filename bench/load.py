@@ -31,6 +31,26 @@ POLICIES = ("off", "fixed1", "fixed2", "fixed4", "fixed8", "auto")
 DEFAULT_RATES = {"editing": [0.2, 0.5, 1.0, 2.0, 3.0], "completion": [0.3, 0.8, 1.5, 2.5, 3.5]}
 
 
+@dataclass(frozen=True, slots=True)
+class LoadShape:
+    """How many requests each (rate, policy) point sends, and how often it is repeated."""
+
+    seconds_per_point: float = 40.0  # arrivals span about this long...
+    min_requests: int = 16  # ... within these bounds
+    max_requests: int = 40
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.seconds_per_point > 0:
+            raise ValueError(f"seconds_per_point: must be > 0, got {self.seconds_per_point}")
+        if not 1 <= self.min_requests <= self.max_requests:
+            raise ValueError(
+                f"min_requests, max_requests: need 1 <= min <= max, got {self.min_requests}, {self.max_requests}"
+            )
+        if self.repeats < 1:
+            raise ValueError(f"repeats: must be >= 1, got {self.repeats}")
+
+
 @dataclass
 class RequestRecord:
     arrival_s: float
@@ -46,7 +66,7 @@ class RequestRecord:
 class PointResult:
     policy: str
     rate: float
-    num_requests: int
+    num_requests: int  # over all repeats
     num_errors: int
     mean_latency_s: float
     p50_latency_s: float
@@ -55,7 +75,24 @@ class PointResult:
     mean_tpot_s: float
     tokens_per_s: float
     mean_accepted_length: float
+    wall_s: float  # summed over repeats
+    repeat_mean_latencies_s: list[float]  # one per repeat: the spread says how noisy the point is
+    # From the server's GetStats, over this point's steps: [k] decode steps that drafted k tokens,
+    # and the cost model's recent relative error at the point's end (AUTO's view of step cost).
+    drafts_per_length: list[int]
+    num_steps: int
+    cost_model_error: float
+
+
+@dataclass
+class PointRun:
+    """One run of a (rate, policy) point: its requests and what the server counted meanwhile."""
+
+    records: list[RequestRecord]
     wall_s: float
+    drafts_per_length: list[int]
+    num_steps: int
+    cost_model_error: float
 
 
 def speculation_args(policy: str) -> dict[str, Any]:
@@ -97,12 +134,13 @@ async def run_request(client: AsyncClient, item: WorkloadItem, policy: str, reco
 
 async def run_point(
     client: AsyncClient, items: list[WorkloadItem], policy: str, rate: float, num_requests: int, seed: int
-) -> PointResult:
+) -> PointRun:
     rng = random.Random(seed)
     offsets, t = [], 0.0
     for _ in range(num_requests):
         t += rng.expovariate(rate)
         offsets.append(t)
+    before = await client.stats()
     records: list[RequestRecord] = []
     started = anyio.current_time()
     async with anyio.create_task_group() as tg:
@@ -111,25 +149,48 @@ async def run_point(
             record = RequestRecord(arrival_s=time.perf_counter())
             records.append(record)
             tg.start_soon(run_request, client, items[i % len(items)], policy, record)
+    after = await client.stats()
+    return PointRun(
+        records=records,
+        wall_s=max(r.end_s for r in records) - records[0].arrival_s,
+        drafts_per_length=[a - b for a, b in zip(after.drafts_per_length, before.drafts_per_length, strict=True)],
+        num_steps=after.steps - before.steps,
+        cost_model_error=after.cost_model_error,
+    )
+
+
+def summarize_point(policy: str, rate: float, runs: list[PointRun]) -> PointResult:
+    """Pools the requests of every repeat of a point."""
+    records = [r for run in runs for r in run.records]
     ok = [r for r in records if not r.error]
     latencies = [r.end_s - r.arrival_s for r in ok]
     tpots = [(r.end_s - r.first_token_s) / (r.num_tokens - 1) for r in ok if r.num_tokens > 1]
     steps = sum(r.num_steps for r in ok)
-    wall = max(r.end_s for r in records) - records[0].arrival_s
+    wall = sum(run.wall_s for run in runs)
     return PointResult(
         policy=policy,
         rate=rate,
         num_requests=len(records),
         num_errors=len(records) - len(ok),
-        mean_latency_s=sum(latencies) / len(latencies) if latencies else 0.0,
+        mean_latency_s=mean(latencies),
         p50_latency_s=percentile(latencies, 50),
         p99_latency_s=percentile(latencies, 99),
-        mean_ttft_s=sum(r.first_token_s - r.arrival_s for r in ok) / len(ok) if ok else 0.0,
-        mean_tpot_s=sum(tpots) / len(tpots) if tpots else 0.0,
+        mean_ttft_s=mean([r.first_token_s - r.arrival_s for r in ok]),
+        mean_tpot_s=mean(tpots),
         tokens_per_s=sum(r.num_tokens for r in ok) / wall if wall > 0 else 0.0,
         mean_accepted_length=sum(r.num_step_tokens for r in ok) / steps if steps else 0.0,
         wall_s=wall,
+        repeat_mean_latencies_s=[
+            round(mean([r.end_s - r.arrival_s for r in run.records if not r.error]), 3) for run in runs
+        ],
+        drafts_per_length=[sum(counts) for counts in zip(*(run.drafts_per_length for run in runs), strict=True)],
+        num_steps=sum(run.num_steps for run in runs),
+        cost_model_error=runs[-1].cost_model_error,
     )
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 async def wait_idle(client: AsyncClient) -> None:
@@ -149,32 +210,48 @@ async def run_load(
     items: list[WorkloadItem],
     policies: list[str],
     rates: list[float],
-    seconds_per_point: float,
-    min_requests: int,
-    max_requests: int,
+    load: LoadShape,
     seed: int,
 ) -> list[PointResult]:
-    results = []
+    results: list[PointResult] = []
     async with AsyncClient(target) as client:
         await client.wait_ready()
         for policy in policies:  # warm-up: every policy once, so no point pays first-use costs
             await run_request(client, items[0], policy, RequestRecord(arrival_s=time.perf_counter()))
         for i, rate in enumerate(rates):
-            num_requests = requests_for(rate, seconds_per_point, min_requests, max_requests)
-            # Rotated per rate, so no policy always runs first or always follows the same one.
-            for policy in policies[i % len(policies) :] + policies[: i % len(policies)]:
-                await wait_idle(client)
-                point = await run_point(client, items, policy, rate, num_requests, seed)
+            num_requests = requests_for(rate, load.seconds_per_point, load.min_requests, load.max_requests)
+            runs: dict[str, list[PointRun]] = {policy: [] for policy in policies}
+            for repeat in range(load.repeats):
+                # Rotated per rate and repeat, so no policy always runs first or after the same one;
+                # each repeat draws other arrival times, the same for every policy.
+                shift = (i + repeat) % len(policies)
+                for policy in policies[shift:] + policies[:shift]:
+                    await wait_idle(client)
+                    runs[policy].append(await run_point(client, items, policy, rate, num_requests, seed + repeat))
+            for policy in policies:
+                point = summarize_point(policy, rate, runs[policy])
                 results.append(point)
-                print(
-                    f"rate {rate:5.2f}/s {policy:7} {point.num_requests:3d} req: mean {point.mean_latency_s:6.2f}s "
-                    f"p50 {point.p50_latency_s:6.2f}s p99 {point.p99_latency_s:6.2f}s "
-                    f"TTFT {point.mean_ttft_s:5.2f}s TPOT {point.mean_tpot_s * 1000:6.1f}ms "
-                    f"{point.tokens_per_s:6.1f} tok/s accepted/step {point.mean_accepted_length:4.2f}"
-                    + (f" errors {point.num_errors}" if point.num_errors else ""),
-                    flush=True,
-                )
+                print_point(point)
     return results
+
+
+def print_point(point: PointResult) -> None:
+    print(
+        f"rate {point.rate:5.2f}/s {point.policy:7} {point.num_requests:3d} req: mean {point.mean_latency_s:6.2f}s "
+        f"p50 {point.p50_latency_s:6.2f}s p99 {point.p99_latency_s:6.2f}s "
+        f"TTFT {point.mean_ttft_s:5.2f}s TPOT {point.mean_tpot_s * 1000:6.1f}ms "
+        f"{point.tokens_per_s:6.1f} tok/s accepted/step {point.mean_accepted_length:4.2f} "
+        f"k used {k_text(point.drafts_per_length)}"
+        + (f" repeats {point.repeat_mean_latencies_s}" if len(point.repeat_mean_latencies_s) > 1 else "")
+        + (f" errors {point.num_errors}" if point.num_errors else ""),
+        flush=True,
+    )
+
+
+def k_text(drafts_per_length: list[int]) -> str:
+    """The share of decode steps at each k, for the k values used at all: '0:12% 4:30% 8:58%'."""
+    total = sum(drafts_per_length)
+    return " ".join(f"{k}:{100 * n / total:.0f}%" for k, n in enumerate(drafts_per_length) if n) if total else "-"
 
 
 def plot(results: list[PointResult], title: str, path: Path) -> None:
@@ -228,9 +305,7 @@ def main(
     dtype: str,
     policies: list[str],
     rates: list[float] | None,
-    seconds_per_point: float,
-    min_requests: int,
-    max_requests: int,
+    load: LoadShape,
     seed: int,
     out_dir: Path,
 ) -> int:
@@ -251,9 +326,7 @@ def main(
             items,
             policies,
             rates,
-            seconds_per_point,
-            min_requests,
-            max_requests,
+            load,
             seed,
             backend="asyncio",
         )
@@ -265,6 +338,7 @@ def main(
         "workload": name,
         "dtype": dtype,
         "seed": seed,
+        "load": asdict(load),
         "points": [asdict(r) for r in results],
         "auto_vs_others": summarize(results),
     }

@@ -155,6 +155,9 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load.add_argument("--seconds-per-point", type=float, default=40.0, help="arrivals span about this long")
     load.add_argument("--min-requests", type=int, default=16)
     load.add_argument("--max-requests", type=int, default=40)
+    load.add_argument(
+        "--repeats", type=int, default=1, help="runs per point, each with other arrival times; requests are pooled"
+    )
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--out-dir", type=Path, default=Path("bench-results"))
     workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
@@ -165,6 +168,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.kind == "load":
+        from bench.load import LoadShape
         from bench.load import main as load_main
 
         return load_main(
@@ -173,9 +177,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.dtype,
             args.policies,
             args.rates,
-            args.seconds_per_point,
-            args.min_requests,
-            args.max_requests,
+            LoadShape(args.seconds_per_point, args.min_requests, args.max_requests, args.repeats),
             args.seed,
             args.out_dir,
         )

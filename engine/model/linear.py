@@ -4,11 +4,16 @@ On a CPU, `F.linear` repacks a bfloat16 weight on every call, and float32 produc
 run at a fraction of the machine's speed. For the skinny products of decoding and verification
 (1 to 17 rows) a prepacked weight fixes both: bfloat16 at one row gets about 1.5x faster, and
 float32 with 9 rows costs about 1.3x one row instead of 2.3x. That is what makes verifying k
-draft tokens cheap enough to pay off. For a single float32 row, MKL's plain product is still the
-fastest, so float32 keeps both forms.
+draft tokens cheap enough to pay off. For a single float32 row it depends on the CPU: on some,
+MKL's plain product is the fastest, on others (seen on AMD EPYC) it takes twice the packed
+product's time. So the loader times both once (`dense_is_faster_at_one_row`) and keeps the dense
+form only where it wins.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +25,17 @@ PACK_FOR_NUM_ROWS = 16
 class Linear:
     """y = x @ weight.T + bias over [T, in] -> [T, out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False) -> None:
-        # weight: [out, in]; bias: [out] or None.
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False, keep_dense: bool = True
+    ) -> None:
+        # weight: [out, in]; bias: [out] or None. keep_dense: with prepack, also keep the plain
+        # weight for single rows (see dense_is_faster_at_one_row).
         self.bias = bias
         self.packed: torch.Tensor | None = None
         self.dense: torch.Tensor | None = weight
         if prepack:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_NUM_ROWS)
-            if weight.dtype != torch.float32:
+            if not keep_dense:
                 self.dense = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,3 +57,22 @@ def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
     except (RuntimeError, AttributeError):
         return False
     return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
+
+
+def dense_is_faster_at_one_row(weight: torch.Tensor, repeats: int = 9) -> bool:
+    """Times one row through F.linear and through the prepacked product (a decode step's shape):
+    True when the plain product is at least 10% faster on this machine."""
+    packed = Linear(weight, prepack=True, keep_dense=False)
+    x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+
+    def median_s(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        fn(x)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[repeats // 2]
+
+    with torch.inference_mode():
+        return median_s(lambda x: F.linear(x, weight)) < 0.9 * median_s(packed)

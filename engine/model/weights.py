@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from engine.model.linear import Linear, prepack_works
+from engine.model.linear import Linear, dense_is_faster_at_one_row, prepack_works
 from engine.model.spec import ModelSpec
 
 
@@ -42,10 +42,14 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
+    lm_head_weight = take(hf_model.lm_head.weight)
+    # bfloat16 products are repacked on every F.linear call, so they are never kept dense.
+    keep_dense = not prepack or (dtype == torch.float32 and dense_is_faster_at_one_row(lm_head_weight))
+
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))
         bias = take(torch.cat([p.bias for p in bias_parts])) if bias_parts else None
-        return Linear(weight, bias, prepack)
+        return Linear(weight, bias, prepack, keep_dense)
 
     body = hf_model.model
     layers = []
@@ -67,7 +71,7 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
         embed=take(body.embed_tokens.weight),
         layers=layers,
         final_norm=take(body.norm.weight),
-        lm_head=linear(hf_model.lm_head),
+        lm_head=Linear(lm_head_weight, None, prepack, keep_dense),
         inv_freq=rotary.inv_freq.detach().to(device=device, dtype=torch.float32),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )

@@ -1,0 +1,71 @@
+"""The load benchmark's bookkeeping: repeats pooled into one point, k shares, AUTO's summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.load import LoadShape, PointRun, RequestRecord, k_text, summarize, summarize_point
+
+
+def record(arrival: float, latency: float, num_tokens: int = 11, error: str = "") -> RequestRecord:
+    return RequestRecord(
+        arrival_s=arrival,
+        first_token_s=arrival + 0.1,
+        end_s=arrival + latency,
+        num_tokens=num_tokens,
+        num_steps=5,
+        num_step_tokens=float(num_tokens - 1),
+        error=error,
+    )
+
+
+def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
+    first = PointRun(
+        [record(0.0, 1.0), record(1.0, 3.0)],
+        wall_s=4.0,
+        drafts_per_length=[2, 0, 8],
+        num_steps=10,
+        cost_model_error=0.2,
+    )
+    second = PointRun(
+        [record(0.0, 2.0), record(0.5, 2.0, error="UNAVAILABLE: x")],
+        wall_s=2.0,
+        drafts_per_length=[0, 5, 5],
+        num_steps=10,
+        cost_model_error=0.1,
+    )
+    point = summarize_point("auto", 1.0, [first, second])
+    assert point.num_requests == 4 and point.num_errors == 1
+    assert point.mean_latency_s == pytest.approx(2.0)  # (1 + 3 + 2) / 3, the failed request left out
+    assert point.repeat_mean_latencies_s == [2.0, 2.0]
+    assert point.tokens_per_s == pytest.approx(33 / 6)
+    assert point.mean_accepted_length == pytest.approx(30 / 15)
+    assert point.drafts_per_length == [2, 5, 13] and point.num_steps == 20
+    assert point.cost_model_error == 0.1  # the latest
+
+
+def test_k_text_lists_the_k_values_used() -> None:
+    assert k_text([1, 0, 0, 0, 3]) == "0:25% 4:75%"
+    assert k_text([0, 0]) == "-"
+
+
+def test_summary_compares_auto_with_the_best_other_policy() -> None:
+    runs = {"off": 4.0, "fixed4": 2.0, "auto": 2.1}
+    points = [summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, [1], 1, 0.0)]) for p, t in runs.items()]
+    summary = summarize(points)["0.5"]
+    assert summary["best_other"] == "fixed4"
+    assert summary["auto_over_best"] == pytest.approx(1.05)
+    assert summary["off_over_auto"] == pytest.approx(4.0 / 2.1, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"seconds_per_point": 0}, "seconds_per_point"),
+        ({"min_requests": 50}, "min_requests"),
+        ({"repeats": 0}, "repeats"),
+    ],
+)
+def test_bad_load_shapes_name_the_field(kwargs: dict[str, float], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        LoadShape(**kwargs)
