@@ -24,4 +24,3 @@ def test_packed_and_dense_forms_give_the_same_product(keep_dense: bool, num_rows
     layer = Linear(weight, bias, prepack=True, keep_dense=keep_dense)
     assert (layer.dense is not None) == keep_dense
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
-
