@@ -13,7 +13,7 @@ import torch
 
 from engine.model.transformer import ForwardBatch, SeqSlice
 from engine.protocol import ProfileShape, StepSample
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, batch_shape
 
 
 @torch.inference_mode()
@@ -43,16 +43,7 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int)
         finally:
             for req_id in ids:
                 runner.allocator.free(req_id)
-        num_batched = shape.num_seqs * shape.num_query_tokens
-        samples.append(
-            StepSample(
-                num_batched_tokens=num_batched,
-                num_context_tokens=shape.num_seqs * per_seq,
-                num_seqs=shape.num_seqs,
-                num_draft_tokens=num_batched - shape.num_seqs if is_decode else 0,
-                step_s=sorted(seconds)[len(seconds) // 2],
-            )
-        )
+        samples.append(StepSample(batch_shape(batch.seqs), sorted(seconds)[len(seconds) // 2]))
     return samples
 
 

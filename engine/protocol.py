@@ -87,6 +87,16 @@ class RequestOutput(_Wire, frozen=True):
     num_draftable: int = 0  # how many tokens the drafter could propose for the next step (<= max k)
 
 
+class BatchShape(_Wire, frozen=True):
+    """What a forward pass's time depends on; the control plane fits its step-cost model on it."""
+
+    num_tokens: int = 0  # query tokens over all sequences
+    num_seqs: int = 0
+    num_context_tokens: int = 0  # KV tokens attended to, summed over sequences, the step's own included
+    num_multi_token_seqs: int = 0  # sequences with more than one query token (verifying or prefilling)
+    num_attention_pairs: int = 0  # query-key pairs scored: query tokens x KV tokens, summed over sequences
+
+
 class StepTimings(_Wire, frozen=True):
     draft_s: float = 0.0  # proposing draft tokens
     forward_s: float = 0.0  # the batched target forward
@@ -99,8 +109,7 @@ class StepResult(_Wire, frozen=True, tag=3):
     step_id: int
     outputs: list[RequestOutput] = []
     timings: StepTimings = StepTimings()
-    num_batched_tokens: int = 0  # query tokens in the forward
-    num_context_tokens: int = 0  # KV tokens attended to, summed over sequences
+    shape: BatchShape = BatchShape()  # of the forward pass
     num_free_kv_tokens: int = 0
     finished_at_s: float = 0.0  # time.monotonic() in the engine when the result was built
 
@@ -126,10 +135,7 @@ class EngineError(_Wire, frozen=True, tag=5):
 
 
 class StepSample(_Wire, frozen=True):
-    num_batched_tokens: int
-    num_context_tokens: int  # summed over sequences, the step's own tokens included
-    num_seqs: int
-    num_draft_tokens: int
+    shape: BatchShape
     step_s: float
 
 

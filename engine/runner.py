@@ -11,6 +11,7 @@ from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
 from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
 from engine.protocol import (
+    BatchShape,
     FinishReason,
     NewRequest,
     RequestOutput,
@@ -133,8 +134,7 @@ class ModelRunner:
                 step_s=time.perf_counter() - started,
                 idle_s=idle_s,
             ),
-            num_batched_tokens=int(batch.token_ids.shape[0]) if batch else 0,
-            num_context_tokens=sum(seq.num_kv_tokens for seq in batch.seqs) if batch else 0,
+            shape=batch_shape(batch.seqs) if batch else BatchShape(),
             num_free_kv_tokens=self.allocator.num_free_tokens,
             finished_at_s=time.monotonic(),
         )
@@ -235,3 +235,13 @@ class ModelRunner:
             k = min(self.max_draft_tokens, state.num_new_tokens_left - 1)
             num_draftable = self.drafter.num_available(state.req_id, state.token_ids, k) if k > 0 else 0
         return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason, num_draftable=num_draftable)
+
+
+def batch_shape(seqs: list[SeqSlice]) -> BatchShape:
+    return BatchShape(
+        num_tokens=sum(seq.num_query_tokens for seq in seqs),
+        num_seqs=len(seqs),
+        num_context_tokens=sum(seq.num_kv_tokens for seq in seqs),
+        num_multi_token_seqs=sum(seq.num_query_tokens > 1 for seq in seqs),
+        num_attention_pairs=sum(seq.num_query_tokens * seq.num_kv_tokens for seq in seqs),
+    )

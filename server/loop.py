@@ -23,7 +23,6 @@ from engine.protocol import FinishReason
 from server.engine_client import EngineClient
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.policy import SpeculationPolicy
-from server.policy.cost_model import StepShape
 from server.request_state import RequestState
 from server.scheduler import Scheduler, SchedulerLimits
 from server.stats import ServerStats
@@ -119,8 +118,7 @@ class ControlLoop:
             # Let the RPC handlers send this step's chunks before the next step is planned: a
             # handler takes tens of microseconds, planning a batch of 16 about a millisecond.
             await anyio.lowlevel.checkpoint()
-            shape = StepShape(result.num_batched_tokens, len(plan.scheduled), result.num_context_tokens)
-            self.policy.observe_step(shape, result.timings.step_s)
+            self.policy.observe_step(result.shape, result.timings.step_s)
             self._update_policy_gauges()
             self.stats.observe_step(plan, result, self.scheduler.planned_draft_tokens, is_back_to_back)
             self._record_finished()

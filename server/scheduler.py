@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from engine.protocol import FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
+from engine.protocol import BatchShape, FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
 from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
 from server.policy import SpeculationPolicy
 from server.policy.goodput import StepBase
@@ -118,14 +118,17 @@ class Scheduler:
     @staticmethod
     def _base(decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
         """The step as it stands before drafts, for the goodput policy."""
-        context = sum(s.num_tokens for s in decoding) + sum(s.num_prompt_done + n for s, n in chunks)
-        return StepBase(
-            num_tokens=len(decoding) + sum(n for _, n in chunks),
-            num_seqs=len(decoding) + len(chunks),
-            num_context_tokens=context,
-            num_generated=float(len(decoding)),
-            max_extra_tokens=room,
+        # A decode token attends to the whole sequence; a chunk of n prompt tokens to what is
+        # prefilled so far plus itself.
+        kv_tokens = [(1, s.num_tokens) for s in decoding] + [(n, s.num_prompt_done + n) for s, n in chunks]
+        shape = BatchShape(
+            num_tokens=sum(n for n, _ in kv_tokens),
+            num_seqs=len(kv_tokens),
+            num_context_tokens=sum(kv for _, kv in kv_tokens),
+            num_multi_token_seqs=sum(n > 1 for n, _ in kv_tokens),
+            num_attention_pairs=sum(n * kv for n, kv in kv_tokens),
         )
+        return StepBase(shape, num_generated=float(len(decoding)), max_extra_tokens=room)
 
     def _admit(self) -> list[NewRequest]:
         new = []

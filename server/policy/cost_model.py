@@ -1,14 +1,24 @@
 """How long an engine step takes, as a function of its shape: fitted, not assumed.
 
-T = f(N) + a B + b C / 1000
+T = f(N) + a B + b C / 1000 + v V + p P / 1000
 
 N: query tokens in the step (1 per plain decode, 1 + k to verify k drafts, prefill chunks);
-B: sequences; C: context tokens attended, summed over sequences. f is piecewise linear in N
-with knots at 1, 2, 4, ..., 64 (a "ramp" feature per segment) and linear beyond: the cost of a
-matrix product is flat while it is memory-bound and grows once it is compute-bound, and kernels
-change with the row count, so f is left free apart from being non-decreasing. All slopes are
-kept >= 0, so more work never predicts less time. The model starts from a profile of synthetic steps run at
-start-up and is refitted online, by least squares, on the latest steps.
+B: sequences; C: KV tokens attended, summed over sequences; V: sequences with more than one query
+token (verifying or prefilling: they need a causal mask and reshuffled attention inputs); P:
+query-key pairs attention scores (query tokens x KV tokens, summed over sequences). f is
+piecewise linear in N with knots at 1, 2, 4, ..., 64 (a "ramp" feature per segment) and linear
+beyond: the cost of a matrix product is flat while it is memory-bound and grows once it is
+compute-bound, and kernels change with the row count, so f is left free apart from being
+non-decreasing. All slopes are kept >= 0, so more work never predicts less time.
+
+Why V and P: on a 2-core CPU, timing 50 shapes (B 1-16, 1-9 query tokens, 100 and 400 context
+tokens), a model in N, B and C alone priced a plain decode step of 16 sequences at 105-111 ms
+against a measured 74-90, because it had to explain the verification steps' attention with N:
+it made speculation under load look cheaper than it is. With V and P the same fit is within a
+few percent there (mean error 6.5% against 7.2% over all shapes).
+
+The model starts from a profile of synthetic steps run at start-up and is refitted online, by
+least squares, on the latest steps.
 """
 
 from __future__ import annotations
@@ -19,18 +29,31 @@ from itertools import pairwise
 
 import numpy as np
 
+from engine.protocol import BatchShape
+
 KNOTS = (1, 2, 4, 8, 16, 32, 64)
 RAMPS = tuple(f"tokens_{lo}_{hi}" for lo, hi in pairwise(KNOTS))
-FEATURES = ("const", *RAMPS, "tokens_over_64", "seqs", "context_ktokens")
+FEATURES = (
+    "const",
+    *RAMPS,
+    "tokens_over_64",
+    "seqs",
+    "context_ktokens",
+    "multi_token_seqs",
+    "attention_kpairs",
+)
+NUM_TOKEN_FEATURES = len(RAMPS) + 1
 # Features whose coefficient may have either sign; the rest are slopes, kept >= 0.
 SIGNED = {"const"}
 
 
 @dataclass(frozen=True, slots=True)
-class StepShape:
-    num_tokens: int  # N
-    num_seqs: int  # B
-    num_context_tokens: int  # C
+class DraftCosts:
+    """Seconds a draft token adds besides its share of f(N) (see goodput.py)."""
+
+    per_context_token: float  # each draft token is one more KV token attended
+    per_multi_token_seq: float  # the first draft token turns a decode into a verification
+    per_attention_pair: float
 
 
 def token_ramps(n: float) -> list[float]:
@@ -39,8 +62,17 @@ def token_ramps(n: float) -> list[float]:
     return [*ramps, max(0.0, n - KNOTS[-1])]
 
 
-def features(shape: StepShape) -> list[float]:
-    return [1.0, *token_ramps(shape.num_tokens), shape.num_seqs, shape.num_context_tokens / 1000]
+def other_features(shape: BatchShape) -> list[float]:
+    return [
+        shape.num_seqs,
+        shape.num_context_tokens / 1000,
+        shape.num_multi_token_seqs,
+        shape.num_attention_pairs / 1000,
+    ]
+
+
+def features(shape: BatchShape) -> list[float]:
+    return [1.0, *token_ramps(shape.num_tokens), *other_features(shape)]
 
 
 def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, signed: np.ndarray) -> np.ndarray:
@@ -73,11 +105,11 @@ class StepCostModel:
     def is_fitted(self) -> bool:
         return bool(self.coef.any())
 
-    def warm(self, samples: list[tuple[StepShape, float]]) -> None:
+    def warm(self, samples: list[tuple[BatchShape, float]]) -> None:
         self.profile = [(features(shape), seconds) for shape, seconds in samples]
         self.refit()
 
-    def observe(self, shape: StepShape, seconds: float) -> None:
+    def observe(self, shape: BatchShape, seconds: float) -> None:
         if self.is_fitted and seconds > 0:
             error = abs(self.predict(shape) - seconds) / seconds
             self.relative_error += self.error_decay * (error - self.relative_error)
@@ -94,16 +126,21 @@ class StepCostModel:
         y = np.array([r[1] for r in rows])
         self.coef = nonnegative_lstsq(x, y, self._signed)
 
-    def predict(self, shape: StepShape) -> float:
+    def predict(self, shape: BatchShape) -> float:
         return float(np.dot(self.coef, features(shape)))
 
-    def step_times(self, num_seqs: int, num_context_tokens: int, max_tokens: int) -> list[float]:
-        """Predicted step time for N = 0 .. max_tokens at fixed B and C (entry 0 unused), so the
-        chooser prices many token counts with one pass."""
+    def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
+        """Predicted time of the base step with N = 0 .. max_tokens query tokens and its other
+        features unchanged (entry 0 unused), so the chooser prices many token counts with one
+        pass; what draft tokens add to the other features is in draft_costs."""
         c = self.coef
-        base = c[0] + c[-2] * num_seqs + c[-1] * num_context_tokens / 1000
-        slopes = c[1:-2]
-        return [float(base + np.dot(slopes, token_ramps(n))) for n in range(max_tokens + 1)]
+        fixed = c[0] + float(np.dot(c[1 + NUM_TOKEN_FEATURES :], other_features(base)))
+        slopes = c[1 : 1 + NUM_TOKEN_FEATURES]
+        return [float(fixed + np.dot(slopes, token_ramps(n))) for n in range(max_tokens + 1)]
+
+    def draft_costs(self) -> DraftCosts:
+        _, context_ktokens, multi_token_seqs, attention_kpairs = self.coef[1 + NUM_TOKEN_FEATURES :]
+        return DraftCosts(float(context_ktokens) / 1000, float(multi_token_seqs), float(attention_kpairs) / 1000)
 
     def coefficients(self) -> dict[str, float]:
         return {name: float(value) for name, value in zip(FEATURES, self.coef, strict=True)}

@@ -6,9 +6,10 @@ its match rate m (the probability its drafter has a proposal; 1 when the engine 
 one), drafting position j adds m c_1 ... c_j expected tokens and m query tokens. These gains
 fall with j, so for any total number of extra tokens the best allocation takes the best gains
 first. The chooser sorts every (request, position) by gain, walks the sorted list accumulating
-expected tokens and step time (from the cost model), and keeps the prefix with the highest
-goodput: the global optimum of this model, found greedily from all-zero. SmartSpec picks one k
-for the whole batch; here every request gets its own.
+expected tokens and step time (from the cost model: f of the step's token count, plus what each
+draft token adds to attention), and keeps the prefix with the highest goodput: the optimum of
+this model, found greedily from all-zero. SmartSpec picks one k for the whole batch; here every
+request gets its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from engine.protocol import BatchShape
+from server.policy.cost_model import DraftCosts
 
 MIN_GAIN = 0.01  # positions expected to add less than this many tokens are not worth pricing
 
@@ -26,15 +30,14 @@ class Candidate:
     pass_chances: Sequence[float]  # [j]: P(draft token j + 1 is accepted | token j was); len >= max
     match_rate: float  # P(the drafter proposes anything)
     max_draft_tokens: int
+    num_kv_tokens: int  # its KV tokens after a plain decode step (what one query token attends to)
 
 
 @dataclass(frozen=True, slots=True)
 class StepBase:
     """The step before any draft token: what every plan pays and yields."""
 
-    num_tokens: int  # decode tokens (one per decoding request) plus prefill chunk tokens
-    num_seqs: int
-    num_context_tokens: int
+    shape: BatchShape  # one token per decoding request plus the prefill chunks
     num_generated: float  # tokens it yields: one per decoding request
     max_extra_tokens: int  # room left in the step's token budget
 
@@ -47,44 +50,68 @@ class Choice:
     step_s: float  # predicted time of the chosen step
 
 
+@dataclass(frozen=True, slots=True)
+class Gain:
+    """Drafting one more token for a request: what it is expected to yield and what it costs."""
+
+    chance: float  # P(it is accepted), the sort key
+    tokens: float  # expected tokens gained (the chance times the match rate)
+    query_tokens: float  # expected query tokens added
+    extra_s: float  # seconds it adds besides its share of f(N)
+    req_id: str
+
+
 def interpolate(times: Sequence[float], n: float) -> float:
     lo = min(int(n), len(times) - 1)
     hi = min(lo + 1, len(times) - 1)
     return times[lo] + (times[hi] - times[lo]) * (n - lo)
 
 
-def choose(candidates: Sequence[Candidate], base: StepBase, times: Sequence[float], margin: float) -> Choice:
-    """times[n]: predicted step time with n query tokens (for this step's B and C).
+def gains_of(c: Candidate, costs: DraftCosts) -> list[Gain]:
+    gains = []
+    reach = 1.0
+    for j, chance in enumerate(c.pass_chances[: c.max_draft_tokens], start=1):
+        reach *= chance
+        if c.match_rate * reach < MIN_GAIN:
+            break
+        # Draft j makes the request's query 1 + j tokens over num_kv_tokens + j keys: it adds one
+        # key to attend and num_kv_tokens + 2j query-key pairs; the first one also a mask.
+        extra_s = (
+            costs.per_context_token
+            + costs.per_attention_pair * (c.num_kv_tokens + 2 * j)
+            + (costs.per_multi_token_seq if j == 1 else 0.0)
+        )
+        gains.append(Gain(reach, c.match_rate * reach, c.match_rate, c.match_rate * extra_s, c.req_id))
+    return gains
+
+
+def choose(
+    candidates: Sequence[Candidate], base: StepBase, times: Sequence[float], costs: DraftCosts, margin: float
+) -> Choice:
+    """times[n]: predicted step time with n query tokens (for this step's other features).
 
     margin: speculation must beat plain decoding by this fraction, to absorb model error.
     """
-    gains: list[tuple[float, float, float, str]] = []  # (per-token gain, tokens gained, tokens paid, request)
-    for c in candidates:
-        reach = 1.0
-        for chance in c.pass_chances[: c.max_draft_tokens]:
-            reach *= chance
-            if c.match_rate * reach < MIN_GAIN:
-                break
-            gains.append((reach, c.match_rate * reach, c.match_rate, c.req_id))
-    gains.sort(key=lambda g: -g[0])
-    plain_s = interpolate(times, base.num_tokens)
+    gains = sorted((g for c in candidates for g in gains_of(c, costs)), key=lambda g: -g.chance)
+    plain_s = interpolate(times, base.shape.num_tokens)
     plain = base.num_generated / plain_s if plain_s > 0 else 0.0
     best, best_len, best_s = plain, 0, plain_s
-    generated, tokens = base.num_generated, float(base.num_tokens)
-    limit = base.num_tokens + base.max_extra_tokens
-    for i, (_, gained, paid, _) in enumerate(gains):
-        if tokens + paid > limit:
+    generated, tokens, extra_s = base.num_generated, float(base.shape.num_tokens), 0.0
+    limit = base.shape.num_tokens + base.max_extra_tokens
+    for i, gain in enumerate(gains):
+        if tokens + gain.query_tokens > limit:
             break
-        generated += gained
-        tokens += paid
-        step_s = interpolate(times, tokens)
+        generated += gain.tokens
+        tokens += gain.query_tokens
+        extra_s += gain.extra_s
+        step_s = interpolate(times, tokens) + extra_s
         goodput = generated / step_s if step_s > 0 else 0.0
         if goodput > best:
             best, best_len, best_s = goodput, i + 1, step_s
     chosen: dict[str, int] = {c.req_id: 0 for c in candidates}
     if best > plain * (1 + margin):
-        for _, _, _, req_id in gains[:best_len]:
-            chosen[req_id] += 1
+        for gain in gains[:best_len]:
+            chosen[gain.req_id] += 1
     else:
         best, best_s = plain, plain_s
     return Choice(chosen, best, plain, best_s)
@@ -92,7 +119,7 @@ def choose(candidates: Sequence[Candidate], base: StepBase, times: Sequence[floa
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:
     extra = sum(c.max_draft_tokens for c in candidates)
-    return base.num_tokens + min(extra, base.max_extra_tokens) + 1
+    return base.shape.num_tokens + min(extra, base.max_extra_tokens) + 1
 
 
 def safe_rate(rate: float) -> float:

@@ -8,11 +8,12 @@ import structlog
 
 from engine.protocol import ProfileShape
 from server.engine_client import EngineClient
-from server.policy.cost_model import StepCostModel, StepShape
+from server.policy.cost_model import StepCostModel
 
 log = structlog.get_logger("goodspeed.policy")
 
 MAX_PROFILE_TOKENS = 128  # bigger steps are slow to time and the online refit covers them
+REPEATS = 3  # timed runs per shape; the median is kept (a busy neighbour slows single runs)
 
 
 def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) -> list[ProfileShape]:
@@ -30,8 +31,8 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
 
 async def warm_cost_model(engine: EngineClient, model: StepCostModel, shapes: list[ProfileShape]) -> None:
     started = time.perf_counter()
-    samples = await engine.profile(shapes)
-    model.warm([(StepShape(s.num_batched_tokens, s.num_seqs, s.num_context_tokens), s.step_s) for s in samples])
+    samples = await engine.profile(shapes, REPEATS)
+    model.warm([(s.shape, s.step_s) for s in samples])
     log.info(
         "step-cost model warmed",
         shapes=len(samples),

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine.protocol import BatchShape
 from server.policy.acceptance import AcceptanceEstimator
-from server.policy.cost_model import StepCostModel, StepShape
+from server.policy.cost_model import StepCostModel
 from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings
 from server.request import SpeculationMode
@@ -37,6 +38,8 @@ class Decoding(Protocol):
     def num_new_tokens_left(self) -> int: ...
     @property
     def num_draftable(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
 
 
 @dataclass
@@ -63,14 +66,15 @@ class SpeculationPolicy:
                 chosen[request.req_id] = min(settings.num_draft_tokens, bound)
             else:
                 chances = [safe_rate(c) for c in self.acceptance.pass_chances(request.req_id, bound)]
-                auto.append(Candidate(request.req_id, chances, 1.0, min(bound, request.num_draftable)))
+                max_k = min(bound, request.num_draftable)
+                auto.append(Candidate(request.req_id, chances, 1.0, max_k, request.num_tokens))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen
 
     def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, int]:
-        times = self.cost_model.step_times(base.num_seqs, base.num_context_tokens, max_tokens_needed(base, candidates))
-        choice = choose(candidates, base, times, MARGIN)
+        times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
+        choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN)
         self.last_choice = choice
         chosen = dict(choice.draft_tokens)
         self.steps_since_probe += 1
@@ -90,7 +94,7 @@ class SpeculationPolicy:
     def observe_draft(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
         self.acceptance.observe(req_id, num_drafted, num_accepted)
 
-    def observe_step(self, shape: StepShape, seconds: float) -> None:
+    def observe_step(self, shape: BatchShape, seconds: float) -> None:
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:

@@ -8,12 +8,15 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
+from engine.protocol import BatchShape
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
-from server.policy.cost_model import StepCostModel, StepShape
-from server.policy.goodput import Candidate, StepBase, choose
+from server.policy.cost_model import DraftCosts, StepCostModel
+from server.policy.goodput import Candidate, StepBase, choose, gains_of
 from server.policy.speculation import PROBE_AFTER_STEPS
 from server.request import SpeculationMode
+
+NO_DRAFT_COSTS = DraftCosts(0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -26,10 +29,13 @@ class FakeCost:
     free_tokens: int = 8
     is_fitted: bool = True
 
-    def step_times(self, num_seqs: int, num_context_tokens: int, max_tokens: int) -> list[float]:
+    def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
         return [self.base + self.per_token * max(0, n - self.free_tokens) for n in range(max_tokens + 1)]
 
-    def observe(self, shape: StepShape, seconds: float) -> None:
+    def draft_costs(self) -> DraftCosts:
+        return NO_DRAFT_COSTS
+
+    def observe(self, shape: BatchShape, seconds: float) -> None:
         pass
 
 
@@ -40,6 +46,7 @@ class FakeRequest:
     requested_draft_tokens: int = 0
     num_new_tokens_left: int = 100
     num_draftable: int = 8
+    num_tokens: int = 100
 
 
 def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
@@ -59,7 +66,8 @@ def make_policy(
 
 
 def base_for(requests: list[FakeRequest], room: int = 512) -> StepBase:
-    return StepBase(len(requests), len(requests), 100 * len(requests), float(len(requests)), room)
+    n = len(requests)
+    return StepBase(BatchShape(n, n, 100 * n, 0, 100 * n), float(n), room)
 
 
 def choose_for(policy: SpeculationPolicy, requests: list[FakeRequest]) -> dict[str, int]:
@@ -149,20 +157,35 @@ def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
     # The first draft token costs a jump (a kernel switch), later ones are nearly free: one token
     # alone loses, four win. A chooser that stopped at the first loss would never speculate.
     times = [0.0, 0.030, 0.040, 0.0405, 0.041, 0.0415, 0.042]
-    base = StepBase(1, 1, 100, 1.0, 100)
-    choice = choose([Candidate("r", [0.7] * 5, 1.0, 5)], base, times, margin=0.0)
+    base = StepBase(BatchShape(1, 1, 100, 0, 100), 1.0, 100)
+    choice = choose([Candidate("r", [0.7] * 5, 1.0, 5, 100)], base, times, NO_DRAFT_COSTS, margin=0.0)
     assert choice.draft_tokens["r"] == 5 and choice.goodput > choice.plain_goodput
+
+
+def shape_of(num_seqs: int, num_query: int, num_cached: int) -> BatchShape:
+    """num_seqs sequences of num_query query tokens, each after num_cached tokens in its cache."""
+    kv = num_cached + num_query
+    n = num_seqs * num_query
+    return BatchShape(n, num_seqs, num_seqs * kv, num_seqs * (num_query > 1), n * kv)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.02])
 def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     rng = np.random.default_rng(0)
 
-    def true_cost(shape: StepShape) -> float:
-        return 0.03 + 0.0004 * shape.num_tokens + 0.0015 * max(0, shape.num_tokens - 8) + 0.0005 * shape.num_seqs
+    def true_cost(shape: BatchShape) -> float:
+        n = shape.num_tokens
+        return (
+            0.03
+            + 0.0004 * n
+            + 0.0015 * max(0, n - 8)
+            + 0.0005 * shape.num_seqs
+            + 0.001 * shape.num_multi_token_seqs
+            + 2e-6 * shape.num_attention_pairs
+        )
 
     model = StepCostModel(refit_every=10)
-    shapes = [StepShape(b * q, b, b * 300) for b in (1, 2, 4, 8, 16) for q in (1, 2, 4, 8)]
+    shapes = [shape_of(b, q, c) for b in (1, 2, 4, 8, 16) for q in (1, 2, 4, 8) for c in (64, 512)]
     model.warm([(s, true_cost(s) * (1 + noise * rng.standard_normal())) for s in shapes])
     for shape in shapes:
         assert model.predict(shape) == pytest.approx(true_cost(shape), rel=0.08 + 2 * noise)
@@ -170,8 +193,28 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
         shape = shapes[int(rng.integers(len(shapes)))]
         model.observe(shape, true_cost(shape))
     assert model.relative_error < 0.1 + 2 * noise
-    times = model.step_times(4, 1200, 40)
+    base = shape_of(4, 1, 300)
+    times = model.step_times(base, 40)
     assert all(b >= a - 1e-12 for a, b in pairwise(times[1:]))  # never cheaper with more tokens
+    # The chooser prices 2 drafts for each of 4 requests as predict prices that verification step.
+    drafts = gains_of(Candidate("r", [0.9] * 2, 1.0, 2, 301), model.draft_costs())
+    assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
+
+
+def test_long_contexts_draft_less_when_attention_is_costly() -> None:
+    # Each query-key pair costs: a draft token of a 4000-token request costs 40x one of a
+    # 100-token request, so at equal acceptance the short one gets the longer draft.
+    costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.0, per_attention_pair=1e-6)
+    candidates = [Candidate("short", [0.8] * 8, 1.0, 8, 100), Candidate("long", [0.8] * 8, 1.0, 8, 4000)]
+    base = StepBase(BatchShape(2, 2, 4100, 0, 4100), 2.0, 100)
+    times = [0.030] * 20
+    choice = choose(candidates, base, times, costs, margin=0.0)
+    assert choice.draft_tokens["short"] > choice.draft_tokens["long"]
+    # A costly switch from decode to verification keeps weak requests at k = 0.
+    switch = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.02, per_attention_pair=0.0)
+    weak = [Candidate("weak", [0.3] * 8, 1.0, 8, 100)]
+    assert choose(weak, base, times, switch, margin=0.0).draft_tokens["weak"] == 0
+    assert choose(weak, base, times, NO_DRAFT_COSTS, margin=0.0).draft_tokens["weak"] > 0
 
 
 def test_bursty_acceptance_gets_a_first_rate_and_a_position_curve() -> None:
