@@ -85,6 +85,7 @@ class RequestOutput(_Wire, frozen=True):
     finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
     num_draftable: int = 0  # how many tokens the drafter could propose for the next step (<= max k)
+    draft_match_len: int = 0  # how long a match that proposal continues (n-gram; 0: none or no notion)
 
 
 class BatchShape(_Wire, frozen=True):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
 from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
 from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
 from engine.protocol import (
@@ -230,11 +230,19 @@ class ModelRunner:
         if finish_reason != FinishReason.NONE:
             self.remove_request(state.req_id)
             return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason)
-        num_draftable = 0
-        if emitted and self.max_draft_tokens:
-            k = min(self.max_draft_tokens, state.num_new_tokens_left - 1)
-            num_draftable = self.drafter.num_available(state.req_id, state.token_ids, k) if k > 0 else 0
-        return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason, num_draftable=num_draftable)
+        offer = Offer(0)
+        k = min(self.max_draft_tokens, state.num_new_tokens_left - 1)
+        if emitted and k > 0:
+            offer = self.drafter.offer(state.req_id, state.token_ids, k)
+        return RequestOutput(
+            state.req_id,
+            emitted,
+            num_draft,
+            num_accepted,
+            finish_reason,
+            num_draftable=offer.num_tokens,
+            draft_match_len=offer.match_len,
+        )
 
 
 def batch_shape(seqs: list[SeqSlice]) -> BatchShape:

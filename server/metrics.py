@@ -59,6 +59,12 @@ class Metrics:
             ["draft_token"],
             registry=r,
         )
+        self.match_rate = Gauge(
+            "goodspeed_policy_first_token_rate",
+            "Server-wide acceptance estimate of the first draft token, by the n-gram match length of its proposal",
+            ["match_len"],
+            registry=r,
+        )
         self.cost_model_error = Gauge(
             "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r
         )

@@ -32,6 +32,7 @@ class RequestState:
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
     num_draftable: int = 0  # tokens the drafter could propose next step, as of the last result
+    draft_match_len: int = 0  # ... and how long a match that proposal continues
     output_ids: list[int] = field(default_factory=list)
     speculation: SpeculationSummary = field(default_factory=SpeculationSummary)
     finish_reason: FinishReason = FinishReason.NONE

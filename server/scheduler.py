@@ -167,7 +167,7 @@ class Scheduler:
                 output.num_accepted_tokens,
                 step_finished_s=result.finished_at_s,
             )
-            state.num_draftable = output.num_draftable
+            state.num_draftable, state.draft_match_len = output.num_draftable, output.draft_match_len
             reason = FinishReason(output.finish_reason)
             if reason != FinishReason.NONE:
                 state.is_in_engine = False  # the engine freed it itself
@@ -192,7 +192,8 @@ class Scheduler:
         """Speculation figures of decoding steps (the token sampled at the end of a prefill is not one)."""
         if state.req_id not in self.planned_draft_tokens:
             return
-        self.policy.observe_draft(state.req_id, num_drafted, num_accepted)
+        # The draft just verified was the one planned with the previous result's offer.
+        self.policy.observe_draft(state.req_id, state.draft_match_len, num_drafted, num_accepted)
         summary = state.speculation
         summary.num_steps += 1
         summary.num_generated += num_new

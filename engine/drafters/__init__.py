@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
 from engine.drafters.ngram import NgramDrafter
 
 
@@ -14,11 +14,11 @@ class NoDrafter(Drafter):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft() for _ in requests]
 
-    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
-        return 0
+    def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
+        return Offer(0)
 
 
-def make_drafter(name: str, ngram_min: int = 2, ngram_max: int = 4) -> Drafter:
+def make_drafter(name: str, ngram_min: int = 2, ngram_max: int = 8) -> Drafter:
     if name == "ngram":
         return NgramDrafter(ngram_min, ngram_max)
     if name == "none":
@@ -26,4 +26,4 @@ def make_drafter(name: str, ngram_min: int = 2, ngram_max: int = 4) -> Drafter:
     raise ValueError(f"unknown drafter {name!r}; goodspeed has ngram and none")
 
 
-__all__ = ["Draft", "DraftRequest", "Drafter", "NgramDrafter", "NoDrafter", "make_drafter"]
+__all__ = ["Draft", "DraftRequest", "Drafter", "NgramDrafter", "NoDrafter", "Offer", "make_drafter"]

@@ -17,6 +17,16 @@ class Draft:
 
 
 @dataclass(frozen=True, slots=True)
+class Offer:
+    """What a drafter could propose for a request right now, for the control plane's planning."""
+
+    num_tokens: int  # tokens in the proposal (at most the k asked about)
+    # How many tokens of the sequence's end the proposal's source matched (n-gram lookup): a
+    # longer match is more often right. 0 for drafters without the notion.
+    match_len: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DraftRequest:
     req_id: str
     token_ids: list[int]  # prompt and generated tokens so far (read-only)
@@ -41,8 +51,8 @@ class Drafter(ABC):
     def observe(self, req_id: str, num_draft_tokens: int, num_accepted_tokens: int) -> None:  # noqa: B027
         """How many of the proposed tokens the target accepted this step."""
 
-    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
-        """How many tokens a proposal for this request would have right now (at most
-        num_draft_tokens). The control plane plans k with it; a model-based drafter can always
-        propose, a model-free one only when it finds a match."""
-        return num_draft_tokens
+    def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
+        """What a proposal for this request would be right now (at most num_draft_tokens). The
+        control plane plans k with it; a model-based drafter can always propose, a model-free one
+        only when it finds a match."""
+        return Offer(num_draft_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
 
 # Candidates examined per lookup, most recent first: bounds the cost on very repetitive text.
 MAX_CANDIDATES = 64
@@ -32,14 +32,15 @@ class NgramIndex:
             self.continuations[tuple(token_ids[i - self.min_n : i])].append(i)
         self.num_indexed = max(self.num_indexed, end + 1)
 
-    def lookup(self, token_ids: list[int], max_n: int, num_draft_tokens: int) -> list[int]:
+    def lookup(self, token_ids: list[int], max_n: int, num_draft_tokens: int) -> tuple[list[int], int]:
+        """The proposal and the length of the match it continues (0: none)."""
         self.update(token_ids)
         length = len(token_ids)
         if length <= self.min_n:
-            return []
+            return [], 0
         candidates = self.continuations.get(tuple(token_ids[length - self.min_n :]))
         if not candidates:
-            return []
+            return [], 0
         best_start, best_len = -1, 0
         for start in reversed(candidates[-MAX_CANDIDATES:]):
             if start >= length:
@@ -55,7 +56,9 @@ class NgramIndex:
                 best_start, best_len = start, match_len
                 if match_len == max_n:
                     break
-        return token_ids[best_start : best_start + num_draft_tokens]
+        if best_len == 0:
+            return [], 0
+        return token_ids[best_start : best_start + num_draft_tokens], best_len
 
 
 class NgramDrafter(Drafter):
@@ -67,8 +70,8 @@ class NgramDrafter(Drafter):
         self.min_n = min_n
         self.max_n = max_n
         self.indexes: dict[str, NgramIndex] = {}
-        # req_id -> (sequence length, tokens asked for, proposal) of the latest lookup
-        self.last: dict[str, tuple[int, int, list[int]]] = {}
+        # req_id -> (sequence length, tokens asked for, proposal, match length) of the latest lookup
+        self.last: dict[str, tuple[int, int, list[int], int]] = {}
 
     def add_request(self, req_id: str, token_ids: list[int]) -> None:
         index = NgramIndex(self.min_n)
@@ -85,21 +88,23 @@ class NgramDrafter(Drafter):
             if request.num_draft_tokens <= 0:
                 drafts.append(Draft())
                 continue
-            drafts.append(Draft(self._lookup(request.req_id, request.token_ids, request.num_draft_tokens)))
+            proposal, _ = self._lookup(request.req_id, request.token_ids, request.num_draft_tokens)
+            drafts.append(Draft(proposal))
         return drafts
 
-    def num_available(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> int:
-        return len(self._lookup(req_id, token_ids, num_draft_tokens))
+    def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
+        proposal, match_len = self._lookup(req_id, token_ids, num_draft_tokens)
+        return Offer(len(proposal), match_len)
 
-    def _lookup(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> list[int]:
-        """The proposal, remembered until the sequence grows: asking how long it would be after a
-        step, then proposing in the next, costs one lookup."""
+    def _lookup(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> tuple[list[int], int]:
+        """The proposal and its match length, remembered until the sequence grows: asking what it
+        would be after a step, then proposing in the next, costs one lookup."""
         index = self.indexes.get(req_id)
         if index is None:
-            return []
+            return [], 0
         cached = self.last.get(req_id)
         if cached is not None and cached[0] == len(token_ids) and cached[1] >= num_draft_tokens:
-            return cached[2][:num_draft_tokens]
-        proposal = index.lookup(token_ids, self.max_n, num_draft_tokens)
-        self.last[req_id] = (len(token_ids), num_draft_tokens, proposal)
-        return proposal
+            return cached[2][:num_draft_tokens], cached[3]
+        proposal, match_len = index.lookup(token_ids, self.max_n, num_draft_tokens)
+        self.last[req_id] = (len(token_ids), num_draft_tokens, proposal, match_len)
+        return proposal, match_len

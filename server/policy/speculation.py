@@ -40,6 +40,8 @@ class Decoding(Protocol):
     def num_draftable(self) -> int: ...
     @property
     def num_tokens(self) -> int: ...
+    @property
+    def draft_match_len(self) -> int: ...
 
 
 @dataclass
@@ -65,7 +67,8 @@ class SpeculationPolicy:
             elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
                 chosen[request.req_id] = min(settings.num_draft_tokens, bound)
             else:
-                chances = [safe_rate(c) for c in self.acceptance.pass_chances(request.req_id, bound)]
+                chances = self.acceptance.pass_chances(request.req_id, request.draft_match_len, bound)
+                chances = [safe_rate(c) for c in chances]
                 max_k = min(bound, request.num_draftable)
                 auto.append(Candidate(request.req_id, chances, 1.0, max_k, request.num_tokens))
         if auto and base is not None:
@@ -91,8 +94,8 @@ class SpeculationPolicy:
                 self.num_probes += 1
         return chosen
 
-    def observe_draft(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
-        self.acceptance.observe(req_id, num_drafted, num_accepted)
+    def observe_draft(self, req_id: str, match_len: int, num_drafted: int, num_accepted: int) -> None:
+        self.acceptance.observe(req_id, match_len, num_drafted, num_accepted)
 
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
         self.cost_model.observe(shape, seconds)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.drafters import DraftRequest, NgramDrafter, make_drafter
+from engine.drafters import DraftRequest, NgramDrafter, Offer, make_drafter
 
 
 def propose(drafter: NgramDrafter, req_id: str, tokens: list[int], k: int) -> list[int]:
@@ -24,11 +24,22 @@ def test_prefers_the_longest_match() -> None:
     assert propose(drafter, "r", tokens, 2) == [5, 5]
 
 
+def test_offer_says_the_proposal_length_and_its_match_length() -> None:
+    drafter = NgramDrafter(min_n=2, max_n=8)
+    tokens = [9, 1, 2, 3, 4, 5, 6, 7, 0, 3, 4]  # the suffix "3 4" matches 2 tokens
+    drafter.add_request("r", tokens)
+    assert drafter.offer("r", tokens, 3) == Offer(3, 2)
+    tokens += [5, 6, 7, 0, 3]  # "3 4 5 6 7 0 3" now repeats: a 7-token match
+    assert drafter.offer("r", tokens, 8) == Offer(6, 7)  # the draft runs to the end of the text
+    assert propose(drafter, "r", tokens, 8) == [4, 5, 6, 7, 0, 3]
+
+
 def test_no_match_no_draft_and_k_zero_costs_nothing() -> None:
     drafter = NgramDrafter(min_n=2, max_n=3)
     tokens = [1, 2, 3, 4]
     drafter.add_request("r", tokens)
     assert propose(drafter, "r", tokens, 4) == []
+    assert drafter.offer("r", tokens, 4) == Offer(0, 0)
     assert propose(drafter, "r", [1, 2, 3, 4, 1, 2], 0) == []
 
 

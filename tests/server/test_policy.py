@@ -47,13 +47,14 @@ class FakeRequest:
     num_new_tokens_left: int = 100
     num_draftable: int = 8
     num_tokens: int = 100
+    draft_match_len: int = 2
 
 
 def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
     """Every draft token of a request passes with its given rate (first and further alike)."""
 
     class Fixed(AcceptanceEstimator):
-        def pass_chances(self, req_id: str, max_draft_tokens: int) -> list[float]:
+        def pass_chances(self, req_id: str, match_len: int, max_draft_tokens: int) -> list[float]:
             return [rates[req_id]] * max_draft_tokens
 
     return Fixed()
@@ -119,11 +120,11 @@ def test_probing_lets_a_stale_estimate_recover() -> None:
     )  # type: ignore[arg-type]
     request = FakeRequest("r")
     for _ in range(20):  # a run of rejections: the estimate drops and k goes to 0
-        estimator.observe("r", num_drafted=4, num_accepted=0)
+        estimator.observe("r", 2, num_drafted=4, num_accepted=0)
     ks = [choose_for(policy, [request])["r"] for _ in range(PROBE_AFTER_STEPS)]
     assert ks[:-1] == [0] * (PROBE_AFTER_STEPS - 1) and ks[-1] == 1  # the probe
     for _ in range(12):  # the text turned repetitive: probes now get accepted
-        estimator.observe("r", num_drafted=1, num_accepted=1)
+        estimator.observe("r", 2, num_drafted=1, num_accepted=1)
     assert choose_for(policy, [request])["r"] > 1
     assert policy.num_probes == 1
 
@@ -220,14 +221,28 @@ def test_long_contexts_draft_less_when_attention_is_costly() -> None:
 def test_bursty_acceptance_gets_a_first_rate_and_a_position_curve() -> None:
     estimator = AcceptanceEstimator(8)
     for _ in range(30):  # copying: a draft is either right all the way or wrong at once
-        estimator.observe("copy", num_drafted=8, num_accepted=8)
-        estimator.observe("copy", num_drafted=8, num_accepted=0)
-    chances = estimator.pass_chances("copy", 8)
+        estimator.observe("copy", 3, num_drafted=8, num_accepted=8)
+        estimator.observe("copy", 3, num_drafted=8, num_accepted=0)
+    chances = estimator.pass_chances("copy", 3, 8)
     assert 0.4 < chances[0] < 0.6
     assert all(c > 0.9 for c in chances[1:])  # the eighth token, given the seventh passed, too
     assert estimator.server_rest_rate > 0.9
-    # A new request starts from the server-wide rate; its own evidence then moves it.
-    assert estimator.first_rate("new request") == estimator.server_first_rate
+
+
+def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
+    estimator = AcceptanceEstimator(8)
+    for i in range(40):  # long matches are right, short ones half the time
+        estimator.observe(f"r{i}", 8, num_drafted=4, num_accepted=4)
+        estimator.observe(f"r{i}", 2, num_drafted=4, num_accepted=i % 2)
+    rates = estimator.match_rates()
+    assert rates[8] > 0.9 and 0.35 < rates[2] < 0.65
+    # A new request starts from the match length's rate; an unseen length from the server's.
+    assert estimator.first_rate("new", 8) == pytest.approx(rates[8])
+    assert estimator.first_rate("new", 5) == pytest.approx(estimator.server_first_rate)
+    # Its own record scales that: a request whose long matches keep failing drops below the
+    # rate of short matches elsewhere.
     for _ in range(10):
-        estimator.observe("new request", num_drafted=4, num_accepted=0)
-    assert estimator.first_rate("new request") < 0.2 < estimator.server_first_rate
+        estimator.observe("odd", 8, num_drafted=4, num_accepted=0)
+    assert estimator.first_rate("odd", 8) < rates[2] < estimator.first_rate("new", 8)
+    estimator.forget("odd")
+    assert estimator.first_rate("odd", 8) == estimator.first_rate("new", 8)
