@@ -97,6 +97,17 @@ class BatchShape(_Wire, frozen=True):
     num_multi_token_seqs: int = 0  # sequences with more than one query token (verifying or prefilling)
     num_attention_pairs: int = 0  # query-key pairs scored: query tokens x KV tokens, summed over sequences
 
+    @classmethod
+    def of(cls, seqs: list[tuple[int, int]]) -> BatchShape:
+        """From each sequence's (query tokens, KV tokens attended, its query included)."""
+        return cls(
+            num_tokens=sum(n for n, _ in seqs),
+            num_seqs=len(seqs),
+            num_context_tokens=sum(kv for _, kv in seqs),
+            num_multi_token_seqs=sum(n > 1 for n, _ in seqs),
+            num_attention_pairs=sum(n * kv for n, kv in seqs),
+        )
+
 
 class StepTimings(_Wire, frozen=True):
     draft_s: float = 0.0  # proposing draft tokens

@@ -246,10 +246,4 @@ class ModelRunner:
 
 
 def batch_shape(seqs: list[SeqSlice]) -> BatchShape:
-    return BatchShape(
-        num_tokens=sum(seq.num_query_tokens for seq in seqs),
-        num_seqs=len(seqs),
-        num_context_tokens=sum(seq.num_kv_tokens for seq in seqs),
-        num_multi_token_seqs=sum(seq.num_query_tokens > 1 for seq in seqs),
-        num_attention_pairs=sum(seq.num_query_tokens * seq.num_kv_tokens for seq in seqs),
-    )
+    return BatchShape.of([(seq.num_query_tokens, seq.num_kv_tokens) for seq in seqs])

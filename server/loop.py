@@ -154,8 +154,8 @@ class ControlLoop:
             metrics.goodput.labels(plan="plain").set(policy.last_choice.plain_goodput)
         metrics.acceptance_rate.labels(draft_token="first").set(policy.acceptance.server_first_rate)
         metrics.acceptance_rate.labels(draft_token="rest").set(policy.acceptance.server_rest_rate)
-        for match_len, rate in policy.acceptance.match_rates().items():
-            metrics.match_rate.labels(match_len=str(match_len)).set(rate)
+        for match_len, rate in policy.acceptance.first_token_rates().items():
+            metrics.first_token_rate.labels(match_len=str(match_len)).set(rate)
         metrics.cost_model_error.set(policy.cost_model.relative_error)
         if policy.cost_model.num_samples % policy.cost_model.refit_every == 0:
             for feature, value in policy.cost_model.coefficients().items():

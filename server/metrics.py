@@ -59,7 +59,7 @@ class Metrics:
             ["draft_token"],
             registry=r,
         )
-        self.match_rate = Gauge(
+        self.first_token_rate = Gauge(
             "goodspeed_policy_first_token_rate",
             "Server-wide acceptance estimate of the first draft token, by the n-gram match length of its proposal",
             ["match_len"],

@@ -121,14 +121,7 @@ class Scheduler:
         # A decode token attends to the whole sequence; a chunk of n prompt tokens to what is
         # prefilled so far plus itself.
         kv_tokens = [(1, s.num_tokens) for s in decoding] + [(n, s.num_prompt_done + n) for s, n in chunks]
-        shape = BatchShape(
-            num_tokens=sum(n for n, _ in kv_tokens),
-            num_seqs=len(kv_tokens),
-            num_context_tokens=sum(kv for _, kv in kv_tokens),
-            num_multi_token_seqs=sum(n > 1 for n, _ in kv_tokens),
-            num_attention_pairs=sum(n * kv for n, kv in kv_tokens),
-        )
-        return StepBase(shape, num_generated=float(len(decoding)), max_extra_tokens=room)
+        return StepBase(BatchShape.of(kv_tokens), num_generated=float(len(decoding)), max_extra_tokens=room)
 
     def _admit(self) -> list[NewRequest]:
         new = []

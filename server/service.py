@@ -247,7 +247,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             acceptance_rate=policy.acceptance.server_first_rate,
             continuation_rate=policy.acceptance.server_rest_rate,
             position_acceptance_rates=policy.acceptance.position_rates(),
-            first_token_rate_by_match_len=policy.acceptance.match_rates(),
+            first_token_rate_by_match_len=policy.acceptance.first_token_rates(),
             goodput_tokens_per_s=choice.goodput if choice else 0.0,
             plain_goodput_tokens_per_s=choice.plain_goodput if choice else 0.0,
             cost_model_ms={name: value * 1000 for name, value in policy.cost_model.coefficients().items()},

@@ -6,6 +6,7 @@ matrix products over the step's tokens instead of seven.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,19 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
     lm_head_weight = take(hf_model.lm_head.weight)
-    # bfloat16 products are repacked on every F.linear call, so they are never kept dense.
+    # Products in other dtypes than float32 are repacked on every F.linear call, so only float32
+    # may keep the plain form for single rows. lm_head, the largest product, stands for all: the
+    # packed form's advantage at one row is a property of the machine's kernels.
     keep_dense = not prepack or (dtype == torch.float32 and dense_is_faster_at_one_row(lm_head_weight))
+    # The two forms round differently in float32: say which one this load took.
+    logging.getLogger("goodspeed.engine").info(
+        "linear products: %s",
+        "prepacked for all rows"
+        if prepack and not keep_dense
+        else "plain for single rows, prepacked for more"
+        if prepack
+        else "plain (no prepacked kernels)",
+    )
 
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))

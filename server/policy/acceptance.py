@@ -74,11 +74,11 @@ class AcceptanceEstimator:
         """Server-wide P(position j + 1 passes | position j passed), j = 0 .. max - 1."""
         return [p.value(INITIAL_RATE, 1.0) for p in self.positions]
 
-    def match_rates(self) -> dict[int, float]:
+    def first_token_rates(self) -> dict[int, float]:
         """Server-wide P(the first draft token passes) per match length seen."""
-        return {m: self.match_rate(m) for m in sorted(self.first_by_match)}
+        return {m: self.first_token_rate(m) for m in sorted(self.first_by_match)}
 
-    def match_rate(self, match_len: int) -> float:
+    def first_token_rate(self, match_len: int) -> float:
         rate = self.first_by_match.get(min(match_len, MAX_MATCH_LEN))
         server = self.server_first_rate
         return server if rate is None else rate.value(server, MATCH_PRIOR_TRIALS)
@@ -88,7 +88,7 @@ class AcceptanceEstimator:
         match_len tokens: the match length's rate, scaled by the request's record."""
         ratio = self.ratio_by_request.get(req_id)
         scale = 1.0 if ratio is None else ratio.value(1.0, PRIOR_TRIALS)
-        return min(self.match_rate(match_len) * scale, 0.999)
+        return min(self.first_token_rate(match_len) * scale, 0.999)
 
     def pass_chances(self, req_id: str, match_len: int, max_draft_tokens: int) -> list[float]:
         """P(draft position j + 1 passes | position j passed) for this request, j = 0 .. max - 1."""
@@ -101,7 +101,7 @@ class AcceptanceEstimator:
         if num_drafted <= 0:
             return
         is_first_accepted = num_accepted >= 1
-        expected = self.match_rate(match_len)  # before this outcome moves it
+        expected = self.first_token_rate(match_len)  # before this outcome moves it
         self.ratio_by_request.setdefault(req_id, Rate()).add(is_first_accepted, expected, DECAY)
         self.first.add(is_first_accepted, 1, SERVER_DECAY)
         self.first_by_match.setdefault(min(match_len, MAX_MATCH_LEN), Rate()).add(is_first_accepted, 1, SERVER_DECAY)

@@ -5,7 +5,7 @@ T = f(N) + a B + b C / 1000 + v V + p P / 1000
 N: query tokens in the step (1 per plain decode, 1 + k to verify k drafts, prefill chunks);
 B: sequences; C: KV tokens attended, summed over sequences; V: sequences with more than one query
 token (verifying or prefilling: they need a causal mask and reshuffled attention inputs); P:
-query-key pairs attention scores (query tokens x KV tokens, summed over sequences). f is
+query-key pairs scored (query tokens x KV tokens, summed over sequences). f is
 piecewise linear in N with knots at 1, 2, 4, ..., 64 (a "ramp" feature per segment) and linear
 beyond: the cost of a matrix product is flat while it is memory-bound and grows once it is
 compute-bound, and kernels change with the row count, so f is left free apart from being
@@ -49,11 +49,12 @@ SIGNED = {"const"}
 
 @dataclass(frozen=True, slots=True)
 class DraftCosts:
-    """Seconds a draft token adds besides its share of f(N) (see goodput.py)."""
+    """The cost model's coefficients for what a draft token adds besides its share of f(N): seconds
+    per unit of each feature (goodput.py turns them into seconds per draft token)."""
 
     per_context_token: float  # each draft token is one more KV token attended
     per_multi_token_seq: float  # the first draft token turns a decode into a verification
-    per_attention_pair: float
+    per_attention_pair: float  # per query-key pair scored
 
 
 def token_ramps(n: float) -> list[float]:

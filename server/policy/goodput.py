@@ -3,13 +3,17 @@
 Goodput = expected generated tokens / predicted step time (SmartSpec, arXiv 2406.14066). With a
 request's chances c_l that draft token l passes given token l - 1 did (see acceptance.py) and
 its match rate m (the probability its drafter has a proposal; 1 when the engine said it has
-one), drafting position j adds m c_1 ... c_j expected tokens and m query tokens. These gains
-fall with j, so for any total number of extra tokens the best allocation takes the best gains
-first. The chooser sorts every (request, position) by gain, walks the sorted list accumulating
-expected tokens and step time (from the cost model: f of the step's token count, plus what each
-draft token adds to attention), and keeps the prefix with the highest goodput: the optimum of
-this model, found greedily from all-zero. SmartSpec picks one k for the whole batch; here every
-request gets its own.
+one), drafting position j adds m c_1 ... c_j expected tokens and m query tokens, and costs its
+share of f (the step time by query tokens) plus what it adds to attention (more for a request
+with a long context; the first draft also switches the request to a verification query).
+
+The chooser ranks every (request, position) by expected tokens per second of that cost, walks
+the ranking accumulating expected tokens and step time (the cost model's, not the ranking's
+estimate), and keeps the prefix with the highest goodput: greedy marginal gains from all-zero,
+the classic knapsack greedy. A request's positions must be taken in order, so where a later
+position would rank above an earlier one (the first pays the switch) the run is ranked as one
+block by its pooled ratio. SmartSpec picks one k for the whole batch; here every request gets
+its own.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class Choice:
 class Gain:
     """Drafting one more token for a request: what it is expected to yield and what it costs."""
 
-    chance: float  # P(it is accepted), the sort key
+    chance: float  # P(it is accepted)
     tokens: float  # expected tokens gained (the chance times the match rate)
     query_tokens: float  # expected query tokens added
     extra_s: float  # seconds it adds besides its share of f(N)
@@ -85,6 +89,26 @@ def gains_of(c: Candidate, costs: DraftCosts) -> list[Gain]:
     return gains
 
 
+def rank(gains: Sequence[Gain], per_token_s: float) -> list[tuple[float, Gain]]:
+    """Each of one request's gains (in position order) with its ranking key: expected tokens per
+    second of cost. Adjacent positions whose keys would rise are pooled (pool adjacent
+    violators), so the keys never rise along the request and its positions are taken in order."""
+    blocks: list[tuple[float, float, int]] = []  # (tokens, seconds, number of positions)
+    for gain in gains:
+        block = (gain.tokens, gain.query_tokens * per_token_s + gain.extra_s, 1)
+        while blocks and ratio(block) > ratio(blocks[-1]):
+            tokens, seconds, count = blocks.pop()
+            block = (tokens + block[0], seconds + block[1], count + block[2])
+        blocks.append(block)
+    keys = [ratio(block) for block in blocks for _ in range(block[2])]
+    return list(zip(keys, gains, strict=True))
+
+
+def ratio(block: tuple[float, float, int]) -> float:
+    tokens, seconds, _ = block
+    return tokens / seconds if seconds > 0 else math.inf
+
+
 def choose(
     candidates: Sequence[Candidate], base: StepBase, times: Sequence[float], costs: DraftCosts, margin: float
 ) -> Choice:
@@ -92,7 +116,9 @@ def choose(
 
     margin: speculation must beat plain decoding by this fraction, to absorb model error.
     """
-    gains = sorted((g for c in candidates for g in gains_of(c, costs)), key=lambda g: -g.chance)
+    per_token_s = interpolate(times, base.shape.num_tokens + 1) - interpolate(times, base.shape.num_tokens)
+    ranked = [ranked_gain for c in candidates for ranked_gain in rank(gains_of(c, costs), per_token_s)]
+    gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].chance))]
     plain_s = interpolate(times, base.shape.num_tokens)
     plain = base.num_generated / plain_s if plain_s > 0 else 0.0
     best, best_len, best_s = plain, 0, plain_s

@@ -98,6 +98,8 @@ class SpeculationPolicy:
         self.acceptance.observe(req_id, match_len, num_drafted, num_accepted)
 
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
+        if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
+            return
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:

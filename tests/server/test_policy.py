@@ -12,7 +12,7 @@ from engine.protocol import BatchShape
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
-from server.policy.goodput import Candidate, StepBase, choose, gains_of
+from server.policy.goodput import Candidate, StepBase, choose, gains_of, rank
 from server.policy.speculation import PROBE_AFTER_STEPS
 from server.request import SpeculationMode
 
@@ -202,6 +202,16 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
 
 
+def test_positions_are_ranked_by_tokens_per_second_and_taken_in_order() -> None:
+    # The first draft pays the switch to verification: alone it would rank below the second, so
+    # the two are ranked as one block by their pooled ratio; the unlikely third ranks on its own.
+    costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.010, per_attention_pair=0.0)
+    gains = gains_of(Candidate("r", [0.9, 0.9, 0.05], 1.0, 3, 100), costs)
+    keys = [key for key, _ in rank(gains, per_token_s=0.001)]
+    assert keys[0] == keys[1] == pytest.approx((0.9 + 0.81) / (0.011 + 0.001))
+    assert keys[2] == pytest.approx(0.0405 / 0.001)
+
+
 def test_long_contexts_draft_less_when_attention_is_costly() -> None:
     # Each query-key pair costs: a draft token of a 4000-token request costs 40x one of a
     # 100-token request, so at equal acceptance the short one gets the longer draft.
@@ -209,8 +219,9 @@ def test_long_contexts_draft_less_when_attention_is_costly() -> None:
     candidates = [Candidate("short", [0.8] * 8, 1.0, 8, 100), Candidate("long", [0.8] * 8, 1.0, 8, 4000)]
     base = StepBase(BatchShape(2, 2, 4100, 0, 4100), 2.0, 100)
     times = [0.030] * 20
-    choice = choose(candidates, base, times, costs, margin=0.0)
-    assert choice.draft_tokens["short"] > choice.draft_tokens["long"]
+    for order in (candidates, candidates[::-1]):  # whichever arrived first
+        choice = choose(order, base, times, costs, margin=0.0)
+        assert choice.draft_tokens["short"] > choice.draft_tokens["long"]
     # A costly switch from decode to verification keeps weak requests at k = 0.
     switch = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.02, per_attention_pair=0.0)
     weak = [Candidate("weak", [0.3] * 8, 1.0, 8, 100)]
@@ -234,7 +245,7 @@ def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
     for i in range(40):  # long matches are right, short ones half the time
         estimator.observe(f"r{i}", 8, num_drafted=4, num_accepted=4)
         estimator.observe(f"r{i}", 2, num_drafted=4, num_accepted=i % 2)
-    rates = estimator.match_rates()
+    rates = estimator.first_token_rates()
     assert rates[8] > 0.9 and 0.35 < rates[2] < 0.65
     # A new request starts from the match length's rate; an unseen length from the server's.
     assert estimator.first_rate("new", 8) == pytest.approx(rates[8])
