@@ -236,7 +236,8 @@ def no_tax(runner: ModelRunner, prompts: list[list[int]], eos_ids: list[int], re
             runner.drafter = drafter
             tokens, elapsed = batched_throughput(runner, prompts, 16, 64, eos_ids)
             seconds[name].append(elapsed / tokens)
-            ngram_seconds += elapsed if drafter is ngram else 0.0
+            if drafter is ngram:
+                ngram_seconds += elapsed
     runner.drafter = ngram.inner
     mean = {name: sum(v) / len(v) for name, v in seconds.items()}
     return {

@@ -40,10 +40,20 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and (self.dense is None or x.shape[0] > 1):
-            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            return out
+            return self.packed_product(x)
         assert self.dense is not None  # one of the two forms always exists
         return F.linear(x, self.dense, self.bias)
+
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            raise ValueError("this layer has no prepacked form")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out
+
+    def drop_dense(self) -> None:
+        """Keeps only the packed form (once timing has shown the plain one no faster)."""
+        if self.packed is not None:
+            self.dense = None
 
 
 def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
@@ -59,10 +69,12 @@ def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
     return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
 
 
-def dense_is_faster_at_one_row(weight: torch.Tensor, repeats: int = 9) -> bool:
-    """Times one row through F.linear and through the prepacked product (a decode step's shape):
-    True when the plain product is at least 10% faster on this machine."""
-    packed = Linear(weight, prepack=True, keep_dense=False)
+def dense_is_faster_at_one_row(layer: Linear, repeats: int = 9) -> bool:
+    """Times one row through the layer's plain and prepacked forms (a decode step's shape): True
+    when the plain product is at least 10% faster on this machine. The layer holds both forms."""
+    weight = layer.dense
+    if weight is None or layer.packed is None:
+        raise ValueError("dense_is_faster_at_one_row needs a layer with both forms (prepack=True, keep_dense=True)")
     x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
 
     def median_s(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
@@ -75,4 +87,5 @@ def dense_is_faster_at_one_row(weight: torch.Tensor, repeats: int = 9) -> bool:
         return sorted(times)[repeats // 2]
 
     with torch.inference_mode():
-        return median_s(lambda x: F.linear(x, weight)) < 0.9 * median_s(packed)
+        dense_s = median_s(lambda x: F.linear(x, weight, layer.bias))
+        return dense_s < 0.9 * median_s(layer.packed_product)

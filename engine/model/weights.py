@@ -43,20 +43,19 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
-    lm_head_weight = take(hf_model.lm_head.weight)
     # Products in other dtypes than float32 are repacked on every F.linear call, so only float32
     # may keep the plain form for single rows. lm_head, the largest product, stands for all: the
     # packed form's advantage at one row is a property of the machine's kernels.
-    keep_dense = not prepack or (dtype == torch.float32 and dense_is_faster_at_one_row(lm_head_weight))
+    lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, keep_dense=True)
+    keep_dense = not prepack or (dtype == torch.float32 and dense_is_faster_at_one_row(lm_head))
+    if not keep_dense:
+        lm_head.drop_dense()
     # The two forms round differently in float32: say which one this load took.
-    logging.getLogger("goodspeed.engine").info(
-        "linear products: %s",
-        "prepacked for all rows"
-        if prepack and not keep_dense
-        else "plain for single rows, prepacked for more"
-        if prepack
-        else "plain (no prepacked kernels)",
-    )
+    if not prepack:
+        forms = "plain (no prepacked kernels)"
+    else:
+        forms = "plain for single rows, prepacked for more" if keep_dense else "prepacked for all rows"
+    logging.getLogger("goodspeed.engine").info("linear products: %s", forms)
 
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))
@@ -83,7 +82,7 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
         embed=take(body.embed_tokens.weight),
         layers=layers,
         final_norm=take(body.norm.weight),
-        lm_head=Linear(lm_head_weight, None, prepack, keep_dense),
+        lm_head=lm_head,
         inv_freq=rotary.inv_freq.detach().to(device=device, dtype=torch.float32),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )
