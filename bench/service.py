@@ -23,9 +23,10 @@ from typing import Any
 import anyio
 import grpc
 
+from bench.load import percentile
 from bench.server_process import start_server
 from bench.workloads import completion_workload
-from client.client import AsyncClient
+from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER, AsyncClient, build_request
 from client.pb import generation_pb2 as pb
 
 
@@ -40,12 +41,21 @@ class ReliabilityCounts:
 async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, speculation: str) -> dict[str, Any]:
     prompts = [item.prompt or "" for item in completion_workload(num_streams)]
     tokens = 0
+    arrival_delays_ms: list[float] = []
     started = time.perf_counter()
 
     async def stream(prompt: str) -> None:
         nonlocal tokens
-        async for chunk in client.generate_stream(prompt, max_new_tokens=max_new_tokens, speculation=speculation):
+        request = build_request(prompt, max_new_tokens=max_new_tokens, speculation=speculation)
+        call = client.stub.GenerateStream(request, metadata=((STEP_TIMING_HEADER, "1"),))
+        arrived_ns = []
+        async for chunk in call:
+            arrived_ns.append(time.monotonic_ns())
             tokens += len(chunk.token_ids)
+        step_end_ns = dict(await call.trailing_metadata())[STEP_END_TRAILER]
+        for arrived, step_end in zip(arrived_ns, map(int, str(step_end_ns).split(",")), strict=True):
+            if step_end:  # 0: the chunk came from no step (a cancel)
+                arrival_delays_ms.append((arrived - step_end) / 1e6)
 
     async with anyio.create_task_group() as tg:
         for prompt in prompts:
@@ -61,6 +71,13 @@ async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, s
         "overhead_percent_of_step": round(stats.mean_overhead_fraction * 100, 2),
         "step_end_to_chunk_handed_ms": round(stats.mean_chunk_handed_s * 1000, 3),
         "step_end_to_chunk_written_ms": round(stats.mean_chunk_written_s * 1000, 3),
+        # Measured by this client on the server's host (both CLOCK_MONOTONIC): when the chunk was
+        # read, an upper bound on when it left the server.
+        "step_end_to_chunk_arrived_ms": {
+            "mean": round(sum(arrival_delays_ms) / len(arrival_delays_ms), 3),
+            "p50": round(percentile(arrival_delays_ms, 50), 3),
+            "p99": round(percentile(arrival_delays_ms, 99), 3),
+        },
     }
 
 
@@ -131,12 +148,14 @@ async def run_service_bench(
         for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
             row = await overhead(client, n, max_new_tokens, speculation)
             report["overhead"].append(row)
+            arrived = row["step_end_to_chunk_arrived_ms"]
             print(
                 f"{n:3d} streams, {speculation:4}: {row['tokens_per_s']:7.1f} tok/s, "
                 f"step {row['mean_step_ms']:.1f} ms, "
                 f"control plane + IPC {row['overhead_percent_of_step']:.2f}% of the step, "
                 f"step end -> chunk handed to gRPC {row['step_end_to_chunk_handed_ms']:.3f} ms, "
-                f"written {row['step_end_to_chunk_written_ms']:.3f} ms"
+                f"written {row['step_end_to_chunk_written_ms']:.3f} ms, "
+                f"read by the client {arrived['mean']:.3f} ms (p50 {arrived['p50']:.3f}, p99 {arrived['p99']:.3f})"
             )
         rel = await reliability(client, requests, concurrency, cancel_share, seed=0)
         report["reliability"] = rel

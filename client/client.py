@@ -60,6 +60,13 @@ def build_request(
     return request
 
 
+# Diagnostics: a GenerateStream call with this header gets, in its trailing metadata under
+# STEP_END_TRAILER, the CLOCK_MONOTONIC time (ns, comma-separated) at which the engine step that
+# made each chunk ended. Comparable with time.monotonic_ns() on the server's host only.
+STEP_TIMING_HEADER = "goodspeed-step-timing"
+STEP_END_TRAILER = "goodspeed-step-end-ns"
+
+
 def auth_metadata(admin_token: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {admin_token}")] if admin_token else []
 

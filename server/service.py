@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
 from engine.protocol import EngineReady, FinishReason, SamplingParams
@@ -69,6 +70,10 @@ def request_from_pb(message: pb.GenerateRequest, default_max_new_tokens: int) ->
     )
 
 
+def is_step_timing_asked(context: grpc.aio.ServicerContext) -> bool:
+    return any(key == STEP_TIMING_HEADER for key, _ in context.invocation_metadata() or ())
+
+
 def speculation_to_pb(final: Final) -> pb.SpeculationStats:
     spec = final.speculation
     return pb.SpeculationStats(
@@ -120,12 +125,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         stats = self.services.get().stats
+        step_end_ns: list[int] | None = [] if is_step_timing_asked(context) else None
         async for chunk, request_id in self._run(request, context):
             message = chunk_to_pb(chunk, request_id)
+            if step_end_ns is not None:
+                step_end_ns.append(round(chunk.step_finished_s * 1e9))
             handed_s = time.monotonic()
             yield message  # resumes once gRPC has written the message to the transport
             if chunk.step_finished_s:
                 stats.observe_chunk_delay(handed_s - chunk.step_finished_s, time.monotonic() - chunk.step_finished_s)
+        if step_end_ns is not None:
+            context.set_trailing_metadata(((STEP_END_TRAILER, ",".join(map(str, step_end_ns))),))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         text: list[str] = []

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from bench.workloads import completion_workload, editing_workload
-from client.client import AsyncClient, Client
+from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER, AsyncClient, Client, build_request
 from client.pb import generation_pb2 as pb
 from tests.e2e.conftest import RunningServer
 
@@ -66,6 +66,23 @@ async def test_sixteen_concurrent_streams_match_each_alone(server: RunningServer
         stats = await client.stats()
     assert [list(t) for t in alone] == together
     assert stats.requests_running == 0 and stats.kv_tokens_used == 0
+
+
+def test_step_end_times_come_back_when_asked(client: Client) -> None:
+    # Diagnostics for the chunk latency: each chunk's step end (CLOCK_MONOTONIC, this host),
+    # before the moment the client read it.
+    request = build_request(completion_workload(1)[0].prompt, max_new_tokens=12)
+    arrived_ns = []
+    call = client.stub.GenerateStream(request, metadata=((STEP_TIMING_HEADER, "1"),))
+    for _ in call:
+        arrived_ns.append(time.monotonic_ns())
+    step_end_ns = [int(v) for v in dict(call.trailing_metadata())[STEP_END_TRAILER].split(",")]
+    assert len(step_end_ns) == len(arrived_ns) > 1
+    assert step_end_ns == sorted(step_end_ns)
+    assert all(0 < end < arrived < end + 10**9 for end, arrived in zip(step_end_ns, arrived_ns, strict=True))
+    plain = client.stub.GenerateStream(request)
+    list(plain)
+    assert STEP_END_TRAILER not in dict(plain.trailing_metadata())
 
 
 def test_chat_messages_and_stop_sequences(client: Client) -> None:
