@@ -115,13 +115,12 @@ class Scheduler:
         self.finished_in_engine = []
         return plan
 
-    @staticmethod
-    def _base(decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
+    def _base(self, decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
         """The step as it stands before drafts, for the goodput policy."""
         # A decode token attends to the whole sequence; a chunk of n prompt tokens to what is
         # prefilled so far plus itself.
         kv_tokens = [(1, s.num_tokens) for s in decoding] + [(n, s.num_prompt_done + n) for s, n in chunks]
-        return StepBase(BatchShape.of(kv_tokens), num_generated=float(len(decoding)), max_extra_tokens=room)
+        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, num_waiting=len(self.waiting))
 
     def _admit(self) -> list[NewRequest]:
         new = []

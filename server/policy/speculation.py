@@ -70,7 +70,7 @@ class SpeculationPolicy:
                 chances = self.acceptance.pass_chances(request.req_id, request.draft_match_len, bound)
                 chances = [safe_rate(c) for c in chances]
                 max_k = min(bound, request.num_draftable)
-                auto.append(Candidate(request.req_id, chances, 1.0, max_k, request.num_tokens))
+                auto.append(Candidate(request.req_id, chances, max_k, request.num_tokens))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen

@@ -159,7 +159,7 @@ def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
     # alone loses, four win. A chooser that stopped at the first loss would never speculate.
     times = [0.0, 0.030, 0.040, 0.0405, 0.041, 0.0415, 0.042]
     base = StepBase(BatchShape(1, 1, 100, 0, 100), 1.0, 100)
-    choice = choose([Candidate("r", [0.7] * 5, 1.0, 5, 100)], base, times, NO_DRAFT_COSTS, margin=0.0)
+    choice = choose([Candidate("r", [0.7] * 5, 5, 100)], base, times, NO_DRAFT_COSTS, margin=0.0)
     assert choice.draft_tokens["r"] == 5 and choice.goodput > choice.plain_goodput
 
 
@@ -198,25 +198,54 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     times = model.step_times(base, 40)
     assert all(b >= a - 1e-12 for a, b in pairwise(times[1:]))  # never cheaper with more tokens
     # The chooser prices 2 drafts for each of 4 requests as predict prices that verification step.
-    drafts = gains_of(Candidate("r", [0.9] * 2, 1.0, 2, 301), model.draft_costs())
+    drafts = gains_of(Candidate("r", [0.9] * 2, 2, 301), model.draft_costs())
     assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
 
 
-def test_positions_are_ranked_by_tokens_per_second_and_taken_in_order() -> None:
+def test_positions_are_ranked_by_speedup_per_second_and_taken_in_order() -> None:
     # The first draft pays the switch to verification: alone it would rank below the second, so
     # the two are ranked as one block by their pooled ratio; the unlikely third ranks on its own.
     costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.010, per_attention_pair=0.0)
-    gains = gains_of(Candidate("r", [0.9, 0.9, 0.05], 1.0, 3, 100), costs)
+    gains = gains_of(Candidate("r", [0.9, 0.9, 0.05], 3, 100), costs)
+    # The request's expected tokens per step go 1 -> 1.9 -> 2.71 -> 2.7505; each position cuts 1 / g.
+    assert [g.speedup for g in gains] == pytest.approx([1 - 1 / 1.9, 1 / 1.9 - 1 / 2.71, 1 / 2.71 - 1 / 2.7505])
     keys = [key for key, _ in rank(gains, per_token_s=0.001)]
-    assert keys[0] == keys[1] == pytest.approx((0.9 + 0.81) / (0.011 + 0.001))
-    assert keys[2] == pytest.approx(0.0405 / 0.001)
+    assert (1 - 1 / 1.9) / 0.011 < (1 / 1.9 - 1 / 2.71) / 0.001  # unpooled, the second would rank first
+    assert keys[0] == keys[1] == pytest.approx((1 - 1 / 2.71) / (0.011 + 0.001))
+    assert keys[2] == pytest.approx((1 / 2.71 - 1 / 2.7505) / 0.001)
+
+
+def test_a_long_draft_that_slows_the_batch_waits_for_a_queue() -> None:
+    # One request copies text (a long draft would pass), seven cannot draft. Drafting 8 for the
+    # copier raises goodput (14.4 tokens in 60 ms against 8 in 40) but makes the seven wait 50%
+    # longer per token: with nobody queued the latency cost says no; with 20 requests waiting for
+    # a slot, throughput is what frees them, and it says yes.
+    times = [0.040 + 0.002 * max(0, n - 8) for n in range(32)]
+    costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.004, per_attention_pair=0.0)
+    candidates = [Candidate("copy", [0.95] * 8, 8, 100)]
+    shape = BatchShape(8, 8, 800, 0, 800)
+    idle = choose(candidates, StepBase(shape, 8.0, 100), times, costs, margin=0.0)
+    assert idle.draft_tokens["copy"] == 0
+    queued = choose(candidates, StepBase(shape, 8.0, 100, num_waiting=20), times, costs, margin=0.0)
+    assert queued.draft_tokens["copy"] == 8 and queued.goodput > 1.15 * queued.plain_goodput
+
+
+def test_drafts_are_spread_over_requests_of_equal_acceptance() -> None:
+    # Equal chances and costs: a second draft for one request cuts its 1 / g less than a first
+    # draft for another, so the chooser gives each request one before anyone gets two.
+    times = [0.040 + 0.001 * max(0, n - 4) for n in range(64)]
+    candidates = [Candidate(f"r{i}", [0.6] * 8, 8, 100) for i in range(4)]
+    base = StepBase(BatchShape(4, 4, 400, 0, 400), 4.0, 100)
+    choice = choose(candidates, base, times, NO_DRAFT_COSTS, margin=0.0)
+    ks = sorted(choice.draft_tokens.values())
+    assert ks[0] >= 1 and ks[-1] - ks[0] <= 1
 
 
 def test_long_contexts_draft_less_when_attention_is_costly() -> None:
     # Each query-key pair costs: a draft token of a 4000-token request costs 40x one of a
     # 100-token request, so at equal acceptance the short one gets the longer draft.
     costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.0, per_attention_pair=1e-6)
-    candidates = [Candidate("short", [0.8] * 8, 1.0, 8, 100), Candidate("long", [0.8] * 8, 1.0, 8, 4000)]
+    candidates = [Candidate("short", [0.8] * 8, 8, 100), Candidate("long", [0.8] * 8, 8, 4000)]
     base = StepBase(BatchShape(2, 2, 4100, 0, 4100), 2.0, 100)
     times = [0.030] * 20
     for order in (candidates, candidates[::-1]):  # whichever arrived first
@@ -224,7 +253,7 @@ def test_long_contexts_draft_less_when_attention_is_costly() -> None:
         assert choice.draft_tokens["short"] > choice.draft_tokens["long"]
     # A costly switch from decode to verification keeps weak requests at k = 0.
     switch = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.02, per_attention_pair=0.0)
-    weak = [Candidate("weak", [0.3] * 8, 1.0, 8, 100)]
+    weak = [Candidate("weak", [0.3] * 8, 8, 100)]
     assert choose(weak, base, times, switch, margin=0.0).draft_tokens["weak"] == 0
     assert choose(weak, base, times, NO_DRAFT_COSTS, margin=0.0).draft_tokens["weak"] > 0
 
