@@ -75,6 +75,8 @@ class GenerationServicer:
 
     def GenerateStream(self, request, context):
         """Streams the completion: one chunk per engine step; the last chunk carries finish_reason and usage.
+        Diagnostics: with the request header `goodspeed-step-timing`, the trailers carry
+        `goodspeed-step-end-ns`: per chunk, the server host's CLOCK_MONOTONIC time its engine step ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

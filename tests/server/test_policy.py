@@ -109,6 +109,8 @@ def test_zero_for_everyone_under_saturation() -> None:
     requests = [FakeRequest(f"r{i}") for i in range(32)]
     policy = make_policy({r.req_id: 0.6 for r in requests}, cost)
     assert set(choose_for(policy, requests).values()) == {0}
+    queued = StepBase(BatchShape(32, 32, 3200, 0, 3200), 32.0, 512, num_waiting=100)
+    assert set(policy.choose(requests, queued).values()) == {0}  # a queue wants throughput: still none
 
 
 def test_probing_lets_a_stale_estimate_recover() -> None:
