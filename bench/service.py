@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import grpc
 
-from bench.load import percentile
+from bench.load import mean, percentile
 from bench.server_process import start_server
 from bench.workloads import completion_workload
 from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER, AsyncClient, build_request
@@ -74,7 +74,7 @@ async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, s
         # Measured by this client on the server's host (both CLOCK_MONOTONIC): when the chunk was
         # read, an upper bound on when it left the server.
         "step_end_to_chunk_arrived_ms": {
-            "mean": round(sum(arrival_delays_ms) / len(arrival_delays_ms), 3),
+            "mean": round(mean(arrival_delays_ms), 3),
             "p50": round(percentile(arrival_delays_ms, 50), 3),
             "p99": round(percentile(arrival_delays_ms, 99), 3),
         },
