@@ -5,7 +5,10 @@
    plan after sending its previous result; when the control loop had work the whole time, that
    wait is control plane + IPC. The server also measures, per chunk, the time from the end of the
    engine step that made it to the handler handing it to gRPC. Both come from GetStats (means over
-   the last 200 steps and chunks), read right after the streams finish.
+   the last 200 steps and chunks), read right after the streams finish. Each chunk's step-end
+   time also comes back in the stream's trailers, so this client times, on the same clock, when
+   the chunk's last byte left the server (a loopback packet capture, `bench/wire.py`; root only)
+   and when it read the chunk itself.
 2. Reliability: many requests at a fixed concurrency, a share of them cancelled at a random point;
    every request must end (finished or cancelled, never hung) and the server must end idle with
    its KV budget fully released.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -23,6 +27,7 @@ from typing import Any
 import anyio
 import grpc
 
+from bench import wire
 from bench.load import mean, percentile
 from bench.server_process import start_server
 from bench.workloads import completion_workload
@@ -38,31 +43,55 @@ class ReliabilityCounts:
     hung: int = 0
 
 
-async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, speculation: str) -> dict[str, Any]:
+def delay_summary_ms(delays_ms: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(mean(delays_ms), 3),
+        "p50": round(percentile(delays_ms, 50), 3),
+        "p99": round(percentile(delays_ms, 99), 3),
+    }
+
+
+def on_this_host(target: str) -> bool:
+    return target.rsplit(":", 1)[0] in {"127.0.0.1", "localhost", "[::1]"}
+
+
+async def overhead(
+    target: str, client: AsyncClient, num_streams: int, max_new_tokens: int, speculation: str, is_wire_timed: bool
+) -> dict[str, Any]:
     prompts = [item.prompt or "" for item in completion_workload(num_streams)]
     tokens = 0
-    arrival_delays_ms: list[float] = []
-    started = time.perf_counter()
+    step_end_ns: dict[str, list[int]] = {}  # per request id, one entry per chunk
+    arrived_ns: dict[str, list[int]] = {}
 
-    async def stream(prompt: str) -> None:
+    async def stream(streams_client: AsyncClient, request_id: str, prompt: str) -> None:
         nonlocal tokens
-        request = build_request(prompt, max_new_tokens=max_new_tokens, speculation=speculation)
-        call = client.stub.GenerateStream(request, metadata=((STEP_TIMING_HEADER, "1"),))
-        arrived_ns = []
+        request = build_request(prompt, max_new_tokens=max_new_tokens, speculation=speculation, request_id=request_id)
+        call = streams_client.stub.GenerateStream(request, metadata=((STEP_TIMING_HEADER, "1"),))
+        arrived = arrived_ns.setdefault(request_id, [])
         async for chunk in call:
-            arrived_ns.append(time.monotonic_ns())
+            arrived.append(time.monotonic_ns())
             tokens += len(chunk.token_ids)
-        step_end_ns = dict(await call.trailing_metadata())[STEP_END_TRAILER]
-        for arrived, step_end in zip(arrived_ns, map(int, str(step_end_ns).split(",")), strict=True):
-            if step_end:  # 0: the chunk came from no step (a cancel)
-                arrival_delays_ms.append((arrived - step_end) / 1e6)
+        trailers = dict(await call.trailing_metadata())
+        step_end_ns[request_id] = [int(ns) for ns in str(trailers[STEP_END_TRAILER]).split(",")]
 
-    async with anyio.create_task_group() as tg:
-        for prompt in prompts:
-            tg.start_soon(stream, prompt)
+    started = time.perf_counter()
+    # The capture starts before the streams' connection opens, so it reads that connection from
+    # its first frame. Starting and ending it blocks for a moment; nothing else runs then.
+    port = int(target.rsplit(":", 1)[1])
+    with wire.capture(port) if is_wire_timed else contextlib.nullcontext() as captured:
+        async with AsyncClient(target) as streams_client, anyio.create_task_group() as tg:
+            for i, prompt in enumerate(prompts):
+                tg.start_soon(stream, streams_client, f"bench-{speculation}-{i}", prompt)
     seconds = time.perf_counter() - started
     stats = await client.stats()
-    return {
+    # Both clocks are this host's CLOCK_MONOTONIC; a 0 step end marks a chunk from no step (a cancel).
+    arrival_delays_ms = [
+        (arrived - end) / 1e6
+        for request_id, ends in step_end_ns.items()
+        for arrived, end in zip(arrived_ns[request_id], ends, strict=True)
+        if end
+    ]
+    row = {
         "streams": num_streams,
         "speculation": speculation,
         "tokens": tokens,
@@ -71,14 +100,27 @@ async def overhead(client: AsyncClient, num_streams: int, max_new_tokens: int, s
         "overhead_percent_of_step": round(stats.mean_overhead_fraction * 100, 2),
         "step_end_to_chunk_handed_ms": round(stats.mean_chunk_handed_s * 1000, 3),
         "step_end_to_chunk_written_ms": round(stats.mean_chunk_written_s * 1000, 3),
-        # Measured by this client on the server's host (both CLOCK_MONOTONIC): when the chunk was
-        # read, an upper bound on when it left the server.
-        "step_end_to_chunk_arrived_ms": {
-            "mean": round(mean(arrival_delays_ms), 3),
-            "p50": round(percentile(arrival_delays_ms, 50), 3),
-            "p99": round(percentile(arrival_delays_ms, 99), 3),
-        },
+        # When this client read the chunk: an upper bound on when it left the server.
+        "step_end_to_chunk_arrived_ms": delay_summary_ms(arrival_delays_ms),
+        "step_end_to_chunk_on_wire_ms": None,
     }
+    if captured is not None:
+        row["step_end_to_chunk_on_wire_ms"] = delay_summary_ms(wire_delays_ms(captured, step_end_ns))
+    return row
+
+
+def wire_delays_ms(captured: wire.Capture, step_end_ns: dict[str, list[int]]) -> list[float]:
+    """Step end -> the packet with the chunk's last byte leaving, for every chunk of the streams."""
+    sent_ns: dict[str, list[int]] = {}
+    for message in captured.messages():
+        sent_ns.setdefault(pb.GenerateChunk.FromString(message.data).request_id, []).append(message.monotonic_ns)
+    delays_ms = []
+    for request_id, ends in step_end_ns.items():
+        sent = sent_ns.get(request_id, [])
+        if len(sent) != len(ends):
+            raise RuntimeError(f"the capture saw {len(sent)} of {len(ends)} chunks of {request_id}; packets were lost")
+        delays_ms += [(at - end) / 1e6 for at, end in zip(sent, ends, strict=True) if end]
+    return delays_ms
 
 
 async def reliability(
@@ -136,27 +178,45 @@ async def reliability(
     }
 
 
+def describe(row: dict[str, Any]) -> str:
+    def delays(summary: dict[str, float]) -> str:
+        return f"{summary['mean']:.3f} ms (p50 {summary['p50']:.3f}, p99 {summary['p99']:.3f})"
+
+    on_wire = row["step_end_to_chunk_on_wire_ms"]
+    return (
+        f"{row['streams']} streams, {row['speculation']:4}: {row['tokens_per_s']:.1f} tok/s, "
+        f"step {row['mean_step_ms']:.1f} ms, "
+        f"control plane + IPC {row['overhead_percent_of_step']:.2f}% of the step; step end -> chunk "
+        f"handed to gRPC {row['step_end_to_chunk_handed_ms']:.3f} ms, "
+        + (f"on the wire {delays(on_wire)}, " if on_wire else "")
+        + f"read by the client {delays(row['step_end_to_chunk_arrived_ms'])}"
+    )
+
+
 async def run_service_bench(
-    target: str, streams: list[int], max_new_tokens: int, requests: int, concurrency: int, cancel_share: float
+    target: str,
+    streams: list[int],
+    runs: int,
+    max_new_tokens: int,
+    requests: int,
+    concurrency: int,
+    cancel_share: float,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"overhead": [], "reliability": None}
     async with AsyncClient(target) as client:
         await client.wait_ready()
         info = await client.model_info()
         report["model"] = {"name": info.model, "dtype": info.dtype, "device": info.device}
-        await client.generate("def warm_up():", max_new_tokens=8)
-        for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
-            row = await overhead(client, n, max_new_tokens, speculation)
-            report["overhead"].append(row)
-            arrived = row["step_end_to_chunk_arrived_ms"]
-            print(
-                f"{n:3d} streams, {speculation:4}: {row['tokens_per_s']:7.1f} tok/s, "
-                f"step {row['mean_step_ms']:.1f} ms, "
-                f"control plane + IPC {row['overhead_percent_of_step']:.2f}% of the step, "
-                f"step end -> chunk handed to gRPC {row['step_end_to_chunk_handed_ms']:.3f} ms, "
-                f"written {row['step_end_to_chunk_written_ms']:.3f} ms, "
-                f"read by the client {arrived['mean']:.3f} ms (p50 {arrived['p50']:.3f}, p99 {arrived['p99']:.3f})"
-            )
+        # Untimed: the first batches after start-up run slower (allocator, caches, the cost model's refits).
+        await overhead(target, client, max(streams), 16, "auto", is_wire_timed=False)
+        is_wire_timed = on_this_host(target) and wire.can_capture()
+        if not is_wire_timed:
+            print("not timing chunks on the wire: that needs the server on this host and CAP_NET_RAW (root)")
+        for run in range(runs):
+            for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
+                row = await overhead(target, client, n, max_new_tokens, speculation, is_wire_timed)
+                report["overhead"].append(row | {"run": run})
+                print(f"run {run + 1}/{runs}, {describe(row)}")
         rel = await reliability(client, requests, concurrency, cancel_share, seed=0)
         report["reliability"] = rel
         print(
@@ -172,6 +232,7 @@ def main(
     target: str | None,
     dtype: str,
     streams: list[int],
+    runs: int,
     max_new_tokens: int,
     requests: int,
     concurrency: int,
@@ -183,9 +244,8 @@ def main(
         server = start_server(out_path.parent / "logs", "--dtype", dtype)
         target = server.target
     try:
-        report = anyio.run(
-            run_service_bench, target, streams, max_new_tokens, requests, concurrency, cancel_share, backend="asyncio"
-        )
+        args = (target, streams, runs, max_new_tokens, requests, concurrency, cancel_share)
+        report = anyio.run(run_service_bench, *args, backend="asyncio")
     finally:
         if server is not None:
             server.stop()

@@ -139,6 +139,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     service.add_argument("--target", help="a running server; by default one is started")
     service.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
     service.add_argument("--streams", type=int, nargs="+", default=[16], help="concurrent streams to time")
+    service.add_argument("--runs", type=int, default=3, help="timed runs per stream count and policy")
     service.add_argument("--max-new-tokens", type=int, default=128)
     service.add_argument("--requests", type=int, default=200)
     service.add_argument("--concurrency", type=int, default=32)
@@ -195,6 +196,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.target,
             args.dtype,
             args.streams,
+            args.runs,
             args.max_new_tokens,
             args.requests,
             args.concurrency,

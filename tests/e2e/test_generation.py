@@ -10,6 +10,7 @@ import anyio
 import grpc
 import pytest
 
+from bench import wire
 from bench.workloads import completion_workload, editing_workload
 from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER, AsyncClient, Client, build_request
 from client.pb import generation_pb2 as pb
@@ -83,6 +84,24 @@ def test_step_end_times_come_back_when_asked(client: Client) -> None:
     plain = client.stub.GenerateStream(request)
     list(plain)
     assert STEP_END_TRAILER not in dict(plain.trailing_metadata())
+
+
+def test_chunks_are_timed_on_the_wire(server: RunningServer) -> None:
+    # `bench service` times each chunk to the packet that carries it out of the server.
+    if not wire.can_capture():
+        pytest.skip("capturing packets needs CAP_NET_RAW (root)")
+    request = build_request(completion_workload(1)[0].prompt, max_new_tokens=12, request_id="wire-timed")
+    chunks, arrived_ns = [], []
+    with wire.capture(server.port) as captured, Client(server.target) as fresh:  # its connection opens inside
+        call = fresh.stub.GenerateStream(request, metadata=((STEP_TIMING_HEADER, "1"),))
+        for chunk in call:
+            chunks.append(chunk)
+            arrived_ns.append(time.monotonic_ns())
+        step_end_ns = [int(v) for v in dict(call.trailing_metadata())[STEP_END_TRAILER].split(",")]
+    sent = [(m.monotonic_ns, pb.GenerateChunk.FromString(m.data)) for m in captured.messages()]
+    assert [chunk for _, chunk in sent] == chunks
+    sent_ns = [at for at, _ in sent]
+    assert all(end < at < read for end, at, read in zip(step_end_ns, sent_ns, arrived_ns, strict=True))
 
 
 def test_chat_messages_and_stop_sequences(client: Client) -> None:

@@ -1,0 +1,67 @@
+"""The loopback capture's parser: HTTP/2 frames and gRPC messages rebuilt from TCP segments."""
+
+from __future__ import annotations
+
+import struct
+
+from bench.wire import HTTP2_PADDED, Packet, parse_packet, sent_messages
+
+SETTINGS, HEADERS, DATA = 0x4, 0x1, 0x0
+
+
+def frame(kind: int, stream_id: int, body: bytes, flags: int = 0) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + body
+
+
+def grpc_message(data: bytes) -> bytes:
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+def segments(stream: bytes, cuts: list[int], first_seq: int, client_port: int) -> list[Packet]:
+    """The stream cut into packets at the given offsets; packet i is stamped 1000 * (i + 1)."""
+    bounds = [0, *cuts, len(stream)]
+    return [
+        Packet(1000 * (i + 1), client_port, (first_seq + start) % (1 << 32), stream[start:end])
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False))
+    ]
+
+
+def test_messages_are_rebuilt_across_packets_frames_and_streams() -> None:
+    first = frame(DATA, 1, grpc_message(b"alpha"))
+    padded_body = bytes([3]) + grpc_message(b"beta") + grpc_message(b"gamma") + b"\0\0\0"
+    stream = (
+        frame(SETTINGS, 0, b"")
+        + frame(HEADERS, 1, b"\x88")
+        + first
+        + frame(DATA, 3, padded_body, flags=HTTP2_PADDED)
+        + frame(DATA, 1, grpc_message(b"delta")[:4])  # one message split over two DATA frames
+        + frame(DATA, 1, grpc_message(b"delta")[4:])
+    )
+    alpha_end = len(frame(SETTINGS, 0, b"") + frame(HEADERS, 1, b"\x88")) + len(first)
+    # Cut inside "alpha" (it is sent by the second packet), right after it and after "beta"; the sequence
+    # numbers wrap around, and the second packet is also seen again (a retransmission).
+    packets = segments(stream, [alpha_end - 3, alpha_end, alpha_end + 20], (1 << 32) - 5, 40000)
+    packets.insert(2, packets[1])
+    other = segments(frame(DATA, 1, grpc_message(b"other")), [], 7, 40001)
+    found = sorted(sent_messages(packets + other), key=lambda m: m[1])
+    assert found == sorted(
+        [(2000, b"alpha"), (3000, b"beta"), (4000, b"gamma"), (4000, b"delta"), (1000, b"other")],
+        key=lambda m: m[1],
+    )
+
+
+def test_a_message_cut_off_by_the_capture_end_is_left_out() -> None:
+    stream = frame(DATA, 1, grpc_message(b"whole")) + frame(DATA, 1, grpc_message(b"partial"))[:-2]
+    assert sent_messages(segments(stream, [], 0, 40000)) == [(1000, b"whole")]
+
+
+def test_only_tcp_payloads_from_the_server_port_are_kept() -> None:
+    def ethernet_ipv4_tcp(source_port: int, payload: bytes, protocol: int = 6) -> bytes:
+        ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, protocol, 0, 0]) + bytes(8)
+        tcp = struct.pack("!HHIIBB", source_port, 40000, 12345, 0, 5 << 4, 0) + bytes(6)
+        return bytes(14) + ip + tcp + payload
+
+    assert parse_packet(ethernet_ipv4_tcp(50051, b"data"), 50051) == (40000, 12345, b"data")
+    assert parse_packet(ethernet_ipv4_tcp(50052, b"data"), 50051) is None
+    assert parse_packet(ethernet_ipv4_tcp(50051, b""), 50051) is None
+    assert parse_packet(ethernet_ipv4_tcp(50051, b"data", protocol=17), 50051) is None
