@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from bench.wire import HTTP2_PADDED, Packet, parse_packet, sent_messages
@@ -22,7 +23,7 @@ def segments(stream: bytes, cuts: list[int], first_seq: int, client_port: int) -
     bounds = [0, *cuts, len(stream)]
     return [
         Packet(1000 * (i + 1), client_port, (first_seq + start) % (1 << 32), stream[start:end])
-        for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False))
+        for i, (start, end) in enumerate(itertools.pairwise(bounds))
     ]
 
 
