@@ -22,17 +22,21 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int)
         raise RuntimeError("profiling needs an idle engine")
     samples: list[StepSample] = []
     for shape in shapes:
-        per_seq = shape.num_context_tokens + shape.num_query_tokens
-        if shape.num_seqs * per_seq > runner.allocator.num_free_tokens:
+        queries = [shape.num_query_tokens] * shape.num_seqs + [1] * shape.num_plain_seqs
+        if sum(shape.num_context_tokens + n for n in queries) > runner.allocator.num_free_tokens:
             continue  # this KV cache is too small for the shape
-        ids = [f"__profile_{i}" for i in range(shape.num_seqs)]
-        regions = [runner.allocator.allocate(req_id, per_seq, runner.kv_cache) for req_id in ids]
+        ids = [f"__profile_{i}" for i in range(len(queries))]
+        regions = [
+            runner.allocator.allocate(req_id, shape.num_context_tokens + n, runner.kv_cache)
+            for req_id, n in zip(ids, queries, strict=True)
+        ]
         try:
             for region in regions:
                 runner.kv_cache.k[:, :, region.start : region.end].zero_()
                 runner.kv_cache.v[:, :, region.start : region.end].zero_()
             is_decode = shape.num_query_tokens <= runner.max_draft_tokens + 1
-            batch = synthetic_batch(shape, [r.start for r in regions], is_decode, runner.model.device)
+            starts = [r.start for r in regions]
+            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_decode, runner.model.device)
             seconds = []
             for i in range(repeats + (not samples)):
                 started = time.perf_counter()
@@ -47,17 +51,24 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int)
     return samples
 
 
-def synthetic_batch(shape: ProfileShape, kv_starts: list[int], is_decode: bool, device: torch.device) -> ForwardBatch:
-    n, cached = shape.num_query_tokens, shape.num_context_tokens
-    positions = list(range(cached, cached + n)) * shape.num_seqs
-    slots = [start + p for start in kv_starts for p in range(cached, cached + n)]
-    seqs = [SeqSlice(i * n, n, start, cached) for i, start in enumerate(kv_starts)]
-    # Logits for every verified position of a decode step, for the last token of a prefill chunk.
-    first = 0 if is_decode else n - 1
-    rows = [i * n + j for i in range(shape.num_seqs) for j in range(first, n)]
+def synthetic_batch(
+    queries: list[int], cached: int, kv_starts: list[int], is_decode: bool, device: torch.device
+) -> ForwardBatch:
+    """queries[i] query tokens for sequence i, each after `cached` tokens already in its KV region."""
+    positions: list[int] = []
+    slots: list[int] = []
+    rows: list[int] = []
+    seqs: list[SeqSlice] = []
+    for n, start in zip(queries, kv_starts, strict=True):
+        query_start = len(positions)
+        positions += range(cached, cached + n)
+        slots += [start + p for p in range(cached, cached + n)]
+        seqs.append(SeqSlice(query_start, n, start, cached))
+        # Logits for every verified position of a decode step, for the last token of a prefill chunk.
+        rows += range(query_start if is_decode else query_start + n - 1, query_start + n)
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    token_ids = [1 + (i % 1000) for i in range(shape.num_seqs * n)]
+    token_ids = [1 + (i % 1000) for i in range(len(positions))]
     return ForwardBatch(tensor(token_ids), tensor(positions), tensor(slots), tensor(rows), seqs)

@@ -68,6 +68,7 @@ class ProfileShape(_Wire, frozen=True):
     num_seqs: int  # sequences in the batch
     num_query_tokens: int  # tokens per sequence this step: 1 + k to verify, more for a prefill chunk
     num_context_tokens: int  # tokens already in each sequence's KV cache
+    num_plain_seqs: int = 0  # more sequences alongside, decoding one token each (a mixed batch)
 
 
 class ProfileRequest(_Wire, frozen=True, tag=6):

@@ -8,7 +8,7 @@ import sys
 
 from engine.catalog import DEFAULT_MODEL
 from engine.config import DTYPES, EngineConfig
-from server.config import SPECULATION_MODES, ServerConfig
+from server.config import LOG_LEVELS, SPECULATION_MODES, ServerConfig
 
 DRAFTERS = ("ngram", "none")
 POLICIES = {"goodput": "auto", "fixed": "fixed", "off": "off"}
@@ -57,6 +57,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--drain-grace", type=float, default=defaults.drain_grace_s, help="seconds to finish requests on SIGTERM")
     add("--log-format", default=defaults.log_format, choices=["console", "json"])
+    add("--log-level", default=defaults.log_level, choices=LOG_LEVELS, help="debug: one line per AUTO step's choice")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -87,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         admin_token=args.admin_token,
         drain_grace_s=args.drain_grace,
         log_format=args.log_format,
+        log_level=args.log_level,
     )
 
 

@@ -40,7 +40,7 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", GENERATION_SERVICE)
 
 
-def configure_logging(log_format: str) -> None:
+def configure_logging(log_format: str, log_level: str) -> None:
     renderer = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -49,7 +49,7 @@ def configure_logging(log_format: str) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[log_level.upper()]),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -87,7 +87,7 @@ async def set_health(health: health_aio.HealthServicer, is_serving: bool) -> Non
 
 
 async def serve(config: ServerConfig) -> None:
-    configure_logging(config.log_format)
+    configure_logging(config.log_format, config.log_level)
     stats = ServerStats(max_draft_tokens=config.engine.max_draft_tokens)
     if config.metrics_port:
         stats.metrics.serve(config.metrics_port, config.host)

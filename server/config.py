@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 
 SPECULATION_MODES = ("auto", "off", "fixed")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class ServerConfig:
     drain_grace_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     max_engine_restarts: int = 3  # within the restart window; beyond it the server exits
     log_format: str = "console"  # console or json
+    log_level: str = "info"  # debug adds lines per AUTO step: the chooser's inputs and choice, predicted vs measured
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -57,3 +59,4 @@ class ServerConfig:
         )
         require(self.drain_grace_s >= 0, "drain_grace_s must be >= 0")
         require(self.log_format in ("console", "json"), "log_format must be console or json")
+        require(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}")

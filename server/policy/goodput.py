@@ -70,6 +70,7 @@ class Choice:
     goodput: float  # predicted tokens per second with the chosen k
     plain_goodput: float  # ... with k = 0 for every request
     step_s: float  # predicted time of the chosen step
+    plain_step_s: float  # ... and of the step with k = 0 for every request
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ def choose(
     else:
         best_s, best_generated = plain_s, base.num_generated
     plain = base.num_generated / plain_s if plain_s > 0 else 0.0
-    return Choice(chosen, best_generated / best_s if best_s > 0 else 0.0, plain, best_s)
+    return Choice(chosen, best_generated / best_s if best_s > 0 else 0.0, plain, best_s, plain_s)
 
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:

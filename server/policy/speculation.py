@@ -11,9 +11,12 @@ estimate can recover when its text turns repetitive.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import structlog
 
 from engine.protocol import BatchShape
 from server.policy.acceptance import AcceptanceEstimator
@@ -25,6 +28,8 @@ from server.request import SpeculationMode
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
 MARGIN = 0.03  # speculation must beat plain decoding by 3% in the model's eyes
+
+log = structlog.get_logger("goodspeed.policy")
 
 
 class Decoding(Protocol):
@@ -53,6 +58,7 @@ class SpeculationPolicy:
     steps_at_zero: dict[str, int] = field(default_factory=dict)
     steps_since_probe: int = 0
     num_probes: int = 0
+    predicted_step_s: float = 0.0  # of the step being run, when --log-level debug logs it against the measured
 
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
         settings = self.settings
@@ -80,6 +86,9 @@ class SpeculationPolicy:
         choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN)
         self.last_choice = choice
         chosen = dict(choice.draft_tokens)
+        if log.is_enabled_for(logging.DEBUG):
+            log_choice(candidates, base, choice)
+            self.predicted_step_s = choice.step_s
         self.steps_since_probe += 1
         for c in candidates:
             if chosen[c.req_id] > 0:
@@ -100,8 +109,26 @@ class SpeculationPolicy:
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
         if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
             return
+        if self.predicted_step_s:
+            predicted_ms, measured_ms = round(self.predicted_step_s * 1e3, 2), round(seconds * 1e3, 2)
+            log.debug("auto step", predicted_ms=predicted_ms, measured_ms=measured_ms)
+            self.predicted_step_s = 0.0
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
         self.steps_at_zero.pop(req_id, None)
+
+
+def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice) -> None:
+    """One debug line per AUTO step: what the chooser saw and what it chose (req ids shortened)."""
+    log.debug(
+        "auto choice",
+        running=base.shape.num_seqs,
+        waiting=base.num_waiting,
+        first_pass_chance={c.req_id[:8]: round(c.pass_chances[0], 2) for c in candidates if c.max_draft_tokens},
+        max_k={c.req_id[:8]: c.max_draft_tokens for c in candidates if c.max_draft_tokens},
+        chosen_k={req_id[:8]: k for req_id, k in choice.draft_tokens.items() if k},
+        plain_ms=round(choice.plain_step_s * 1e3, 2),
+        predicted_ms=round(choice.step_s * 1e3, 2),
+    )

@@ -12,10 +12,14 @@ import pytest
 from engine.config import EngineConfig
 from engine.ipc import EngineDiedError, EngineProcess
 from engine.protocol import (
+    BatchShape,
     EngineError,
     EngineReady,
     FinishReason,
     NewRequest,
+    ProfileRequest,
+    ProfileResult,
+    ProfileShape,
     ScheduledRequest,
     StepPlan,
     StepResult,
@@ -102,6 +106,21 @@ def test_abort_mid_generation_frees_the_kv(engine: tuple[EngineProcess, EngineRe
         reason, step_id = result.outputs[0].finish_reason, step_id + 1
     assert reason == FinishReason.LENGTH
     assert result.num_free_kv_tokens == KV_TOKENS
+
+
+def test_profile_times_uniform_and_mixed_batches(engine: tuple[EngineProcess, EngineReady]) -> None:
+    proc, _ = engine
+    uniform, mixed, too_big = ProfileShape(2, 3, 16), ProfileShape(1, 2, 16, num_plain_seqs=3), ProfileShape(9, 8, 60)
+    proc.send(ProfileRequest([uniform, mixed, too_big], repeats=1))
+    result = proc.recv(timeout=60)
+    assert isinstance(result, ProfileResult), result
+    # (query tokens, KV tokens attended) per sequence; the third shape does not fit in the KV cache.
+    assert [s.shape for s in result.samples] == [BatchShape.of([(3, 19)] * 2), BatchShape.of([(2, 18)] + [(1, 17)] * 3)]
+    assert all(s.step_s > 0 for s in result.samples)
+    assert result.samples[1].shape.num_multi_token_seqs == 1
+    after = step(proc, StepPlan(20, [NewRequest("after", [5, 6], 2)], [ScheduledRequest("after", 2)]))
+    assert after.num_free_kv_tokens == KV_TOKENS - (2 + 2)  # the profile gave its KV regions back
+    step(proc, StepPlan(21, finished_req_ids=["after"]))
 
 
 def test_unknown_or_oversized_requests_get_an_error_not_a_crash(engine: tuple[EngineProcess, EngineReady]) -> None:

@@ -7,6 +7,7 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
+import structlog.testing
 
 from engine.protocol import BatchShape
 from server.policy import PolicySettings, SpeculationPolicy
@@ -288,3 +289,16 @@ def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
     assert estimator.first_rate("odd", 8) < rates[2] < estimator.first_rate("new", 8)
     estimator.forget("odd")
     assert estimator.first_rate("odd", 8) == estimator.first_rate("new", 8)
+
+
+def test_debug_log_shows_each_auto_choice_and_its_measured_step() -> None:
+    policy = make_policy({"copying": 0.95, "idle": 0.9}, FakeCost())
+    requests = [FakeRequest("copying"), FakeRequest("idle", num_draftable=0)]
+    with structlog.testing.capture_logs() as logs:
+        chosen = choose_for(policy, requests)
+        policy.observe_step(BatchShape(10, 2, 200, 1, 1000), 0.041)
+    choice, step = [entry for entry in logs if entry["event"] in ("auto choice", "auto step")]
+    assert choice["chosen_k"] == {"copying": chosen["copying"]} and chosen["copying"] > 0
+    assert choice["max_k"] == {"copying": 8} and choice["first_pass_chance"] == {"copying": 0.95}
+    assert (choice["running"], choice["waiting"]) == (2, 0)
+    assert step["predicted_ms"] == choice["predicted_ms"] and step["measured_ms"] == 41.0
