@@ -193,6 +193,16 @@ def describe(row: dict[str, Any]) -> str:
     )
 
 
+def across_runs(rows: list[dict[str, Any]]) -> str:
+    """The runs' mean chunk delays, side by side."""
+    parts = [f"overhead {mean([r['overhead_percent_of_step'] for r in rows]):.2f}%"]
+    for key, name in (("step_end_to_chunk_on_wire_ms", "on the wire"), ("step_end_to_chunk_arrived_ms", "read")):
+        if all(r[key] for r in rows):
+            means = [r[key]["mean"] for r in rows]
+            parts.append(f"{name} {mean(means):.3f} ms (runs: {', '.join(f'{m:.2f}' for m in means)})")
+    return ", ".join(parts)
+
+
 async def run_service_bench(
     target: str,
     streams: list[int],
@@ -217,6 +227,9 @@ async def run_service_bench(
                 row = await overhead(target, client, n, max_new_tokens, speculation, is_wire_timed)
                 report["overhead"].append(row | {"run": run})
                 print(f"run {run + 1}/{runs}, {describe(row)}")
+        for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
+            rows = [r for r in report["overhead"] if (r["streams"], r["speculation"]) == (n, speculation)]
+            print(f"{n} streams, {speculation:4}, mean over {runs} runs: " + across_runs(rows))
         rel = await reliability(client, requests, concurrency, cancel_share, seed=0)
         report["reliability"] = rel
         print(
