@@ -65,7 +65,7 @@ class Shutdown(_Wire, frozen=True, tag=2):
 
 
 class ProfileShape(_Wire, frozen=True):
-    num_seqs: int  # sequences in the batch
+    num_seqs: int  # sequences with num_query_tokens each (all of the batch unless num_plain_seqs)
     num_query_tokens: int  # tokens per sequence this step: 1 + k to verify, more for a prefill chunk
     num_context_tokens: int  # tokens already in each sequence's KV cache
     num_plain_seqs: int = 0  # more sequences alongside, decoding one token each (a mixed batch)

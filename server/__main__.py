@@ -57,7 +57,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--drain-grace", type=float, default=defaults.drain_grace_s, help="seconds to finish requests on SIGTERM")
     add("--log-format", default=defaults.log_format, choices=["console", "json"])
-    add("--log-level", default=defaults.log_level, choices=LOG_LEVELS, help="debug: one line per AUTO step's choice")
+    add(
+        "--log-level",
+        default=defaults.log_level,
+        choices=LOG_LEVELS,
+        help="debug: two lines per AUTO step (its choice; predicted vs measured time)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -41,6 +41,7 @@ HEALTH_SERVICES = ("", GENERATION_SERVICE)
 
 
 def configure_logging(log_format: str, log_level: str) -> None:
+    level = logging.getLevelNamesMapping()[log_level.upper()]
     renderer = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -49,10 +50,10 @@ def configure_logging(log_format: str, log_level: str) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[log_level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=max(logging.INFO, level), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def build_grpc_server(config: ServerConfig, services: Services) -> grpc.aio.Server:

@@ -28,8 +28,8 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
                     shapes.append(ProfileShape(num_seqs, num_query, context))
     # In uniform batches every sequence verifies or none does, so the cost of turning one decode
     # into a verification cannot be told from the cost of its extra tokens; the chooser prices
-    # exactly that. (Without these, a first draft at 8 sequences was priced at 4.8 ms against a
-    # measured 1.5-2.8.)
+    # exactly that. (Without these, a first draft at 8 sequences was priced at 4.8 ms against
+    # 1.0-3.1 ms timed directly: docs/goodput-policy.md.)
     for num_seqs in (8, 16):
         for num_verifying in (num_seqs // 4, num_seqs // 2):
             for num_query in (2, 4):

@@ -58,9 +58,10 @@ class SpeculationPolicy:
     steps_at_zero: dict[str, int] = field(default_factory=dict)
     steps_since_probe: int = 0
     num_probes: int = 0
-    predicted_step_s: float = 0.0  # of the step being run, when --log-level debug logs it against the measured
+    predicted_step_s: float | None = None  # of the step being run, when --log-level debug logs it against the measured
 
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
+        self.predicted_step_s = None  # set again below if this step is chosen by AUTO
         settings = self.settings
         chosen, auto = {}, []
         for request in requests:
@@ -86,9 +87,6 @@ class SpeculationPolicy:
         choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN)
         self.last_choice = choice
         chosen = dict(choice.draft_tokens)
-        if log.is_enabled_for(logging.DEBUG):
-            log_choice(candidates, base, choice)
-            self.predicted_step_s = choice.step_s
         self.steps_since_probe += 1
         for c in candidates:
             if chosen[c.req_id] > 0:
@@ -101,6 +99,9 @@ class SpeculationPolicy:
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0
                 self.num_probes += 1
+        if log.is_enabled_for(logging.DEBUG):
+            log_choice(candidates, base, choice, chosen)
+            self.predicted_step_s = choice.step_s
         return chosen
 
     def observe_draft(self, req_id: str, match_len: int, num_drafted: int, num_accepted: int) -> None:
@@ -109,10 +110,10 @@ class SpeculationPolicy:
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
         if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
             return
-        if self.predicted_step_s:
+        if self.predicted_step_s is not None:
             predicted_ms, measured_ms = round(self.predicted_step_s * 1e3, 2), round(seconds * 1e3, 2)
             log.debug("auto step", predicted_ms=predicted_ms, measured_ms=measured_ms)
-            self.predicted_step_s = 0.0
+            self.predicted_step_s = None
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:
@@ -120,15 +121,17 @@ class SpeculationPolicy:
         self.steps_at_zero.pop(req_id, None)
 
 
-def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice) -> None:
-    """One debug line per AUTO step: what the chooser saw and what it chose (req ids shortened)."""
+def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int]) -> None:
+    """One debug line per AUTO step: what the chooser saw and what it chose, probes included (they
+    are not in predicted_ms; the scheduler's token budget may still cut k). Req ids shortened."""
     log.debug(
         "auto choice",
         running=base.shape.num_seqs,
         waiting=base.num_waiting,
         first_pass_chance={c.req_id[:8]: round(c.pass_chances[0], 2) for c in candidates if c.max_draft_tokens},
         max_k={c.req_id[:8]: c.max_draft_tokens for c in candidates if c.max_draft_tokens},
-        chosen_k={req_id[:8]: k for req_id, k in choice.draft_tokens.items() if k},
+        chosen_k={req_id[:8]: k for req_id, k in chosen.items() if k},
+        probed=[req_id[:8] for req_id, k in chosen.items() if k and not choice.draft_tokens[req_id]],
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
     )
