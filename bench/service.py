@@ -43,6 +43,9 @@ class ReliabilityCounts:
     hung: int = 0
 
 
+NEW_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
 def delay_summary_ms(delays_ms: list[float]) -> dict[str, float]:
     return {
         "mean": round(mean(delays_ms), 3),
@@ -75,10 +78,11 @@ async def overhead(
         step_end_ns[request_id] = [int(ns) for ns in str(trailers[STEP_END_TRAILER]).split(",")]
 
     # The capture starts before the streams' connection opens, so it reads that connection from
-    # its first frame. Starting and ending it blocks for a moment; nothing else runs then.
+    # its first frame (a channel of its own: by default gRPC would reuse this process's
+    # connection). Starting and ending the capture blocks for a moment; nothing else runs then.
     port = int(target.rsplit(":", 1)[1])
     with wire.capture(port) if is_wire_timed else contextlib.nullcontext() as captured:
-        async with AsyncClient(target) as streams_client:
+        async with AsyncClient(target, options=NEW_CONNECTION) as streams_client:
             started = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for i, prompt in enumerate(prompts):

@@ -72,8 +72,11 @@ def auth_metadata(admin_token: str | None) -> list[tuple[str, str]]:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "localhost:50051", admin_token: str | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str = "localhost:50051", admin_token: str | None = None, options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
+        """options: gRPC channel arguments."""
+        self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.GenerationStub(self.channel)  # type: ignore[no-untyped-call]
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
         self.health = health_pb2_grpc.HealthStub(self.channel)
