@@ -46,6 +46,22 @@ class ReliabilityCounts:
 NEW_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceBench:
+    """What `goodspeed bench service` runs."""
+
+    streams: list[int]  # concurrent streams to time, one setting each
+    runs: int  # timed runs per setting
+    max_new_tokens: int
+    requests: int  # reliability: requests in all,
+    concurrency: int  # ... at most this many at once,
+    cancel_share: float  # ... this share of them cancelled by the client
+
+    def settings(self) -> list[tuple[int, str]]:
+        """(streams, speculation) for every timed setting."""
+        return [(n, speculation) for n in self.streams for speculation in ("off", "auto")]
+
+
 def delay_summary_ms(delays_ms: list[float]) -> dict[str, float]:
     return {
         "mean": round(mean(delays_ms), 3),
@@ -211,34 +227,26 @@ def across_runs(rows: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
-async def run_service_bench(
-    target: str,
-    streams: list[int],
-    runs: int,
-    max_new_tokens: int,
-    requests: int,
-    concurrency: int,
-    cancel_share: float,
-) -> dict[str, Any]:
+async def run_service_bench(target: str, bench: ServiceBench) -> dict[str, Any]:
     report: dict[str, Any] = {"overhead": [], "reliability": None}
     async with AsyncClient(target) as client:
         await client.wait_ready()
         info = await client.model_info()
         report["model"] = {"name": info.model, "dtype": info.dtype, "device": info.device}
         # Untimed: the first batches after start-up run slower (allocator, caches, the cost model's refits).
-        await overhead(target, client, max(streams), 16, "auto", is_wire_timed=False)
+        await overhead(target, client, max(bench.streams), 16, "auto", is_wire_timed=False)
         is_wire_timed = on_this_host(target) and wire.can_capture()
         if not is_wire_timed:
             print("not timing chunks on the wire: that needs the server on this host and CAP_NET_RAW (root)")
-        for run in range(runs):
-            for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
-                row = await overhead(target, client, n, max_new_tokens, speculation, is_wire_timed)
+        for run in range(bench.runs):
+            for n, speculation in bench.settings():
+                row = await overhead(target, client, n, bench.max_new_tokens, speculation, is_wire_timed)
                 report["overhead"].append(row | {"run": run})
-                print(f"run {run + 1}/{runs}, {describe(row)}")
-        for n, speculation in [(n, s) for n in streams for s in ("off", "auto")]:
+                print(f"run {run + 1}/{bench.runs}, {describe(row)}")
+        for n, speculation in bench.settings():
             rows = [r for r in report["overhead"] if (r["streams"], r["speculation"]) == (n, speculation)]
-            print(f"{n} streams, {speculation:4}, mean over {runs} runs: " + across_runs(rows))
-        rel = await reliability(client, requests, concurrency, cancel_share, seed=0)
+            print(f"{n} streams, {speculation:4}, mean over {bench.runs} runs: " + across_runs(rows))
+        rel = await reliability(client, bench.requests, bench.concurrency, bench.cancel_share, seed=0)
         report["reliability"] = rel
         print(
             f"{rel['requests']} requests at {rel['concurrency']} concurrent: {rel['finished']} finished, "
@@ -249,24 +257,13 @@ async def run_service_bench(
     return report
 
 
-def main(
-    target: str | None,
-    dtype: str,
-    streams: list[int],
-    runs: int,
-    max_new_tokens: int,
-    requests: int,
-    concurrency: int,
-    cancel_share: float,
-    out_path: Path,
-) -> int:
+def main(target: str | None, dtype: str, bench: ServiceBench, out_path: Path) -> int:
     server = None
     if target is None:
         server = start_server(out_path.parent / "logs", "--dtype", dtype)
         target = server.target
     try:
-        args = (target, streams, runs, max_new_tokens, requests, concurrency, cancel_share)
-        report = anyio.run(run_service_bench, *args, backend="asyncio")
+        report = anyio.run(run_service_bench, target, bench, backend="asyncio")
     finally:
         if server is not None:
             server.stop()

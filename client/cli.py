@@ -190,19 +190,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.kind == "service":
+        from bench.service import ServiceBench
         from bench.service import main as service_main
 
-        return service_main(
-            args.target,
-            args.dtype,
-            args.streams,
-            args.runs,
-            args.max_new_tokens,
-            args.requests,
-            args.concurrency,
-            args.cancel_share,
-            args.out,
+        bench = ServiceBench(
+            args.streams, args.runs, args.max_new_tokens, args.requests, args.concurrency, args.cancel_share
         )
+        return service_main(args.target, args.dtype, bench, args.out)
     if args.kind == "engine":
         from bench.engine import run_engine_bench
 
