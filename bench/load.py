@@ -78,7 +78,7 @@ class PointResult:
     wall_s: float  # summed over repeats
     repeat_mean_latencies_s: list[float]  # one per repeat: the spread says how noisy the point is
     # From the server's GetStats, over this point's steps: [k] how many times a request's decode
-    # step was planned with k draft tokens (num_steps counts engine steps, a batch each), and the
+    # step drafted k tokens (num_steps counts engine steps, a batch each), and the
     # cost model's recent relative error at the point's end (AUTO's view of step cost).
     drafts_per_length: list[int]
     num_steps: int

@@ -191,7 +191,7 @@ class Scheduler:
         summary.num_generated += num_new
         summary.num_drafted += num_drafted
         summary.num_accepted += num_accepted
-        summary.draft_lengths.append(self.planned_draft_tokens[state.req_id])
+        summary.draft_lengths.append(num_drafted)  # what was verified: the plan may ask for more
 
     def _finish(self, state: RequestState, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
         """Ends a request; it leaves the batch and its KV reservation is released."""

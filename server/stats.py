@@ -63,16 +63,15 @@ class ServerStats:
             self.num_generated_tokens += num_new
             m.generated_tokens.inc(num_new)
             if output.req_id in planned_k:
-                self._observe_decode(
-                    planned_k[output.req_id], num_new, output.num_draft_tokens, output.num_accepted_tokens
-                )
+                self._observe_decode(num_new, output.num_draft_tokens, output.num_accepted_tokens)
 
-    def _observe_decode(self, k: int, num_new: int, num_drafted: int, num_accepted: int) -> None:
+    def _observe_decode(self, num_new: int, num_drafted: int, num_accepted: int) -> None:
         m = self.metrics
         self.num_decode_steps += 1
         self.num_decode_tokens += num_new
-        self.drafts_per_length[min(k, self.max_draft_tokens)] += 1
-        m.draft_length.observe(k)
+        # What the step drafted, not the k planned: FIXED plans k whether or not the drafter has a proposal.
+        self.drafts_per_length[min(num_drafted, self.max_draft_tokens)] += 1
+        m.draft_length.observe(num_drafted)
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         m.draft_tokens.inc(num_drafted)

@@ -137,3 +137,15 @@ def test_deadlines_end_waiting_and_running_requests() -> None:
     assert expired == [waiting] and isinstance(waiting.mailbox._chunks[-1].error, DeadlineExceededError)
     assert scheduler.expire(now + 11) == [running]
     assert scheduler.schedule() is not None and not scheduler.running
+
+
+def test_a_step_records_the_k_it_drafted_not_the_k_planned() -> None:
+    scheduler = make_scheduler(k=3)  # FIXED 3
+    scheduler.add(make_state("a", 2))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("a", [70], 0, 0, NONE)))
+    plan = scheduler.schedule()
+    assert plan is not None and plan.scheduled[0].num_draft_tokens == 3
+    scheduler.update(result(plan.step_id, ("a", [71, 72], 1, 1, NONE)))  # the drafter had one token
+    assert scheduler.running["a"].speculation.draft_lengths == [1]
