@@ -1,12 +1,18 @@
-"""`goodspeed bench load`: open-loop Poisson load against a server, for several speculation
-policies and request rates; latency, TTFT, TPOT, throughput and acceptance per point; JSON and a
-PNG plot of mean latency against rate, a line per policy.
+"""`goodspeed bench load`: load against a server, for several speculation policies and loads;
+latency, TTFT, TPOT, throughput and acceptance per point; JSON and a PNG plot, a line per policy.
 
-Open loop: requests start at their Poisson arrival times whether or not earlier ones finished, so
-beyond saturation the queue (and latency) grows, as it would for real traffic. Every policy sees
-the same arrival times and the same prompts, and at each rate the policies run back to back, so
-slow drifts of the machine hit all of them alike. The policy is set per request (the request's
-speculation field), so one server serves every policy.
+Open loop (`--rates`, the default): requests start at their Poisson arrival times whether or not
+earlier ones finished, so beyond saturation the queue (and latency) grows, as it would for real
+traffic. Every policy sees the same arrival times and the same prompts, and at each rate the
+policies run back to back, so slow drifts of the machine hit all of them alike.
+
+Closed loop (`--concurrency`): a fixed number of clients each send their next request when the
+last one ends, so the batch holds that many requests. Throughput is counted only while all of
+them are in flight (from the last client's first request to the last request sent), which makes
+it the server's capacity at that batch size: it compares policies with far less noise than
+open-loop latency, whose mean near saturation swings with the arrival pattern.
+
+The policy is set per request (the request's speculation field), so one server serves every policy.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ class LoadShape:
     min_requests: int = 16  # ... within these bounds
     max_requests: int = 40
     repeats: int = 1
+    requests_per_client: int = 4  # closed loop: each point sends concurrency x this many requests
 
     def __post_init__(self) -> None:
         if not self.seconds_per_point > 0:
@@ -49,6 +56,10 @@ class LoadShape:
             )
         if self.repeats < 1:
             raise ValueError(f"repeats: must be >= 1, got {self.repeats}")
+        if self.requests_per_client < 2:
+            raise ValueError(
+                f"requests_per_client: must be >= 2 (one to fill the batch), got {self.requests_per_client}"
+            )
 
 
 @dataclass
@@ -60,12 +71,14 @@ class RequestRecord:
     num_steps: int = 0
     num_step_tokens: float = 0.0  # tokens produced by decoding steps
     error: str = ""
+    token_times: list[tuple[float, int]] = field(default_factory=list)  # (when read, tokens) per chunk
 
 
 @dataclass
 class PointResult:
     policy: str
-    rate: float
+    rate: float  # open loop: requests per second offered (0 in closed loop)
+    concurrency: int  # closed loop: requests kept in flight (0 in open loop)
     num_requests: int  # over all repeats
     num_errors: int
     mean_latency_s: float
@@ -73,10 +86,11 @@ class PointResult:
     p99_latency_s: float
     mean_ttft_s: float
     mean_tpot_s: float
-    tokens_per_s: float
+    tokens_per_s: float  # open loop: over the whole run; closed loop: while the batch is full
     mean_accepted_length: float
     wall_s: float  # summed over repeats
     repeat_mean_latencies_s: list[float]  # one per repeat: the spread says how noisy the point is
+    repeat_tokens_per_s: list[float]
     # From the server's GetStats, over this point's steps: [k] how many times a request's decode
     # step drafted k tokens (num_steps counts engine steps, a batch each), and the
     # cost model's recent relative error at the point's end (AUTO's view of step cost).
@@ -91,6 +105,8 @@ class PointRun:
 
     records: list[RequestRecord]
     wall_s: float
+    window_s: float  # when throughput is counted: the whole run, or (closed loop) while the batch is full
+    window_tokens: int
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
@@ -124,6 +140,7 @@ async def run_request(client: AsyncClient, item: WorkloadItem, policy: str, reco
             if chunk.token_ids and not record.first_token_s:
                 record.first_token_s = now
             record.num_tokens += len(chunk.token_ids)
+            record.token_times.append((now, len(chunk.token_ids)))
             if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 record.num_steps = chunk.speculation.steps
                 record.num_step_tokens = chunk.speculation.mean_accepted_length * chunk.speculation.steps
@@ -151,26 +168,57 @@ async def run_point(
             records.append(record)
             tg.start_soon(run_request, client, items[i % len(items)], policy, record)
     after = await client.stats()
+    return point_run(records, records[0].arrival_s, max(r.end_s for r in records), before, after)
+
+
+async def run_closed_point(
+    client: AsyncClient, items: list[WorkloadItem], policy: str, concurrency: int, num_requests: int, first_item: int
+) -> PointRun:
+    """concurrency clients, each sending its next request when the last ends, num_requests in all,
+    the workload's items in order from first_item."""
+    before = await client.stats()
+    records: list[RequestRecord] = []
+
+    async def client_loop() -> None:
+        while len(records) < num_requests:
+            record = RequestRecord(arrival_s=time.perf_counter())
+            records.append(record)
+            await run_request(client, items[(first_item + len(records) - 1) % len(items)], policy, record)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(client_loop)
+    after = await client.stats()
+    # The batch is full from the last client's first request to the last request sent.
+    return point_run(records, records[concurrency - 1].arrival_s, records[-1].arrival_s, before, after)
+
+
+def point_run(records: list[RequestRecord], start_s: float, end_s: float, before: Any, after: Any) -> PointRun:
+    """A run's records, with throughput counted over [start_s, end_s] and the server's counters
+    (GetStats before and after) over the whole run."""
     return PointRun(
         records=records,
         wall_s=max(r.end_s for r in records) - records[0].arrival_s,
+        window_s=end_s - start_s,
+        window_tokens=sum(n for r in records for t, n in r.token_times if start_s <= t <= end_s),
         drafts_per_length=[a - b for a, b in zip(after.drafts_per_length, before.drafts_per_length, strict=True)],
         num_steps=after.steps - before.steps,
         cost_model_error=after.cost_model_error,
     )
 
 
-def summarize_point(policy: str, rate: float, runs: list[PointRun]) -> PointResult:
+def summarize_point(policy: str, rate: float, runs: list[PointRun], concurrency: int = 0) -> PointResult:
     """Pools the requests of every repeat of a point."""
     records = [r for run in runs for r in run.records]
     ok = [r for r in records if not r.error]
     latencies = [r.end_s - r.arrival_s for r in ok]
     tpots = [(r.end_s - r.first_token_s) / (r.num_tokens - 1) for r in ok if r.num_tokens > 1]
     steps = sum(r.num_steps for r in ok)
-    wall = sum(run.wall_s for run in runs)
+    wall, window = sum(run.wall_s for run in runs), sum(run.window_s for run in runs)
     return PointResult(
         policy=policy,
         rate=rate,
+        concurrency=concurrency,
         num_requests=len(records),
         num_errors=len(records) - len(ok),
         mean_latency_s=mean(latencies),
@@ -178,12 +226,13 @@ def summarize_point(policy: str, rate: float, runs: list[PointRun]) -> PointResu
         p99_latency_s=percentile(latencies, 99),
         mean_ttft_s=mean([r.first_token_s - r.arrival_s for r in ok]),
         mean_tpot_s=mean(tpots),
-        tokens_per_s=sum(r.num_tokens for r in ok) / wall if wall > 0 else 0.0,
+        tokens_per_s=sum(run.window_tokens for run in runs) / window if window > 0 else 0.0,
         mean_accepted_length=sum(r.num_step_tokens for r in ok) / steps if steps else 0.0,
         wall_s=wall,
         repeat_mean_latencies_s=[
             round(mean([r.end_s - r.arrival_s for r in run.records if not r.error]), 3) for run in runs
         ],
+        repeat_tokens_per_s=[round(run.window_tokens / run.window_s, 1) if run.window_s > 0 else 0.0 for run in runs],
         drafts_per_length=[sum(counts) for counts in zip(*(run.drafts_per_length for run in runs), strict=True)],
         num_steps=sum(run.num_steps for run in runs),
         cost_model_error=runs[-1].cost_model_error,
@@ -210,40 +259,50 @@ async def run_load(
     target: str,
     items: list[WorkloadItem],
     policies: list[str],
-    rates: list[float],
+    loads: list[tuple[float, int]],
     load: LoadShape,
     seed: int,
 ) -> list[PointResult]:
+    """loads: (rate, 0) for an open-loop point, (0, concurrency) for a closed-loop one."""
     results: list[PointResult] = []
     async with AsyncClient(target) as client:
         await client.wait_ready()
         for policy in policies:  # warm-up: every policy once, so no point pays first-use costs
             await run_request(client, items[0], policy, RequestRecord(arrival_s=time.perf_counter()))
-        for i, rate in enumerate(rates):
-            num_requests = requests_for(rate, load.seconds_per_point, load.min_requests, load.max_requests)
+        for i, (rate, concurrency) in enumerate(loads):
             runs: dict[str, list[PointRun]] = {policy: [] for policy in policies}
             for repeat in range(load.repeats):
-                # Rotated per rate and repeat, so no policy always runs first or after the same one;
-                # each repeat draws other arrival times, the same for every policy.
+                # Rotated per load and repeat, so no policy always runs first or after the same one;
+                # each repeat draws other arrival times (or items), the same for every policy.
                 shift = (i + repeat) % len(policies)
                 for policy in policies[shift:] + policies[:shift]:
                     await wait_idle(client)
-                    runs[policy].append(await run_point(client, items, policy, rate, num_requests, seed + repeat))
+                    if concurrency:
+                        num_requests = concurrency * load.requests_per_client
+                        run = await run_closed_point(
+                            client, items, policy, concurrency, num_requests, repeat * num_requests
+                        )
+                    else:
+                        num_requests = requests_for(rate, load.seconds_per_point, load.min_requests, load.max_requests)
+                        run = await run_point(client, items, policy, rate, num_requests, seed + repeat)
+                    runs[policy].append(run)
             for policy in policies:
-                point = summarize_point(policy, rate, runs[policy])
+                point = summarize_point(policy, rate, runs[policy], concurrency)
                 results.append(point)
                 print_point(point)
     return results
 
 
 def print_point(point: PointResult) -> None:
+    where = f"concurrency {point.concurrency:3d}" if point.concurrency else f"rate {point.rate:5.2f}/s"
     print(
-        f"rate {point.rate:5.2f}/s {point.policy:7} {point.num_requests:3d} req: mean {point.mean_latency_s:6.2f}s "
+        f"{where} {point.policy:7} {point.num_requests:3d} req: mean {point.mean_latency_s:6.2f}s "
         f"p50 {point.p50_latency_s:6.2f}s p99 {point.p99_latency_s:6.2f}s "
         f"TTFT {point.mean_ttft_s:5.2f}s TPOT {point.mean_tpot_s * 1000:6.1f}ms "
         f"{point.tokens_per_s:6.1f} tok/s accepted/step {point.mean_accepted_length:4.2f} "
         f"k used {k_text(point.drafts_per_length)}"
         + (f" repeats {point.repeat_mean_latencies_s}" if len(point.repeat_mean_latencies_s) > 1 else "")
+        + (f" tok/s {point.repeat_tokens_per_s}" if len(point.repeat_tokens_per_s) > 1 else "")
         + (f" errors {point.num_errors}" if point.num_errors else ""),
         flush=True,
     )
@@ -261,14 +320,18 @@ def plot(results: list[PointResult], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    is_closed = any(r.concurrency for r in results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for policy in dict.fromkeys(r.policy for r in results):
-        points = sorted((r for r in results if r.policy == policy), key=lambda r: r.rate)
+        points = sorted((r for r in results if r.policy == policy), key=lambda r: (r.rate, r.concurrency))
         style = {"linewidth": 2.5, "color": "black"} if policy == "auto" else {"linewidth": 1.2}
-        axes[0].plot([p.rate for p in points], [p.mean_latency_s for p in points], marker="o", label=policy, **style)
-        axes[1].plot([p.rate for p in points], [p.p99_latency_s for p in points], marker="o", label=policy, **style)
-    for ax, name in zip(axes, ("mean latency (s)", "p99 latency (s)"), strict=True):
-        ax.set_xlabel("request rate (requests/s, Poisson)")
+        xs = [p.concurrency if is_closed else p.rate for p in points]
+        axes[0].plot(xs, [p.mean_latency_s for p in points], marker="o", label=policy, **style)
+        right = [p.tokens_per_s if is_closed else p.p99_latency_s for p in points]
+        axes[1].plot(xs, right, marker="o", label=policy, **style)
+    names = ("mean latency (s)", "generated tokens/s, batch full" if is_closed else "p99 latency (s)")
+    for ax, name in zip(axes, names, strict=True):
+        ax.set_xlabel("requests in flight (closed loop)" if is_closed else "request rate (requests/s, Poisson)")
         ax.set_ylabel(name)
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -280,23 +343,29 @@ def plot(results: list[PointResult], title: str, path: Path) -> None:
 
 
 def summarize(results: list[PointResult]) -> dict[str, Any]:
-    """AUTO against the best other policy, and against OFF, at every rate."""
+    """AUTO against the best other policy, and against OFF, at every load: by mean latency, and in
+    closed loop also by throughput. Keys: the rate ("2.5"), or the concurrency ("c24")."""
     summary = {}
-    for rate in sorted({r.rate for r in results}):
-        at_rate = {r.policy: r for r in results if r.rate == rate}
-        if "auto" not in at_rate:
+    for rate, concurrency in sorted({(r.rate, r.concurrency) for r in results}):
+        at_load = {r.policy: r for r in results if (r.rate, r.concurrency) == (rate, concurrency)}
+        if "auto" not in at_load:
             continue
-        others = [r for p, r in at_rate.items() if p != "auto" and not r.num_errors]
+        others = [r for p, r in at_load.items() if p != "auto" and not r.num_errors]
         best = min(others, key=lambda r: r.mean_latency_s) if others else None
-        auto = at_rate["auto"]
-        summary[str(rate)] = {
+        auto = at_load["auto"]
+        entry: dict[str, Any] = {
             "auto_mean_latency_s": round(auto.mean_latency_s, 3),
             "best_other": best.policy if best else None,
             "auto_over_best": round(auto.mean_latency_s / best.mean_latency_s, 3) if best else None,
-            "off_over_auto": round(at_rate["off"].mean_latency_s / auto.mean_latency_s, 3)
-            if "off" in at_rate
+            "off_over_auto": round(at_load["off"].mean_latency_s / auto.mean_latency_s, 3)
+            if "off" in at_load
             else None,
         }
+        if concurrency and others:
+            fastest = max(others, key=lambda r: r.tokens_per_s)
+            entry["most_tokens_per_s"] = fastest.policy
+            entry["auto_tokens_per_s_over_most"] = round(auto.tokens_per_s / max(fastest.tokens_per_s, 1e-9), 3)
+        summary[f"c{concurrency}" if concurrency else str(rate)] = entry
     return summary
 
 
@@ -309,11 +378,16 @@ def main(
     load: LoadShape,
     seed: int,
     out_dir: Path,
+    concurrencies: list[int] | None = None,
 ) -> int:
+    """Open loop at rates (default: per workload), or closed loop at concurrencies if given."""
     path = Path(workload)
     items = load_workload(path) if path.suffix == ".jsonl" else build_workload(workload)
     name = path.stem if path.suffix == ".jsonl" else workload
-    rates = rates or DEFAULT_RATES.get(name, DEFAULT_RATES["completion"])
+    if concurrencies:
+        loads, stem = [(0.0, c) for c in concurrencies], f"load-{name}-closed"
+    else:
+        loads, stem = [(r, 0) for r in rates or DEFAULT_RATES.get(name, DEFAULT_RATES["completion"])], f"load-{name}"
     for policy in policies:
         speculation_args(policy)  # fail early on a bad name
     server = None
@@ -326,7 +400,7 @@ def main(
             target,
             items,
             policies,
-            rates,
+            loads,
             load,
             seed,
             backend="asyncio",
@@ -343,8 +417,8 @@ def main(
         "points": [asdict(r) for r in results],
         "auto_vs_others": summarize(results),
     }
-    (out_dir / f"load-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, f"goodspeed, {name} workload, {dtype}", out_dir / f"load-{name}.png")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, f"goodspeed, {name} workload, {dtype}", out_dir / f"{stem}.png")
     print(json.dumps(report["auto_vs_others"], indent=2))
-    print(f"wrote {out_dir / f'load-{name}.json'} and {out_dir / f'load-{name}.png'}")
+    print(f"wrote {out_dir / f'{stem}.json'} and {out_dir / f'{stem}.png'}")
     return 0

@@ -145,19 +145,28 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     service.add_argument("--concurrency", type=int, default=32)
     service.add_argument("--cancel-share", type=float, default=0.3, help="share of requests the client cancels")
     service.add_argument("--out", type=Path, default=Path("bench-results") / "service.json")
-    load = kinds.add_parser("load", help="open-loop Poisson load: latency against rate, per speculation policy")
+    load = kinds.add_parser(
+        "load", help="open-loop Poisson load (or closed loop at a fixed concurrency), per speculation policy"
+    )
     load.add_argument(
         "--workload", default="editing", help="editing, completion, or a .jsonl workload file (see bench/data/)"
     )
     load.add_argument("--target", help="a running server; by default one is started")
     load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
     load.add_argument("--policies", nargs="+", default=["off", "fixed1", "fixed2", "fixed4", "fixed8", "auto"])
-    load.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per workload)")
+    loads = load.add_mutually_exclusive_group()
+    loads.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per workload)")
+    loads.add_argument(
+        "--concurrency", type=int, nargs="+", help="closed loop instead: requests kept in flight, one point each"
+    )
     load.add_argument("--seconds-per-point", type=float, default=40.0, help="arrivals span about this long")
     load.add_argument("--min-requests", type=int, default=16)
     load.add_argument("--max-requests", type=int, default=40)
     load.add_argument(
         "--repeats", type=int, default=1, help="runs per point, each with other arrival times; requests are pooled"
+    )
+    load.add_argument(
+        "--requests-per-client", type=int, default=4, help="closed loop: requests each of the clients sends"
     )
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--out-dir", type=Path, default=Path("bench-results"))
@@ -172,15 +181,25 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.load import LoadShape
         from bench.load import main as load_main
 
+        try:
+            shape = LoadShape(
+                args.seconds_per_point, args.min_requests, args.max_requests, args.repeats, args.requests_per_client
+            )
+            if args.concurrency and min(args.concurrency) < 1:
+                raise ValueError(f"concurrency: must be >= 1, got {args.concurrency}")
+        except ValueError as exc:
+            print(f"goodspeed bench load: error: {exc}", file=sys.stderr)
+            return 2
         return load_main(
             args.workload,
             args.target,
             args.dtype,
             args.policies,
             args.rates,
-            LoadShape(args.seconds_per_point, args.min_requests, args.max_requests, args.repeats),
+            shape,
             args.seed,
             args.out_dir,
+            args.concurrency,
         )
     if args.kind == "workload":
         from bench.workloads import build_workload, save_workload

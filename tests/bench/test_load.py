@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from bench.load import LoadShape, PointRun, RequestRecord, k_text, summarize, summarize_point
+from bench.load import LoadShape, PointRun, RequestRecord, k_text, point_run, summarize, summarize_point
 
 
 def record(arrival: float, latency: float, num_tokens: int = 11, error: str = "") -> RequestRecord:
@@ -23,6 +25,8 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
     first = PointRun(
         [record(0.0, 1.0), record(1.0, 3.0)],
         wall_s=4.0,
+        window_s=4.0,
+        window_tokens=22,
         drafts_per_length=[2, 0, 8],
         num_steps=10,
         cost_model_error=0.2,
@@ -30,6 +34,8 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
     second = PointRun(
         [record(0.0, 2.0), record(0.5, 2.0, error="UNAVAILABLE: x")],
         wall_s=2.0,
+        window_s=2.0,
+        window_tokens=11,
         drafts_per_length=[0, 5, 5],
         num_steps=10,
         cost_model_error=0.1,
@@ -38,6 +44,7 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
     assert point.num_requests == 4 and point.num_errors == 1
     assert point.mean_latency_s == pytest.approx(2.0)  # (1 + 3 + 2) / 3, the failed request left out
     assert point.repeat_mean_latencies_s == [2.0, 2.0]
+    assert point.repeat_tokens_per_s == [5.5, 5.5]
     assert point.tokens_per_s == pytest.approx(33 / 6)
     assert point.mean_accepted_length == pytest.approx(30 / 15)
     assert point.drafts_per_length == [2, 5, 13] and point.num_steps == 20
@@ -51,11 +58,31 @@ def test_k_text_lists_the_k_values_used() -> None:
 
 def test_summary_compares_auto_with_the_best_other_policy() -> None:
     runs = {"off": 4.0, "fixed4": 2.0, "auto": 2.1}
-    points = [summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, [1], 1, 0.0)]) for p, t in runs.items()]
+    points = [summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, t, 11, [1], 1, 0.0)]) for p, t in runs.items()]
     summary = summarize(points)["0.5"]
     assert summary["best_other"] == "fixed4"
     assert summary["auto_over_best"] == pytest.approx(1.05)
     assert summary["off_over_auto"] == pytest.approx(4.0 / 2.1, abs=1e-3)
+
+
+def test_closed_loop_throughput_counts_only_while_the_batch_is_full() -> None:
+    records = [record(0.0, 2.0), record(0.0, 3.0), record(2.0, 2.0)]  # 2 clients: the third follows the first
+    for r, times in zip(records, ([0.5, 1.5], [1.0, 2.5], [2.5, 3.5]), strict=True):
+        r.token_times = [(t, 5) for t in times]
+    stats = SimpleNamespace(drafts_per_length=[0, 0], steps=0, cost_model_error=0.0)
+    run = point_run(records, records[1].arrival_s, records[-1].arrival_s, stats, stats)
+    assert run.window_s == 2.0 and run.window_tokens == 15  # the chunks read at 0.5, 1.0 and 1.5
+    assert run.wall_s == 4.0
+
+
+def test_closed_loop_summary_also_compares_throughput() -> None:
+    def point(policy: str, latency: float, tokens: int) -> PointRun:
+        return PointRun([record(0.0, latency)], latency, 10.0, tokens, [1], 1, 0.0)
+
+    runs = {"off": point("off", 4.0, 500), "fixed1": point("fixed1", 3.0, 700), "auto": point("auto", 3.3, 630)}
+    summary = summarize([summarize_point(p, 0.0, [run], concurrency=8) for p, run in runs.items()])["c8"]
+    assert summary["best_other"] == "fixed1" and summary["auto_over_best"] == pytest.approx(1.1)
+    assert summary["most_tokens_per_s"] == "fixed1" and summary["auto_tokens_per_s_over_most"] == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +91,7 @@ def test_summary_compares_auto_with_the_best_other_policy() -> None:
         ({"seconds_per_point": 0}, "seconds_per_point"),
         ({"min_requests": 50}, "min_requests"),
         ({"repeats": 0}, "repeats"),
+        ({"requests_per_client": 1}, "requests_per_client"),
     ],
 )
 def test_bad_load_shapes_name_the_field(kwargs: dict[str, float], field: str) -> None:
