@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from engine.protocol import FinishReason, StepPlan, StepResult
@@ -42,10 +43,11 @@ class ServerStats:
         self.drafts_per_length = [0] * (n + 1)
 
     def observe_step(
-        self, plan: StepPlan, result: StepResult, planned_k: dict[str, int], is_back_to_back: bool
+        self, plan: StepPlan, result: StepResult, decode_req_ids: Collection[str], is_back_to_back: bool
     ) -> None:
         """One engine step. is_back_to_back: the loop sent this plan right after the previous result,
-        so the engine's idle time before it was control-plane and IPC overhead, not a lack of work."""
+        so the engine's idle time before it was control-plane and IPC overhead, not a lack of work.
+        decode_req_ids: the requests this step decoded (the rest prefilled)."""
         m = self.metrics
         self.num_steps += 1
         m.steps.inc()
@@ -62,7 +64,7 @@ class ServerStats:
             num_new = len(output.new_token_ids)
             self.num_generated_tokens += num_new
             m.generated_tokens.inc(num_new)
-            if output.req_id in planned_k:
+            if output.req_id in decode_req_ids:
                 self._observe_decode(num_new, output.num_draft_tokens, output.num_accepted_tokens)
 
     def _observe_decode(self, num_new: int, num_drafted: int, num_accepted: int) -> None:

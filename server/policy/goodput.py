@@ -141,7 +141,7 @@ def choose(
     gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
     plain_s = interpolate(times, n)
     plain = goodput(base.num_generated, plain_s)
-    best, best_len, best_s = plain, 0, plain_s
+    best, best_len, best_s, best_generated = plain, 0, plain_s, base.num_generated
     generated, tokens, extra_s = base.num_generated, n, 0.0
     for i, gain in enumerate(gains):
         if tokens + 1 > n + base.max_extra_tokens:
@@ -150,21 +150,15 @@ def choose(
         tokens += 1
         extra_s += gain.extra_s
         step_s = interpolate(times, tokens) + extra_s
-        weighed_s = plain_s + draft_cost_factor * (step_s - plain_s)
-        if goodput(generated, weighed_s) > best:
-            best, best_len, best_s = goodput(generated, weighed_s), i + 1, step_s
+        weighed = goodput(generated, plain_s + draft_cost_factor * (step_s - plain_s))
+        if weighed > best:
+            best, best_len, best_s, best_generated = weighed, i + 1, step_s, generated
     chosen: dict[str, int] = {c.req_id: 0 for c in candidates}
     if best > plain * (1 + margin):
         for gain in gains[:best_len]:
             chosen[gain.req_id] += 1
-        best = goodput(generated_by(base, gains[:best_len]), best_s)
-    else:
-        best, best_s = plain, plain_s
-    return Choice(chosen, best, plain, best_s, plain_s)
-
-
-def generated_by(base: StepBase, gains: Sequence[Gain]) -> float:
-    return base.num_generated + sum(gain.tokens for gain in gains)
+        return Choice(chosen, goodput(best_generated, best_s), plain, best_s, plain_s)
+    return Choice(chosen, plain, plain, plain_s, plain_s)
 
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:
