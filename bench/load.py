@@ -93,10 +93,11 @@ class PointResult:
     repeat_tokens_per_s: list[float]
     # From the server's GetStats, over this point's steps: [k] how many times a request's decode
     # step drafted k tokens (num_steps counts engine steps, a batch each), and the
-    # cost model's recent relative error at the point's end (AUTO's view of step cost).
+    # cost model's recent relative error and AUTO's weight on drafts' cost at the point's end.
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
+    draft_cost_factor: float
 
 
 @dataclass
@@ -110,6 +111,7 @@ class PointRun:
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
+    draft_cost_factor: float
 
 
 def speculation_args(policy: str) -> dict[str, Any]:
@@ -204,6 +206,7 @@ def point_run(records: list[RequestRecord], start_s: float, end_s: float, before
         drafts_per_length=[a - b for a, b in zip(after.drafts_per_length, before.drafts_per_length, strict=True)],
         num_steps=after.steps - before.steps,
         cost_model_error=after.cost_model_error,
+        draft_cost_factor=after.draft_cost_factor,
     )
 
 
@@ -236,6 +239,7 @@ def summarize_point(policy: str, rate: float, runs: list[PointRun], concurrency:
         drafts_per_length=[sum(counts) for counts in zip(*(run.drafts_per_length for run in runs), strict=True)],
         num_steps=sum(run.num_steps for run in runs),
         cost_model_error=runs[-1].cost_model_error,
+        draft_cost_factor=runs[-1].draft_cost_factor,
     )
 
 

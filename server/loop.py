@@ -157,6 +157,7 @@ class ControlLoop:
         for match_len, rate in policy.acceptance.first_token_rates().items():
             metrics.first_token_rate.labels(match_len=str(match_len)).set(rate)
         metrics.cost_model_error.set(policy.cost_model.relative_error)
+        metrics.draft_cost_factor.set(policy.draft_cost_factor.value)
         if policy.cost_model.num_samples % policy.cost_model.refit_every == 0:
             for feature, value in policy.cost_model.coefficients().items():
                 metrics.cost_coefficient.labels(feature=feature).set(value)

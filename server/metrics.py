@@ -68,6 +68,11 @@ class Metrics:
         self.cost_model_error = Gauge(
             "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r
         )
+        self.draft_cost_factor = Gauge(
+            "goodspeed_policy_draft_cost_factor",
+            "Weight of drafts' predicted extra step time: measured over predicted, recent AUTO steps that drafted",
+            registry=r,
+        )
         self.cost_coefficient = Gauge(
             "goodspeed_policy_cost_coefficient_seconds", "Step-cost model coefficients", ["feature"], registry=r
         )

@@ -263,6 +263,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             cost_model_ms={name: value * 1000 for name, value in policy.cost_model.coefficients().items()},
             cost_model_error=policy.cost_model.relative_error,
             policy_probes=policy.num_probes,
+            draft_cost_factor=policy.draft_cost_factor.value,
         )
 
 

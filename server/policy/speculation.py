@@ -21,6 +21,7 @@ import structlog
 from engine.protocol import BatchShape
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
+from server.policy.draft_cost import DraftCostFactor
 from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings
 from server.request import SpeculationMode
@@ -28,9 +29,6 @@ from server.request import SpeculationMode
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
 MARGIN = 0.03  # speculation must beat plain decoding's goodput by 3% in the model's eyes
-# Drafts' predicted extra time is weighed 1.25x: with --log-level debug, the steps AUTO drafted in
-# ran 10-25% more over their plain prediction than the cost model said (completion, 5-30 running).
-DRAFT_COST_FACTOR = 1.25
 
 log = structlog.get_logger("goodspeed.policy")
 
@@ -61,10 +59,11 @@ class SpeculationPolicy:
     steps_at_zero: dict[str, int] = field(default_factory=dict)
     steps_since_probe: int = 0
     num_probes: int = 0
-    predicted_step_s: float | None = None  # of the step being run, when --log-level debug logs it against the measured
+    draft_cost_factor: DraftCostFactor = field(default_factory=DraftCostFactor)
+    pending: Prediction | None = None  # of the step being run, if AUTO chose it
 
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
-        self.predicted_step_s = None  # set again below if this step is chosen by AUTO
+        self.pending = None  # set again below if this step is chosen by AUTO
         settings = self.settings
         chosen, auto = {}, []
         for request in requests:
@@ -87,7 +86,8 @@ class SpeculationPolicy:
 
     def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, int]:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
-        choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN, DRAFT_COST_FACTOR)
+        factor = self.draft_cost_factor.value
+        choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN, factor)
         self.last_choice = choice
         chosen = dict(choice.draft_tokens)
         self.steps_since_probe += 1
@@ -102,9 +102,10 @@ class SpeculationPolicy:
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0
                 self.num_probes += 1
+        is_probed = chosen != choice.draft_tokens
+        self.pending = Prediction(choice.plain_step_s, choice.step_s, is_probed)
         if log.is_enabled_for(logging.DEBUG):
-            log_choice(candidates, base, choice, chosen)
-            self.predicted_step_s = choice.step_s
+            log_choice(candidates, base, choice, chosen, factor)
         return chosen
 
     def observe_draft(self, req_id: str, match_len: int, num_drafted: int, num_accepted: int) -> None:
@@ -113,10 +114,11 @@ class SpeculationPolicy:
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
         if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
             return
-        if self.predicted_step_s is not None:
-            predicted_ms, measured_ms = round(self.predicted_step_s * 1e3, 2), round(seconds * 1e3, 2)
-            log.debug("auto step", predicted_ms=predicted_ms, measured_ms=measured_ms)
-            self.predicted_step_s = None
+        if (pending := self.pending) is not None:
+            self.pending = None
+            log.debug("auto step", predicted_ms=round(pending.step_s * 1e3, 2), measured_ms=round(seconds * 1e3, 2))
+            if not pending.is_probed:  # a probe's cost is not in the prediction
+                self.draft_cost_factor.observe(pending.plain_step_s, pending.step_s, seconds)
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:
@@ -124,7 +126,16 @@ class SpeculationPolicy:
         self.steps_at_zero.pop(req_id, None)
 
 
-def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int]) -> None:
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    plain_step_s: float  # with k = 0 for every request
+    step_s: float  # as chosen
+    is_probed: bool  # probes were added to the chosen plan
+
+
+def log_choice(
+    candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int], factor: float
+) -> None:
     """One debug line per AUTO step: what the chooser saw and what it chose, probes included (they
     are not in predicted_ms; the scheduler's token budget may still cut k). Req ids shortened."""
     log.debug(
@@ -137,4 +148,5 @@ def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, 
         probed=[req_id[:8] for req_id, k in chosen.items() if k and not choice.draft_tokens[req_id]],
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
+        draft_cost_factor=round(factor, 3),
     )

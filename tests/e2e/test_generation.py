@@ -237,6 +237,7 @@ def test_tokenize_model_info_and_stats(client: Client) -> None:
     assert len(stats.accepted_per_position) == info.max_draft_tokens
     assert len(stats.drafts_per_length) == info.max_draft_tokens + 1
     assert stats.kv_tokens_capacity == info.kv_capacity_tokens and stats.mean_step_s > 0
+    assert 0.5 <= stats.draft_cost_factor <= 2.0 and stats.cost_model_error > 0
 
 
 def test_admin_policy_needs_the_token_and_takes_effect(server: RunningServer, client: Client) -> None:

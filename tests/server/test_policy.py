@@ -13,8 +13,9 @@ from engine.protocol import BatchShape
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
+from server.policy.draft_cost import MAX_FACTOR, PRIOR_FACTOR, DraftCostFactor
 from server.policy.goodput import Candidate, StepBase, choose, gains_of, rank
-from server.policy.speculation import PROBE_AFTER_STEPS
+from server.policy.speculation import PROBE_AFTER_STEPS, Prediction
 from server.request import SpeculationMode
 
 NO_DRAFT_COSTS = DraftCosts(0.0, 0.0, 0.0)
@@ -315,3 +316,42 @@ def test_draft_cost_factor_drops_the_drafts_that_barely_pay() -> None:
     strong = choose([Candidate("r", [0.9], 1, 100)], base, times, NO_DRAFT_COSTS, margin=0.0, draft_cost_factor=1.25)
     assert strong.draft_tokens["r"] == 1
     assert strong.step_s == pytest.approx(0.044) and strong.goodput == pytest.approx(4.9 / 0.044)  # unweighed
+
+
+def test_draft_cost_factor_starts_at_its_prior_and_learns_what_drafts_really_cost() -> None:
+    factor = DraftCostFactor()
+    assert factor.value == PRIOR_FACTOR
+    for _ in range(50):  # plain steps run 10% over their prediction
+        factor.observe(0.100, 0.100, 0.110)
+    assert factor.plain_ratio == pytest.approx(1.1)
+    for _ in range(500):  # drafts predicted to add 20 ms add 12 ms, on top of the plain step's 10% over
+        factor.observe(0.100, 0.120, 0.110 + 0.012)
+    assert factor.value == pytest.approx(0.6, abs=0.01)
+    for _ in range(500):  # the load changed: now they add 30 ms
+        factor.observe(0.100, 0.120, 0.110 + 0.030)
+    assert factor.value == pytest.approx(1.5, abs=0.01)
+
+
+def test_draft_cost_factor_is_bounded_and_a_stall_moves_it_little() -> None:
+    factor = DraftCostFactor()
+    factor.observe(0.100, 0.120, 0.120)
+    factor.observe(0.100, 0.120, 5.0)  # a 5 s stall counts as 4 extra predicted extras, not 244
+    assert factor.value < 1.5
+    for _ in range(1000):
+        factor.observe(0.100, 0.120, 0.300)
+    assert factor.value == MAX_FACTOR
+
+
+def test_policy_learns_the_draft_cost_factor_from_its_own_steps_not_from_probes() -> None:
+    policy = make_policy({"copying": 0.95}, FakeCost(free_tokens=0))
+    shape = BatchShape(10, 1, 200, 1, 1000)
+    for _ in range(200):
+        chosen = choose_for(policy, [FakeRequest("copying")])
+        assert chosen["copying"] > 0 and policy.pending is not None and not policy.pending.is_probed
+        # the steps take twice the predicted extra over the plain prediction
+        policy.observe_step(shape, 2 * policy.pending.step_s - policy.pending.plain_step_s)
+    assert policy.draft_cost_factor.value == pytest.approx(2.0, abs=0.05)
+    before = policy.draft_cost_factor.extra_measured_s
+    policy.pending = Prediction(0.030, 0.030, is_probed=True)
+    policy.observe_step(shape, 0.5)
+    assert policy.draft_cost_factor.extra_measured_s == before and policy.draft_cost_factor.plain_predicted_s == 0
