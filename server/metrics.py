@@ -70,7 +70,7 @@ class Metrics:
         )
         self.draft_cost_factor = Gauge(
             "goodspeed_policy_draft_cost_factor",
-            "Weight of drafts' predicted extra step time: measured over predicted, recent AUTO steps that drafted",
+            "Measured over predicted extra step time of recent AUTO steps that drafted",
             registry=r,
         )
         self.cost_coefficient = Gauge(

@@ -1,5 +1,5 @@
-"""How much drafts really add to a step, against what the cost model says: the weight the chooser
-gives to a plan's predicted extra time.
+"""How much drafts really add to a step, against what the cost model says: measured, for the
+operator and the next tuning of the chooser's weight on drafts (DRAFT_COST_FACTOR).
 
 The cost model is one least-squares fit over all steps, and near the optimum a plan's goodput is
 flat in its last draft tokens, so a systematic error in the price of drafts decides how many are
@@ -10,6 +10,9 @@ model happens to price low, which biases the error upwards. So the factor is mea
 each AUTO step that drafted, what it took beyond its plain prediction (corrected by how far
 plain steps run over theirs) over what the model said drafts would add. Decayed; the first draft
 step seeds a prior worth PRIOR_STEPS steps like it, which decays like them.
+
+The chooser does not use it: weighing drafts by it instead of the constant 1.25 was faster on
+code editing's light loads and slower on completion's middle rates (docs/goodput-policy.md).
 """
 
 from __future__ import annotations
