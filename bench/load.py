@@ -93,7 +93,7 @@ class PointResult:
     repeat_tokens_per_s: list[float]
     # From the server's GetStats, over this point's steps: [k] how many times a request's decode
     # step drafted k tokens (num_steps counts engine steps, a batch each), and the
-    # cost model's recent relative error and AUTO's weight on drafts' cost at the point's end.
+    # cost model's recent relative error and the measured draft cost ratio at the point's end.
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float

@@ -21,7 +21,7 @@ import structlog
 from engine.protocol import BatchShape
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
-from server.policy.draft_cost import DraftCostFactor
+from server.policy.draft_cost import DRAFT_COST_FACTOR, DraftCostFactor
 from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings
 from server.request import SpeculationMode
@@ -29,11 +29,6 @@ from server.request import SpeculationMode
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
 MARGIN = 0.03  # speculation must beat plain decoding's goodput by 3% in the model's eyes
-# Drafts' predicted extra time is weighed 1.25x: with --log-level debug, the steps AUTO drafted in
-# ran 10-25% more over their plain prediction than the cost model said (completion, 5-30 running).
-# The ratio is also measured live (draft_cost.py); using it instead ran slower on completion's
-# middle rates (docs/goodput-policy.md), so it is reported, not used.
-DRAFT_COST_FACTOR = 1.25
 
 log = structlog.get_logger("goodspeed.policy")
 

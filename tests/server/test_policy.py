@@ -13,7 +13,7 @@ from engine.protocol import BatchShape
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
-from server.policy.draft_cost import MAX_FACTOR, PRIOR_FACTOR, DraftCostFactor
+from server.policy.draft_cost import DRAFT_COST_FACTOR, MAX_FACTOR, DraftCostFactor
 from server.policy.goodput import Candidate, StepBase, choose, gains_of, rank
 from server.policy.speculation import PROBE_AFTER_STEPS, Prediction
 from server.request import SpeculationMode
@@ -320,7 +320,7 @@ def test_draft_cost_factor_drops_the_drafts_that_barely_pay() -> None:
 
 def test_draft_cost_factor_starts_at_its_prior_and_learns_what_drafts_really_cost() -> None:
     factor = DraftCostFactor()
-    assert factor.value == PRIOR_FACTOR
+    assert factor.value == DRAFT_COST_FACTOR
     for _ in range(50):  # plain steps run 10% over their prediction
         factor.observe(0.100, 0.100, 0.110)
     assert factor.plain_ratio == pytest.approx(1.1)
