@@ -361,6 +361,12 @@ def summarize(results: list[PointResult]) -> dict[str, Any]:
             "auto_mean_latency_s": round(auto.mean_latency_s, 3),
             "best_other": best.policy if best else None,
             "auto_over_best": round(auto.mean_latency_s / best.mean_latency_s, 3) if best else None,
+            # Paired by repeat (the same arrivals): how far one run's ratio can be from the pooled one.
+            "auto_over_best_by_repeat": [
+                round(a / b, 3) for a, b in zip(auto.repeat_mean_latencies_s, best.repeat_mean_latencies_s, strict=True)
+            ]
+            if best
+            else None,
             "off_over_auto": round(at_load["off"].mean_latency_s / auto.mean_latency_s, 3)
             if "off" in at_load
             else None,

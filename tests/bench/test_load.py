@@ -59,13 +59,16 @@ def test_k_text_lists_the_k_values_used() -> None:
 
 
 def test_summary_compares_auto_with_the_best_other_policy() -> None:
-    runs = {"off": 4.0, "fixed4": 2.0, "auto": 2.1}
+    # Two repeats per policy: the latency of its one request in each.
+    runs = {"off": (4.0, 4.0), "fixed4": (1.0, 3.0), "auto": (1.2, 3.0)}
     points = [
-        summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, t, 11, [1], 1, 0.0, 1.0)]) for p, t in runs.items()
+        summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, t, 11, [1], 1, 0.0, 1.0) for t in times])
+        for p, times in runs.items()
     ]
     summary = summarize(points)["0.5"]
     assert summary["best_other"] == "fixed4"
     assert summary["auto_over_best"] == pytest.approx(1.05)
+    assert summary["auto_over_best_by_repeat"] == pytest.approx([1.2, 1.0])
     assert summary["off_over_auto"] == pytest.approx(4.0 / 2.1, abs=1e-3)
 
 
