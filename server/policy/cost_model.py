@@ -57,10 +57,18 @@ class DraftCosts:
     per_attention_pair: float  # per query-key pair scored
 
 
+def token_ramp_rows(token_counts: np.ndarray) -> np.ndarray:
+    """[n] -> [n, NUM_TOKEN_FEATURES]: how far each count is through each knot segment, 0..1,
+    then the tokens past the last knot."""
+    lo, hi = np.array(KNOTS[:-1], dtype=float), np.array(KNOTS[1:], dtype=float)  # [segments]
+    counts = token_counts.astype(float)[:, None]  # [n, 1]
+    ramps = np.clip((counts - lo) / (hi - lo), 0.0, 1.0)  # [n, segments]
+    return np.hstack([ramps, np.maximum(counts - KNOTS[-1], 0.0)])
+
+
 def token_ramps(n: float) -> list[float]:
-    """How far n is through each knot segment, 0..1, then the tokens past the last knot."""
-    ramps = [min(max((n - lo) / (hi - lo), 0.0), 1.0) for lo, hi in pairwise(KNOTS)]
-    return [*ramps, max(0.0, n - KNOTS[-1])]
+    ramps: list[float] = token_ramp_rows(np.array([n]))[0].tolist()
+    return ramps
 
 
 def other_features(shape: BatchShape) -> list[float]:
@@ -137,7 +145,9 @@ class StepCostModel:
         c = self.coef
         fixed = c[0] + float(np.dot(c[1 + NUM_TOKEN_FEATURES :], other_features(base)))
         slopes = c[1 : 1 + NUM_TOKEN_FEATURES]
-        return [float(fixed + np.dot(slopes, token_ramps(n))) for n in range(max_tokens + 1)]
+        # One product for every token count: the chooser asks for up to ~300 each step.
+        times: list[float] = (fixed + token_ramp_rows(np.arange(max_tokens + 1)) @ slopes).tolist()
+        return times
 
     def draft_costs(self) -> DraftCosts:
         _, context_ktokens, multi_token_seqs, attention_kpairs = self.coef[1 + NUM_TOKEN_FEATURES :]

@@ -197,8 +197,13 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
         model.observe(shape, true_cost(shape))
     assert model.relative_error < 0.1 + 2 * noise
     base = shape_of(4, 1, 300)
-    times = model.step_times(base, 40)
+    times = model.step_times(base, 100)
     assert all(b >= a - 1e-12 for a, b in pairwise(times[1:]))  # never cheaper with more tokens
+    for n in (1, 3, 12, 64, 100):  # what predict says of the same step with n query tokens
+        same_but_n = BatchShape(
+            n, base.num_seqs, base.num_context_tokens, base.num_multi_token_seqs, base.num_attention_pairs
+        )
+        assert times[n] == pytest.approx(model.predict(same_but_n))
     # The chooser prices 2 drafts for each of 4 requests as predict prices that verification step.
     drafts = gains_of(Candidate("r", [0.9] * 2, 2, 301), model.draft_costs())
     assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
