@@ -361,7 +361,7 @@ def summarize(results: list[PointResult]) -> dict[str, Any]:
             "auto_mean_latency_s": round(auto.mean_latency_s, 3),
             "best_other": best.policy if best else None,
             "auto_over_best": round(auto.mean_latency_s / best.mean_latency_s, 3) if best else None,
-            # Paired by repeat (the same arrivals): how far one run's ratio can be from the pooled one.
+            # Against the pooled best, repeat by repeat (they share arrival times): the spread is the noise.
             "auto_over_best_by_repeat": [
                 round(a / b, 3) for a, b in zip(auto.repeat_mean_latencies_s, best.repeat_mean_latencies_s, strict=True)
             ]
