@@ -1,5 +1,5 @@
 """How much drafts really add to a step, against what the cost model says: measured, for the
-operator and the next tuning of the chooser's weight on drafts (DRAFT_COST_FACTOR).
+operator and for the next tuning of the chooser.
 
 The cost model is one least-squares fit over all steps, and near the optimum a plan's goodput is
 flat in its last draft tokens, so a systematic error in the price of drafts decides how many are
@@ -11,18 +11,15 @@ each AUTO step that drafted, what it took beyond its plain prediction (corrected
 plain steps run over theirs) over what the model said drafts would add. Decayed; the first draft
 step seeds a prior worth PRIOR_STEPS steps like it, which decays like them.
 
-The chooser does not use it: weighing drafts by it instead of the constant 1.25 was faster on
-code editing's light loads and slower on completion's middle rates (docs/goodput-policy.md).
+The chooser does not use it: it takes the model's price as it is. Weighing drafts by this ratio,
+or by a constant 1.25 with a 3% margin, was slower under load (docs/goodput-policy.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The chooser's weight on drafts' predicted extra time (and the prior here): with --log-level
-# debug, the steps AUTO drafted in ran 10-25% more over their plain prediction than the cost
-# model said (completion, 5-30 running).
-DRAFT_COST_FACTOR = 1.25
+PRIOR_FACTOR = 1.0  # until drafts are measured, the model's price is taken as right
 PRIOR_STEPS = 20.0  # the prior is worth this many draft steps
 DECAY = 0.99  # per draft step: about the last 100 dominate
 PLAIN_DECAY = 0.99  # per plain step
@@ -45,7 +42,7 @@ class DraftCostFactor:
     @property
     def value(self) -> float:
         if self.extra_predicted_s <= 0:
-            return DRAFT_COST_FACTOR
+            return PRIOR_FACTOR
         return min(max(self.extra_measured_s / self.extra_predicted_s, MIN_FACTOR), MAX_FACTOR)
 
     def observe(self, plain_predicted_s: float, predicted_s: float, measured_s: float) -> None:
@@ -57,7 +54,7 @@ class DraftCostFactor:
             return
         extra_predicted_s = predicted_s - plain_predicted_s
         if self.extra_predicted_s <= 0:
-            self.extra_measured_s = PRIOR_STEPS * DRAFT_COST_FACTOR * extra_predicted_s
+            self.extra_measured_s = PRIOR_STEPS * PRIOR_FACTOR * extra_predicted_s
             self.extra_predicted_s = PRIOR_STEPS * extra_predicted_s
         extra_measured_s = measured_s - plain_predicted_s * self.plain_ratio
         extra_measured_s = min(

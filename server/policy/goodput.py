@@ -125,23 +125,15 @@ def choose(
     base: StepBase,
     times: Sequence[float],
     costs: DraftCosts,
-    margin: float,
-    draft_cost_factor: float = 1.0,
 ) -> Choice:
-    """times[n]: predicted step time with n query tokens (for this step's other features).
-
-    margin: speculation must raise goodput by this fraction, to absorb model error.
-    draft_cost_factor: what drafts add to the predicted step time is weighed this many times over
-    (the goodput of a plan near the optimum is flat in its last draft tokens, so an underpriced
-    draft turns a predicted small gain into a loss). Choice.step_s stays the model's prediction.
-    """
+    """times[n]: predicted step time with n query tokens (for this step's other features)."""
     n = base.shape.num_tokens
     per_token_s = interpolate(times, n + 1) - interpolate(times, n)
     ranked = [r for c in candidates for r in rank(gains_of(c, costs), per_token_s)]
     gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
     plain_s = interpolate(times, n)
     plain = goodput(base.num_generated, plain_s)
-    best, best_len, best_s, best_generated = plain, 0, plain_s, base.num_generated
+    best, best_len, best_s = plain, 0, plain_s
     generated, tokens, extra_s = base.num_generated, n, 0.0
     for i, gain in enumerate(gains):
         if tokens + 1 > n + base.max_extra_tokens:
@@ -150,15 +142,13 @@ def choose(
         tokens += 1
         extra_s += gain.extra_s
         step_s = interpolate(times, tokens) + extra_s
-        weighed = goodput(generated, plain_s + draft_cost_factor * (step_s - plain_s))
-        if weighed > best:
-            best, best_len, best_s, best_generated = weighed, i + 1, step_s, generated
+        step_goodput = goodput(generated, step_s)
+        if step_goodput > best:
+            best, best_len, best_s = step_goodput, i + 1, step_s
     chosen: dict[str, int] = {c.req_id: 0 for c in candidates}
-    if best > plain * (1 + margin):
-        for gain in gains[:best_len]:
-            chosen[gain.req_id] += 1
-        return Choice(chosen, goodput(best_generated, best_s), plain, best_s, plain_s)
-    return Choice(chosen, plain, plain, plain_s, plain_s)
+    for gain in gains[:best_len]:
+        chosen[gain.req_id] += 1
+    return Choice(chosen, best, plain, best_s, plain_s)
 
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:

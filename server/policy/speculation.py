@@ -21,14 +21,13 @@ import structlog
 from engine.protocol import BatchShape
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
-from server.policy.draft_cost import DRAFT_COST_FACTOR, DraftCostFactor
+from server.policy.draft_cost import DraftCostFactor
 from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings
 from server.request import SpeculationMode
 
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
-MARGIN = 0.03  # speculation must beat plain decoding's goodput by 3% in the model's eyes
 
 log = structlog.get_logger("goodspeed.policy")
 
@@ -86,7 +85,7 @@ class SpeculationPolicy:
 
     def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, int]:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
-        choice = choose(candidates, base, times, self.cost_model.draft_costs(), MARGIN, DRAFT_COST_FACTOR)
+        choice = choose(candidates, base, times, self.cost_model.draft_costs())
         self.last_choice = choice
         chosen = dict(choice.draft_tokens)
         self.steps_since_probe += 1
