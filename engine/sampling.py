@@ -41,7 +41,10 @@ def position_noise(
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [n, V] -> probs [n, V] in float32 after temperature, top-k and top-p."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shifting the largest logit to 0 first keeps a tiny temperature from overflowing to inf (and
+    # softmax to NaN): the others go to -inf, which is greedy, ties split evenly.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     vocab_size = logits.shape[-1]
     if 0 < params.top_k < vocab_size:
         kth_largest = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]

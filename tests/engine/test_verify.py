@@ -154,3 +154,21 @@ def test_top_k_and_top_p_remove_tokens() -> None:
     torch.testing.assert_close(top_k, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     top_p = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
     torch.testing.assert_close(top_p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-30, 1e-8])
+def test_tiny_temperature_is_greedy_not_garbage(temperature: float) -> None:
+    # Regression: logits / 1e-38 overflowed to inf, softmax gave NaN and sampling returned token 0.
+    logits = torch.tensor([[1.0, 3.5, -2.0, 3.25, 0.0], [40.0, -40.0, 39.0, 0.0, 1.0]])
+    params = SamplingParams(temperature=torch.tensor(temperature).item(), seed=1)
+    probs = logits_to_probs(logits, params)
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [1, 0]
+    assert probs.max(-1).values.tolist() == [1.0, 1.0]
+    noise = position_noise(params.seed, 0, 2, logits.shape[-1], logits.device)
+    assert sample(probs, noise).tolist() == [1, 0]
+
+
+def test_tiny_temperature_splits_ties_evenly() -> None:
+    probs = logits_to_probs(torch.tensor([[2.0, 5.0, 5.0, 1.0]]), SamplingParams(temperature=1e-38))
+    assert probs.tolist() == [[0.0, 0.5, 0.5, 0.0]]
