@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.client import Client
+from client.tls import TlsFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,7 @@ class ServerProcess:
     port: int
     metrics_port: int
     log_path: Path
+    tls: TlsFiles | None = None  # how a client reaches a TLS server; None: plaintext
 
     @property
     def target(self) -> str:
@@ -42,8 +45,9 @@ class ServerProcess:
         return self.process.wait(timeout)
 
 
-def start_server(log_dir: Path, *flags: str, ready_timeout: float = 600) -> ServerProcess:
-    """`python -m server` with the given flags on free ports; returns once health says SERVING."""
+def start_server(log_dir: Path, *flags: str, ready_timeout: float = 600, tls: TlsFiles | None = None) -> ServerProcess:
+    """`python -m server` with the given flags on free ports; returns once health says SERVING.
+    For a server started with --tls-cert, tls holds the files its clients use (the readiness check too)."""
     port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
@@ -61,11 +65,25 @@ def start_server(log_dir: Path, *flags: str, ready_timeout: float = 600) -> Serv
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    server = ServerProcess(process, port, metrics_port, log_path)
+    server = ServerProcess(process, port, metrics_port, log_path, tls)
     try:
-        with Client(server.target) as client:
-            client.wait_ready(timeout=ready_timeout)
+        wait_ready(server, ready_timeout)
     except Exception:
         server.process.kill()
         raise RuntimeError(f"the server did not become ready; its log:\n{server.log()}") from None
     return server
+
+
+def wait_ready(server: ServerProcess, timeout: float) -> None:
+    """Waits for SERVING; a server that exits (a bad flag or file) fails at once, not at the timeout."""
+    deadline = time.monotonic() + timeout
+    with Client(server.target, tls=server.tls) as client:
+        while True:
+            try:
+                client.wait_ready(timeout=1.0)
+                return
+            except TimeoutError:
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {server.process.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from client.tls import TlsFiles
 
 
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +34,25 @@ def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gen.add_argument("--speculation", choices=["auto", "off", "fixed"])
     gen.add_argument("--num-draft-tokens", type=int, default=0, help="k with --speculation fixed")
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    add_tls_arguments(gen)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """grpcurl's names for the PEM files of a TLS server."""
+    parser.add_argument("--cacert", type=Path, help="PEM: the CA that signed the server's certificate (turns TLS on)")
+    parser.add_argument("--cert", type=Path, help="PEM: this client's certificate, for mTLS (with --key)")
+    parser.add_argument("--key", type=Path, help="PEM: the private key of --cert")
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
+    """None (plaintext) unless a TLS flag is given."""
+    from client.tls import TlsFiles
+
+    if args.cacert is None and args.cert is None and args.key is None:
+        return None
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together: give both or neither")
+    return TlsFiles(ca_cert=args.cacert, cert=args.cert, key=args.key)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -52,7 +75,12 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     prompt = None if args.chat else args.prompt
     try:
-        with Client(args.target) as client:
+        client = Client(args.target, tls=tls_from_args(args))
+    except (ValueError, OSError) as exc:
+        print(f"goodspeed generate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             if not args.stream:
                 response = client.generate(prompt, **options)
                 print(MessageToJson(response) if args.json else response.text)
@@ -74,13 +102,21 @@ def add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     health = sub.add_parser("health", help="exit 0 if the server's health check says SERVING (for probes)")
     health.add_argument("--target", default="localhost:50051")
     health.add_argument("--timeout", type=float, default=3.0)
+    add_tls_arguments(health)
 
 
 def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from client.tls import open_channel
+
+    try:
+        channel = open_channel(args.target, tls_from_args(args))
+    except (ValueError, OSError) as exc:
+        print(f"goodspeed health: error: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -92,29 +128,38 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    models = sub.add_parser("models", help="list or download the known models")
+    models = sub.add_parser("models", help="list, download or verify the known models")
     verbs = models.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("list", help="the known models and which are in the cache")
+    verbs.add_parser("list", help="the known models and which are in the cache (or corrupt there)")
     pull = verbs.add_parser("pull", help="download, verify and convert a model into the cache")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="convert again even if cached")
+    verify = verbs.add_parser("verify", help="check the sha256 of every file of cached models")
+    verify.add_argument("name", nargs="?", help="one model (default: every cached one)")
 
 
 def run_models(args: argparse.Namespace) -> int:
     from engine.catalog import CATALOG, find_model
-    from engine.fetch import ModelFetchError, cache_root, is_cached, pull
+    from engine.fetch import ModelFetchError, cache_root, entry_state, is_cached, pull
 
     if args.verb == "list":
         print(f"cache: {cache_root()}")
         for model in CATALOG:
-            state = "cached" if is_cached(model.name) else "not cached"
-            print(f"  {model.name:22} {state:11} {model.description}")
+            state = entry_state(model.name)
+            label = "cached" if state.is_ok else state.status.value
+            print(f"  {model.name:22} {label:11} {model.description}")
+            if state.reason:
+                print(f"{'':25}{state.reason}")
         return 0
+    if args.verb == "verify" and args.name is None:
+        return verify_models([m.name for m in CATALOG if is_cached(m.name)])
     entry = find_model(args.name)
     if entry is None:
         known = ", ".join(m.name for m in CATALOG)
         print(f"error: unknown model {args.name!r}; known models: {known}", file=sys.stderr)
         return 2
+    if args.verb == "verify":
+        return verify_models([entry.name])
     try:
         path = pull(entry, force=args.force)
     except ModelFetchError as exc:
@@ -122,6 +167,29 @@ def run_models(args: argparse.Namespace) -> int:
         return 1
     print(f"{entry.name} is ready in {path}")
     return 0
+
+
+def verify_models(names: list[str]) -> int:
+    """The deep check (every file's sha256) of each model: 1 if any is corrupt or missing."""
+    from engine.cache_check import EntryStatus
+    from engine.fetch import entry_state
+
+    if not names:
+        print("no models are cached")
+        return 0
+    num_bad = 0
+    for name in names:
+        state = entry_state(name, is_deep=True, show_progress=True)
+        if state.is_ok:
+            print(f"{name}: ok")
+            continue
+        num_bad += 1
+        if state.status is EntryStatus.NOT_CACHED:
+            print(f"{name}: not cached; `goodspeed models pull {name}` downloads it")
+            continue
+        print(f"{name}: corrupt: {state.reason}")
+        print(f"  fix: `goodspeed models pull {name} --force`, or let `goodspeed serve` repair it at start-up")
+    return 1 if num_bad else 0
 
 
 def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -170,6 +238,12 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    hardening = kinds.add_parser(
+        "hardening", help="stalls from huge prompts, and one client's streams against another's request"
+    )
+    hardening.add_argument("--target", help="a running server; by default one is started")
+    hardening.add_argument("--hog-streams", type=int, default=1000, help="unread streams the greedy client opens")
+    hardening.add_argument("--out", type=Path, default=Path("bench-results") / "hardening.json")
     workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
     workload.add_argument("workload_kind", choices=["editing", "completion"])
     workload.add_argument("--num-items", type=int, default=164)
@@ -201,6 +275,10 @@ def run_bench(args: argparse.Namespace) -> int:
             args.out_dir,
             args.concurrency,
         )
+    if args.kind == "hardening":
+        from bench.hardening import main as hardening_main
+
+        return hardening_main(args.target, args.hog_streams, args.out)
     if args.kind == "workload":
         from bench.workloads import build_workload, save_workload
 

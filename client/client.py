@@ -5,6 +5,7 @@
             print(chunk.text, end="", flush=True)
 
 Both return the protobuf messages of goodspeed.v1 (see proto/goodspeed/v1/generation.proto).
+For a TLS server pass `tls=TlsFiles(ca_cert=..., cert=..., key=...)` (client/tls.py; cert and key for mTLS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
+from client.tls import TlsFiles, open_aio_channel, open_channel
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
 MODES = {"auto": "AUTO", "off": "OFF", "fixed": "FIXED"}
@@ -65,6 +67,9 @@ def build_request(
 # made each chunk ended. Comparable with time.monotonic_ns() on the server's host only.
 STEP_TIMING_HEADER = "goodspeed-step-timing"
 STEP_END_TRAILER = "goodspeed-step-end-ns"
+# Who a request is from, for the server's per-client limit (--max-requests-per-client); without
+# it the server counts requests by the peer's address. A proxy in front of goodspeed sets it.
+CLIENT_ID_HEADER = "goodspeed-client"
 
 
 def auth_metadata(admin_token: str | None) -> list[tuple[str, str]]:
@@ -73,10 +78,15 @@ def auth_metadata(admin_token: str | None) -> list[tuple[str, str]]:
 
 class AsyncClient:
     def __init__(
-        self, target: str = "localhost:50051", admin_token: str | None = None, options: Sequence[tuple[str, Any]] = ()
+        self,
+        target: str = "localhost:50051",
+        admin_token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        *,
+        tls: TlsFiles | None = None,
     ) -> None:
-        """options: gRPC channel arguments."""
-        self.channel = grpc.aio.insecure_channel(target, options=options)
+        """options: gRPC channel arguments; tls: the PEM files of a TLS server (None: plaintext)."""
+        self.channel = open_aio_channel(target, tls, options)
         self.stub = pb_grpc.GenerationStub(self.channel)  # type: ignore[no-untyped-call]
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -144,8 +154,10 @@ class AsyncClient:
 class Client:
     """The blocking twin of AsyncClient."""
 
-    def __init__(self, target: str = "localhost:50051", admin_token: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str = "localhost:50051", admin_token: str | None = None, *, tls: TlsFiles | None = None
+    ) -> None:
+        self.channel = open_channel(target, tls)
         self.stub = pb_grpc.GenerationStub(self.channel)  # type: ignore[no-untyped-call]
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
         self.health = health_pb2_grpc.HealthStub(self.channel)

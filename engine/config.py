@@ -21,6 +21,7 @@ class EngineConfig:
     ngram_max: int = 8  # a full 8-token match is right 97% of the time on HumanEval
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
     nice: int = 10  # the engine process's niceness, relative to the server's (0 keeps it equal)
+    verify_model: bool = False  # check a cached model's sha256s before loading, not only its sizes
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in DEVICES:

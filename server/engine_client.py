@@ -2,12 +2,18 @@
 
 The event loop waits on the engine's doorbell pipe (see engine/ipc.py) and takes each result from
 the shared-memory queue without a thread hop. End-of-file on the doorbell means the engine
-process is gone.
+process is gone. Nothing waits on the doorbell while the engine is idle, so the process watcher
+also reports a death through `on_death`, called on the event loop, within moments of the exit.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from engine.config import EngineConfig
@@ -36,16 +42,27 @@ class EngineClient:
         self.config = config
         self.process: EngineProcess | None = None
         self.ready: EngineReady | None = None
+        self.generation = 0  # counts starts: a death report names the process it is about
+        # Called on the event loop with (generation, what happened) when an engine process exits.
+        self.on_death: Callable[[int, str], None] | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process is not None and not self.process.died.is_set()
 
     async def start(self) -> EngineReady:
         """Spawns the engine and waits until its model is loaded."""
+        self.generation += 1
         self.process = EngineProcess(self.config)
+        self.process.on_death(self._reporter(self.generation, anyio.lowlevel.current_token()))
         self.process.start()
-        with anyio.fail_after(STARTUP_TIMEOUT_S):
-            try:
+        try:
+            with anyio.fail_after(STARTUP_TIMEOUT_S):
                 message = await self._receive()
-            except EngineDiedError as exc:
-                raise EngineStartError(str(exc)) from None
+        except EngineDiedError as exc:
+            raise EngineStartError(str(exc)) from None
+        except TimeoutError:
+            raise EngineStartError(f"the engine did not load its model within {STARTUP_TIMEOUT_S:.0f} s") from None
         if isinstance(message, EngineError):
             raise EngineStartError(message.message)
         if not isinstance(message, EngineReady):
@@ -73,6 +90,19 @@ class EngineClient:
         if isinstance(message, ProfileResult):
             return message.samples
         raise EngineDiedError(f"expected a ProfileResult, got {type(message).__name__}")
+
+    def _reporter(self, generation: int, token: anyio.lowlevel.EventLoopToken) -> Callable[[int | None], None]:
+        """The process watcher's callback (on its thread): hands the death to the event loop."""
+
+        def report(exitcode: int | None) -> None:
+            def call() -> None:
+                if self.on_death is not None:
+                    self.on_death(generation, f"the engine process exited (exit code {exitcode})")
+
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody to tell
+                anyio.from_thread.run_sync(call, token=token)
+
+        return report
 
     async def stop(self) -> None:
         if self.process is not None:

@@ -25,6 +25,8 @@ class Limits:
     max_draft_tokens: int
     max_stop_sequences: int
     max_stop_length: int
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of the prompt, or of all messages' contents
+    max_messages: int = 8192  # each message renders to at least a token, so the context length is plenty
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +53,7 @@ class GenerationRequest:
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidArgumentError naming the first bad field."""
-        if bool(self.prompt) == bool(self.messages):
-            which = "both are set" if self.prompt else "neither is set"
-            raise InvalidArgumentError("prompt", f"give exactly one of prompt and messages ({which})")
-        for i, message in enumerate(self.messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidArgumentError(
-                    f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}"
-                )
+        validate_input(self.prompt, self.messages, limits, text_field="prompt")
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}"
@@ -98,6 +93,29 @@ class GenerationRequest:
                 )
         elif self.num_draft_tokens != 0:
             raise InvalidArgumentError("speculation.num_draft_tokens", "is only used with mode FIXED")
+
+
+def validate_input(text: str, messages: tuple[ChatMessage, ...], limits: Limits, text_field: str) -> None:
+    """Exactly one of a text and chat messages, with known roles, within the size limit.
+
+    The size is checked in bytes before anything tokenizes it: cheap, and enough to keep a huge
+    prompt from costing seconds of tokenizer time when it could never fit the context anyway.
+    """
+    if bool(text) == bool(messages):
+        which = "both are set" if text else "neither is set"
+        raise InvalidArgumentError(text_field, f"give exactly one of {text_field} and messages ({which})")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidArgumentError(
+                f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}"
+            )
+    num_bytes = len(text.encode()) if text else sum(len(m.content.encode()) for m in messages)
+    if num_bytes > limits.max_prompt_bytes:
+        raise InvalidArgumentError(
+            text_field if text else "messages",
+            f"is {num_bytes} bytes; this server takes at most {limits.max_prompt_bytes} "
+            "(more could not fit the model's context; --max-prompt-bytes)",
+        )
 
 
 @dataclass(slots=True)

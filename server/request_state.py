@@ -27,6 +27,7 @@ class RequestState:
     stop_token_ids: list[int]
     text: TextStream
     deadline_s: float | None = None  # time.monotonic() after which the request is cut short
+    client_id: str = ""  # whose request it is, for the per-client limit
     mailbox: Mailbox = field(default_factory=Mailbox)
     status: Status = Status.WAITING
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends

@@ -2,19 +2,25 @@
 
 Requests join and leave between steps. A request is admitted when a batch slot is free and the
 KV budget can hold its prompt plus its max_new_tokens (the engine reserves exactly that), in
-arrival order. Each step gives every decoding request one token, fills the step's token budget
-with prefill chunks (so a long prompt is prefilled over several steps while running streams keep
-flowing), and leaves the rest to draft tokens, whose number per request the speculation policy
-chooses knowing the prefill's cost.
+arrival order, except that a later request may pass a head that does not fit when it delays
+the head in no way (backfilling, see admission.py). One client holds at most `max_per_client`
+requests, and a request that could not start before its deadline is refused at once.
+
+Each step gives every decoding request one token, fills the step's token budget with prefill
+chunks (so a long prompt is prefilled over several steps while running streams keep flowing),
+and leaves the rest to draft tokens, whose number per request the speculation policy chooses
+knowing the prefill's cost.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from engine.protocol import BatchShape, FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
+from server.admission import Job, Pace, estimate_start, select
 from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
 from server.policy import SpeculationPolicy
 from server.policy.goodput import StepBase
@@ -28,6 +34,7 @@ class SchedulerLimits:
     max_waiting: int
     max_step_tokens: int
     kv_capacity_tokens: int
+    max_per_client: int = 0  # running plus waiting requests of one client; 0: no limit
 
 
 class Scheduler:
@@ -41,12 +48,15 @@ class Scheduler:
         self.planned_draft_tokens: dict[str, int] = {}  # k sent in the current plan
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
+        self.pace = Pace()
+        self.num_requests_by_client: Counter[str] = Counter()  # running and waiting
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.finished_in_engine)
 
-    def add(self, state: RequestState) -> None:
+    def add(self, state: RequestState, now: float | None = None) -> None:
+        """Queues a request, or refuses it with ResourceExhaustedError saying why."""
         need = state.num_reserved_tokens
         if need > self.limits.kv_capacity_tokens:
             raise ResourceExhaustedError(
@@ -55,7 +65,49 @@ class Scheduler:
             )
         if len(self.waiting) >= self.limits.max_waiting:
             raise ResourceExhaustedError(f"the waiting queue is full ({self.limits.max_waiting} requests); retry later")
+        num_held = self.num_requests_by_client[state.client_id]
+        if self.limits.max_per_client and num_held >= self.limits.max_per_client:
+            raise ResourceExhaustedError(
+                f"client {state.client_id!r} already has {num_held} requests running or waiting, the most one "
+                "client may have (--max-requests-per-client); retry when some have finished"
+            )
+        self._refuse_if_late(state, time.monotonic() if now is None else now)
         self.waiting.append(state)
+        self.num_requests_by_client[state.client_id] += 1
+
+    def _refuse_if_late(self, state: RequestState, now: float) -> None:
+        """Refuses a request that, by the running requests' expected progress, cannot start in time."""
+        if state.deadline_s is None or state.deadline_s <= now:
+            return  # none, or already passed: the loop ends it as DEADLINE
+        budget_steps = (state.deadline_s - now) / self.pace.step_s
+        start = estimate_start(
+            self._job(state),
+            [self._job(s) for s in self.waiting],
+            [self._job(s) for s in self.running.values()],
+            self.limits.kv_capacity_tokens - self.num_reserved_tokens,
+            self.limits.max_running - len(self.running),
+            give_up_at=budget_steps,
+        )
+        if start <= budget_steps:
+            return
+        share = self.num_reserved_tokens / self.limits.kv_capacity_tokens
+        raise ResourceExhaustedError(
+            f"the server is too busy to start this request within its deadline ({state.deadline_s - now:.1f} s): "
+            f"{len(self.running)} running, {len(self.waiting)} waiting, {share:.0%} of the KV budget reserved, "
+            f"{self.pace.step_s * 1000:.0f} ms a step; retry later or with a later deadline"
+        )
+
+    def _job(self, state: RequestState) -> Job:
+        """The request as admission sees it (see admission.py)."""
+        num_prefill_steps = math.ceil(state.num_prompt_left / self.limits.max_step_tokens)
+        num_left = state.num_new_tokens_left
+        num_expected = self.pace.length_share * state.request.max_new_tokens - len(state.output_ids)
+        tokens_per_step = state.speculation.mean_accepted_length or 1.0
+        return Job(
+            state.num_reserved_tokens,
+            max_steps=num_prefill_steps + num_left,
+            expected_steps=num_prefill_steps + min(num_left, max(1.0, num_expected)) / tokens_per_step,
+        )
 
     def take_finished(self) -> list[RequestState]:
         finished, self.just_finished = self.just_finished, []
@@ -79,12 +131,29 @@ class Scheduler:
             self.abort(state.req_id, FinishReason.DEADLINE, now)
         return expired
 
-    def fail_all_running(self, error: Exception, now: float) -> None:
-        """The engine is gone with everything it held: fail the running requests, keep the waiting."""
+    def release_running(self, error: Exception, now: float) -> None:
+        """The engine is gone with everything it held. A running request that has sent its client
+        nothing yet goes back to the head of the queue, in order, to start over on the next engine;
+        the others fail with error. The waiting ones keep their place."""
+        requeued = []
         for state in list(self.running.values()):
             state.is_in_engine = False
-            self._finish(state, FinishReason.CANCELLED, now, error)
+            if state.output_ids:
+                self._finish(state, FinishReason.CANCELLED, now, error)
+                continue
+            del self.running[state.req_id]
+            self.num_reserved_tokens -= state.num_reserved_tokens
+            state.status, state.num_prompt_done = Status.WAITING, 0
+            self.policy.forget(state.req_id)
+            requeued.append(state)
+        self.waiting.extendleft(reversed(requeued))
         self.finished_in_engine.clear()
+
+    def fail_all_waiting(self, error: Exception) -> None:
+        """No engine will run them: end every waiting request with error."""
+        now = time.monotonic()
+        while self.waiting:
+            self._finish(self.waiting.popleft(), FinishReason.CANCELLED, now, error)
 
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to send."""
@@ -123,21 +192,29 @@ class Scheduler:
         return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, num_waiting=len(self.waiting))
 
     def _admit(self) -> list[NewRequest]:
+        num_free_slots = self.limits.max_running - len(self.running)
+        if not self.waiting or num_free_slots < 1:
+            return []
+        queue = list(self.waiting)
+        ends = [(job.max_steps, job.num_tokens) for job in map(self._job, self.running.values())]
+        num_free_tokens = self.limits.kv_capacity_tokens - self.num_reserved_tokens
+        chosen = select([self._job(s) for s in queue], ends, num_free_tokens, num_free_slots)
         new = []
-        while self.waiting and len(self.running) < self.limits.max_running:
-            head = self.waiting[0]
-            if self.num_reserved_tokens + head.num_reserved_tokens > self.limits.kv_capacity_tokens:
-                break  # first come, first served: wait for KV rather than overtake
-            self.waiting.popleft()
-            head.status, head.is_in_engine = Status.RUNNING, True
-            self.running[head.req_id] = head
-            self.num_reserved_tokens += head.num_reserved_tokens
-            new.append(head.new_request())
+        for i in chosen:
+            state = queue[i]
+            state.status, state.is_in_engine = Status.RUNNING, True
+            self.running[state.req_id] = state
+            self.num_reserved_tokens += state.num_reserved_tokens
+            new.append(state.new_request())
+        if chosen:
+            started = set(chosen)
+            self.waiting = deque(state for i, state in enumerate(queue) if i not in started)
         return new
 
     def update(self, result: StepResult) -> None:
         """Applies the engine's step result: new tokens, finished requests, chunks for clients."""
         now = time.monotonic()
+        self.pace.observe_step(result.timings.step_s)
         for output in result.outputs:
             state = self.running.get(output.req_id)
             if state is None:
@@ -195,6 +272,8 @@ class Scheduler:
 
     def _finish(self, state: RequestState, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
         """Ends a request; it leaves the batch and its KV reservation is released."""
+        if state.status != Status.FINISHED:
+            self._forget_client(state.client_id)
         if state.status == Status.RUNNING:
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
@@ -203,9 +282,16 @@ class Scheduler:
             state.is_in_engine = False
         if reason == FinishReason.DEADLINE and error is None:
             error = DeadlineExceededError("the deadline passed before the request finished")
+        if reason in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
+            self.pace.observe_length(len(state.output_ids), state.request.max_new_tokens)
         last = state.end(reason, now, error)
         self.policy.forget(state.req_id)
         self.just_finished.append(state)
         if reason not in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
             state.mailbox.put(last)  # cancelled, deadline, error: nothing else will follow
         return last
+
+    def _forget_client(self, client_id: str) -> None:
+        self.num_requests_by_client[client_id] -= 1
+        if self.num_requests_by_client[client_id] <= 0:
+            del self.num_requests_by_client[client_id]

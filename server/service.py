@@ -9,25 +9,26 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER
+from client.client import CLIENT_ID_HEADER, STEP_END_TRAILER, STEP_TIMING_HEADER
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
 from engine.protocol import EngineReady, FinishReason, SamplingParams
 from server.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
 from server.loop import ControlLoop
 from server.policy import PolicySettings
-from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, SpeculationMode
+from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, SpeculationMode, validate_input
 from server.request_state import RequestState, Status
 from server.stats import ServerStats, mean
 from server.text_stream import TextStream
-from server.tokenizer import ChatTemplateError, TextTokenizer
+from server.tokenize_pool import TokenizerPool
+from server.tokenizer import ChatTemplateError, TextTokenizer, TooManyTokensError
 
-MAX_SEED = (1 << 63) - 1
+MAX_CLIENT_ID_LENGTH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class ServiceContext:
     limits: Limits
     stats: ServerStats
     default_max_new_tokens: int
+    tokenizer_pool: TokenizerPool  # tokenizes and renders chat off the event loop
 
 
 @dataclass
@@ -54,11 +56,17 @@ class Services:
         return self.context
 
 
-def request_from_pb(message: pb.GenerateRequest, default_max_new_tokens: int) -> GenerationRequest:
+def messages_from_pb(messages: Sequence[pb.ChatMessage], limits: Limits) -> tuple[ChatMessage, ...]:
+    if len(messages) > limits.max_messages:
+        raise InvalidArgumentError("messages", f"at most {limits.max_messages} messages, got {len(messages)}")
+    return tuple(ChatMessage(m.role, m.content) for m in messages)
+
+
+def request_from_pb(message: pb.GenerateRequest, limits: Limits, default_max_new_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex[:16],
         prompt=message.prompt,
-        messages=tuple(ChatMessage(m.role, m.content) for m in message.messages),
+        messages=messages_from_pb(message.messages, limits),
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else default_max_new_tokens,
         temperature=message.temperature if message.HasField("temperature") else 0.0,
         top_p=message.top_p if message.HasField("top_p") else 1.0,
@@ -72,6 +80,20 @@ def request_from_pb(message: pb.GenerateRequest, default_max_new_tokens: int) ->
 
 def is_step_timing_asked(context: grpc.aio.ServicerContext) -> bool:
     return any(key == STEP_TIMING_HEADER for key, _ in context.invocation_metadata() or ())
+
+
+def client_id_of(context: grpc.aio.ServicerContext) -> str:
+    """Who sent the request, for the per-client limit: the client-id header, else the peer's address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_HEADER:
+            return str(value)[:MAX_CLIENT_ID_LENGTH]
+    return peer_host(str(context.peer()))
+
+
+def peer_host(peer: str) -> str:
+    """gRPC's peer without the port: 'ipv4:10.0.0.7:53122' -> 'ipv4:10.0.0.7' (one host, many connections)."""
+    kind, _, address = peer.partition(":")
+    return f"{kind}:{address.rsplit(':', 1)[0]}" if kind in ("ipv4", "ipv6") else peer
 
 
 def speculation_to_pb(final: Final) -> pb.SpeculationStats:
@@ -163,7 +185,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tuple[Chunk, str]]:
         ctx = self.services.get()
-        state = self._prepare(ctx, request, context)
+        state = await self._prepare(ctx, request, context)
         ctx.loop.submit(state)
         try:
             while True:
@@ -178,16 +200,13 @@ class GenerationService(pb_grpc.GenerationServicer):
                 is_late = state.deadline_s is not None and time.monotonic() >= state.deadline_s
                 ctx.loop.abort(state.req_id, FinishReason.DEADLINE if is_late else FinishReason.CANCELLED)
 
-    def _prepare(
+    async def _prepare(
         self, ctx: ServiceContext, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> RequestState:
-        generation = request_from_pb(request, ctx.default_max_new_tokens)
+        generation = request_from_pb(request, ctx.limits, ctx.default_max_new_tokens)
         generation.validate(ctx.limits)
-        prompt_ids = tokenize(ctx.tokenizer, generation.prompt, generation.messages)
         max_len = ctx.ready.max_model_len
-        if len(prompt_ids) >= max_len:
-            field = "messages" if generation.messages else "prompt"
-            raise InvalidArgumentError(field, f"is {len(prompt_ids)} tokens; the model's context is {max_len} tokens")
+        prompt_ids = await tokenize_off_loop(ctx, generation.prompt, generation.messages, max_tokens=max_len - 1)
         if len(prompt_ids) + generation.max_new_tokens > max_len:
             raise InvalidArgumentError(
                 "max_new_tokens",
@@ -195,22 +214,23 @@ class GenerationService(pb_grpc.GenerationServicer):
                 f"exceeds the model's context of {max_len} tokens",
             )
         remaining = context.time_remaining()
-        seed = generation.seed if generation.seed is not None else secrets.randbits(63)
+        seed = generation.seed if generation.seed is not None else secrets.randbits(64)
         return RequestState(
             req_id=uuid.uuid4().hex,
             request=generation,
             prompt_ids=prompt_ids,
-            sampling=SamplingParams(generation.temperature, generation.top_p, generation.top_k, seed & MAX_SEED),
+            sampling=SamplingParams(generation.temperature, generation.top_p, generation.top_k, seed),
             stop_token_ids=list(ctx.ready.eos_token_ids),
             text=TextStream(ctx.tokenizer, generation.stop),
             deadline_s=time.monotonic() + remaining if remaining is not None else None,
+            client_id=client_id_of(context),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        if bool(request.text) == bool(request.messages):
-            raise InvalidArgumentError("text", "give exactly one of text and messages")
-        messages = tuple(ChatMessage(m.role, m.content) for m in request.messages)
-        return pb.TokenizeResponse(token_ids=tokenize(self.services.get().tokenizer, request.text, messages))
+        ctx = self.services.get()
+        messages = messages_from_pb(request.messages, ctx.limits)
+        validate_input(request.text, messages, ctx.limits, text_field="text")
+        return pb.TokenizeResponse(token_ids=await tokenize_off_loop(ctx, request.text, messages))
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         ctx = self.services.get()
@@ -227,6 +247,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_new_tokens_limit=ctx.limits.max_new_tokens,
             kv_capacity_tokens=ready.kv_capacity_tokens,
             eos_token_ids=ready.eos_token_ids,
+            max_prompt_bytes=ctx.limits.max_prompt_bytes,
+            max_requests_per_client=ctx.loop.scheduler.limits.max_per_client,
         )
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
@@ -264,16 +286,33 @@ class GenerationService(pb_grpc.GenerationServicer):
             cost_model_error=policy.cost_model.relative_error,
             policy_probes=policy.num_probes,
             draft_cost_factor=policy.draft_cost_factor.value,
+            engine_state=ctx.loop.engine_state.value,
+            engine_error=ctx.loop.engine_error,
         )
 
 
-def tokenize(tokenizer: TextTokenizer, text: str, messages: tuple[ChatMessage, ...]) -> list[int]:
-    if not messages:
-        return tokenizer.encode(text)
+async def tokenize_off_loop(
+    ctx: ServiceContext, text: str, messages: tuple[ChatMessage, ...], max_tokens: int | None = None
+) -> list[int]:
+    num_chars = len(text) + sum(len(m.content) for m in messages)
+    return await ctx.tokenizer_pool.run(num_chars, tokenize, ctx.tokenizer, text, messages, max_tokens)
+
+
+def tokenize(
+    tokenizer: TextTokenizer, text: str, messages: tuple[ChatMessage, ...], max_tokens: int | None = None
+) -> list[int]:
+    """The prompt's ids; more than max_tokens is an InvalidArgumentError saying how many."""
     try:
-        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        if not messages:
+            return tokenizer.encode(text, max_tokens)
+        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages], max_tokens)
     except ChatTemplateError as exc:
         raise InvalidArgumentError("messages", str(exc)) from exc
+    except TooManyTokensError as exc:
+        field = "messages" if messages else "prompt"
+        raise InvalidArgumentError(
+            field, f"is {exc.num_tokens} tokens; the model's context is {(max_tokens or 0) + 1} tokens"
+        ) from None
 
 
 def field_or(message: pb.Policy, name: str, default: int) -> int:

@@ -158,7 +158,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_model_len", "device", "dtype", "drafter", "max_draft_tokens", "max_new_tokens_limit", "kv_capacity_tokens", "eos_token_ids")
+    __slots__ = ("model", "model_type", "vocab_size", "max_model_len", "device", "dtype", "drafter", "max_draft_tokens", "max_new_tokens_limit", "kv_capacity_tokens", "eos_token_ids", "max_prompt_bytes", "max_requests_per_client")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class ModelInfoResponse(_message.Message):
     MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     vocab_size: int
@@ -181,14 +183,16 @@ class ModelInfoResponse(_message.Message):
     max_new_tokens_limit: int
     kv_capacity_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_prompt_bytes: int
+    max_requests_per_client: int
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_prompt_bytes: _Optional[int] = ..., max_requests_per_client: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "draft_cost_factor")
+    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "draft_cost_factor", "engine_state", "engine_error")
     class CostModelMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +237,8 @@ class Stats(_message.Message):
     POSITION_ACCEPTANCE_RATES_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_RATE_BY_MATCH_LEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COST_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
     requests_running: int
     requests_waiting: int
     requests_finished: int
@@ -263,7 +269,9 @@ class Stats(_message.Message):
     position_acceptance_rates: _containers.RepeatedScalarFieldContainer[float]
     first_token_rate_by_match_len: _containers.ScalarMap[int, float]
     draft_cost_factor: float
-    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., draft_cost_factor: _Optional[float] = ...) -> None: ...
+    engine_state: str
+    engine_error: str
+    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., draft_cost_factor: _Optional[float] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens")

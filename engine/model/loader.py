@@ -11,13 +11,25 @@ from engine.model.transformer import Transformer
 from engine.model.weights import from_hf_model
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """Loads the weights through transformers, then keeps only the rearranged tensors."""
+def load_transformer(
+    path: str | Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True
+) -> Transformer:
+    """Loads the weights through transformers, then keeps only the rearranged tensors.
+    show_progress=False hides transformers' "Loading weights" bar."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(str(path))
     spec = ModelSpec.from_hf_config(config)  # fails early, before reading weights, on other families
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    # The switch is global in transformers, so it is put back for other loads in this process.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show_progress:
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    finally:
+        if was_enabled and not show_progress:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     weights = from_hf_model(hf_model, spec, dtype, device)
     del hf_model
     return Transformer(spec, weights)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,40 +13,11 @@ from grpc_health.v1 import health_pb2
 
 from client.client import Client
 from client.pb import generation_pb2 as pb
-from tests.e2e.conftest import RunningServer, start_server
+from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 POEM = [("user", "Write a long poem about the sea.")]
-
-
-def engine_pid(server: RunningServer) -> int:
-    """The engine process: the server's spawned child (not the resource tracker)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat[1]) == server.process.pid and "spawn_main" in cmdline:
-            return int(entry.name)
-    raise AssertionError("no engine process found")
-
-
-def health(client: Client) -> int:
-    try:
-        return int(client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
-    except grpc.RpcError:
-        return -1
-
-
-def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

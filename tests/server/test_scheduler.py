@@ -128,6 +128,7 @@ def test_stop_sequence_ends_the_request_and_frees_it_in_the_engine() -> None:
 
 def test_deadlines_end_waiting_and_running_requests() -> None:
     scheduler = make_scheduler(max_running=1)
+    scheduler.pace.observe_step(0.01)  # fast enough that "wait" could start in time
     now = time.monotonic()
     running, waiting = make_state("run", 3, deadline_s=now + 10), make_state("wait", 3, deadline_s=now + 1)
     scheduler.add(running)
@@ -149,3 +150,87 @@ def test_a_step_records_the_k_it_drafted_not_the_k_planned() -> None:
     assert plan is not None and plan.scheduled[0].num_draft_tokens == 3
     scheduler.update(result(plan.step_id, ("a", [71, 72], 1, 1, NONE)))  # the drafter had one token
     assert scheduler.running["a"].speculation.draft_lengths == [1]
+
+
+def test_a_short_request_passes_a_head_waiting_for_kv_without_delaying_it() -> None:
+    # Regression: admission was strictly first come, first served, so a 4-token request waited
+    # behind a head that needed KV held by long-running requests until its deadline passed.
+    scheduler = make_scheduler(max_running=8, max_waiting=8, max_step_tokens=512, kv=1000)
+    scheduler.add(make_state("running", 500, max_new_tokens=100))  # 600 KV tokens, ends within 100 steps
+    assert scheduler.schedule() is not None
+    scheduler.add(make_state("head", 10, max_new_tokens=690))  # 700: starts when "running" ends
+    scheduler.add(make_state("short", 4, max_new_tokens=4))  # ends within 5 steps: passes
+    scheduler.add(make_state("middle", 10, max_new_tokens=340))  # fits now, but would delay the head
+    plan = scheduler.schedule()
+    assert plan is not None and [n.req_id for n in plan.new_requests] == ["short"]
+    assert [s.req_id for s in scheduler.waiting] == ["head", "middle"]
+
+
+def test_requests_that_fit_beside_the_head_start_at_once() -> None:
+    scheduler = make_scheduler(max_running=8, max_waiting=8, max_step_tokens=512, kv=1000)
+    scheduler.add(make_state("running", 500, max_new_tokens=100))
+    assert scheduler.schedule() is not None
+    scheduler.add(make_state("head", 10, max_new_tokens=690))  # 700 of the 1000 once "running" ends
+    scheduler.add(make_state("beside", 10, max_new_tokens=240))  # 250: fits in the 300 the head leaves
+    scheduler.add(make_state("late", 10, max_new_tokens=190))  # 200: fits now, but not beside both
+    plan = scheduler.schedule()
+    assert plan is not None and [n.req_id for n in plan.new_requests] == ["beside"]
+    assert [s.req_id for s in scheduler.waiting] == ["head", "late"]
+
+
+def test_one_client_cannot_hold_more_than_its_share() -> None:
+    scheduler = Scheduler(
+        SchedulerLimits(max_running=2, max_waiting=8, max_step_tokens=64, kv_capacity_tokens=1000, max_per_client=3),
+        SpeculationPolicy(PolicySettings(SpeculationMode.OFF, 0, 8)),
+    )
+    for i in range(3):
+        state = make_state(f"a{i}", 10)
+        state.client_id = "alice"
+        scheduler.add(state)
+    assert scheduler.schedule() is not None  # two of alice's run, one waits: all three count
+    refused = make_state("a3", 10)
+    refused.client_id = "alice"
+    with pytest.raises(ResourceExhaustedError, match="client 'alice' already has 3 requests"):
+        scheduler.add(refused)
+    bob = make_state("b0", 10)
+    bob.client_id = "bob"
+    scheduler.add(bob)
+    scheduler.abort("a0", FinishReason.CANCELLED, time.monotonic())
+    scheduler.add(refused)  # one of alice's ended: room again
+    assert scheduler.num_requests_by_client == {"alice": 3, "bob": 1}
+
+
+def test_a_request_that_cannot_start_before_its_deadline_is_refused_at_once() -> None:
+    scheduler = make_scheduler(max_running=1, max_waiting=8, kv=1000)
+    scheduler.pace.observe_step(0.05)
+    scheduler.add(make_state("long", 10, max_new_tokens=400))  # about 20 s to run
+    assert scheduler.schedule() is not None
+    now = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match=r"within its deadline \(5.0 s\): 1 running, 0 waiting"):
+        scheduler.add(make_state("hurried", 4, max_new_tokens=4, deadline_s=now + 5), now=now)
+    scheduler.add(make_state("patient", 4, max_new_tokens=4, deadline_s=now + 60), now=now)
+    # the expected length is the measured share of max_new_tokens that requests used
+    for _ in range(200):
+        scheduler.pace.observe_length(20, 400)
+    scheduler.add(make_state("hurried", 4, max_new_tokens=4, deadline_s=now + 5), now=now)
+    assert [s.req_id for s in scheduler.waiting] == ["patient", "hurried"]
+
+
+def test_an_engine_death_requeues_requests_that_sent_nothing_and_fails_the_rest() -> None:
+    scheduler = make_scheduler(max_running=2)
+    streaming, admitted, waiting = make_state("streaming", 3), make_state("admitted", 3), make_state("waiting", 3)
+    scheduler.add(streaming)
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("streaming", [72], 0, 0, NONE)))
+    scheduler.add(admitted)
+    scheduler.add(waiting)
+    assert scheduler.schedule() is not None  # "admitted" is sent to the engine, which then dies
+    scheduler.release_running(RuntimeError("engine died"), time.monotonic())
+    assert isinstance(streaming.mailbox._chunks[-1].error, RuntimeError)
+    assert [s.req_id for s in scheduler.waiting] == ["admitted", "waiting"]
+    assert admitted.status == Status.WAITING and admitted.num_prompt_done == 0
+    assert scheduler.num_reserved_tokens == 0 and not scheduler.running
+    plan = scheduler.schedule()
+    assert plan is not None and [n.req_id for n in plan.new_requests] == ["admitted", "waiting"]
+    assert not plan.finished_req_ids  # the new engine never knew the old requests
