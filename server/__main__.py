@@ -61,8 +61,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-requests-per-client",
         type=int,
         default=defaults.max_requests_per_client,
-        help="running + waiting requests of one client (the goodspeed-client header, else the peer's address); "
-        "0: no limit",
+        help="requests in flight per client (named by --client-id-header, else by the peer's address); 0: no limit",
+    )
+    add(
+        "--client-id-header",
+        default=defaults.client_id_header,
+        help="the metadata key that names a client, as a proxy or mesh in front sets it; '' counts by address only",
     )
     add(
         "--tokenizer-threads",
@@ -139,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prompt_bytes=args.max_prompt_bytes,
         max_message_bytes=args.max_message_bytes,
         max_requests_per_client=args.max_requests_per_client,
+        client_id_header=args.client_id_header,
         tokenizer_threads=args.tokenizer_threads,
         max_engine_restarts=args.max_engine_restarts,
         speculation_mode=mode,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 DEFAULT_STEP_S = 0.1  # until the first step is measured
 SMOOTHING = 0.05  # weight of each new measurement in the running means
+MAX_EVENTS = 300  # a start estimate simulates at most this many request ends (about 2 ms)
 
 
 @dataclass(slots=True)
@@ -118,18 +119,21 @@ def estimate_start(
     num_free_tokens: int,
     num_free_slots: int,
     give_up_at: float = math.inf,
-) -> float:
+    max_events: int = MAX_EVENTS,
+) -> float | None:
     """Steps until `new` starts, queued behind `ahead`, if requests end when expected.
 
     Runs `select` at each expected end; returns math.inf once past give_up_at (the caller's
-    deadline, in steps), which bounds the work when the queue is long.
+    deadline, in steps), and None (unknown) after max_events ends: it runs on the event loop.
     """
     queue = [*ahead, new]
     # (expected end, upper-bound end, KV tokens) of everything running, in the order they end
     active = [(job.expected_steps, job.max_steps, job.num_tokens) for job in running]
     heapq.heapify(active)
     now = 0.0
-    while now <= give_up_at:
+    for _ in range(max_events):
+        if now > give_up_at:
+            return math.inf
         ends = [(max_end, num_tokens) for _, max_end, num_tokens in active]
         chosen = select(queue, ends, num_free_tokens, num_free_slots, now)
         for i in chosen:
@@ -142,8 +146,8 @@ def estimate_start(
         started = set(chosen)
         queue = [job for i, job in enumerate(queue) if i not in started]
         if not active:
-            break  # nothing will free anything: new is larger than the whole budget
+            return math.inf  # nothing will free anything: new is larger than the whole budget
         now, _, num_tokens = heapq.heappop(active)
         num_free_tokens += num_tokens
         num_free_slots += 1
-    return math.inf
+    return None

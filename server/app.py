@@ -23,6 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
+from engine.protocol import EngineReady
+from server.admin_service import AdminService
+from server.client_slots import ClientSlots
 from server.config import ServerConfig
 from server.credentials import read_admin_token, server_credentials
 from server.engine_client import EngineClient
@@ -33,7 +36,7 @@ from server.policy.acceptance import AcceptanceEstimator
 from server.policy.profile import profile_shapes, warm_cost_model
 from server.request import Limits, SpeculationMode
 from server.scheduler import SchedulerLimits
-from server.service import AdminService, GenerationService, ServiceContext, Services
+from server.service import GenerationService, ServiceContext, Services
 from server.stats import ServerStats
 from server.tokenize_pool import TokenizerPool
 from server.tokenizer import TextTokenizer
@@ -140,7 +143,6 @@ async def serve(config: ServerConfig) -> None:
         model=config.engine.model,
     )
     engine = EngineClient(config.engine)
-    tokenizer_pool = TokenizerPool(config.tokenizer_threads)
     try:
         ready = await engine.start()
         async with anyio.create_task_group() as tg:
@@ -158,23 +160,7 @@ async def serve(config: ServerConfig) -> None:
             shapes = profile_shapes(config.max_running_requests, ready.max_draft_tokens, config.max_step_tokens)
             await warm_cost_model(engine, loop.policy.cost_model, shapes)
             await tg.start(loop.run)
-            tokenizer = TextTokenizer(ready.model_path)
-            services.context = ServiceContext(
-                loop=loop,
-                tokenizer=tokenizer,
-                ready=ready,
-                limits=Limits(
-                    config.max_new_tokens_limit,
-                    ready.max_draft_tokens,
-                    config.max_stop_sequences,
-                    config.max_stop_length,
-                    max_prompt_bytes=await max_prompt_bytes(config, tokenizer, ready.max_model_len),
-                    max_messages=ready.max_model_len,
-                ),
-                stats=stats,
-                default_max_new_tokens=config.default_max_new_tokens,
-                tokenizer_pool=tokenizer_pool,
-            )
+            services.context = await build_context(config, loop, ready, stats)
             stats.metrics.kv_tokens_capacity.set(ready.kv_capacity_tokens)
             await set_health(health, True)
             log.info("serving", address=address)
@@ -185,8 +171,34 @@ async def serve(config: ServerConfig) -> None:
         with anyio.CancelScope(shield=True):
             await server.stop(0)
             await engine.stop()
-            tokenizer_pool.close()
+            if services.context is not None:
+                services.context.tokenizer_pool.close()
             log.info("stopped")
+
+
+async def build_context(
+    config: ServerConfig, loop: ControlLoop, ready: EngineReady, stats: ServerStats
+) -> ServiceContext:
+    tokenizer = TextTokenizer(ready.model_path)
+    limits = Limits(
+        config.max_new_tokens_limit,
+        ready.max_draft_tokens,
+        config.max_stop_sequences,
+        config.max_stop_length,
+        max_prompt_bytes=await max_prompt_bytes(config, tokenizer, ready.max_model_len),
+        max_messages=ready.max_model_len,  # each message renders to a token at least
+    )
+    return ServiceContext(
+        loop=loop,
+        tokenizer=tokenizer,
+        ready=ready,
+        limits=limits,
+        stats=stats,
+        default_max_new_tokens=config.default_max_new_tokens,
+        tokenizer_pool=TokenizerPool(tokenizer, config.tokenizer_threads),
+        client_slots=ClientSlots(config.max_requests_per_client),
+        client_id_header=config.client_id_header,
+    )
 
 
 async def max_prompt_bytes(config: ServerConfig, tokenizer: TextTokenizer, max_model_len: int) -> int:
@@ -211,7 +223,6 @@ def build_loop(
         max_waiting=config.max_waiting_requests,
         max_step_tokens=config.max_step_tokens,
         kv_capacity_tokens=engine.ready.kv_capacity_tokens,
-        max_per_client=config.max_requests_per_client,
     )
 
     async def on_serving_change(is_serving: bool) -> None:

@@ -34,7 +34,8 @@ class ServerConfig:
     max_stop_length: int = 256
     max_prompt_bytes: int = 0  # 0: what the model's context could hold (its longest token x its context length)
     max_message_bytes: int = 4 << 20  # gRPC's receive limit: a larger request is refused before it is read
-    max_requests_per_client: int = 64  # running + waiting, by the goodspeed-client header or the peer; 0: no limit
+    max_requests_per_client: int = 64  # requests in flight per client; 0: no limit
+    client_id_header: str = "goodspeed-client"  # the metadata key that names a client; "": the peer's address only
     tokenizer_threads: int = 1  # threads, at the lowest CPU priority, that tokenize prompts over 32K characters
     # Speculation
     speculation_mode: str = "auto"  # the server-wide default: auto, off or fixed

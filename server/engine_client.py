@@ -8,12 +8,11 @@ also reports a death through `on_death`, called on the event loop, within moment
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 
 from engine.config import EngineConfig
@@ -54,7 +53,7 @@ class EngineClient:
         """Spawns the engine and waits until its model is loaded."""
         self.generation += 1
         self.process = EngineProcess(self.config)
-        self.process.on_death(self._reporter(self.generation, anyio.lowlevel.current_token()))
+        self.process.on_death(self._reporter(self.generation, asyncio.get_running_loop()))
         self.process.start()
         try:
             with anyio.fail_after(STARTUP_TIMEOUT_S):
@@ -91,8 +90,9 @@ class EngineClient:
             return message.samples
         raise EngineDiedError(f"expected a ProfileResult, got {type(message).__name__}")
 
-    def _reporter(self, generation: int, token: anyio.lowlevel.EventLoopToken) -> Callable[[int | None], None]:
-        """The process watcher's callback (on its thread): hands the death to the event loop."""
+    def _reporter(self, generation: int, loop: asyncio.AbstractEventLoop) -> Callable[[int | None], None]:
+        """The process watcher's callback (on its thread): hands the death to the event loop
+        without waiting for it (grpc.aio means the loop is asyncio's)."""
 
         def report(exitcode: int | None) -> None:
             def call() -> None:
@@ -100,7 +100,7 @@ class EngineClient:
                     self.on_death(generation, f"the engine process exited (exit code {exitcode})")
 
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody to tell
-                anyio.from_thread.run_sync(call, token=token)
+                loop.call_soon_threadsafe(call)
 
         return report
 

@@ -9,6 +9,7 @@ answers INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +71,8 @@ def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[b
     return decode
 
 
-def check_decoded(request: Any) -> None:
-    if isinstance(request, Undecodable):
-        raise InvalidArgumentError("request", f"is not a valid message: {request.reason}")
+def undecodable_error(request: Undecodable) -> InvalidArgumentError:
+    return InvalidArgumentError("request", f"is not a valid message: {request.reason}")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -85,69 +85,85 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = str(handler_call_details.method)
-        # Health and reflection report their own errors; theirs are wrapped for undecodable requests only.
-        is_ours = method.startswith("/goodspeed.")
         codecs = {
             "request_deserializer": safe_deserializer(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
+        if not method.startswith("/goodspeed."):
+            return guard_foreign(handler, method, codecs)  # health and reflection map their own errors
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary, method, is_ours), **codecs)
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary, method), **codecs)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream, method, is_ours), **codecs)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(wrap_bidi(handler.stream_stream, method), **codecs)
+            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream, method), **codecs)
         return handler
 
 
-def wrap_unary(
-    behavior: Callable[[Any, Context], Awaitable[Any]], method: str, is_ours: bool
-) -> Callable[..., Awaitable[Any]]:
+def wrap_unary(behavior: Callable[[Any, Context], Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         try:
-            check_decoded(request)
+            if isinstance(request, Undecodable):
+                raise undecodable_error(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            if not is_ours and not isinstance(exc, ServiceError):
-                raise
             await abort_with(exc, context, method)
 
     return unary
 
 
-def wrap_stream(
-    behavior: Callable[[Any, Context], AsyncIterator[Any]], method: str, is_ours: bool
-) -> Callable[..., Any]:
+def wrap_stream(behavior: Callable[[Any, Context], AsyncIterator[Any]], method: str) -> Callable[..., Any]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
-            check_decoded(request)
+            if isinstance(request, Undecodable):
+                raise undecodable_error(request)
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            if not is_ours and not isinstance(exc, ServiceError):
-                raise
             await abort_with(exc, context, method)
 
     return stream
 
 
-def wrap_bidi(behavior: Callable[[Any, Context], AsyncIterator[Any]], method: str) -> Callable[..., Any]:
-    """Reflection's stream: each incoming message is checked as it is read."""
+def guard_foreign(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, codecs: dict[str, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """Health's and reflection's handlers, unchanged but for undecodable requests. They come as
+    coroutines or async generators (health's Watch writes with context.write), kept as they are."""
 
-    async def stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async def checked() -> AsyncIterator[Any]:
-            async for request in requests:
-                if isinstance(request, Undecodable):
-                    await abort_with(
-                        InvalidArgumentError("request", f"is not a valid message: {request.reason}"), context, method
-                    )
-                yield request
+    async def refuse(request: Any, context: Context) -> None:
+        if isinstance(request, Undecodable):
+            await abort_with(undecodable_error(request), context, method)
 
-        async for item in behavior(checked(), context):
-            yield item
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
 
-    return stream
+        async def unary(request: Any, context: Context) -> Any:
+            await refuse(request, context)
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **codecs)
+    if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+        writer = handler.unary_stream
+
+        async def write(request: Any, context: Context) -> None:
+            await refuse(request, context)
+            await writer(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(write, **codecs)
+    if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+        bidi = handler.stream_stream
+
+        async def each_checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    await refuse(request, context)
+                    yield request
+
+            async for item in bidi(checked(), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(each_checked, **codecs)
+    return handler

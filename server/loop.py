@@ -7,16 +7,15 @@ engine and applies the result. With nothing to do it blocks on its inbox.
 
 The loop also supervises the engine. A death shows up mid-step (the result never comes) or, when
 idle, as a message from the process watcher. Either way health turns NOT_SERVING, the requests
-that had streamed output fail with UNAVAILABLE, and the engine restarts while the others (waiting,
-or admitted but with nothing sent yet) keep their place.
-A death during a restart counts against the same budget; once the budget is spent the server
-stays up, NOT_SERVING, refusing requests with the reason, which GetStats also shows.
+that had streamed output fail with UNAVAILABLE, and a restart task starts (supervisor.py) while
+the loop goes on taking messages: the other requests (waiting, or admitted with nothing sent
+yet) keep their place. Once the restart budget is spent the server stays up, NOT_SERVING,
+refusing requests with the reason, which GetStats also shows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,20 +23,19 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from engine.ipc import EngineDiedError
 from engine.protocol import FinishReason
-from server.engine_client import EngineClient, EngineStartError
+from server.engine_client import EngineClient
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.policy import SpeculationPolicy
 from server.request_state import RequestState
 from server.scheduler import Scheduler, SchedulerLimits
 from server.stats import ServerStats
+from server.supervisor import EngineDied, EngineState, RestartBudget, Restarted, restart_engine
 
 log = structlog.get_logger("goodspeed.loop")
-
-RESTART_WINDOW_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,19 +49,7 @@ class Abort:
     reason: FinishReason
 
 
-@dataclass(frozen=True, slots=True)
-class EngineDied:
-    generation: int  # which start of the engine died (a late report of an old one is ignored)
-    reason: str
-
-
-Message = Submit | Abort | EngineDied
-
-
-class EngineState(enum.Enum):
-    RUNNING = "running"
-    RESTARTING = "restarting"
-    FAILED = "failed"  # restarts used up: the server stays up, NOT_SERVING
+Message = Submit | Abort | EngineDied | Restarted
 
 
 class ControlLoop:
@@ -80,7 +66,7 @@ class ControlLoop:
         self.scheduler = Scheduler(limits, policy)
         self.policy = policy
         self.stats = stats
-        self.max_engine_restarts = max_engine_restarts
+        self.restart_budget = RestartBudget(max_engine_restarts)
         self.on_serving_change = on_serving_change
         # Room for every request the server can hold twice over (a submit and an abort each).
         inbox_size = 2 * (limits.max_waiting + limits.max_running) + 64
@@ -88,7 +74,6 @@ class ControlLoop:
         self.is_draining = False
         self.engine_state = EngineState.RUNNING
         self.engine_error = ""  # what happened to the engine last
-        self._restarts: list[float] = []
         self._death: EngineDied | None = None  # reported, not yet handled
         self._idle = anyio.Event()
         engine.on_death = self._report_death
@@ -99,7 +84,7 @@ class ControlLoop:
         if self.is_draining:
             raise UnavailableError("the server is shutting down; retry on another instance")
         if self.engine_state == EngineState.FAILED:
-            raise UnavailableError(f"the server is not serving: {self.engine_error}")
+            raise self._not_serving()
         try:
             self._send.send_nowait(Submit(state))
         except anyio.WouldBlock:
@@ -126,19 +111,21 @@ class ControlLoop:
     # The loop itself.
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        if not self.engine.is_alive:  # died before the loop was there to hear of it
-            self._death = EngineDied(self.engine.generation, "the engine process exited while starting up")
+        async with anyio.create_task_group() as restarts:
+            task_status.started()
+            if not self.engine.is_alive:  # died before the loop was there to hear of it
+                self._death = EngineDied(self.engine.generation, "the engine process exited while starting up")
+            await self._serve(restarts)
+
+    async def _serve(self, restarts: TaskGroup) -> None:
         is_back_to_back = False
         while True:
             self._handle_pending()
             if self._death is not None:
-                await self._recover(self._death.reason)
-                is_back_to_back = False
-                continue
+                await self._begin_recovery(restarts)
             self.scheduler.expire(time.monotonic())
             self._record_finished()
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule() if self.engine_state == EngineState.RUNNING else None
             self._update_gauges()
             if plan is None:
                 self._idle.set()
@@ -148,7 +135,7 @@ class ControlLoop:
             try:
                 result = await self.engine.step(plan)
             except EngineDiedError as exc:
-                await self._recover(str(exc))
+                self._death = EngineDied(self.engine.generation, str(exc))
                 is_back_to_back = False
                 continue
             self.scheduler.update(result)
@@ -172,7 +159,7 @@ class ControlLoop:
     def _handle(self, message: Message) -> None:
         if isinstance(message, Submit):
             if self.engine_state == EngineState.FAILED:
-                self._refuse(message.state, UnavailableError(f"the server is not serving: {self.engine_error}"))
+                self._refuse(message.state, self._not_serving())
                 return
             try:
                 self.scheduler.add(message.state)
@@ -181,11 +168,24 @@ class ControlLoop:
                 self._refuse(message.state, exc)
         elif isinstance(message, Abort):
             self.scheduler.abort(message.req_id, message.reason, time.monotonic())
-        elif message.generation == self.engine.generation and self.engine_state == EngineState.RUNNING:
-            self._death = message
+        elif isinstance(message, EngineDied):
+            if message.generation == self.engine.generation and self.engine_state == EngineState.RUNNING:
+                self._death = message
+        elif message.error:
+            self._give_up(message.error)
+        else:
+            self.engine_state = EngineState.RUNNING
+            if not self.engine.is_alive:  # died again before this message came: its report was ignored
+                self._death = EngineDied(self.engine.generation, "the engine process exited right after its restart")
+            self.stats.num_engine_restarts += 1
+            self.stats.metrics.engine_restarts.inc()
+            log.info("engine restarted", restarts=self.stats.num_engine_restarts)
 
     def _refuse(self, state: RequestState, error: Exception) -> None:
         state.mailbox.put(state.end(FinishReason.CANCELLED, time.monotonic(), error))
+
+    def _not_serving(self) -> UnavailableError:
+        return UnavailableError(f"the server is not serving: {self.engine_error}")
 
     def _record_finished(self) -> None:
         for state in self.scheduler.take_finished():
@@ -213,51 +213,28 @@ class ControlLoop:
         metrics.waiting.set(len(self.scheduler.waiting))
         metrics.kv_tokens_used.set(self.scheduler.num_reserved_tokens)
 
-    async def _recover(self, reason: str) -> None:
-        """The engine died: fail what it held, restart it within the budget, keep the waiting requests."""
-        self._death = None
-        log.error("engine died", error=reason, running=len(self.scheduler.running))
-        self.engine_state, self.engine_error = EngineState.RESTARTING, reason
+    async def _begin_recovery(self, restarts: TaskGroup) -> None:
+        """The engine died: release what it held and start restarting it; the loop goes on."""
+        death, self._death = self._death, None
+        assert death is not None
+        log.error("engine died", error=death.reason, running=len(self.scheduler.running))
+        self.engine_state, self.engine_error = EngineState.RESTARTING, death.reason
         await self.on_serving_change(False)
-        error = UnavailableError(f"the engine failed and is restarting: {reason}")
-        self.scheduler.release_running(error, time.monotonic())
+        self.scheduler.release_running(UnavailableError(f"the engine failed and is restarting: {death.reason}"))
         self._record_finished()
-        while not await self._restart():
-            if self.engine_state == EngineState.FAILED:
-                return
-        self.engine_state = EngineState.RUNNING
-        self.stats.num_engine_restarts += 1
-        self.stats.metrics.engine_restarts.inc()
-        if not self.is_draining:
+        restarts.start_soon(self._restart, death.reason)
+
+    async def _restart(self, reason: str) -> None:
+        outcome = await restart_engine(self.engine, self.restart_budget, reason)
+        if not outcome.error and not self.is_draining:
             await self.on_serving_change(True)
-        log.info("engine restarted", restarts=self.stats.num_engine_restarts)
+        await self._send.send(outcome)  # never dropped: the loop keeps emptying its inbox
 
-    async def _restart(self) -> bool:
-        """One restart, if the budget allows; False when it failed or the budget is spent."""
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
-        if len(self._restarts) >= self.max_engine_restarts:
-            self._give_up()
-            return False
-        self._restarts.append(now)
-        await self.engine.stop()
-        try:
-            await self.engine.start()
-        except EngineStartError as exc:
-            self.engine_error = f"the engine failed while restarting: {exc}"
-            log.error("engine restart failed", error=str(exc), restarts_in_window=len(self._restarts))
-            return False
-        return True
-
-    def _give_up(self) -> None:
+    def _give_up(self, error: str) -> None:
         """The restart budget is spent: stay up and say why, refusing what waits and what comes."""
-        self.engine_state = EngineState.FAILED
-        self.engine_error = (
-            f"the engine died {len(self._restarts) + 1} times within {RESTART_WINDOW_S:.0f} s "
-            f"(--max-engine-restarts {self.max_engine_restarts}); restart the server. Last: {self.engine_error}"
-        )
-        log.critical("engine restarts used up; the server stays up but is NOT_SERVING", error=self.engine_error)
-        self.scheduler.fail_all_waiting(UnavailableError(f"the server is not serving: {self.engine_error}"))
+        self.engine_state, self.engine_error = EngineState.FAILED, error
+        log.critical("engine restarts used up; the server stays up but is NOT_SERVING", error=error)
+        self.scheduler.fail_all_waiting(self._not_serving())
         self._record_finished()
 
 

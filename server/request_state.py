@@ -27,11 +27,11 @@ class RequestState:
     stop_token_ids: list[int]
     text: TextStream
     deadline_s: float | None = None  # time.monotonic() after which the request is cut short
-    client_id: str = ""  # whose request it is, for the per-client limit
     mailbox: Mailbox = field(default_factory=Mailbox)
     status: Status = Status.WAITING
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
+    was_requeued: bool = False  # an engine died while it ran, before it had sent anything
     num_draftable: int = 0  # tokens the drafter could propose next step, as of the last result
     draft_match_len: int = 0  # ... and how long a match that proposal continues
     output_ids: list[int] = field(default_factory=list)

@@ -3,8 +3,8 @@
 Requests join and leave between steps. A request is admitted when a batch slot is free and the
 KV budget can hold its prompt plus its max_new_tokens (the engine reserves exactly that), in
 arrival order, except that a later request may pass a head that does not fit when it delays
-the head in no way (backfilling, see admission.py). One client holds at most `max_per_client`
-requests, and a request that could not start before its deadline is refused at once.
+the head in no way (backfilling, see admission.py). A request that could not start before its
+deadline is refused at once.
 
 Each step gives every decoding request one token, fills the step's token budget with prefill
 chunks (so a long prompt is prefilled over several steps while running streams keep flowing),
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.protocol import BatchShape, FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
@@ -34,7 +35,6 @@ class SchedulerLimits:
     max_waiting: int
     max_step_tokens: int
     kv_capacity_tokens: int
-    max_per_client: int = 0  # running plus waiting requests of one client; 0: no limit
 
 
 class Scheduler:
@@ -49,7 +49,6 @@ class Scheduler:
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
         self.pace = Pace()
-        self.num_requests_by_client: Counter[str] = Counter()  # running and waiting
 
     @property
     def has_work(self) -> bool:
@@ -65,15 +64,8 @@ class Scheduler:
             )
         if len(self.waiting) >= self.limits.max_waiting:
             raise ResourceExhaustedError(f"the waiting queue is full ({self.limits.max_waiting} requests); retry later")
-        num_held = self.num_requests_by_client[state.client_id]
-        if self.limits.max_per_client and num_held >= self.limits.max_per_client:
-            raise ResourceExhaustedError(
-                f"client {state.client_id!r} already has {num_held} requests running or waiting, the most one "
-                "client may have (--max-requests-per-client); retry when some have finished"
-            )
         self._refuse_if_late(state, time.monotonic() if now is None else now)
         self.waiting.append(state)
-        self.num_requests_by_client[state.client_id] += 1
 
     def _refuse_if_late(self, state: RequestState, now: float) -> None:
         """Refuses a request that, by the running requests' expected progress, cannot start in time."""
@@ -81,15 +73,15 @@ class Scheduler:
             return  # none, or already passed: the loop ends it as DEADLINE
         budget_steps = (state.deadline_s - now) / self.pace.step_s
         start = estimate_start(
-            self._job(state),
-            [self._job(s) for s in self.waiting],
-            [self._job(s) for s in self.running.values()],
+            self._jobs([state])[0],
+            self._jobs(self.waiting),
+            self._jobs(self.running.values()),
             self.limits.kv_capacity_tokens - self.num_reserved_tokens,
             self.limits.max_running - len(self.running),
             give_up_at=budget_steps,
         )
-        if start <= budget_steps:
-            return
+        if start is None or start <= budget_steps:
+            return  # in time, or too far to tell cheaply: the deadline ends it if need be
         share = self.num_reserved_tokens / self.limits.kv_capacity_tokens
         raise ResourceExhaustedError(
             f"the server is too busy to start this request within its deadline ({state.deadline_s - now:.1f} s): "
@@ -97,9 +89,23 @@ class Scheduler:
             f"{self.pace.step_s * 1000:.0f} ms a step; retry later or with a later deadline"
         )
 
-    def _job(self, state: RequestState) -> Job:
-        """The request as admission sees it (see admission.py)."""
-        num_prefill_steps = math.ceil(state.num_prompt_left / self.limits.max_step_tokens)
+    def _jobs(self, states: Iterable[RequestState]) -> list[Job]:
+        """The requests as admission sees them (see admission.py).
+
+        Prefill shares each step's token budget, first come first served, and gets at least what
+        a full batch of decodes leaves; a prompt waits at most for every prompt already being
+        prefilled, so that bound holds whatever its place.
+        """
+        num_backlog = sum(s.num_prompt_left for s in self.running.values())
+        min_prefill = max(1, self.limits.max_step_tokens - self.limits.max_running)
+        return [
+            self._job(
+                state, math.ceil((num_backlog + state.num_prompt_left) / min_prefill) if state.is_prefilling else 0
+            )
+            for state in states
+        ]
+
+    def _job(self, state: RequestState, num_prefill_steps: int) -> Job:
         num_left = state.num_new_tokens_left
         num_expected = self.pace.length_share * state.request.max_new_tokens - len(state.output_ids)
         tokens_per_step = state.speculation.mean_accepted_length or 1.0
@@ -131,19 +137,21 @@ class Scheduler:
             self.abort(state.req_id, FinishReason.DEADLINE, now)
         return expired
 
-    def release_running(self, error: Exception, now: float) -> None:
+    def release_running(self, error: Exception) -> None:
         """The engine is gone with everything it held. A running request that has sent its client
-        nothing yet goes back to the head of the queue, in order, to start over on the next engine;
-        the others fail with error. The waiting ones keep their place."""
+        nothing yet goes back to the head of the queue, in order, to start over on the next engine
+        (once: a request that kills the engine must not kill every engine after it); the others
+        fail with error. The waiting ones keep their place."""
+        now = time.monotonic()
         requeued = []
         for state in list(self.running.values()):
             state.is_in_engine = False
-            if state.output_ids:
+            if state.output_ids or state.was_requeued:
                 self._finish(state, FinishReason.CANCELLED, now, error)
                 continue
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
-            state.status, state.num_prompt_done = Status.WAITING, 0
+            state.status, state.num_prompt_done, state.was_requeued = Status.WAITING, 0, True
             self.policy.forget(state.req_id)
             requeued.append(state)
         self.waiting.extendleft(reversed(requeued))
@@ -196,9 +204,9 @@ class Scheduler:
         if not self.waiting or num_free_slots < 1:
             return []
         queue = list(self.waiting)
-        ends = [(job.max_steps, job.num_tokens) for job in map(self._job, self.running.values())]
+        ends = [(job.max_steps, job.num_tokens) for job in self._jobs(self.running.values())]
         num_free_tokens = self.limits.kv_capacity_tokens - self.num_reserved_tokens
-        chosen = select([self._job(s) for s in queue], ends, num_free_tokens, num_free_slots)
+        chosen = select(self._jobs(queue), ends, num_free_tokens, num_free_slots)
         new = []
         for i in chosen:
             state = queue[i]
@@ -272,8 +280,6 @@ class Scheduler:
 
     def _finish(self, state: RequestState, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
         """Ends a request; it leaves the batch and its KV reservation is released."""
-        if state.status != Status.FINISHED:
-            self._forget_client(state.client_id)
         if state.status == Status.RUNNING:
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
@@ -290,8 +296,3 @@ class Scheduler:
         if reason not in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
             state.mailbox.put(last)  # cancelled, deadline, error: nothing else will follow
         return last
-
-    def _forget_client(self, client_id: str) -> None:
-        self.num_requests_by_client[client_id] -= 1
-        if self.num_requests_by_client[client_id] <= 0:
-            del self.num_requests_by_client[client_id]

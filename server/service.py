@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import grpc
 
-from client.client import CLIENT_ID_HEADER, STEP_END_TRAILER, STEP_TIMING_HEADER
+from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER
 from client.pb import generation_pb2 as pb
 from client.pb import generation_pb2_grpc as pb_grpc
 from engine.protocol import EngineReady, FinishReason, SamplingParams
-from server.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
+from server.client_slots import ClientSlots
+from server.errors import InvalidArgumentError, UnavailableError
 from server.loop import ControlLoop
-from server.policy import PolicySettings
-from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, SpeculationMode, validate_input
+from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, validate_input
 from server.request_state import RequestState, Status
 from server.stats import ServerStats, mean
 from server.text_stream import TextStream
 from server.tokenize_pool import TokenizerPool
-from server.tokenizer import ChatTemplateError, TextTokenizer, TooManyTokensError
+from server.tokenizer import TextTokenizer
 
 MAX_CLIENT_ID_LENGTH = 128
 
@@ -42,6 +42,8 @@ class ServiceContext:
     stats: ServerStats
     default_max_new_tokens: int
     tokenizer_pool: TokenizerPool  # tokenizes and renders chat off the event loop
+    client_slots: ClientSlots
+    client_id_header: str  # the metadata key that names a client; "" or absent: the peer's address
 
 
 @dataclass
@@ -82,11 +84,11 @@ def is_step_timing_asked(context: grpc.aio.ServicerContext) -> bool:
     return any(key == STEP_TIMING_HEADER for key, _ in context.invocation_metadata() or ())
 
 
-def client_id_of(context: grpc.aio.ServicerContext) -> str:
-    """Who sent the request, for the per-client limit: the client-id header, else the peer's address."""
+def client_id_of(context: grpc.aio.ServicerContext, header: str) -> str:
+    """Who sent the request, for the per-client limit: the header's value, else the peer's address."""
     for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_ID_HEADER:
-            return str(value)[:MAX_CLIENT_ID_LENGTH]
+        if header and key == header:
+            return f"{header}={str(value)[:MAX_CLIENT_ID_LENGTH]}"
     return peer_host(str(context.peer()))
 
 
@@ -185,20 +187,21 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tuple[Chunk, str]]:
         ctx = self.services.get()
-        state = await self._prepare(ctx, request, context)
-        ctx.loop.submit(state)
-        try:
-            while True:
-                for chunk in await state.mailbox.take():
-                    if chunk.error is not None:
-                        raise chunk.error
-                    yield chunk, state.request.request_id
-                    if chunk.final is not None:
-                        return
-        finally:
-            if state.status != Status.FINISHED:
-                is_late = state.deadline_s is not None and time.monotonic() >= state.deadline_s
-                ctx.loop.abort(state.req_id, FinishReason.DEADLINE if is_late else FinishReason.CANCELLED)
+        with ctx.client_slots.hold(client_id_of(context, ctx.client_id_header)):
+            state = await self._prepare(ctx, request, context)
+            ctx.loop.submit(state)
+            try:
+                while True:
+                    for chunk in await state.mailbox.take():
+                        if chunk.error is not None:
+                            raise chunk.error
+                        yield chunk, state.request.request_id
+                        if chunk.final is not None:
+                            return
+            finally:
+                if state.status != Status.FINISHED:
+                    is_late = state.deadline_s is not None and time.monotonic() >= state.deadline_s
+                    ctx.loop.abort(state.req_id, FinishReason.DEADLINE if is_late else FinishReason.CANCELLED)
 
     async def _prepare(
         self, ctx: ServiceContext, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -206,7 +209,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         generation = request_from_pb(request, ctx.limits, ctx.default_max_new_tokens)
         generation.validate(ctx.limits)
         max_len = ctx.ready.max_model_len
-        prompt_ids = await tokenize_off_loop(ctx, generation.prompt, generation.messages, max_tokens=max_len - 1)
+        prompt_ids = await ctx.tokenizer_pool.encode(generation.prompt, generation.messages, max_tokens=max_len - 1)
         if len(prompt_ids) + generation.max_new_tokens > max_len:
             raise InvalidArgumentError(
                 "max_new_tokens",
@@ -223,14 +226,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             stop_token_ids=list(ctx.ready.eos_token_ids),
             text=TextStream(ctx.tokenizer, generation.stop),
             deadline_s=time.monotonic() + remaining if remaining is not None else None,
-            client_id=client_id_of(context),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         ctx = self.services.get()
         messages = messages_from_pb(request.messages, ctx.limits)
         validate_input(request.text, messages, ctx.limits, text_field="text")
-        return pb.TokenizeResponse(token_ids=await tokenize_off_loop(ctx, request.text, messages))
+        return pb.TokenizeResponse(token_ids=await ctx.tokenizer_pool.encode(request.text, messages))
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         ctx = self.services.get()
@@ -248,7 +250,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             kv_capacity_tokens=ready.kv_capacity_tokens,
             eos_token_ids=ready.eos_token_ids,
             max_prompt_bytes=ctx.limits.max_prompt_bytes,
-            max_requests_per_client=ctx.loop.scheduler.limits.max_per_client,
+            max_requests_per_client=ctx.client_slots.max_per_client,
         )
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
@@ -289,76 +291,3 @@ class GenerationService(pb_grpc.GenerationServicer):
             engine_state=ctx.loop.engine_state.value,
             engine_error=ctx.loop.engine_error,
         )
-
-
-async def tokenize_off_loop(
-    ctx: ServiceContext, text: str, messages: tuple[ChatMessage, ...], max_tokens: int | None = None
-) -> list[int]:
-    num_chars = len(text) + sum(len(m.content) for m in messages)
-    return await ctx.tokenizer_pool.run(num_chars, tokenize, ctx.tokenizer, text, messages, max_tokens)
-
-
-def tokenize(
-    tokenizer: TextTokenizer, text: str, messages: tuple[ChatMessage, ...], max_tokens: int | None = None
-) -> list[int]:
-    """The prompt's ids; more than max_tokens is an InvalidArgumentError saying how many."""
-    try:
-        if not messages:
-            return tokenizer.encode(text, max_tokens)
-        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages], max_tokens)
-    except ChatTemplateError as exc:
-        raise InvalidArgumentError("messages", str(exc)) from exc
-    except TooManyTokensError as exc:
-        field = "messages" if messages else "prompt"
-        raise InvalidArgumentError(
-            field, f"is {exc.num_tokens} tokens; the model's context is {(max_tokens or 0) + 1} tokens"
-        ) from None
-
-
-def field_or(message: pb.Policy, name: str, default: int) -> int:
-    return int(getattr(message, name)) if message.HasField(name) else default
-
-
-def policy_to_pb(settings: PolicySettings) -> pb.Policy:
-    return pb.Policy(
-        mode=settings.mode.name,
-        num_draft_tokens=settings.num_draft_tokens,
-        max_draft_tokens=settings.max_draft_tokens,
-    )
-
-
-class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, services: Services, admin_token: str) -> None:
-        self.services = services
-        self.admin_token = admin_token
-
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.admin_token:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        if not secrets.compare_digest(given, f"Bearer {self.admin_token}"):
-            raise UnauthenticatedError("Admin calls need the header `authorization: Bearer <admin token>`")
-
-    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
-        self._authorize(context)
-        return policy_to_pb(self.services.get().loop.policy.settings)
-
-    async def SetPolicy(self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Policy:
-        self._authorize(context)
-        ctx = self.services.get()
-        policy = request.policy
-        current = ctx.loop.policy.settings
-        if policy.mode not in SpeculationMode._value2member_map_:
-            raise InvalidArgumentError("policy.mode", f"unknown mode {policy.mode}; use AUTO, OFF or FIXED")
-        settings = PolicySettings(
-            mode=SpeculationMode(policy.mode) or current.mode,
-            num_draft_tokens=policy.num_draft_tokens
-            if policy.HasField("num_draft_tokens")
-            else current.num_draft_tokens,
-            max_draft_tokens=policy.max_draft_tokens
-            if policy.HasField("max_draft_tokens")
-            else current.max_draft_tokens,
-        ).validated(ctx.ready.max_draft_tokens)
-        ctx.loop.policy.settings = settings
-        return policy_to_pb(settings)

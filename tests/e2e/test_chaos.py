@@ -69,9 +69,10 @@ class Load:
                     continue
                 with self.lock:
                     self.num_in_flight += 1
-                self.codes[self._call(client, rng)] += 1
+                code = self._call(client, rng)
                 with self.lock:
                     self.num_in_flight -= 1
+                    self.codes[code] += 1
 
     def _call(self, client: Client, rng: random.Random) -> str:
         prompt, max_new_tokens = rng.choice(PROMPTS), rng.randint(4, 64)

@@ -14,15 +14,14 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.hardening import COMBINING, Heartbeat
-from client.client import Client, build_request
+from client.client import CLIENT_ID_HEADER, Client, build_request
 from client.pb import generation_pb2 as pb
 from tests.e2e.conftest import RunningServer, serving, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-
-CLIENT_ID_HEADER = "goodspeed-client"
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +110,20 @@ def test_undecodable_requests_get_invalid_argument_and_one_log_line(hardened: Ru
                     channel.unary_unary(path)(data, timeout=10)
             assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
             assert excinfo.value.details().startswith("request: is not a valid message"), name
-        health = channel.unary_unary("/grpc.health.v1.Health/Check")
         with pytest.raises(grpc.RpcError) as excinfo:
-            health(RAW_CASES["truncated"], timeout=10)
+            channel.unary_unary("/grpc.health.v1.Health/Check")(RAW_CASES["truncated"], timeout=10)
         assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(channel.unary_stream("/grpc.health.v1.Health/Watch")(RAW_CASES["truncated"], timeout=10))
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # and health's own handlers still work as they did (Watch writes rather than yields)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
     time.sleep(0.2)
     new_log = hardened.log()[log_before:]
     assert "Traceback" not in new_log and "DecodeError" not in new_log.replace("is not a valid message", "")
-    assert new_log.count("request refused") == len(RAW_CASES) + 1
+    assert new_log.count("request refused") == len(RAW_CASES) + 2
 
 
 def test_a_tiny_temperature_samples_the_greedy_tokens(hardened: RunningServer) -> None:
@@ -158,7 +163,7 @@ def test_one_client_cannot_starve_another(hardened: RunningServer) -> None:
         wait_for(lambda: sum(call.done() for call in streams) == 24, what="the hog's requests past 16 refused")
         refused = [call for call in streams if call.done()]
         assert {call.code() for call in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert "client 'hog' already has 16 requests running or waiting" in refused[0].details()
+        assert "client 'goodspeed-client=hog' already has 16 requests in flight" in refused[0].details()
         wait_for(lambda: client.stats().requests_waiting == 12, what="the hog's requests to queue")
         stats = client.stats()
         assert stats.requests_running == 4 and stats.kv_tokens_used > 8000  # the KV is the hog's

@@ -69,6 +69,7 @@ def test_an_engine_killed_while_restarting_is_restarted_again_and_requests_wait(
         assert supervised.process.poll() is None
         stats = client.stats()
         assert (stats.engine_restarts, stats.engine_state) == (2, "running")
+    assert "engine restart failed" in supervised.log()  # the second kill did land while it loaded
 
 
 def test_when_the_restart_budget_is_spent_the_server_stays_up_and_says_why(supervised: RunningServer) -> None:

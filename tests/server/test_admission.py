@@ -72,6 +72,9 @@ def test_estimate_waits_for_the_expected_end_of_what_holds_the_kv() -> None:
     # behind a queued request that needs all of it, then ends after its own expected steps
     ahead = [Job(1000, max_steps=500, expected_steps=30)]
     assert estimate_start(new, ahead, running, num_free_tokens=100, num_free_slots=3) == 150
+    # it runs on the event loop: past a bound on the work it does not guess
+    many = [Job(1000, max_steps=500, expected_steps=1) for _ in range(10)]
+    assert estimate_start(new, many, running, num_free_tokens=100, num_free_slots=3, max_events=5) is None
 
 
 def test_pace_takes_its_first_step_time_as_it_comes_then_smooths() -> None:
