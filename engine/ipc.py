@@ -14,7 +14,8 @@ Two ways to wait for a result:
   and only the engine holds the pipe's write end, so its death shows as end-of-file on the same
   descriptor, with no need to touch a queue a killed engine may have left locked.
 
-This module is shared by both sides, so it must not import torch, grpc or anyio.
+This module is shared by both sides, so it must not import torch, grpc or anyio. The engine
+process's own code needs only engine/link.py; this module starts it through `_engine_main`.
 """
 
 from __future__ import annotations
@@ -25,66 +26,16 @@ import multiprocessing.connection
 import os
 import threading
 from collections.abc import Callable
-from queue import Empty
-from typing import Any, Generic, TypeVar
 
 import faster_fifo
-import msgspec
 
 from engine.config import EngineConfig
+from engine.link import Doorbell, QueueEnd, new_queue
 from engine.protocol import EngineError, EngineInput, EngineOutput, Shutdown
-
-QUEUE_BYTES = 16 * 1024 * 1024
-FOREVER_S = 1e9
-
-T = TypeVar("T")
-
-
-def _raw_bytes(data: bytes) -> bytes:
-    return data
-
-
-def _new_queue() -> faster_fifo.Queue:
-    # Module-level functions, not codec objects, so the queue pickles into the spawned process.
-    return faster_fifo.Queue(QUEUE_BYTES, loads=bytes, dumps=_raw_bytes)
-
-
-class QueueEnd(Generic[T]):
-    """Typed messages over one faster-fifo queue."""
-
-    def __init__(self, queue: faster_fifo.Queue, message_type: Any) -> None:
-        self.queue = queue
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
-
-    def put(self, message: Any, timeout: float = 10.0) -> None:
-        self.queue.put(self.encoder.encode(message), timeout=timeout)
-
-    def get(self, timeout: float | None = None) -> T | None:
-        """The next message, or None when `timeout` seconds pass first (0: do not wait)."""
-        try:
-            if timeout == 0:
-                data = self.queue.get(block=False)
-            else:
-                data = self.queue.get(timeout=FOREVER_S if timeout is None else timeout)
-        except Empty:
-            return None
-        return self.decoder.decode(data)
 
 
 class EngineDiedError(RuntimeError):
     """The engine process is gone."""
-
-
-class Doorbell:
-    """The engine's end of the doorbell pipe."""
-
-    def __init__(self, connection: multiprocessing.connection.Connection) -> None:
-        self.fd = connection.fileno()
-        self._connection = connection  # keeps the descriptor open
-
-    def ring(self) -> None:
-        os.write(self.fd, b"\0")
 
 
 def _engine_main(
@@ -103,7 +54,7 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        plans, results = _new_queue(), _new_queue()
+        plans, results = new_queue(), new_queue()
         self._plans: QueueEnd[EngineInput] = QueueEnd(plans, EngineInput)
         self._results: QueueEnd[EngineOutput] = QueueEnd(results, EngineOutput)
         context = multiprocessing.get_context("spawn")

@@ -15,8 +15,8 @@ import torch
 from engine.config import EngineConfig
 from engine.drafters import make_drafter
 from engine.fetch import resolve_model
-from engine.ipc import Doorbell, QueueEnd
 from engine.kv_cache import KVCache
+from engine.link import Doorbell, QueueEnd
 from engine.model.loader import load_transformer
 from engine.profile import profile_steps
 from engine.protocol import (

@@ -23,5 +23,5 @@ def test_engine_does_not_import_grpc_or_anyio() -> None:
 
 
 def test_the_shared_modules_are_light() -> None:
-    modules = loaded_modules("engine.protocol", "engine.ipc")
+    modules = loaded_modules("engine.protocol", "engine.link", "engine.ipc")
     assert not {"torch", "transformers", "grpc", "anyio"} & modules
