@@ -71,6 +71,11 @@ class Scheduler:
         """Refuses a request that, by the running requests' expected progress, cannot start in time."""
         if state.deadline_s is None or state.deadline_s <= now:
             return  # none, or already passed: the loop ends it as DEADLINE
+        is_room_now = len(self.running) < self.limits.max_running and (
+            self.num_reserved_tokens + state.num_reserved_tokens <= self.limits.kv_capacity_tokens
+        )
+        if is_room_now and not self.waiting:
+            return  # it starts at the next step: no need to walk the queue
         budget_steps = (state.deadline_s - now) / self.pace.step_s
         start = estimate_start(
             self._jobs([state])[0],
