@@ -4,6 +4,7 @@ FROM python:3.11-slim
 WORKDIR /app
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
+COPY api ./api
 COPY engine ./engine
 COPY server ./server
 COPY client ./client

@@ -22,7 +22,7 @@ test:
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine server client bench
+	$(BIN)/mypy api engine server client bench
 
 proto:
-	$(BIN)/python -m client.pb.generate
+	$(BIN)/python -m api.pb.generate

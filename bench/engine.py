@@ -21,8 +21,9 @@ import torch
 
 from bench.workloads import WorkloadItem, build_workload
 from engine.config import EngineConfig
-from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
+from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.offline import Job, run_alone, run_jobs
+from engine.protocol import Offer
 from engine.runner import ModelRunner
 from engine.worker import build_runner
 from server.tokenizer import TextTokenizer
@@ -215,8 +216,8 @@ class TimedDrafter(Drafter):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return self.timed(lambda: self.inner.propose(requests))
 
-    def observe(self, req_id: str, num_draft_tokens: int, num_accepted_tokens: int) -> None:
-        self.timed(lambda: self.inner.observe(req_id, num_draft_tokens, num_accepted_tokens))
+    def observe(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
+        self.timed(lambda: self.inner.observe(req_id, num_drafted, num_accepted))
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
         return self.timed(lambda: self.inner.offer(req_id, token_ids, num_draft_tokens))

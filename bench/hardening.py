@@ -26,9 +26,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from api.metadata import CLIENT_ID_HEADER
 from bench.machine import machine_facts
 from bench.server_process import start_server
-from client.client import CLIENT_ID_HEADER, Client, build_request
+from client.client import Client, build_request
 
 COMBINING = "e\u0301\u0302\u0303\u0304"  # 9 bytes of UTF-8, 9 tokens of the default model
 HUGE_PROMPT = COMBINING * 1_777_777  # 16 MB, the issue's

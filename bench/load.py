@@ -27,10 +27,11 @@ from typing import Any
 import anyio
 import grpc
 
+from api.pb import generation_pb2 as pb
+from api.speculation import SpeculationMode
 from bench.server_process import start_server
 from bench.workloads import WorkloadItem, build_workload, load_workload
 from client.client import AsyncClient
-from client.pb import generation_pb2 as pb
 
 POLICIES = ("off", "fixed1", "fixed2", "fixed4", "fixed8", "auto")
 # From light load (requests mostly alone) to beyond what OFF can serve on 2 CPU cores.
@@ -93,11 +94,10 @@ class PointResult:
     repeat_tokens_per_s: list[float]
     # From the server's GetStats, over this point's steps: [k] how many times a request's decode
     # step drafted k tokens (num_steps counts engine steps, a batch each), and the
-    # cost model's recent relative error and the measured draft cost ratio at the point's end.
+    # cost model's recent relative error at the point's end.
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
-    draft_cost_factor: float
 
 
 @dataclass
@@ -111,17 +111,16 @@ class PointRun:
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
-    draft_cost_factor: float
 
 
 def speculation_args(policy: str) -> dict[str, Any]:
-    if policy == "off":
-        return {"speculation": "off"}
-    if policy == "auto":
-        return {"speculation": "auto"}
-    if policy.startswith("fixed"):
-        return {"speculation": "fixed", "num_draft_tokens": int(policy.removeprefix("fixed"))}
-    raise ValueError(f"unknown policy {policy!r}; use off, auto or fixedK")
+    """'off', 'auto' or 'fixedK' (FIXED with k = K) -> build_request's speculation arguments."""
+    label = policy.rstrip("0123456789")
+    num_draft_tokens = policy[len(label) :]
+    mode = SpeculationMode.parse(label)
+    if (mode == SpeculationMode.FIXED) != bool(num_draft_tokens):
+        raise ValueError(f"unknown policy {policy!r}; use off, auto or fixedK")
+    return {"speculation": label, "num_draft_tokens": int(num_draft_tokens or 0)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -206,7 +205,6 @@ def point_run(records: list[RequestRecord], start_s: float, end_s: float, before
         drafts_per_length=[a - b for a, b in zip(after.drafts_per_length, before.drafts_per_length, strict=True)],
         num_steps=after.steps - before.steps,
         cost_model_error=after.cost_model_error,
-        draft_cost_factor=after.draft_cost_factor,
     )
 
 
@@ -239,7 +237,6 @@ def summarize_point(policy: str, rate: float, runs: list[PointRun], concurrency:
         drafts_per_length=[sum(counts) for counts in zip(*(run.drafts_per_length for run in runs), strict=True)],
         num_steps=sum(run.num_steps for run in runs),
         cost_model_error=runs[-1].cost_model_error,
-        draft_cost_factor=runs[-1].draft_cost_factor,
     )
 
 

@@ -27,12 +27,13 @@ from typing import Any
 import anyio
 import grpc
 
+from api.metadata import STEP_END_TRAILER, STEP_TIMING_HEADER
+from api.pb import generation_pb2 as pb
 from bench import wire
 from bench.load import mean, percentile
 from bench.server_process import start_server
 from bench.workloads import completion_workload
-from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER, AsyncClient, build_request
-from client.pb import generation_pb2 as pb
+from client.client import AsyncClient, build_request
 
 
 @dataclass

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from api.speculation import LABELS
+
 if TYPE_CHECKING:
     from client.tls import TlsFiles
 
@@ -31,7 +33,7 @@ def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
-    gen.add_argument("--speculation", choices=["auto", "off", "fixed"])
+    gen.add_argument("--speculation", choices=LABELS)
     gen.add_argument("--num-draft-tokens", type=int, default=0, help="k with --speculation fixed")
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
     add_tls_arguments(gen)

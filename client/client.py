@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.pb import generation_pb2 as pb
-from client.pb import generation_pb2_grpc as pb_grpc
+from api.metadata import AUTHORIZATION_HEADER, bearer
+from api.pb import generation_pb2 as pb
+from api.pb import generation_pb2_grpc as pb_grpc
+from api.speculation import SpeculationMode
 from client.tls import TlsFiles, open_aio_channel, open_channel
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
-MODES = {"auto": "AUTO", "off": "OFF", "fixed": "FIXED"}
 
 
 def build_request(
@@ -39,7 +40,8 @@ def build_request(
     num_draft_tokens: int = 0,
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """speculation: None (the server's default), "auto", "off" or "fixed" (with num_draft_tokens)."""
+    """speculation: None (the server's default), "auto", "off" or "fixed" (with num_draft_tokens);
+    ValueError for anything else."""
     chat = []
     for message in messages or ():
         role, content = (message["role"], message["content"]) if isinstance(message, dict) else message
@@ -56,24 +58,13 @@ def build_request(
         if value is not None:
             setattr(request, name, value)
     if speculation is not None:
-        if speculation not in MODES:
-            raise ValueError(f"speculation must be one of {', '.join(MODES)}, got {speculation!r}")
-        request.speculation.CopyFrom(pb.Speculation(mode=MODES[speculation], num_draft_tokens=num_draft_tokens))
+        mode = SpeculationMode.parse(speculation)
+        request.speculation.CopyFrom(pb.Speculation(mode=mode.name, num_draft_tokens=num_draft_tokens))
     return request
 
 
-# Diagnostics: a GenerateStream call with this header gets, in its trailing metadata under
-# STEP_END_TRAILER, the CLOCK_MONOTONIC time (ns, comma-separated) at which the engine step that
-# made each chunk ended. Comparable with time.monotonic_ns() on the server's host only.
-STEP_TIMING_HEADER = "goodspeed-step-timing"
-STEP_END_TRAILER = "goodspeed-step-end-ns"
-# Who a request is from, for the server's per-client limit (--max-requests-per-client); without
-# it the server counts requests by the peer's address. A proxy in front of goodspeed sets it.
-CLIENT_ID_HEADER = "goodspeed-client"
-
-
 def auth_metadata(admin_token: str | None) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {admin_token}")] if admin_token else []
+    return [(AUTHORIZATION_HEADER, bearer(admin_token))] if admin_token else []
 
 
 class AsyncClient:

@@ -55,8 +55,8 @@ def run_jobs(runner: ModelRunner, jobs: list[Job], eos_ids: list[int], join_ever
                 running[job.req_id] = job
         scheduled = []
         for job in running.values():
-            state = runner.requests.get(job.req_id)
-            if state is None or state.is_prefilling:
+            seq = runner.seqs.get(job.req_id)
+            if seq is None or seq.is_prefilling:
                 scheduled.append(ScheduledRequest(job.req_id, num_prompt_tokens=job.prefill_chunk))
             else:
                 scheduled.append(ScheduledRequest(job.req_id, num_draft_tokens=job.num_draft_tokens))
@@ -66,8 +66,8 @@ def run_jobs(runner: ModelRunner, jobs: list[Job], eos_ids: list[int], join_ever
             job = running[output.req_id]
             job.num_decode_steps += bool(output.new_token_ids)
             job.output_ids += output.new_token_ids
-            job.num_drafted += output.num_draft_tokens
-            job.num_accepted += output.num_accepted_tokens
+            job.num_drafted += output.num_drafted
+            job.num_accepted += output.num_accepted
             if output.finish_reason != FinishReason.NONE:
                 job.finish_reason = FinishReason(output.finish_reason)
                 job.finished_s = time.perf_counter()

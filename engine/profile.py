@@ -18,7 +18,7 @@ from engine.runner import ModelRunner, batch_shape
 
 @torch.inference_mode()
 def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int) -> list[StepSample]:
-    if runner.requests:
+    if runner.seqs:
         raise RuntimeError("profiling needs an idle engine")
     samples: list[StepSample] = []
     for shape in shapes:

@@ -53,6 +53,22 @@ class ScheduledRequest(_Wire, frozen=True):
     num_draft_tokens: int = 0  # k: tokens the drafter may propose this decode step; 0 is plain decoding
 
 
+def max_draft_len(
+    max_draft_tokens: int, num_new_tokens_left: int, *, num_offered: int | None = None, step_budget: int | None = None
+) -> int:
+    """The most draft tokens a decoding request may have verified in one step, never below 0:
+    at most max_draft_tokens; at most num_new_tokens_left - 1, so that a fully accepted draft plus
+    its bonus token never passes max_new_tokens; at most what the drafter offers, when known; at
+    most what is left of the step's token budget, when given. Both sides apply it: the control
+    plane to plan k, the engine to what a plan asks of it."""
+    bound = min(max_draft_tokens, num_new_tokens_left - 1)
+    if num_offered is not None:
+        bound = min(bound, num_offered)
+    if step_budget is not None:
+        bound = min(bound, step_budget)
+    return max(bound, 0)
+
+
 class StepPlan(_Wire, frozen=True, tag=1):
     step_id: int
     new_requests: list[NewRequest] = []  # each request's full data, sent once
@@ -78,15 +94,23 @@ class ProfileRequest(_Wire, frozen=True, tag=6):
     repeats: int = 2
 
 
+class Offer(_Wire, frozen=True):
+    """What the drafter could propose for a request's next step, for the control plane's planning."""
+
+    num_tokens: int = 0  # tokens in the proposal (at most the largest k the request may use)
+    # How many tokens of the sequence's end the proposal's source matched (n-gram lookup): a
+    # longer match is more often right. 0 for drafters without the notion.
+    match_len: int = 0
+
+
 class RequestOutput(_Wire, frozen=True):
     req_id: str
     new_token_ids: list[int] = []  # accepted draft tokens plus the recovered or bonus token
-    num_draft_tokens: int = 0  # tokens actually drafted (the drafter may find fewer than k)
-    num_accepted_tokens: int = 0  # drafted tokens the target accepted
+    num_drafted: int = 0  # tokens actually drafted (the drafter may find fewer than k)
+    num_accepted: int = 0  # drafted tokens the target accepted
     finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
-    num_draftable: int = 0  # how many tokens the drafter could propose for the next step (<= max k)
-    draft_match_len: int = 0  # how long a match that proposal continues (n-gram; 0: none or no notion)
+    offer: Offer = Offer()  # for the next step; none once the request has finished
 
 
 class BatchShape(_Wire, frozen=True):
@@ -123,7 +147,6 @@ class StepResult(_Wire, frozen=True, tag=3):
     outputs: list[RequestOutput] = []
     timings: StepTimings = StepTimings()
     shape: BatchShape = BatchShape()  # of the forward pass
-    num_free_kv_tokens: int = 0
     finished_at_s: float = 0.0  # time.monotonic() in the engine when the result was built
 
 
@@ -158,11 +181,3 @@ class ProfileResult(_Wire, frozen=True, tag=7):
 
 EngineInput = StepPlan | Shutdown | ProfileRequest
 EngineOutput = StepResult | EngineReady | EngineError | ProfileResult
-
-
-def make_input_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder[EngineInput]]:
-    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineInput)
-
-
-def make_output_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder[EngineOutput]]:
-    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineOutput)

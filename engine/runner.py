@@ -7,55 +7,37 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
+from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
 from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
 from engine.protocol import (
     BatchShape,
     FinishReason,
     NewRequest,
+    Offer,
     RequestOutput,
-    SamplingParams,
     ScheduledRequest,
     StepPlan,
     StepResult,
     StepTimings,
+    max_draft_len,
 )
+from engine.sequence import Sequence
 from engine.verify import accept_matching, verify_sampled
-
-
-@dataclass(slots=True)
-class RequestState:
-    req_id: str
-    token_ids: list[int]  # prompt, then generated tokens
-    num_prompt_tokens: int
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop_token_ids: frozenset[int]
-    kv_start: int
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
-    @property
-    def num_new_tokens_left(self) -> int:
-        return self.max_new_tokens - (len(self.token_ids) - self.num_prompt_tokens)
 
 
 @dataclass(slots=True)
 class _Work:
     """One scheduled request within the step being built."""
 
-    state: RequestState
+    seq: Sequence
     query_token_ids: list[int]  # fed to the model this step
     draft: Draft
     num_logits: int  # logit rows it needs: 0 mid-prefill, 1 at prefill end, 1 + k when decoding
 
 
 class ModelRunner:
-    """Owns the model, the KV cache, the drafter and every running request's state."""
+    """Owns the model, the KV cache, the drafter and every running request's sequence."""
 
     def __init__(self, model: Transformer, kv_cache: KVCache, drafter: Drafter, max_draft_tokens: int) -> None:
         self.model = model
@@ -63,7 +45,7 @@ class ModelRunner:
         self.allocator = RegionAllocator(kv_cache.capacity_tokens)
         self.drafter = drafter
         self.max_draft_tokens = max_draft_tokens
-        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[str, Sequence] = {}
 
     @property
     def max_model_len(self) -> int:
@@ -78,7 +60,7 @@ class ModelRunner:
                 f"request {new.req_id!r} needs {num_tokens} tokens, the model's limit is {self.max_model_len}"
             )
         region = self.allocator.allocate(new.req_id, num_tokens, self.kv_cache)
-        self.requests[new.req_id] = RequestState(
+        self.seqs[new.req_id] = Sequence(
             req_id=new.req_id,
             token_ids=list(new.prompt_token_ids),
             num_prompt_tokens=len(new.prompt_token_ids),
@@ -87,10 +69,10 @@ class ModelRunner:
             stop_token_ids=frozenset(new.stop_token_ids),
             kv_start=region.start,
         )
-        self.drafter.add_request(new.req_id, self.requests[new.req_id].token_ids)
+        self.drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids)
 
     def remove_request(self, req_id: str) -> None:
-        if self.requests.pop(req_id, None) is not None:
+        if self.seqs.pop(req_id, None) is not None:
             self.allocator.free(req_id)
             self.drafter.remove_request(req_id)
 
@@ -109,9 +91,9 @@ class ModelRunner:
         outputs = [
             RequestOutput(s.req_id, finish_reason=FinishReason.ERROR, error=errors.get(s.req_id, "unknown request"))
             for s in plan.scheduled
-            if s.req_id not in self.requests
+            if s.req_id not in self.seqs
         ]
-        works = [self._plan_work(self.requests[s.req_id], s) for s in plan.scheduled if s.req_id in self.requests]
+        works = [self._plan_work(self.seqs[s.req_id], s) for s in plan.scheduled if s.req_id in self.seqs]
         self._draft(works)
         drafted = forwarded = time.perf_counter()
         batch, emitted = None, []
@@ -135,26 +117,24 @@ class ModelRunner:
                 idle_s=idle_s,
             ),
             shape=batch_shape(batch.seqs) if batch else BatchShape(),
-            num_free_kv_tokens=self.allocator.num_free_tokens,
             finished_at_s=time.monotonic(),
         )
 
-    def _plan_work(self, state: RequestState, scheduled: ScheduledRequest) -> _Work:
-        if state.is_prefilling:
-            num_left = state.num_prompt_tokens - state.num_computed_tokens
+    def _plan_work(self, seq: Sequence, scheduled: ScheduledRequest) -> _Work:
+        if seq.is_prefilling:
+            num_left = seq.num_prompt_tokens - seq.num_computed_tokens
             num_tokens = min(max(scheduled.num_prompt_tokens, 1), num_left)
-            start = state.num_computed_tokens
+            start = seq.num_computed_tokens
             is_last_chunk = num_tokens == num_left
-            return _Work(state, state.token_ids[start : start + num_tokens], Draft(), int(is_last_chunk))
-        # k is capped so that a fully accepted draft plus its bonus token never passes max_new_tokens.
-        num_draft = min(scheduled.num_draft_tokens, self.max_draft_tokens, state.num_new_tokens_left - 1)
-        return _Work(state, [state.token_ids[-1]], Draft(), 1 + max(num_draft, 0))
+            return _Work(seq, seq.token_ids[start : start + num_tokens], Draft(), int(is_last_chunk))
+        num_draft = min(scheduled.num_draft_tokens, max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left))
+        return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft)
 
     def _draft(self, works: list[_Work]) -> None:
         wanting = [w for w in works if w.num_logits > 1]
         if not wanting:
             return
-        requests = [DraftRequest(w.state.req_id, w.state.token_ids, w.num_logits - 1) for w in wanting]
+        requests = [DraftRequest(w.seq.req_id, w.seq.token_ids, w.num_logits - 1) for w in wanting]
         for work, draft in zip(wanting, self.drafter.propose(requests), strict=True):
             work.draft = draft
             work.query_token_ids = work.query_token_ids + draft.token_ids
@@ -167,14 +147,14 @@ class ModelRunner:
         logit_rows: list[int] = []
         seqs = []
         for work in works:
-            state, num_query = work.state, len(work.query_token_ids)
-            first = state.num_computed_tokens
-            seqs.append(SeqSlice(len(token_ids), num_query, state.kv_start, first))
+            seq, num_query = work.seq, len(work.query_token_ids)
+            first = seq.num_computed_tokens
+            seqs.append(SeqSlice(len(token_ids), num_query, seq.kv_start, first))
             end_row = len(token_ids) + num_query
             logit_rows.extend(range(end_row - work.num_logits, end_row))
             token_ids.extend(work.query_token_ids)
             positions.extend(range(first, first + num_query))
-            slot_ids.extend(range(state.kv_start + first, state.kv_start + first + num_query))
+            slot_ids.extend(range(seq.kv_start + first, seq.kv_start + first + num_query))
         device = self.model.device
 
         def as_tensor(values: list[int]) -> torch.Tensor:
@@ -186,7 +166,7 @@ class ModelRunner:
 
     def _sample(self, works: list[_Work], logits: torch.Tensor) -> list[list[int]]:
         """logits: [N, V], the rows of every work in order -> the tokens each work emits."""
-        is_any_greedy = any(w.state.sampling.is_greedy for w in works if w.num_logits)
+        is_any_greedy = any(w.seq.sampling.is_greedy for w in works if w.num_logits)
         # max(...).indices is 2.5x faster than argmax on the CPU; exact ties do not occur in practice.
         argmaxes = logits.float().max(dim=-1).indices.tolist() if is_any_greedy else []
         emitted: list[list[int]] = []
@@ -196,53 +176,45 @@ class ModelRunner:
             row += work.num_logits
             if work.num_logits == 0:
                 emitted.append([])
-            elif work.state.sampling.is_greedy:
+            elif work.seq.sampling.is_greedy:
                 emitted.append(accept_matching(work.draft.token_ids, argmaxes[rows]))
             else:
-                first_position = len(work.state.token_ids)
+                first_position = len(work.seq.token_ids)
                 emitted.append(
                     verify_sampled(
-                        logits[rows], work.draft.token_ids, work.draft.probs, work.state.sampling, first_position
+                        logits[rows], work.draft.token_ids, work.draft.probs, work.seq.sampling, first_position
                     )
                 )
         return emitted
 
     def _advance(self, work: _Work, emitted: list[int]) -> RequestOutput:
-        """Commits a step's tokens to the request; rejected drafts roll back by not counting them."""
-        state = work.state
-        num_draft = len(work.draft.token_ids)
-        num_accepted = max(len(emitted) - 1, 0) if num_draft else 0
-        if state.is_prefilling:
-            state.num_computed_tokens += len(work.query_token_ids)
+        """Commits a step's tokens to the sequence; rejected drafts roll back by not counting them."""
+        seq = work.seq
+        num_drafted = len(work.draft.token_ids)
+        num_accepted = max(len(emitted) - 1, 0) if num_drafted else 0
+        if seq.is_prefilling:
+            seq.num_computed_tokens += len(work.query_token_ids)
         else:
-            state.num_computed_tokens += 1 + num_accepted
-        emitted = emitted[: state.num_new_tokens_left]
+            seq.num_computed_tokens += 1 + num_accepted
+        emitted = emitted[: seq.num_new_tokens_left]
         finish_reason = FinishReason.NONE
         for i, token_id in enumerate(emitted):
-            if token_id in state.stop_token_ids:
+            if token_id in seq.stop_token_ids:
                 emitted, finish_reason = emitted[: i + 1], FinishReason.EOS
                 break
-        state.token_ids.extend(emitted)
-        if finish_reason == FinishReason.NONE and state.num_new_tokens_left <= 0:
+        seq.token_ids.extend(emitted)
+        if finish_reason == FinishReason.NONE and seq.num_new_tokens_left <= 0:
             finish_reason = FinishReason.LENGTH
-        if num_draft:
-            self.drafter.observe(state.req_id, num_draft, num_accepted)
+        if num_drafted:
+            self.drafter.observe(seq.req_id, num_drafted, num_accepted)
         if finish_reason != FinishReason.NONE:
-            self.remove_request(state.req_id)
-            return RequestOutput(state.req_id, emitted, num_draft, num_accepted, finish_reason)
-        offer = Offer(0)
-        k = min(self.max_draft_tokens, state.num_new_tokens_left - 1)
-        if emitted and k > 0:
-            offer = self.drafter.offer(state.req_id, state.token_ids, k)
-        return RequestOutput(
-            state.req_id,
-            emitted,
-            num_draft,
-            num_accepted,
-            finish_reason,
-            num_draftable=offer.num_tokens,
-            draft_match_len=offer.match_len,
-        )
+            self.remove_request(seq.req_id)
+            return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason)
+        offer = Offer()
+        max_k = max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left)
+        if emitted and max_k > 0:
+            offer = self.drafter.offer(seq.req_id, seq.token_ids, max_k)
+        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason, offer=offer)
 
 
 def batch_shape(seqs: list[SeqSlice]) -> BatchShape:

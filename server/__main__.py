@@ -6,12 +6,14 @@ import argparse
 import os
 import sys
 
+from api.speculation import LABELS, SpeculationMode
 from engine.catalog import DEFAULT_MODEL
 from engine.config import DTYPES, EngineConfig
-from server.config import LOG_LEVELS, SPECULATION_MODES, ServerConfig
+from server.config import LOG_LEVELS, ServerConfig
 
 DRAFTERS = ("ngram", "none")
-POLICIES = {"goodput": "auto", "fixed": "fixed", "off": "off"}
+# The public contract names AUTO `goodput` on this flag; it stays a synonym of `auto`.
+AUTO_SYNONYM = "goodput"
 ADMIN_TOKEN_ENV = "GOODSPEED_ADMIN_TOKEN"
 
 
@@ -24,9 +26,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--drafter", default=engine.drafter, choices=DRAFTERS)
     add(
         "--policy",
-        default="goodput",
-        choices=list(POLICIES),
-        help="server-wide speculation: goodput (AUTO), fixed (FIXED k) or off",
+        default=defaults.speculation_mode.label,
+        choices=[*LABELS, AUTO_SYNONYM],
+        help="server-wide speculation: auto (the goodput policy; `goodput` means the same), fixed (k every step) "
+        "or off",
     )
     add("--num-draft-tokens", type=int, default=defaults.num_draft_tokens, help="k for --policy fixed")
     add("--max-draft-tokens", type=int, default=engine.max_draft_tokens, help="the largest k any request may use")
@@ -111,7 +114,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default=defaults.log_level,
         choices=LOG_LEVELS,
-        help="debug: two lines per AUTO step (its choice; predicted vs measured time)",
+        help="debug: a line per AUTO step (what the chooser saw and chose) and per step (predicted vs measured time)",
     )
 
 
@@ -127,8 +130,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         nice=args.engine_nice,
         verify_model=args.verify_model,
     )
-    mode = POLICIES[args.policy]
-    assert mode in SPECULATION_MODES
+    mode = SpeculationMode.AUTO if args.policy == AUTO_SYNONYM else SpeculationMode.parse(args.policy)
     return ServerConfig(
         engine=engine,
         host=args.host,

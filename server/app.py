@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from typing import TextIO
 
 import anyio
@@ -21,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from client.pb import generation_pb2 as pb
-from client.pb import generation_pb2_grpc as pb_grpc
+from api.pb import generation_pb2 as pb
+from api.pb import generation_pb2_grpc as pb_grpc
 from engine.protocol import EngineReady
 from server.admin_service import AdminService
 from server.client_slots import ClientSlots
@@ -33,8 +34,8 @@ from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
-from server.policy.profile import profile_shapes, warm_cost_model
-from server.request import Limits, SpeculationMode
+from server.policy.profile import REPEATS, profile_shapes
+from server.request import Limits
 from server.scheduler import SchedulerLimits
 from server.service import GenerationService, ServiceContext, Services
 from server.stats import ServerStats
@@ -156,9 +157,9 @@ async def serve(config: ServerConfig) -> None:
                 kv_tokens=ready.kv_capacity_tokens,
                 load_s=round(ready.load_s, 1),
             )
-            loop = build_loop(config, engine, stats, health)
-            shapes = profile_shapes(config.max_running_requests, ready.max_draft_tokens, config.max_step_tokens)
-            await warm_cost_model(engine, loop.policy.cost_model, shapes)
+            policy = build_policy(config, ready)
+            await warm_policy(config, engine, policy)
+            loop = build_loop(config, engine, policy, stats, health)
             await tg.start(loop.run)
             services.context = await build_context(config, loop, ready, stats)
             stats.metrics.kv_tokens_capacity.set(ready.kv_capacity_tokens)
@@ -210,14 +211,39 @@ async def max_prompt_bytes(config: ServerConfig, tokenizer: TextTokenizer, max_m
     return min((max_token_bytes + 1) * max_model_len, config.max_message_bytes)
 
 
+def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
+    settings = PolicySettings(config.speculation_mode, config.num_draft_tokens, ready.max_draft_tokens)
+    return SpeculationPolicy(
+        settings.validated(ready.max_draft_tokens),
+        ready.max_draft_tokens,
+        acceptance=AcceptanceEstimator(ready.max_draft_tokens),
+    )
+
+
+async def warm_policy(config: ServerConfig, engine: EngineClient, policy: SpeculationPolicy) -> None:
+    """Times synthetic steps on the engine, so the step-cost model is fitted before the first request."""
+    assert engine.ready is not None
+    started = time.perf_counter()
+    shapes = profile_shapes(config.max_running_requests, engine.ready.max_draft_tokens, config.max_step_tokens)
+    samples = await engine.profile(shapes, REPEATS)
+    policy.warm([(sample.shape, sample.step_s) for sample in samples])
+    coefficients_ms = {name: round(value * 1000, 3) for name, value in policy.cost_model.coefficients().items()}
+    log.info(
+        "step-cost model warmed",
+        shapes=len(samples),
+        seconds=round(time.perf_counter() - started, 1),
+        coefficients_ms=coefficients_ms,
+    )
+
+
 def build_loop(
-    config: ServerConfig, engine: EngineClient, stats: ServerStats, health: health_aio.HealthServicer
+    config: ServerConfig,
+    engine: EngineClient,
+    policy: SpeculationPolicy,
+    stats: ServerStats,
+    health: health_aio.HealthServicer,
 ) -> ControlLoop:
     assert engine.ready is not None
-    mode = {"auto": SpeculationMode.AUTO, "off": SpeculationMode.OFF, "fixed": SpeculationMode.FIXED}
-    settings = PolicySettings(
-        mode[config.speculation_mode], config.num_draft_tokens, engine.ready.max_draft_tokens
-    ).validated(engine.ready.max_draft_tokens)
     limits = SchedulerLimits(
         max_running=config.max_running_requests,
         max_waiting=config.max_waiting_requests,
@@ -228,7 +254,6 @@ def build_loop(
     async def on_serving_change(is_serving: bool) -> None:
         await set_health(health, is_serving)
 
-    policy = SpeculationPolicy(settings, acceptance=AcceptanceEstimator(engine.ready.max_draft_tokens))
     return ControlLoop(engine, limits, policy, stats, config.max_engine_restarts, on_serving_change)
 
 
@@ -248,5 +273,5 @@ async def drain(
     with anyio.move_on_after(config.drain_grace_s) as scope:
         await loop.wait_idle()
     if scope.cancelled_caught:
-        log.warning("drain grace passed with requests still running", running=len(loop.scheduler.running))
+        log.warning("drain grace passed with requests still running", running=loop.num_running)
     await server.stop(grace=1.0)

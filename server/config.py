@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from api.metadata import CLIENT_ID_HEADER
+from api.speculation import SpeculationMode
 from engine.config import EngineConfig
 
-SPECULATION_MODES = ("auto", "off", "fixed")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -35,10 +36,10 @@ class ServerConfig:
     max_prompt_bytes: int = 0  # 0: what the model's context could hold (its longest token x its context length)
     max_message_bytes: int = 4 << 20  # gRPC's receive limit: a larger request is refused before it is read
     max_requests_per_client: int = 64  # requests in flight per client; 0: no limit
-    client_id_header: str = "goodspeed-client"  # the metadata key that names a client; "": the peer's address only
+    client_id_header: str = CLIENT_ID_HEADER  # the metadata key that names a client; "": the peer's address only
     tokenizer_threads: int = 1  # threads, at the lowest CPU priority, that tokenize prompts over 32K characters
     # Speculation
-    speculation_mode: str = "auto"  # the server-wide default: auto, off or fixed
+    speculation_mode: SpeculationMode = SpeculationMode.AUTO  # the server-wide default: AUTO, OFF or FIXED
     num_draft_tokens: int = 4  # k for fixed (and for auto until the goodput policy decides)
     # Operations
     admin_token: str = ""  # when set, Admin calls need `authorization: Bearer <token>`
@@ -46,7 +47,7 @@ class ServerConfig:
     drain_grace_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     max_engine_restarts: int = 3  # within the restart window; beyond it the server stays up, NOT_SERVING
     log_format: str = "console"  # console or json
-    log_level: str = "info"  # debug adds lines per AUTO step: the chooser's inputs and choice, predicted vs measured
+    log_level: str = "info"  # debug adds a line per AUTO step (the choice) and per step (predicted vs measured time)
     # TLS on the gRPC port (paths of PEM files, read at start-up); no tls_cert means plaintext
     tls_cert: str = ""
     tls_key: str = ""
@@ -69,7 +70,10 @@ class ServerConfig:
             1 <= self.default_max_new_tokens <= self.max_new_tokens_limit,
             "default_max_new_tokens must be in [1, max_new_tokens_limit]",
         )
-        require(self.speculation_mode in SPECULATION_MODES, f"speculation_mode must be one of {SPECULATION_MODES}")
+        require(
+            self.speculation_mode in (SpeculationMode.AUTO, SpeculationMode.OFF, SpeculationMode.FIXED),
+            f"speculation_mode must be AUTO, OFF or FIXED, got {self.speculation_mode!r}",
+        )
         require(
             0 <= self.num_draft_tokens <= self.engine.max_draft_tokens,
             f"num_draft_tokens must be in [0, {self.engine.max_draft_tokens}] (the engine's max_draft_tokens)",

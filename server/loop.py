@@ -1,9 +1,10 @@
 """The control loop: the one task that owns the scheduler and drives the engine.
 
-RPC handlers never touch scheduling state; they send the loop messages (submit, abort) through a
-bounded stream, and read their request's chunks from its mailbox. Each iteration the loop takes
-every pending message, ends expired requests, asks the scheduler for a plan, runs it on the
-engine and applies the result. With nothing to do it blocks on its inbox.
+RPC handlers never touch scheduling state; they send the loop messages (submit, abort, a policy
+change) through a bounded stream, read their request's chunks from its mailbox, and read what the
+policy knows from the immutable snapshot the loop publishes after each step. Each iteration the
+loop takes every pending message, ends expired requests, asks the scheduler for a plan, runs it on
+the engine and applies the result. With nothing to do it blocks on its inbox.
 
 The loop also supervises the engine. A death shows up mid-step (the result never comes) or, when
 idle, as a message from the process watcher. Either way health turns NOT_SERVING, the requests
@@ -24,12 +25,13 @@ import anyio
 import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from engine.ipc import EngineDiedError
 from engine.protocol import FinishReason
 from server.engine_client import EngineClient
-from server.errors import ResourceExhaustedError, UnavailableError
-from server.policy import SpeculationPolicy
+from server.errors import ResourceExhaustedError, ServiceError, UnavailableError
+from server.policy import PolicySettings, PolicySnapshot, PolicyUpdate, SpeculationPolicy
 from server.request_state import RequestState
 from server.scheduler import Scheduler, SchedulerLimits
 from server.stats import ServerStats
@@ -49,7 +51,13 @@ class Abort:
     reason: FinishReason
 
 
-Message = Submit | Abort | EngineDied | Restarted
+@dataclass(frozen=True, slots=True)
+class SetPolicy:
+    update: PolicyUpdate
+    reply: MemoryObjectSendStream[PolicySettings | ServiceError]
+
+
+Message = Submit | Abort | SetPolicy | EngineDied | Restarted
 
 
 class ControlLoop:
@@ -64,7 +72,6 @@ class ControlLoop:
     ) -> None:
         self.engine = engine
         self.scheduler = Scheduler(limits, policy)
-        self.policy = policy
         self.stats = stats
         self.restart_budget = RestartBudget(max_engine_restarts)
         self.on_serving_change = on_serving_change
@@ -77,6 +84,8 @@ class ControlLoop:
         self._death: EngineDied | None = None  # reported, not yet handled
         self._idle = anyio.Event()
         engine.on_death = self._report_death
+        self.policy_snapshot: PolicySnapshot = policy.snapshot()  # replaced, never changed, after each step
+        stats.metrics.show_policy(self.policy_snapshot)
 
     # Called by RPC handlers, on the event loop thread.
 
@@ -93,6 +102,32 @@ class ControlLoop:
     def abort(self, req_id: str, reason: FinishReason) -> None:
         with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):  # the loop is gone or swamped
             self._send.send_nowait(Abort(req_id, reason))
+
+    async def set_policy(self, update: PolicyUpdate) -> PolicySettings:
+        """Changes the server-wide policy between two steps; InvalidArgumentError names a bad field."""
+        send, receive = anyio.create_memory_object_stream[PolicySettings | ServiceError](1)
+        with receive:
+            try:
+                self._send.send_nowait(SetPolicy(update, send))
+            except anyio.WouldBlock:
+                send.close()
+                raise ResourceExhaustedError("the server's inbox is full; retry later") from None
+            outcome = await receive.receive()
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_kv_tokens_used(self) -> int:
+        return self.scheduler.num_reserved_tokens
 
     def _report_death(self, generation: int, reason: str) -> None:
         """From the engine client, on the event loop: wakes an idle loop; a busy one finds it in its step."""
@@ -142,9 +177,9 @@ class ControlLoop:
             # Let the RPC handlers send this step's chunks before the next step is planned: a
             # handler takes tens of microseconds, planning a batch of 16 about a millisecond.
             await anyio.lowlevel.checkpoint()
-            self.policy.observe_step(result.shape, result.timings.step_s)
-            self._update_policy_gauges()
-            self.stats.observe_step(plan, result, self.scheduler.planned_draft_tokens, is_back_to_back)
+            self.scheduler.observe_step(result)
+            self._publish_policy()
+            self.stats.observe_step(plan, result, self.scheduler.decoding_req_ids, is_back_to_back)
             self._record_finished()
             is_back_to_back = True
 
@@ -168,6 +203,8 @@ class ControlLoop:
                 self._refuse(message.state, exc)
         elif isinstance(message, Abort):
             self.scheduler.abort(message.req_id, message.reason, time.monotonic())
+        elif isinstance(message, SetPolicy):
+            self._set_policy(message)
         elif isinstance(message, EngineDied):
             if message.generation == self.engine.generation and self.engine_state == EngineState.RUNNING:
                 self._death = message
@@ -182,7 +219,7 @@ class ControlLoop:
             log.info("engine restarted", restarts=self.stats.num_engine_restarts)
 
     def _refuse(self, state: RequestState, error: Exception) -> None:
-        state.mailbox.put(state.end(FinishReason.CANCELLED, time.monotonic(), error))
+        state.end(FinishReason.CANCELLED, time.monotonic(), error)
 
     def _not_serving(self) -> UnavailableError:
         return UnavailableError(f"the server is not serving: {self.engine_error}")
@@ -192,20 +229,21 @@ class ControlLoop:
             self.stats.observe_finished(state)
             log_finished(state)
 
-    def _update_policy_gauges(self) -> None:
-        metrics, policy = self.stats.metrics, self.policy
-        if policy.last_choice is not None:
-            metrics.goodput.labels(plan="chosen").set(policy.last_choice.goodput)
-            metrics.goodput.labels(plan="plain").set(policy.last_choice.plain_goodput)
-        metrics.acceptance_rate.labels(draft_token="first").set(policy.acceptance.server_first_rate)
-        metrics.acceptance_rate.labels(draft_token="rest").set(policy.acceptance.server_rest_rate)
-        for match_len, rate in policy.acceptance.first_token_rates().items():
-            metrics.first_token_rate.labels(match_len=str(match_len)).set(rate)
-        metrics.cost_model_error.set(policy.cost_model.relative_error)
-        metrics.draft_cost_factor.set(policy.draft_cost_factor.value)
-        if policy.cost_model.num_samples % policy.cost_model.refit_every == 0:
-            for feature, value in policy.cost_model.coefficients().items():
-                metrics.cost_coefficient.labels(feature=feature).set(value)
+    def _set_policy(self, message: SetPolicy) -> None:
+        outcome: PolicySettings | ServiceError
+        try:
+            outcome = self.scheduler.apply_policy(message.update)
+        except ServiceError as exc:
+            outcome = exc
+        else:
+            self._publish_policy()
+            log.info("policy set", mode=outcome.mode.name, k=outcome.num_draft_tokens, max_k=outcome.max_draft_tokens)
+        with message.reply, contextlib.suppress(anyio.BrokenResourceError):  # the caller has gone: it is set anyway
+            message.reply.send_nowait(outcome)
+
+    def _publish_policy(self) -> None:
+        previous, self.policy_snapshot = self.policy_snapshot, self.scheduler.policy.snapshot()
+        self.stats.metrics.show_policy(self.policy_snapshot, previous)
 
     def _update_gauges(self) -> None:
         metrics = self.stats.metrics

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from server.policy.snapshot import PolicySnapshot
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
@@ -68,15 +70,24 @@ class Metrics:
         self.cost_model_error = Gauge(
             "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r
         )
-        self.draft_cost_factor = Gauge(
-            "goodspeed_policy_draft_cost_factor",
-            "Measured over predicted extra step time of recent AUTO steps that drafted",
-            registry=r,
-        )
         self.cost_coefficient = Gauge(
             "goodspeed_policy_cost_coefficient_seconds", "Step-cost model coefficients", ["feature"], registry=r
         )
         self.probes = Counter("goodspeed_policy_probes", "k = 1 probes of requests kept at k = 0", registry=r)
+
+    def show_policy(self, snapshot: PolicySnapshot, previous: PolicySnapshot | None = None) -> None:
+        """Sets the policy gauges from the snapshot the control loop publishes after each step."""
+        self.goodput.labels(plan="chosen").set(snapshot.goodput)
+        self.goodput.labels(plan="plain").set(snapshot.plain_goodput)
+        self.acceptance_rate.labels(draft_token="first").set(snapshot.first_rate)
+        self.acceptance_rate.labels(draft_token="rest").set(snapshot.continuation_rate)
+        for match_len, rate in snapshot.first_token_rates.items():
+            self.first_token_rate.labels(match_len=str(match_len)).set(rate)
+        self.cost_model_error.set(snapshot.cost_model_error)
+        self.probes.inc(snapshot.num_probes - (previous.num_probes if previous else 0))
+        if previous is None or snapshot.cost_coefficients is not previous.cost_coefficients:  # refitted
+            for feature, value in snapshot.cost_coefficients.items():
+                self.cost_coefficient.labels(feature=feature).set(value)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Serves /metrics from a daemon thread."""

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 
+from api.speculation import SpeculationMode
 from engine.protocol import FinishReason
 from server.errors import InvalidArgumentError
 
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-class SpeculationMode(enum.IntEnum):
-    DEFAULT = 0  # whatever the server-wide policy says
-    AUTO = 1
-    OFF = 2
-    FIXED = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from engine.protocol import FinishReason, NewRequest, SamplingParams
+from engine.protocol import FinishReason, NewRequest, Offer, SamplingParams
 from server.mailbox import Mailbox
 from server.request import Chunk, Final, GenerationRequest, SpeculationSummary
 from server.text_stream import TextStream
@@ -32,8 +32,9 @@ class RequestState:
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
     was_requeued: bool = False  # an engine died while it ran, before it had sent anything
-    num_draftable: int = 0  # tokens the drafter could propose next step, as of the last result
-    draft_match_len: int = 0  # ... and how long a match that proposal continues
+    offer: Offer = field(
+        default_factory=Offer
+    )  # what the drafter could propose for the next step, as of the last result
     output_ids: list[int] = field(default_factory=list)
     speculation: SpeculationSummary = field(default_factory=SpeculationSummary)
     finish_reason: FinishReason = FinishReason.NONE
@@ -91,10 +92,13 @@ class RequestState:
             total_s=now - self.arrival_s,
         )
 
-    def end(self, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
-        """Marks the request finished and returns its last chunk (the rest of its text)."""
+    def end(self, reason: FinishReason, now: float, error: Exception | None = None, step: Chunk | None = None) -> None:
+        """Marks the request finished and posts its last chunk: the rest of its text (after the
+        tokens of step, the step that ended it, if any), or the error. The one place a last chunk
+        is made."""
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.finished_s = now
         text = "" if error else self.text.finish()
-        return Chunk(text, [], final=self.final(now), error=error)
+        last = step or Chunk("", [])
+        self.mailbox.put(replace(last, text=last.text + text, final=self.final(now), error=error))

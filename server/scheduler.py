@@ -20,10 +20,20 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.protocol import BatchShape, FinishReason, NewRequest, ScheduledRequest, StepPlan, StepResult
+from engine.protocol import (
+    BatchShape,
+    FinishReason,
+    NewRequest,
+    Offer,
+    RequestOutput,
+    ScheduledRequest,
+    StepPlan,
+    StepResult,
+    max_draft_len,
+)
 from server.admission import Job, Pace, estimate_start, select
 from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
-from server.policy import SpeculationPolicy
+from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.goodput import StepBase
 from server.request import Chunk
 from server.request_state import RequestState, Status
@@ -38,6 +48,8 @@ class SchedulerLimits:
 
 
 class Scheduler:
+    """Owns the queue, the batch and the speculation policy, which nothing else feeds."""
+
     def __init__(self, limits: SchedulerLimits, policy: SpeculationPolicy) -> None:
         self.limits = limits
         self.policy = policy
@@ -45,7 +57,7 @@ class Scheduler:
         self.running: dict[str, RequestState] = {}
         self.num_reserved_tokens = 0
         self.finished_in_engine: list[str] = []  # ended here; the next plan tells the engine
-        self.planned_draft_tokens: dict[str, int] = {}  # k sent in the current plan
+        self.decoding_req_ids: set[str] = set()  # the requests the current plan decodes (the rest prefill)
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
         self.pace = Pace()
@@ -181,11 +193,10 @@ class Scheduler:
                 budget -= chunks[-1][1]
         chosen = self.policy.choose(decoding, self._base(decoding, chunks, budget))
         scheduled = []
-        self.planned_draft_tokens = {}
+        self.decoding_req_ids = {state.req_id for state in decoding}
         for state in decoding:
-            k = max(0, min(chosen.get(state.req_id, 0), budget, state.num_new_tokens_left - 1))
+            k = max_draft_len(chosen.get(state.req_id, 0), state.num_new_tokens_left, step_budget=budget)
             budget -= k
-            self.planned_draft_tokens[state.req_id] = k
             scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k))
         for state, chunk in chunks:
             state.num_prompt_done += chunk
@@ -224,8 +235,12 @@ class Scheduler:
             self.waiting = deque(state for i, state in enumerate(queue) if i not in started)
         return new
 
+    def apply_policy(self, update: PolicyUpdate) -> PolicySettings:
+        """Admin.SetPolicy, through the control loop; InvalidArgumentError leaves the settings as they were."""
+        return self.policy.apply(update)
+
     def update(self, result: StepResult) -> None:
-        """Applies the engine's step result: new tokens, finished requests, chunks for clients."""
+        """Applies the engine's step result to each request, then posts the request's chunk."""
         now = time.monotonic()
         self.pace.observe_step(result.timings.step_s)
         for output in result.outputs:
@@ -236,55 +251,63 @@ class Scheduler:
                 state.is_in_engine = False
                 self._finish(state, FinishReason.CANCELLED, now, EngineFailedError(output.error))
                 continue
-            text = ""
-            if output.new_token_ids:
-                state.first_token_s = state.first_token_s or now
-                state.output_ids.extend(output.new_token_ids)
-                text = state.text.push(output.new_token_ids)
-                self._count_step(state, len(output.new_token_ids), output.num_draft_tokens, output.num_accepted_tokens)
-            chunk = Chunk(
+            text = self._apply(state, output, now)
+            step = Chunk(
                 text,
                 output.new_token_ids,
-                output.num_draft_tokens,
-                output.num_accepted_tokens,
+                output.num_drafted,
+                output.num_accepted,
                 step_finished_s=result.finished_at_s,
             )
-            state.num_draftable, state.draft_match_len = output.num_draftable, output.draft_match_len
-            reason = FinishReason(output.finish_reason)
-            if reason != FinishReason.NONE:
-                state.is_in_engine = False  # the engine freed it itself
-            elif state.text.is_stopped:
-                reason = FinishReason.STOP
-            if reason == FinishReason.NONE:
-                if chunk.token_ids:
-                    state.mailbox.put(chunk)
-                continue
-            last = self._finish(state, reason, now)
-            merged = Chunk(
-                text + last.text,
-                chunk.token_ids,
-                chunk.num_drafted,
-                chunk.num_accepted,
-                final=last.final,
-                step_finished_s=result.finished_at_s,
-            )
-            state.mailbox.put(merged)
+            self._emit(state, FinishReason(output.finish_reason), step, now)
 
-    def _count_step(self, state: RequestState, num_new: int, num_drafted: int, num_accepted: int) -> None:
-        """Speculation figures of decoding steps (the token sampled at the end of a prefill is not one)."""
-        if state.req_id not in self.planned_draft_tokens:
-            return
-        # The draft just verified was the one planned with the previous result's offer.
-        self.policy.observe_draft(state.req_id, state.draft_match_len, num_drafted, num_accepted)
+    def observe_step(self, result: StepResult) -> None:
+        """Tells the policy how long the step took. Apart from update, so the loop can first let the
+        handlers send the step's chunks: every 25 steps this refits the cost model (about a millisecond)."""
+        self.policy.observe_step(result.shape, result.timings.step_s)
+
+    def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:
+        """The step's tokens join the request, its draft is counted; returns their text."""
+        planned_with, state.offer = state.offer, output.offer
+        if not output.new_token_ids:
+            return ""
+        state.first_token_s = state.first_token_s or now
+        state.output_ids.extend(output.new_token_ids)
+        if state.req_id in self.decoding_req_ids:  # the token that ends a prefill is no draft step
+            self._count_draft(state, planned_with, output)
+        return state.text.push(output.new_token_ids)
+
+    def _emit(self, state: RequestState, reason: FinishReason, step: Chunk, now: float) -> None:
+        """Posts the step's chunk, or ends the request with it when the engine or a stop sequence ended it."""
+        if reason != FinishReason.NONE:
+            state.is_in_engine = False  # the engine freed it itself
+        elif state.text.is_stopped:
+            reason = FinishReason.STOP
+        if reason != FinishReason.NONE:
+            self._finish(state, reason, now, step=step)
+        elif step.token_ids:
+            state.mailbox.put(step)
+
+    def _count_draft(self, state: RequestState, planned_with: Offer, output: RequestOutput) -> None:
+        """A decoding step's speculation figures; planned_with is the offer its k was chosen from."""
+        self.policy.observe_draft(state.req_id, planned_with, output.num_drafted, output.num_accepted)
         summary = state.speculation
         summary.num_steps += 1
-        summary.num_generated += num_new
-        summary.num_drafted += num_drafted
-        summary.num_accepted += num_accepted
-        summary.draft_lengths.append(num_drafted)  # what was verified: the plan may ask for more
+        summary.num_generated += len(output.new_token_ids)
+        summary.num_drafted += output.num_drafted
+        summary.num_accepted += output.num_accepted
+        summary.draft_lengths.append(output.num_drafted)  # what was verified: the plan may ask for more
 
-    def _finish(self, state: RequestState, reason: FinishReason, now: float, error: Exception | None = None) -> Chunk:
-        """Ends a request; it leaves the batch and its KV reservation is released."""
+    def _finish(
+        self,
+        state: RequestState,
+        reason: FinishReason,
+        now: float,
+        error: Exception | None = None,
+        step: Chunk | None = None,
+    ) -> None:
+        """Ends a request: it leaves the batch, its KV reservation is released, and it posts its last
+        chunk (with step, the chunk of the step that ended it)."""
         if state.status == Status.RUNNING:
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
@@ -295,9 +318,6 @@ class Scheduler:
             error = DeadlineExceededError("the deadline passed before the request finished")
         if reason in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
             self.pace.observe_length(len(state.output_ids), state.request.max_new_tokens)
-        last = state.end(reason, now, error)
+        state.end(reason, now, error, step)
         self.policy.forget(state.req_id)
         self.just_finished.append(state)
-        if reason not in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):
-            state.mailbox.put(last)  # cancelled, deadline, error: nothing else will follow
-        return last

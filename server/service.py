@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from client.client import STEP_END_TRAILER, STEP_TIMING_HEADER
-from client.pb import generation_pb2 as pb
-from client.pb import generation_pb2_grpc as pb_grpc
+from api.metadata import STEP_END_TRAILER, STEP_TIMING_HEADER
+from api.pb import generation_pb2 as pb
+from api.pb import generation_pb2_grpc as pb_grpc
 from engine.protocol import EngineReady, FinishReason, SamplingParams
 from server.client_slots import ClientSlots
 from server.errors import InvalidArgumentError, UnavailableError
@@ -255,11 +255,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         ctx = self.services.get()
-        stats, scheduler, policy = ctx.stats, ctx.loop.scheduler, ctx.loop.policy
-        choice = policy.last_choice
+        stats, loop, policy = ctx.stats, ctx.loop, ctx.loop.policy_snapshot
         return pb.Stats(
-            requests_running=len(scheduler.running),
-            requests_waiting=len(scheduler.waiting),
+            requests_running=loop.num_running,
+            requests_waiting=loop.num_waiting,
             requests_finished=stats.num_finished,
             prompt_tokens=stats.num_prompt_tokens,
             generated_tokens=stats.num_generated_tokens,
@@ -271,23 +270,22 @@ class GenerationService(pb_grpc.GenerationServicer):
             mean_accepted_length=stats.mean_accepted_length,
             mean_step_s=mean(stats.recent_step_s),
             mean_overhead_fraction=mean(stats.recent_overhead),
-            kv_tokens_used=scheduler.num_reserved_tokens,
-            kv_tokens_capacity=scheduler.limits.kv_capacity_tokens,
+            kv_tokens_used=loop.num_kv_tokens_used,
+            kv_tokens_capacity=ctx.ready.kv_capacity_tokens,
             uptime_s=stats.uptime_s,
             engine_restarts=stats.num_engine_restarts,
             drafted_per_position=stats.drafted_per_position,
             mean_chunk_handed_s=mean(stats.recent_chunk_handed_s),
             mean_chunk_written_s=mean(stats.recent_chunk_written_s),
-            acceptance_rate=policy.acceptance.server_first_rate,
-            continuation_rate=policy.acceptance.server_rest_rate,
-            position_acceptance_rates=policy.acceptance.position_rates(),
-            first_token_rate_by_match_len=policy.acceptance.first_token_rates(),
-            goodput_tokens_per_s=choice.goodput if choice else 0.0,
-            plain_goodput_tokens_per_s=choice.plain_goodput if choice else 0.0,
-            cost_model_ms={name: value * 1000 for name, value in policy.cost_model.coefficients().items()},
-            cost_model_error=policy.cost_model.relative_error,
+            acceptance_rate=policy.first_rate,
+            continuation_rate=policy.continuation_rate,
+            position_acceptance_rates=policy.position_rates,
+            first_token_rate_by_match_len=policy.first_token_rates,
+            goodput_tokens_per_s=policy.goodput,
+            plain_goodput_tokens_per_s=policy.plain_goodput,
+            cost_model_ms={name: value * 1000 for name, value in policy.cost_coefficients.items()},
+            cost_model_error=policy.cost_model_error,
             policy_probes=policy.num_probes,
-            draft_cost_factor=policy.draft_cost_factor.value,
-            engine_state=ctx.loop.engine_state.value,
-            engine_error=ctx.loop.engine_error,
+            engine_state=loop.engine_state.value,
+            engine_error=loop.engine_error,
         )

@@ -65,7 +65,7 @@ class ServerStats:
             self.num_generated_tokens += num_new
             m.generated_tokens.inc(num_new)
             if output.req_id in decode_req_ids:
-                self._observe_decode(num_new, output.num_draft_tokens, output.num_accepted_tokens)
+                self._observe_decode(num_new, output.num_drafted, output.num_accepted)
 
     def _observe_decode(self, num_new: int, num_drafted: int, num_accepted: int) -> None:
         m = self.metrics

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
+from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.drafters.ngram import NgramDrafter
+from engine.protocol import Offer
 
 
 class NoDrafter(Drafter):
@@ -15,7 +16,7 @@ class NoDrafter(Drafter):
         return [Draft() for _ in requests]
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
-        return Offer(0)
+        return Offer()
 
 
 def make_drafter(name: str, ngram_min: int = 2, ngram_max: int = 8) -> Drafter:

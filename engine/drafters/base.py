@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.protocol import Offer
+
 
 @dataclass(frozen=True, slots=True)
 class Draft:
@@ -14,16 +16,6 @@ class Draft:
     # [len(token_ids), V]: the distribution each token was drawn from; None for a model-free
     # drafter, whose proposals count as one-hot distributions in verification.
     probs: torch.Tensor | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """What a drafter could propose for a request right now, for the control plane's planning."""
-
-    num_tokens: int  # tokens in the proposal (at most the k asked about)
-    # How many tokens of the sequence's end the proposal's source matched (n-gram lookup): a
-    # longer match is more often right. 0 for drafters without the notion.
-    match_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +40,7 @@ class Drafter(ABC):
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """One draft per request, each at most num_draft_tokens long (it may be empty)."""
 
-    def observe(self, req_id: str, num_draft_tokens: int, num_accepted_tokens: int) -> None:  # noqa: B027
+    def observe(self, req_id: str, num_drafted: int, num_accepted: int) -> None:  # noqa: B027
         """How many of the proposed tokens the target accepted this step."""
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:

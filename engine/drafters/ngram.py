@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from engine.drafters.base import Draft, Drafter, DraftRequest, Offer
+from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.protocol import Offer
 
 # Candidates examined per lookup, most recent first: bounds the cost on very repetitive text.
 MAX_CANDIDATES = 64
@@ -61,6 +62,16 @@ class NgramIndex:
         return token_ids[best_start : best_start + num_draft_tokens], best_len
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """A request's latest lookup, kept until its sequence grows."""
+
+    num_tokens: int  # the sequence's length when looked up
+    num_asked: int  # draft tokens asked for
+    proposal: list[int]
+    match_len: int
+
+
 class NgramDrafter(Drafter):
     name = "ngram"
 
@@ -70,8 +81,7 @@ class NgramDrafter(Drafter):
         self.min_n = min_n
         self.max_n = max_n
         self.indexes: dict[str, NgramIndex] = {}
-        # req_id -> (sequence length, tokens asked for, proposal, match length) of the latest lookup
-        self.last: dict[str, tuple[int, int, list[int], int]] = {}
+        self.last: dict[str, Lookup] = {}
 
     def add_request(self, req_id: str, token_ids: list[int]) -> None:
         index = NgramIndex(self.min_n)
@@ -102,9 +112,9 @@ class NgramDrafter(Drafter):
         index = self.indexes.get(req_id)
         if index is None:
             return [], 0
-        cached = self.last.get(req_id)
-        if cached is not None and cached[0] == len(token_ids) and cached[1] >= num_draft_tokens:
-            return cached[2][:num_draft_tokens], cached[3]
+        last = self.last.get(req_id)
+        if last is not None and last.num_tokens == len(token_ids) and last.num_asked >= num_draft_tokens:
+            return last.proposal[:num_draft_tokens], last.match_len
         proposal, match_len = index.lookup(token_ids, self.max_n, num_draft_tokens)
-        self.last[req_id] = (len(token_ids), num_draft_tokens, proposal, match_len)
+        self.last[req_id] = Lookup(len(token_ids), num_draft_tokens, proposal, match_len)
         return proposal, match_len

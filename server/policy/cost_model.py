@@ -24,8 +24,10 @@ least squares, on the latest steps.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
+from types import MappingProxyType
 
 import numpy as np
 
@@ -109,6 +111,7 @@ class StepCostModel:
         self.relative_error = 0.0  # EMA of |predicted - measured| / measured, before refitting on it
         self.num_samples = 0
         self._signed = np.array([name in SIGNED for name in FEATURES])
+        self._coefficients: Mapping[str, float] = MappingProxyType(dict.fromkeys(FEATURES, 0.0))
 
     @property
     def is_fitted(self) -> bool:
@@ -135,8 +138,11 @@ class StepCostModel:
         x = np.array([r[0] for r in rows])
         y = np.array([r[1] for r in rows])
         self.coef = nonnegative_lstsq(x, y, self._signed)
+        self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, self.coef, strict=True)})
 
     def predict(self, shape: BatchShape) -> float:
+        """Predicted seconds for a step of this shape (the chooser prices many plans at once with
+        step_times; this is for checking one step, in the debug log and the tests)."""
         return float(np.dot(self.coef, features(shape)))
 
     def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
@@ -154,5 +160,6 @@ class StepCostModel:
         _, context_ktokens, multi_token_seqs, attention_kpairs = self.coef[1 + NUM_TOKEN_FEATURES :]
         return DraftCosts(float(context_ktokens) / 1000, float(multi_token_seqs), float(attention_kpairs) / 1000)
 
-    def coefficients(self) -> dict[str, float]:
-        return {name: float(value) for name, value in zip(FEATURES, self.coef, strict=True)}
+    def coefficients(self) -> Mapping[str, float]:
+        """Seconds per unit of each feature; one read-only mapping per fit, so readers can tell a refit."""
+        return self._coefficients

@@ -1,16 +1,9 @@
-"""The start-up profile that warms the step-cost model before the first request."""
+"""The shapes of the start-up profile that warms the step-cost model before the first request
+(the server times them on the engine and hands the samples to `SpeculationPolicy.warm`)."""
 
 from __future__ import annotations
 
-import time
-
-import structlog
-
 from engine.protocol import ProfileShape
-from server.engine_client import EngineClient
-from server.policy.cost_model import StepCostModel
-
-log = structlog.get_logger("goodspeed.policy")
 
 MAX_PROFILE_TOKENS = 128  # bigger steps are slow to time and the online refit covers them
 REPEATS = 3  # timed runs per shape; the median is kept (a busy neighbour slows single runs)
@@ -37,15 +30,3 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
                     shapes.append(ProfileShape(num_verifying, num_query, 512, num_seqs - num_verifying))
     shapes.append(ProfileShape(1, min(prefill_tokens, MAX_PROFILE_TOKENS), 0))
     return shapes
-
-
-async def warm_cost_model(engine: EngineClient, model: StepCostModel, shapes: list[ProfileShape]) -> None:
-    started = time.perf_counter()
-    samples = await engine.profile(shapes, REPEATS)
-    model.warm([(s.shape, s.step_s) for s in samples])
-    log.info(
-        "step-cost model warmed",
-        shapes=len(samples),
-        seconds=round(time.perf_counter() - started, 1),
-        coefficients_ms={k: round(v * 1000, 3) for k, v in model.coefficients().items()},
-    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from api.speculation import SpeculationMode
 from server.errors import InvalidArgumentError
-from server.request import SpeculationMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +29,19 @@ class PolicySettings:
                 f"must be in [0, max_draft_tokens={self.max_draft_tokens}], got {self.num_draft_tokens}",
             )
         return self
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyUpdate:
+    """What a SetPolicy call changes; None keeps the current value."""
+
+    mode: SpeculationMode | None = None
+    num_draft_tokens: int | None = None
+    max_draft_tokens: int | None = None
+
+    def applied_to(self, current: PolicySettings) -> PolicySettings:
+        return PolicySettings(
+            mode=current.mode if self.mode is None else self.mode,
+            num_draft_tokens=current.num_draft_tokens if self.num_draft_tokens is None else self.num_draft_tokens,
+            max_draft_tokens=current.max_draft_tokens if self.max_draft_tokens is None else self.max_draft_tokens,
+        )

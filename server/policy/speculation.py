@@ -14,17 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import structlog
 
-from engine.protocol import BatchShape
+from api.speculation import SpeculationMode
+from engine.protocol import BatchShape, Offer, max_draft_len
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
-from server.policy.draft_cost import DraftCostFactor
 from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
-from server.policy.settings import PolicySettings
-from server.request import SpeculationMode
+from server.policy.settings import PolicySettings, PolicyUpdate
+from server.policy.snapshot import PolicySnapshot
 
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
@@ -42,31 +43,30 @@ class Decoding(Protocol):
     @property
     def num_new_tokens_left(self) -> int: ...
     @property
-    def num_draftable(self) -> int: ...
-    @property
     def num_tokens(self) -> int: ...
     @property
-    def draft_match_len(self) -> int: ...
+    def offer(self) -> Offer: ...
 
 
 @dataclass
 class SpeculationPolicy:
+    """Fed by one owner, the scheduler: it asks for k, and reports drafts, steps and ends.
+    Everyone else reads `snapshot()`, which the control loop publishes after each step."""
+
     settings: PolicySettings
+    engine_max_draft_tokens: int  # SetPolicy may lower max_draft_tokens, never raise it past this
     cost_model: StepCostModel = field(default_factory=StepCostModel)
     acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
     last_choice: Choice | None = None  # for observability
     steps_at_zero: dict[str, int] = field(default_factory=dict)
     steps_since_probe: int = 0
     num_probes: int = 0
-    draft_cost_factor: DraftCostFactor = field(default_factory=DraftCostFactor)  # measured, reported
-    pending: Prediction | None = None  # of the step being run, if AUTO chose it
 
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
-        self.pending = None  # set again below if this step is chosen by AUTO
         settings = self.settings
         chosen, auto = {}, []
         for request in requests:
-            bound = min(settings.max_draft_tokens, max(request.num_new_tokens_left - 1, 0))
+            bound = max_draft_len(settings.max_draft_tokens, request.num_new_tokens_left)
             mode = request.speculation_mode or settings.mode
             if mode == SpeculationMode.OFF:
                 chosen[request.req_id] = 0
@@ -75,10 +75,12 @@ class SpeculationPolicy:
             elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
                 chosen[request.req_id] = min(settings.num_draft_tokens, bound)
             else:
-                chances = self.acceptance.pass_chances(request.req_id, request.draft_match_len, bound)
-                chances = [safe_rate(c) for c in chances]
-                max_k = min(bound, request.num_draftable)
-                auto.append(Candidate(request.req_id, chances, max_k, request.num_tokens))
+                offer = request.offer
+                chances = self.acceptance.pass_chances(request.req_id, offer.match_len, bound)
+                max_k = max_draft_len(
+                    settings.max_draft_tokens, request.num_new_tokens_left, num_offered=offer.num_tokens
+                )
+                auto.append(Candidate(request.req_id, [safe_rate(c) for c in chances], max_k, request.num_tokens))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen
@@ -100,40 +102,52 @@ class SpeculationPolicy:
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0
                 self.num_probes += 1
-        is_probed = chosen != choice.draft_tokens
-        self.pending = Prediction(choice.plain_step_s, choice.step_s, is_probed)
         if log.is_enabled_for(logging.DEBUG):
-            log_choice(candidates, base, choice, chosen, self.draft_cost_factor.value)
+            log_choice(candidates, base, choice, chosen)
         return chosen
 
-    def observe_draft(self, req_id: str, match_len: int, num_drafted: int, num_accepted: int) -> None:
-        self.acceptance.observe(req_id, match_len, num_drafted, num_accepted)
+    def observe_draft(self, req_id: str, offer: Offer, num_drafted: int, num_accepted: int) -> None:
+        """A decoding step verified num_drafted tokens, planned with offer, and accepted num_accepted."""
+        self.acceptance.observe(req_id, offer.match_len, num_drafted, num_accepted)
 
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
         if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
             return
-        if (pending := self.pending) is not None:
-            self.pending = None
-            log.debug("auto step", predicted_ms=round(pending.step_s * 1e3, 2), measured_ms=round(seconds * 1e3, 2))
-            if not pending.is_probed:  # a probe's cost is not in the prediction
-                self.draft_cost_factor.observe(pending.plain_step_s, pending.step_s, seconds)
+        if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
+            predicted_ms = round(self.cost_model.predict(shape) * 1e3, 2)
+            log.debug("step time", predicted_ms=predicted_ms, measured_ms=round(seconds * 1e3, 2))
         self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
         self.steps_at_zero.pop(req_id, None)
 
+    def warm(self, samples: Sequence[tuple[BatchShape, float]]) -> None:
+        """Fits the step-cost model on timed synthetic steps, before the first request."""
+        self.cost_model.warm(list(samples))
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    plain_step_s: float  # with k = 0 for every request
-    step_s: float  # as chosen
-    is_probed: bool  # probes were added to the chosen plan
+    def apply(self, update: PolicyUpdate) -> PolicySettings:
+        """Changes the server-wide settings; InvalidArgumentError (naming the field) leaves them as they were."""
+        self.settings = update.applied_to(self.settings).validated(self.engine_max_draft_tokens)
+        return self.settings
+
+    def snapshot(self) -> PolicySnapshot:
+        acceptance, choice = self.acceptance, self.last_choice
+        return PolicySnapshot(
+            settings=self.settings,
+            first_rate=acceptance.server_first_rate,
+            continuation_rate=acceptance.server_rest_rate,
+            position_rates=tuple(acceptance.position_rates()),
+            first_token_rates=MappingProxyType(acceptance.first_token_rates()),
+            goodput=choice.goodput if choice else 0.0,
+            plain_goodput=choice.plain_goodput if choice else 0.0,
+            cost_coefficients=self.cost_model.coefficients(),
+            cost_model_error=self.cost_model.relative_error,
+            num_probes=self.num_probes,
+        )
 
 
-def log_choice(
-    candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int], factor: float
-) -> None:
+def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int]) -> None:
     """One debug line per AUTO step: what the chooser saw and what it chose, probes included (they
     are not in predicted_ms; the scheduler's token budget may still cut k). Req ids shortened."""
     log.debug(
@@ -146,5 +160,4 @@ def log_choice(
         probed=[req_id[:8] for req_id, k in chosen.items() if k and not choice.draft_tokens[req_id]],
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
-        measured_draft_cost_factor=round(factor, 3),
     )

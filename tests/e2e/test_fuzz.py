@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from api.pb import generation_pb2 as pb
 from client.client import Client
-from client.pb import generation_pb2 as pb
 from tests.e2e.conftest import RunningServer, serving
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

@@ -16,9 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from api.metadata import CLIENT_ID_HEADER
+from api.pb import generation_pb2 as pb
 from bench.hardening import COMBINING, Heartbeat
-from client.client import CLIENT_ID_HEADER, Client, build_request
-from client.pb import generation_pb2 as pb
+from client.client import Client, build_request
 from tests.e2e.conftest import RunningServer, serving, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from api.pb import generation_pb2 as pb
 from client.client import Client
-from client.pb import generation_pb2 as pb
 from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]

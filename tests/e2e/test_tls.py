@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from api.pb import generation_pb2 as pb
 from client.cli import main as cli_main
 from client.client import Client
-from client.pb import generation_pb2 as pb
 from tests.certs import CertFiles, write_certs
 from tests.e2e.conftest import RunningServer, start_server
 from tests.e2e.test_grpcurl import grpcurl_binary

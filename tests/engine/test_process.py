@@ -80,6 +80,14 @@ def step(engine: EngineProcess, plan: StepPlan) -> StepResult:
     return result
 
 
+def assert_kv_free(engine: EngineProcess, step_id: int, num_tokens: int) -> None:
+    """The engine can hold a request of num_tokens KV tokens now (and forgets it again)."""
+    probe = NewRequest("probe", [5], num_tokens - 1, stop_token_ids=[])
+    result = step(engine, StepPlan(step_id, [probe], [ScheduledRequest("probe", 1)]))
+    assert [o.finish_reason for o in result.outputs] == [FinishReason.NONE], result.outputs[0].error
+    step(engine, StepPlan(step_id + 1, finished_req_ids=["probe"]))
+
+
 def test_ready_reports_the_model_and_kv_capacity(engine: tuple[EngineProcess, EngineReady]) -> None:
     _, ready = engine
     assert ready.kv_capacity_tokens == KV_TOKENS
@@ -91,21 +99,20 @@ def test_abort_mid_generation_frees_the_kv(engine: tuple[EngineProcess, EngineRe
     proc, _ = engine
     new = [NewRequest("keep", [5, 6, 7, 8], 20, stop_token_ids=[]), NewRequest("drop", [9, 10, 11], 100)]
     result = step(proc, StepPlan(0, new, [ScheduledRequest("keep", 4), ScheduledRequest("drop", 3)]))
-    assert result.num_free_kv_tokens == KV_TOKENS - (4 + 20) - (3 + 100)
     assert all(len(o.new_token_ids) == 1 for o in result.outputs)
     both = [ScheduledRequest("keep", num_draft_tokens=2), ScheduledRequest("drop", num_draft_tokens=2)]
     for step_id in (1, 2):
         result = step(proc, StepPlan(step_id, scheduled=both))
         assert {o.req_id for o in result.outputs} == {"keep", "drop"}
     # abort "drop": the same plan frees it and keeps "keep" running
-    result = step(proc, StepPlan(3, scheduled=[both[0]], finished_req_ids=["drop"]))
-    assert result.num_free_kv_tokens == KV_TOKENS - (4 + 20)
-    step_id, reason = 4, FinishReason.NONE
+    step(proc, StepPlan(3, scheduled=[both[0]], finished_req_ids=["drop"]))
+    assert_kv_free(proc, 4, KV_TOKENS - (4 + 20))
+    step_id, reason = 6, FinishReason.NONE
     while reason == FinishReason.NONE:
         result = step(proc, StepPlan(step_id, scheduled=[both[0]]))
         reason, step_id = result.outputs[0].finish_reason, step_id + 1
     assert reason == FinishReason.LENGTH
-    assert result.num_free_kv_tokens == KV_TOKENS
+    assert_kv_free(proc, step_id, KV_TOKENS)
 
 
 def test_profile_times_uniform_and_mixed_batches(engine: tuple[EngineProcess, EngineReady]) -> None:
@@ -118,9 +125,7 @@ def test_profile_times_uniform_and_mixed_batches(engine: tuple[EngineProcess, En
     assert [s.shape for s in result.samples] == [BatchShape.of([(3, 19)] * 2), BatchShape.of([(2, 18)] + [(1, 17)] * 3)]
     assert all(s.step_s > 0 for s in result.samples)
     assert result.samples[1].shape.num_multi_token_seqs == 1
-    after = step(proc, StepPlan(20, [NewRequest("after", [5, 6], 2)], [ScheduledRequest("after", 2)]))
-    assert after.num_free_kv_tokens == KV_TOKENS - (2 + 2)  # the profile gave its KV regions back
-    step(proc, StepPlan(21, finished_req_ids=["after"]))
+    assert_kv_free(proc, 20, KV_TOKENS)  # the profile gave its KV regions back
 
 
 def test_unknown_or_oversized_requests_get_an_error_not_a_crash(engine: tuple[EngineProcess, EngineReady]) -> None:

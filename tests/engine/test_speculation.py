@@ -53,7 +53,7 @@ def test_greedy_speculation_equals_plain_one_at_a_time(
         assert job.output_ids == plain_outputs[i], f"prompt {i} diverged"
         num_accepted += job.num_accepted
     assert num_accepted > 200, "the drafter should have been exercised on these prompts"
-    assert not runner.requests and runner.allocator.num_used_tokens == 0
+    assert not runner.seqs and runner.allocator.num_used_tokens == 0
 
 
 def test_greedy_speculation_equals_plain_in_a_mixed_batch(
@@ -71,7 +71,7 @@ def test_greedy_speculation_equals_plain_in_a_mixed_batch(
     for i, job in zip(picks, jobs, strict=True):
         assert job.output_ids == plain_outputs[i], f"prompt {i} diverged in the batch"
         assert job.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
-    assert not runner.requests and runner.allocator.num_used_tokens == 0
+    assert not runner.seqs and runner.allocator.num_used_tokens == 0
 
 
 def test_same_seed_same_output(engine: tuple[ModelRunner, list[int]], prompts: list[list[int]]) -> None:

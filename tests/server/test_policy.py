@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import structlog.testing
 
-from engine.protocol import BatchShape
-from server.policy import PolicySettings, SpeculationPolicy
+from api.speculation import SpeculationMode
+from engine.protocol import BatchShape, Offer
+from server.errors import InvalidArgumentError
+from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
-from server.policy.draft_cost import MAX_FACTOR, PRIOR_FACTOR, DraftCostFactor
 from server.policy.goodput import Candidate, StepBase, choose, gains_of, rank
-from server.policy.speculation import PROBE_AFTER_STEPS, Prediction
-from server.request import SpeculationMode
+from server.policy.speculation import PROBE_AFTER_STEPS
 
 NO_DRAFT_COSTS = DraftCosts(0.0, 0.0, 0.0)
 
@@ -34,6 +34,9 @@ class FakeCost:
     def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
         return [self.base + self.per_token * max(0, n - self.free_tokens) for n in range(max_tokens + 1)]
 
+    def predict(self, shape: BatchShape) -> float:
+        return self.step_times(shape, shape.num_tokens)[-1]
+
     def draft_costs(self) -> DraftCosts:
         return NO_DRAFT_COSTS
 
@@ -47,9 +50,8 @@ class FakeRequest:
     speculation_mode: int = SpeculationMode.DEFAULT
     requested_draft_tokens: int = 0
     num_new_tokens_left: int = 100
-    num_draftable: int = 8
     num_tokens: int = 100
-    draft_match_len: int = 2
+    offer: Offer = field(default_factory=lambda: Offer(8, match_len=2))
 
 
 def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
@@ -65,7 +67,8 @@ def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
 def make_policy(
     rates: dict[str, float], cost: FakeCost, mode: SpeculationMode = SpeculationMode.AUTO, max_k: int = 8
 ) -> SpeculationPolicy:
-    return SpeculationPolicy(PolicySettings(mode, 4, max_k), cost_model=cost, acceptance=fixed_rate(rates))  # type: ignore[arg-type]
+    settings = PolicySettings(mode, 4, max_k)
+    return SpeculationPolicy(settings, max_k, cost_model=cost, acceptance=fixed_rate(rates))  # type: ignore[arg-type]
 
 
 def base_for(requests: list[FakeRequest], room: int = 512) -> StepBase:
@@ -117,6 +120,7 @@ def test_probing_lets_a_stale_estimate_recover() -> None:
     estimator = AcceptanceEstimator()
     policy = SpeculationPolicy(
         PolicySettings(SpeculationMode.AUTO, 4, 8),
+        8,
         cost_model=FakeCost(per_token=0.006, free_tokens=1),
         acceptance=estimator,
     )  # type: ignore[arg-type]
@@ -140,12 +144,12 @@ def test_modes_and_bounds_are_respected() -> None:
         FakeRequest("off", speculation_mode=SpeculationMode.OFF),
         FakeRequest("fixed", speculation_mode=SpeculationMode.FIXED, requested_draft_tokens=2),
         FakeRequest("short", num_new_tokens_left=3),  # k + 1 may not pass max_new_tokens
-        FakeRequest("nomatch", num_draftable=0),  # the drafter has nothing: drafting is free to skip
+        FakeRequest("nomatch", offer=Offer(0)),  # the drafter has nothing: drafting is free to skip
     ]
     assert choose_for(policy, requests) == {"auto": 6, "off": 0, "fixed": 2, "short": 2, "nomatch": 0}
-    policy.settings = PolicySettings(SpeculationMode.OFF, 4, 6)
+    policy.apply(PolicyUpdate(SpeculationMode.OFF))
     assert choose_for(policy, requests) == {"auto": 0, "off": 0, "fixed": 2, "short": 0, "nomatch": 0}
-    policy.settings = PolicySettings(SpeculationMode.FIXED, 3, 6)
+    policy.apply(PolicyUpdate(SpeculationMode.FIXED, num_draft_tokens=3))
     assert choose_for(policy, requests) == {"auto": 3, "off": 0, "fixed": 2, "short": 2, "nomatch": 3}
 
 
@@ -295,15 +299,16 @@ def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
 
 def test_debug_log_shows_each_auto_choice_and_its_measured_step() -> None:
     policy = make_policy({"copying": 0.95, "idle": 0.9}, FakeCost())
-    requests = [FakeRequest("copying"), FakeRequest("idle", num_draftable=0)]
+    requests = [FakeRequest("copying"), FakeRequest("idle", offer=Offer(0))]
     with structlog.testing.capture_logs() as logs:
         chosen = choose_for(policy, requests)
         policy.observe_step(BatchShape(10, 2, 200, 1, 1000), 0.041)
-    choice, step = [entry for entry in logs if entry["event"] in ("auto choice", "auto step")]
+    choice, step = [entry for entry in logs if entry["event"] in ("auto choice", "step time")]
     assert choice["chosen_k"] == {"copying": chosen["copying"]} and chosen["copying"] > 0
     assert choice["max_k"] == {"copying": 8} and choice["first_pass_chance"] == {"copying": 0.95}
     assert (choice["running"], choice["waiting"]) == (2, 0)
-    assert step["predicted_ms"] == choice["predicted_ms"] and step["measured_ms"] == 41.0
+    # the cost model's price of the step that ran (10 tokens: 30 ms + 2 x 2 ms), against its time
+    assert step["predicted_ms"] == 34.0 and step["measured_ms"] == 41.0
 
 
 def test_a_draft_is_taken_when_it_raises_goodput_at_all() -> None:
@@ -318,40 +323,27 @@ def test_a_draft_is_taken_when_it_raises_goodput_at_all() -> None:
     assert declined.draft_tokens["r"] == 0 and declined.goodput == pytest.approx(100.0)
 
 
-def test_draft_cost_factor_starts_at_its_prior_and_learns_what_drafts_really_cost() -> None:
-    factor = DraftCostFactor()
-    assert factor.value == PRIOR_FACTOR
-    for _ in range(50):  # plain steps run 10% over their prediction
-        factor.observe(0.100, 0.100, 0.110)
-    assert factor.plain_ratio == pytest.approx(1.1)
-    for _ in range(500):  # drafts predicted to add 20 ms add 12 ms, on top of the plain step's 10% over
-        factor.observe(0.100, 0.120, 0.110 + 0.012)
-    assert factor.value == pytest.approx(0.6, abs=0.01)
-    for _ in range(500):  # the load changed: now they add 30 ms
-        factor.observe(0.100, 0.120, 0.110 + 0.030)
-    assert factor.value == pytest.approx(1.5, abs=0.01)
+def test_set_policy_changes_only_the_given_fields_and_a_bad_one_changes_nothing() -> None:
+    policy = make_policy({}, FakeCost(), max_k=6)
+    assert policy.apply(PolicyUpdate(num_draft_tokens=2)) == PolicySettings(SpeculationMode.AUTO, 2, 6)
+    with pytest.raises(InvalidArgumentError, match="policy.max_draft_tokens"):
+        policy.apply(PolicyUpdate(SpeculationMode.OFF, max_draft_tokens=7))  # past the engine's limit
+    with pytest.raises(InvalidArgumentError, match="policy.num_draft_tokens"):
+        policy.apply(PolicyUpdate(max_draft_tokens=1))  # below the k FIXED uses
+    assert policy.settings == PolicySettings(SpeculationMode.AUTO, 2, 6)
 
 
-def test_draft_cost_factor_is_bounded_and_a_stall_moves_it_little() -> None:
-    factor = DraftCostFactor()
-    factor.observe(0.100, 0.120, 0.120)
-    factor.observe(0.100, 0.120, 5.0)  # a 5 s stall counts as 4 extra predicted extras, not 244
-    assert factor.value < 1.5
-    for _ in range(1000):
-        factor.observe(0.100, 0.120, 0.300)
-    assert factor.value == MAX_FACTOR
-
-
-def test_policy_learns_the_draft_cost_factor_from_its_own_steps_not_from_probes() -> None:
-    policy = make_policy({"copying": 0.95}, FakeCost(free_tokens=0))
-    shape = BatchShape(10, 1, 200, 1, 1000)
-    for _ in range(200):
-        chosen = choose_for(policy, [FakeRequest("copying")])
-        assert chosen["copying"] > 0 and policy.pending is not None and not policy.pending.is_probed
-        # the steps take twice the predicted extra over the plain prediction
-        policy.observe_step(shape, 2 * policy.pending.step_s - policy.pending.plain_step_s)
-    assert policy.draft_cost_factor.value == pytest.approx(2.0, abs=0.05)
-    before = policy.draft_cost_factor.extra_measured_s
-    policy.pending = Prediction(0.030, 0.030, is_probed=True)
-    policy.observe_step(shape, 0.5)
-    assert policy.draft_cost_factor.extra_measured_s == before and policy.draft_cost_factor.plain_predicted_s == 0
+def test_the_snapshot_is_what_the_policy_knew_then_and_stays_so() -> None:
+    estimator, cost = AcceptanceEstimator(max_draft_tokens=4), StepCostModel(refit_every=1)
+    policy = SpeculationPolicy(PolicySettings(SpeculationMode.AUTO, 4, 4), 4, cost_model=cost, acceptance=estimator)
+    before = policy.snapshot()
+    estimator.observe("r", 3, num_drafted=4, num_accepted=4)
+    policy.apply(PolicyUpdate(SpeculationMode.OFF))
+    after = policy.snapshot()
+    assert before.settings.mode == SpeculationMode.AUTO and after.settings.mode == SpeculationMode.OFF
+    assert after.first_rate > before.first_rate and set(after.first_token_rates) == {3}
+    assert before.first_token_rates == {} and len(after.position_rates) == 4
+    with pytest.raises(TypeError):
+        after.first_token_rates[5] = 0.5  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        after.num_probes = 3  # type: ignore[misc]

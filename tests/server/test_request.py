@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from api.speculation import SpeculationMode
 from server.errors import InvalidArgumentError
-from server.request import ChatMessage, GenerationRequest, Limits, SpeculationMode
+from server.request import ChatMessage, GenerationRequest, Limits
 
 LIMITS = Limits(max_new_tokens=100, max_draft_tokens=8, max_stop_sequences=2, max_stop_length=5)
 

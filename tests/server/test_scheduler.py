@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from engine.protocol import FinishReason, ScheduledRequest
+from api.speculation import SpeculationMode
+from engine.protocol import FinishReason, Offer, RequestOutput, ScheduledRequest, StepResult
 from server.errors import DeadlineExceededError, ResourceExhaustedError
 from server.policy import PolicySettings, SpeculationPolicy
-from server.request import SpeculationMode
 from server.request_state import Status
 from server.scheduler import Scheduler, SchedulerLimits
 from tests.server.fakes import make_state, result
@@ -25,7 +25,7 @@ def make_scheduler(
     mode: SpeculationMode = SpeculationMode.FIXED,
     k: int = 3,
 ) -> Scheduler:
-    policy = SpeculationPolicy(PolicySettings(mode, k, 8))
+    policy = SpeculationPolicy(PolicySettings(mode, k, 8), 8)
     return Scheduler(SchedulerLimits(max_running, max_waiting, max_step_tokens, kv), policy)
 
 
@@ -150,6 +150,40 @@ def test_a_step_records_the_k_it_drafted_not_the_k_planned() -> None:
     assert plan is not None and plan.scheduled[0].num_draft_tokens == 3
     scheduler.update(result(plan.step_id, ("a", [71, 72], 1, 1, NONE)))  # the drafter had one token
     assert scheduler.running["a"].speculation.draft_lengths == [1]
+
+
+def test_the_policy_learns_each_draft_with_the_offer_it_was_planned_from() -> None:
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO)
+    seen: list[tuple[str, Offer, int, int]] = []
+    scheduler.policy.observe_draft = lambda *args: seen.append(args)  # type: ignore[method-assign]
+    scheduler.add(make_state("a", 2))
+    steps = [([70], 0, 0, Offer(4, 7)), ([71, 72, 73], 3, 2, Offer(2, 3)), ([74], 2, 0, Offer())]
+    for token_ids, num_drafted, num_accepted, offer in steps:
+        plan = scheduler.schedule()
+        assert plan is not None
+        output = RequestOutput("a", token_ids, num_drafted, num_accepted, offer=offer)
+        scheduler.update(StepResult(plan.step_id, [output]))
+    # the prefill's token is no draft step; each draft is paired with the offer before it
+    assert seen == [("a", Offer(4, 7), 3, 2), ("a", Offer(2, 3), 2, 0)]
+    assert scheduler.running["a"].offer == Offer()
+
+
+def test_a_request_that_ends_with_a_step_gets_one_last_chunk_with_that_steps_tokens() -> None:
+    scheduler = make_scheduler(k=0)
+    state = make_state("a", 2, max_new_tokens=3)
+    scheduler.add(state)
+    for token_ids, reason in (([65], NONE), ([66], NONE), ([67], FinishReason.LENGTH)):
+        plan = scheduler.schedule()
+        assert plan is not None
+        scheduler.update(result(plan.step_id, ("a", token_ids, 0, 0, reason)))
+    chunks = state.mailbox._chunks
+    assert [(c.text, c.token_ids, c.final is not None) for c in chunks] == [
+        ("A", [65], False),
+        ("B", [66], False),
+        ("C", [67], True),
+    ]
+    assert chunks[-1].final is not None and chunks[-1].final.num_completion_tokens == 3
+    assert not scheduler.running and scheduler.take_finished() == [state]
 
 
 def test_a_short_request_passes_a_head_waiting_for_kv_without_delaying_it() -> None:

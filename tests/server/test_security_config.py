@@ -1,4 +1,4 @@
-"""TLS, admin-token and metrics-host settings: validation, flag parsing and start-up file errors."""
+"""Serve flags and settings: policy, TLS, admin token, metrics host; validation, parsing, start-up file errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from api.speculation import SpeculationMode
 from server.__main__ import add_serve_arguments, config_from_args, main
 from server.app import add_port
 from server.config import ServerConfig
@@ -127,3 +128,12 @@ def test_serve_exits_2_on_a_missing_tls_file(tmp_path: Path, capsys: pytest.Capt
 def test_serve_exits_2_when_only_a_key_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--tls-key", str(tmp_path / "server.key")]) == 2
     assert "tls_cert and tls_key" in capsys.readouterr().err
+
+
+def test_policy_flag_takes_the_mode_labels_and_the_contracts_goodput() -> None:
+    assert parse().speculation_mode == SpeculationMode.AUTO
+    assert parse("--policy", "goodput").speculation_mode == SpeculationMode.AUTO
+    assert parse("--policy", "fixed", "--num-draft-tokens", "3").speculation_mode == SpeculationMode.FIXED
+    assert parse("--policy", "off").speculation_mode == SpeculationMode.OFF
+    with pytest.raises(SystemExit):
+        parse("--policy", "fixed4")

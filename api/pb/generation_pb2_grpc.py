@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.pb import generation_pb2 as goodspeed_dot_v1_dot_generation__pb2
+from api.pb import generation_pb2 as goodspeed_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,6 +1,6 @@
-"""Regenerates the Python stubs in client/pb/ from proto/goodspeed/v1/generation.proto.
+"""Regenerates the Python stubs in api/pb/ from proto/goodspeed/v1/generation.proto.
 
-Run with `make proto` (python -m client.pb.generate). The stubs are committed; a test checks
+Run with `make proto` (python -m api.pb.generate). The stubs are committed; a test checks
 they match the proto.
 """
 
@@ -34,8 +34,8 @@ def generate(out_dir: Path) -> list[Path]:
         written = []
         for name in STUBS:
             text = (Path(tmp) / PROTO.parent / name).read_text()
-            # protoc writes absolute imports of the proto package; the stubs live in client.pb.
-            text = re.sub(r"^from goodspeed\.v1 import", "from client.pb import", text, flags=re.MULTILINE)
+            # protoc writes absolute imports of the proto package; the stubs live in api.pb.
+            text = re.sub(r"^from goodspeed\.v1 import", "from api.pb import", text, flags=re.MULTILINE)
             (out_dir / name).write_text(text)
             written.append(out_dir / name)
         return written

@@ -1,0 +1,29 @@
+"""The engine's state of one running request (nano-vllm's name for it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.protocol import SamplingParams
+
+
+@dataclass(slots=True)
+class Sequence:
+    """A running request as the engine holds it: its tokens and how many have K/V in the cache."""
+
+    req_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int]
+    kv_start: int
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def num_new_tokens_left(self) -> int:
+        return self.max_new_tokens - (len(self.token_ids) - self.num_prompt_tokens)
