@@ -67,7 +67,7 @@ class ModelRunner:
             max_new_tokens=new.max_new_tokens,
             sampling=new.sampling,
             stop_token_ids=frozenset(new.stop_token_ids),
-            kv_start=region.start,
+            region=region,
         )
         self.drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids)
 

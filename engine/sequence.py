@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.kv_cache import Region
 from engine.protocol import SamplingParams
 
 
@@ -17,8 +18,12 @@ class Sequence:
     max_new_tokens: int
     sampling: SamplingParams
     stop_token_ids: frozenset[int]
-    kv_start: int
+    region: Region  # its rows of the KV cache; compaction may move them, so read the start from here
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def kv_start(self) -> int:
+        return self.region.start
 
     @property
     def is_prefilling(self) -> bool:

@@ -227,7 +227,7 @@ async def warm_policy(config: ServerConfig, engine: EngineClient, policy: Specul
     shapes = profile_shapes(config.max_running_requests, engine.ready.max_draft_tokens, config.max_step_tokens)
     samples = await engine.profile(shapes, REPEATS)
     policy.warm([(sample.shape, sample.step_s) for sample in samples])
-    coefficients_ms = {name: round(value * 1000, 3) for name, value in policy.cost_model.coefficients().items()}
+    coefficients_ms = {name: round(value * 1000, 3) for name, value in policy.snapshot().cost_coefficients.items()}
     log.info(
         "step-cost model warmed",
         shapes=len(samples),

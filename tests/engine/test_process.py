@@ -24,29 +24,11 @@ from engine.protocol import (
     StepPlan,
     StepResult,
 )
+from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
 KV_TOKENS = 512
-
-
-def make_tiny_llama(path: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=127,
-        bos_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
 
 
 def start_engine(model: Path | str) -> EngineProcess:

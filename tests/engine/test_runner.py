@@ -1,0 +1,60 @@
+"""The model runner in-process on a tiny random llama: KV regions, not output quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.offline import Job, run_alone
+from engine.protocol import FinishReason, NewRequest, ScheduledRequest, StepPlan
+from engine.runner import ModelRunner
+from engine.worker import build_runner
+from tests.tiny_models import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(path)
+    return path
+
+
+def make_runner(model: Path, kv_tokens: int) -> ModelRunner:
+    config = EngineConfig(model=str(model), kv_cache_tokens=kv_tokens, num_threads=1)
+    return build_runner(config, show_progress=False)[0]
+
+
+def test_a_sequence_keeps_its_tokens_when_compaction_moves_its_kv(tiny_model: Path) -> None:
+    # Regression: a sequence kept the start of its region from when it was allocated, so once
+    # compaction moved the region it read rows that now belong to another request.
+    runner = make_runner(tiny_model, kv_tokens=100)
+    prompts = {"a": list(range(3, 13)), "b": list(range(20, 45)), "c": list(range(50, 62)), "d": list(range(70, 90))}
+    max_new = {"a": 10, "b": 5, "c": 8, "d": 20}  # rows: a 20, b 30, c 20; then d 40
+    outputs: dict[str, list[int]] = {name: [] for name in prompts}
+
+    def step(step_id: int, names: str, new: str = "", finished: str = "") -> None:
+        plan = StepPlan(
+            step_id,
+            [NewRequest(n, prompts[n], max_new[n], stop_token_ids=[]) for n in new],
+            [ScheduledRequest(n, num_prompt_tokens=64) for n in names],
+            list(finished),
+        )
+        for output in runner.step(plan).outputs:
+            assert output.finish_reason != FinishReason.ERROR, output.error
+            outputs[output.req_id] += output.new_token_ids
+
+    step(0, "abc", new="abc")
+    step(1, "abc")
+    # b leaves: 30 free rows where it was and 30 at the end, but d needs 40 in one piece.
+    step(2, "acd", new="d", finished="b")
+    assert runner.seqs["c"].kv_start == 20  # compaction moved c down into b's rows
+    step_id = 3
+    while "c" in runner.seqs:
+        step(step_id, "".join(n for n in "acd" if n in runner.seqs))
+        step_id += 1
+    for name in list(runner.seqs):
+        runner.remove_request(name)
+    alone = run_alone(runner, Job("c-alone", prompts["c"], max_new["c"]), eos_ids=[])
+    assert outputs["c"] == alone.output_ids and len(alone.output_ids) == max_new["c"]
