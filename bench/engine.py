@@ -13,19 +13,21 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from bench.machine import cpu_model
 from bench.workloads import WorkloadItem, build_workload
 from engine.config import EngineConfig
 from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.fetch import resolve_model
 from engine.offline import Job, run_alone, run_jobs
 from engine.protocol import Offer
 from engine.runner import ModelRunner
-from engine.worker import build_runner
+from engine.worker import build_drafter, build_runner
 from server.tokenizer import TextTokenizer
 
 T = TypeVar("T")
@@ -67,17 +69,23 @@ class VariantStats:
 
 
 class HFReference:
-    """transformers `generate`, greedy, on the same weights and dtype."""
+    """transformers `generate`, greedy, on the same weights and dtype (and the draft model's, for
+    assisted generation)."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype, eos_ids: list[int]) -> None:
+    def __init__(self, model_path: str, dtype: torch.dtype, eos_ids: list[int], draft_path: str = "") -> None:
         from transformers import AutoModelForCausalLM
 
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.assistant: Any = AutoModelForCausalLM.from_pretrained(draft_path, dtype=dtype) if draft_path else None
         self.eos_ids = eos_ids
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, prompt_lookup: int = 0) -> tuple[list[int], float]:
-        extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, prompt_lookup: int = 0, is_assisted: bool = False
+    ) -> tuple[list[int], float]:
+        extra: dict[str, Any] = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
+        if is_assisted:
+            extra["assistant_model"] = self.assistant
         started = time.perf_counter()
         out = self.model.generate(
             torch.tensor([prompt_ids]),
@@ -138,23 +146,28 @@ def batch_one(
     hf: HFReference | None,
     prompts: list[list[int]],
     max_new_tokens: int,
-    ks: list[int],
+    variants: dict[str, tuple[Drafter, int]],
     eos_ids: list[int],
     hf_lookup: int,
 ) -> dict[str, VariantStats]:
-    variants = {f"ours k={k}" if k else "ours plain": k for k in [0, *ks]}
+    """variants: name -> (drafter, k) of ours; transformers' plain, prompt lookup and (with a
+    draft model) assisted generation run after ours on each prompt."""
     stats = {name: VariantStats(name) for name in variants}
+    hf_variants: dict[str, tuple[int, bool]] = {}
     if hf is not None:
-        stats["transformers plain"] = VariantStats("transformers plain")
-        stats[f"transformers prompt lookup {hf_lookup}"] = VariantStats(f"transformers prompt lookup {hf_lookup}")
+        hf_variants = {"transformers plain": (0, False), f"transformers prompt lookup {hf_lookup}": (hf_lookup, False)}
+        if hf.assistant is not None:
+            hf_variants["transformers assisted (draft model)"] = (0, True)
+    stats.update({name: VariantStats(name) for name in hf_variants})
     for i, ids in enumerate(prompts):
-        for name, k in variants.items():
-            job = run_alone(runner, Job(f"{i}-{k}", ids, max_new_tokens, num_draft_tokens=k), eos_ids)
+        for name, (drafter, k) in variants.items():
+            runner.drafter = drafter
+            job = run_alone(runner, Job(f"{i}-{name}", ids, max_new_tokens, num_draft_tokens=k), eos_ids)
             record(stats[name], job.output_ids, job.elapsed_s, job.num_decode_steps, job.num_drafted, job.num_accepted)
-        if hf is not None:
-            for name, lookup in (("transformers plain", 0), (f"transformers prompt lookup {hf_lookup}", hf_lookup)):
-                output, seconds = hf.generate(ids, max_new_tokens, lookup)
-                record(stats[name], output, seconds, 0, 0, 0)
+        for name, (lookup, is_assisted) in hf_variants.items():
+            assert hf is not None
+            output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
+            record(stats[name], output, seconds, 0, 0, 0)
     plain = stats["ours plain"].outputs
     for name, variant in stats.items():
         reference = stats["transformers plain"].outputs if name.startswith("transformers") else plain
@@ -162,6 +175,16 @@ def batch_one(
         if hf is not None:
             variant.divergence_margins = divergence_margins(hf, prompts, variant.outputs, reference)
     return stats
+
+
+def our_variants(
+    runner: ModelRunner, ks: list[int], draft: Drafter | None, draft_ks: list[int]
+) -> dict[str, tuple[Drafter, int]]:
+    variants: dict[str, tuple[Drafter, int]] = {"ours plain": (runner.drafter, 0)}
+    variants.update({f"ours ngram k={k}": (runner.drafter, k) for k in ks})
+    if draft is not None:
+        variants.update({f"ours draft model k={k}": (draft, k) for k in draft_ks})
+    return variants
 
 
 def divergence_margins(
@@ -207,8 +230,8 @@ class TimedDrafter(Drafter):
         finally:
             self.seconds += time.perf_counter() - started
 
-    def add_request(self, req_id: str, token_ids: list[int]) -> None:
-        self.timed(lambda: self.inner.add_request(req_id, token_ids))
+    def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:
+        self.timed(lambda: self.inner.add_request(req_id, token_ids, num_tokens))
 
     def remove_request(self, req_id: str) -> None:
         self.timed(lambda: self.inner.remove_request(req_id))
@@ -258,17 +281,28 @@ def run_engine_bench(
     with_transformers: bool,
     hf_lookup: int = 8,
     out_path: Path | None = None,
+    draft_model: str = "",
+    draft_ks: tuple[int, ...] = (1, 2, 3, 4),
 ) -> dict[str, Any]:
-    runner, ready = build_runner(EngineConfig(model=model, dtype=dtype, kv_cache_tokens=65536), show_progress=True)
+    config = EngineConfig(model=model, dtype=dtype, kv_cache_tokens=16384 if draft_model else 65536)
+    runner, ready = build_runner(config, show_progress=True)
+    draft = None
+    if draft_model:
+        draft = build_drafter(
+            replace(config, drafter="model", draft_model=draft_model), runner.model, ready.model_path, True
+        )
     tokenizer = TextTokenizer(ready.model_path)
     eos = ready.eos_token_ids
-    hf = HFReference(ready.model_path, getattr(torch, dtype), eos) if with_transformers else None
+    draft_path = resolve_model(draft_model, show_progress=False) if draft_model else ""
+    hf = HFReference(ready.model_path, getattr(torch, dtype), eos, draft_path) if with_transformers else None
     warmup = tokenizer.encode("def warm_up():")
     run_alone(runner, Job("warmup", warmup, 8, num_draft_tokens=4), eos)
     if hf is not None:
         hf.generate(warmup, 8)
     report: dict[str, Any] = {
         "model": model,
+        "draft_model": draft_model,
+        "cpu": cpu_model(),
         "dtype": dtype,
         "device": ready.device,
         "num_prompts": num_prompts,
@@ -282,7 +316,9 @@ def run_engine_bench(
     }
     for workload, items in workloads.items():
         prompts = [item.token_ids(tokenizer) for item in items]
-        stats = batch_one(runner, hf, prompts, items[0].max_new_tokens, ks, eos, hf_lookup)
+        variants = our_variants(runner, ks, draft, list(draft_ks))
+        stats = batch_one(runner, hf, prompts, items[0].max_new_tokens, variants, eos, hf_lookup)
+        runner.drafter = variants["ours plain"][0]
         plain_tps = stats["ours plain"].tokens_per_s
         report["batch_one"][workload] = {
             name: {**s.summary(), "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3)}
@@ -295,7 +331,7 @@ def run_engine_bench(
             row["transformers_divergence_logit_margins"] = [
                 round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)
             ]
-        print_batch_one(workload, dtype, report["batch_one"][workload])
+        print_batch_one(f"{workload}, {dtype}, greedy, {report['cpu']}", report["batch_one"][workload])
     batch_prompts = [item.token_ids(tokenizer) for item in build_workload("completion", max(concurrency))]
     for n in concurrency:
         tokens, seconds = batched_throughput(runner, batch_prompts, n, 64, eos)
@@ -322,8 +358,8 @@ def throughput_row(tokens: int, seconds: float) -> dict[str, float]:
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
 
 
-def print_batch_one(workload: str, dtype: str, rows: dict[str, dict[str, Any]]) -> None:
-    print(f"\nbatch 1, {workload}, {dtype}, greedy")
+def print_batch_one(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\nbatch 1, {title}")
     print(f"{'variant':34} {'tok/s':>8} {'speedup':>8} {'accepted/step':>14} {'diverged':>9}")
     for name, row in rows.items():
         mal = row["mean_accepted_length"]

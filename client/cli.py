@@ -204,6 +204,10 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     engine.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft lengths to measure")
     engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     engine.add_argument("--no-transformers", action="store_true", help="skip the transformers baselines")
+    engine.add_argument("--draft-model", default="", help="also measure this draft model (and transformers' assisted)")
+    engine.add_argument(
+        "--draft-k", type=int, nargs="+", default=[1, 2, 3, 4], help="draft lengths for the draft model"
+    )
     engine.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/engine-DTYPE.json)")
     service = kinds.add_parser("service", help="control-plane overhead and reliability under cancels")
     service.add_argument("--target", help="a running server; by default one is started")
@@ -307,6 +311,8 @@ def run_bench(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             with_transformers=not args.no_transformers,
             out_path=args.out or Path("bench-results") / f"engine-{args.dtype}.json",
+            draft_model=args.draft_model,
+            draft_ks=tuple(args.draft_k),
         )
     return 0
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-DRAFTERS = ("ngram", "none")
+DRAFTERS = ("ngram", "model", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,7 @@ class EngineConfig:
     kv_cache_tokens: int = 32768  # KV budget, shared by all running requests
     max_draft_tokens: int = 8  # the largest k a plan may ask for
     drafter: str = "ngram"
+    draft_model: str = ""  # for drafter "model": a catalog name, a local HF directory or a hub id
     ngram_min: int = 2
     ngram_max: int = 8  # a full 8-token match is right 97% of the time on HumanEval
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
@@ -30,6 +31,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if (self.drafter == "model") != bool(self.draft_model):
+            raise ValueError(
+                "the model drafter needs a draft model, and a draft model needs the model drafter: "
+                f"got drafter {self.drafter!r} and draft model {self.draft_model!r}"
+            )
         if self.kv_cache_tokens < 16:
             raise ValueError(f"kv_cache_tokens must be at least 16, got {self.kv_cache_tokens}")
         if not 0 <= self.max_draft_tokens <= 32:

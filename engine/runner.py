@@ -9,7 +9,7 @@ import torch
 
 from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
-from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
+from engine.model.transformer import ForwardBatch, SeqInput, SeqSlice, Transformer
 from engine.protocol import (
     BatchShape,
     FinishReason,
@@ -69,7 +69,7 @@ class ModelRunner:
             stop_token_ids=frozenset(new.stop_token_ids),
             region=region,
         )
-        self.drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids)
+        self.drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids, num_tokens)
 
     def remove_request(self, req_id: str) -> None:
         if self.seqs.pop(req_id, None) is not None:
@@ -131,38 +131,31 @@ class ModelRunner:
         return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft)
 
     def _draft(self, works: list[_Work]) -> None:
-        wanting = [w for w in works if w.num_logits > 1]
-        if not wanting:
+        """Asks the drafter for the decoding requests' drafts; it also sees the prefill chunks, so a
+        drafter with a KV cache of its own can prefill in the same steps."""
+        involved = [w for w in works if w.seq.is_prefilling or w.num_logits > 1]
+        if not involved:
             return
-        requests = [DraftRequest(w.seq.req_id, w.seq.token_ids, w.num_logits - 1) for w in wanting]
-        for work, draft in zip(wanting, self.drafter.propose(requests), strict=True):
-            work.draft = draft
-            work.query_token_ids = work.query_token_ids + draft.token_ids
-            work.num_logits = 1 + len(draft.token_ids)
+        requests = [
+            DraftRequest(
+                w.seq.req_id,
+                w.seq.token_ids,
+                0 if w.seq.is_prefilling else w.num_logits - 1,
+                w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
+                w.seq.sampling,
+            )
+            for w in involved
+        ]
+        for work, draft in zip(involved, self.drafter.propose(requests), strict=True):
+            if draft.token_ids:
+                work.draft = draft
+                work.query_token_ids = work.query_token_ids + draft.token_ids
+            if not work.seq.is_prefilling:
+                work.num_logits = 1 + len(draft.token_ids)
 
     def _forward_batch(self, works: list[_Work]) -> ForwardBatch:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_ids: list[int] = []
-        logit_rows: list[int] = []
-        seqs = []
-        for work in works:
-            seq, num_query = work.seq, len(work.query_token_ids)
-            first = seq.num_computed_tokens
-            seqs.append(SeqSlice(len(token_ids), num_query, seq.kv_start, first))
-            end_row = len(token_ids) + num_query
-            logit_rows.extend(range(end_row - work.num_logits, end_row))
-            token_ids.extend(work.query_token_ids)
-            positions.extend(range(first, first + num_query))
-            slot_ids.extend(range(seq.kv_start + first, seq.kv_start + first + num_query))
-        device = self.model.device
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return ForwardBatch(
-            as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs
-        )
+        inputs = [SeqInput(w.query_token_ids, w.seq.kv_start, w.seq.num_computed_tokens, w.num_logits) for w in works]
+        return ForwardBatch.of(inputs, self.model.device)
 
     def _sample(self, works: list[_Work], logits: torch.Tensor) -> list[list[int]]:
         """logits: [N, V], the rows of every work in order -> the tokens each work emits."""

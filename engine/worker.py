@@ -13,11 +13,14 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.drafters import make_drafter
+from engine.drafters import Drafter, make_drafter
+from engine.drafters.draft_model import DraftModelDrafter, check_compatible
 from engine.fetch import resolve_model
 from engine.kv_cache import KVCache
 from engine.link import Doorbell, QueueEnd
 from engine.model.loader import load_transformer
+from engine.model.spec import ModelSpec
+from engine.model.transformer import Transformer
 from engine.profile import profile_steps
 from engine.protocol import (
     EngineError,
@@ -61,7 +64,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
     model = load_transformer(path, dtype, device, show_progress=show_progress)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
-    drafter = make_drafter(config.drafter, config.ngram_min, config.ngram_max)
+    drafter = build_drafter(config, model, path, show_progress)
     runner = ModelRunner(model, kv_cache, drafter, config.max_draft_tokens)
     ready = EngineReady(
         model_name=config.model,
@@ -78,6 +81,18 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         model_path=path,
     )
     return runner, ready
+
+
+def build_drafter(config: EngineConfig, target: Transformer, target_path: str, show_progress: bool) -> Drafter:
+    if config.drafter != "model":
+        return make_drafter(config.drafter, config.ngram_min, config.ngram_max)
+    from transformers import AutoConfig
+
+    draft_path = resolve_model(config.draft_model, show_progress=show_progress, verify=config.verify_model)
+    draft_spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(draft_path))
+    check_compatible(target.spec, target_path, draft_spec, draft_path)  # before reading its weights
+    draft = load_transformer(draft_path, target.dtype, target.device, show_progress=show_progress)
+    return DraftModelDrafter(draft, KVCache(draft.spec, config.kv_cache_tokens, target.dtype, target.device))
 
 
 def run_engine(

@@ -8,10 +8,9 @@ import sys
 
 from api.speculation import LABELS, SpeculationMode
 from engine.catalog import DEFAULT_MODEL
-from engine.config import DTYPES, EngineConfig
+from engine.config import DRAFTERS, DTYPES, EngineConfig
 from server.config import LOG_LEVELS, ServerConfig
 
-DRAFTERS = ("ngram", "none")
 # The public contract names AUTO `goodput` on this flag; it stays a synonym of `auto`.
 AUTO_SYNONYM = "goodput"
 ADMIN_TOKEN_ENV = "GOODSPEED_ADMIN_TOKEN"
@@ -23,7 +22,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default=DEFAULT_MODEL, help="a known model name, a local HF directory or a hub id")
     add("--device", default=engine.device, help="cpu or cuda (cuda:N)")
     add("--dtype", default=engine.dtype, choices=DTYPES, help="float32 gives exact greedy speculation")
-    add("--drafter", default=engine.drafter, choices=DRAFTERS)
+    add(
+        "--drafter",
+        choices=DRAFTERS,
+        help=f"who proposes draft tokens (default: model with --draft-model, else {engine.drafter})",
+    )
+    add("--draft-model", default="", help="a small model sharing the target's tokenizer, for --drafter model")
     add(
         "--policy",
         default=defaults.speculation_mode.label,
@@ -125,7 +129,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens,
         max_draft_tokens=args.max_draft_tokens,
-        drafter=args.drafter,
+        drafter=args.drafter or ("model" if args.draft_model else EngineConfig().drafter),
+        draft_model=args.draft_model,
         num_threads=args.threads,
         nice=args.engine_nice,
         verify_model=args.verify_model,

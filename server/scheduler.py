@@ -169,6 +169,7 @@ class Scheduler:
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
             state.status, state.num_prompt_done, state.was_requeued = Status.WAITING, 0, True
+            state.offer = Offer()  # the next engine's drafter has offered nothing yet
             self.policy.forget(state.req_id)
             requeued.append(state)
         self.waiting.extendleft(reversed(requeued))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.protocol import Offer
+from engine.protocol import Offer, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +20,15 @@ class Draft:
 
 @dataclass(frozen=True, slots=True)
 class DraftRequest:
+    """One request of the step, as a drafter sees it: every request that prefills or drafts."""
+
     req_id: str
     token_ids: list[int]  # prompt and generated tokens so far (read-only)
-    num_draft_tokens: int  # propose at most this many
+    num_draft_tokens: int  # propose at most this many; 0 for a prefill chunk
+    # token_ids[:num_visible] will be in the target's cache after this step: a prefill chunk's
+    # end, or every token when decoding. A drafter with a cache of its own may feed them now.
+    num_visible: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 class Drafter(ABC):
@@ -30,8 +36,9 @@ class Drafter(ABC):
 
     name: str
 
-    def add_request(self, req_id: str, token_ids: list[int]) -> None:  # noqa: B027 - optional hook
-        """A request joined the batch; token_ids is its prompt."""
+    def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
+        """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to
+        (prompt + max_new_tokens: the KV rows the target reserves for it)."""
 
     def remove_request(self, req_id: str) -> None:  # noqa: B027 - optional hook
         """A request left; forget its state."""

@@ -83,7 +83,7 @@ class NgramDrafter(Drafter):
         self.indexes: dict[str, NgramIndex] = {}
         self.last: dict[str, Lookup] = {}
 
-    def add_request(self, req_id: str, token_ids: list[int]) -> None:
+    def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:
         index = NgramIndex(self.min_n)
         index.update(token_ids)
         self.indexes[req_id] = index

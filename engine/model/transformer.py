@@ -33,12 +33,43 @@ class SeqSlice:
 
 
 @dataclass(frozen=True, slots=True)
+class SeqInput:
+    """One sequence's part of a step, as a caller describes it."""
+
+    token_ids: list[int]  # fed this step, at positions num_cached_tokens onwards
+    kv_start: int
+    num_cached_tokens: int
+    num_logits: int  # logit rows wanted, for its last tokens
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slot_ids: torch.Tensor  # [T] int64, cache rows the step's K/V are written to
     logit_rows: torch.Tensor  # [N] int64, which of the T tokens need logits
     seqs: list[SeqSlice]
+
+    @classmethod
+    def of(cls, inputs: list[SeqInput], device: torch.device) -> ForwardBatch:
+        """Flattens the sequences' tokens; a token at position p is written to cache row kv_start + p."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        seqs = []
+        for item in inputs:
+            num_query, first = len(item.token_ids), item.num_cached_tokens
+            seqs.append(SeqSlice(len(token_ids), num_query, item.kv_start, first))
+            end_row = len(token_ids) + num_query
+            logit_rows.extend(range(end_row - item.num_logits, end_row))
+            token_ids.extend(item.token_ids)
+            positions.extend(range(first, first + num_query))
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        slot_ids = [seq.kv_start + p for seq in seqs for p in range(seq.num_cached_tokens, seq.num_kv_tokens)]
+        return cls(as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

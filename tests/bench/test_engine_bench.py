@@ -11,7 +11,7 @@ def test_timed_drafter_passes_calls_through_and_adds_up_their_time() -> None:
     inner = NgramDrafter(min_n=2, max_n=4)
     timed = TimedDrafter(inner)
     tokens = [1, 2, 3, 4, 9, 1, 2, 3]
-    timed.add_request("a", tokens)
+    timed.add_request("a", tokens, 100)
 
     offer = timed.offer("a", tokens, 3)
     [draft] = timed.propose([DraftRequest("a", tokens, 3)])

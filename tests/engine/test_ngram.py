@@ -12,7 +12,7 @@ def propose(drafter: NgramDrafter, req_id: str, tokens: list[int], k: int) -> li
 def test_continues_the_earlier_occurrence_of_the_suffix() -> None:
     drafter = NgramDrafter(min_n=2, max_n=4)
     tokens = [1, 2, 3, 4, 5, 6, 9, 2, 3]
-    drafter.add_request("r", tokens)
+    drafter.add_request("r", tokens, 1000)
     assert propose(drafter, "r", tokens, 3) == [4, 5, 6]
 
 
@@ -20,14 +20,14 @@ def test_prefers_the_longest_match() -> None:
     drafter = NgramDrafter(min_n=2, max_n=4)
     # "2 3" occurs twice; only the second is preceded by "1", as the suffix "1 2 3" is.
     tokens = [7, 2, 3, 8, 8, 1, 2, 3, 5, 5, 0, 1, 2, 3]
-    drafter.add_request("r", tokens)
+    drafter.add_request("r", tokens, 1000)
     assert propose(drafter, "r", tokens, 2) == [5, 5]
 
 
 def test_offer_says_the_proposal_length_and_its_match_length() -> None:
     drafter = NgramDrafter(min_n=2, max_n=8)
     tokens = [9, 1, 2, 3, 4, 5, 6, 7, 0, 3, 4]  # the suffix "3 4" matches 2 tokens
-    drafter.add_request("r", tokens)
+    drafter.add_request("r", tokens, 1000)
     assert drafter.offer("r", tokens, 3) == Offer(3, 2)
     tokens += [5, 6, 7, 0, 3]  # "3 4 5 6 7 0 3" now repeats: a 7-token match
     assert drafter.offer("r", tokens, 8) == Offer(6, 7)  # the draft runs to the end of the text
@@ -37,7 +37,7 @@ def test_offer_says_the_proposal_length_and_its_match_length() -> None:
 def test_no_match_no_draft_and_k_zero_costs_nothing() -> None:
     drafter = NgramDrafter(min_n=2, max_n=3)
     tokens = [1, 2, 3, 4]
-    drafter.add_request("r", tokens)
+    drafter.add_request("r", tokens, 1000)
     assert propose(drafter, "r", tokens, 4) == []
     assert drafter.offer("r", tokens, 4) == Offer(0, 0)
     assert propose(drafter, "r", [1, 2, 3, 4, 1, 2], 0) == []
@@ -46,7 +46,7 @@ def test_no_match_no_draft_and_k_zero_costs_nothing() -> None:
 def test_index_follows_generated_tokens() -> None:
     drafter = NgramDrafter(min_n=2, max_n=2)
     tokens = [10, 11, 12]
-    drafter.add_request("r", tokens)
+    drafter.add_request("r", tokens, 1000)
     tokens += [13, 10, 11]  # the engine appends to the same list
     assert propose(drafter, "r", tokens, 8) == [12, 13, 10, 11]
 
@@ -54,8 +54,8 @@ def test_index_follows_generated_tokens() -> None:
 def test_draft_is_at_most_k_tokens_and_requests_are_separate() -> None:
     drafter = NgramDrafter(min_n=1, max_n=3)
     a, b = [5, 6, 7, 8, 9, 5], [5, 1, 1, 1, 5]
-    drafter.add_request("a", a)
-    drafter.add_request("b", b)
+    drafter.add_request("a", a, 1000)
+    drafter.add_request("b", b, 1000)
     assert propose(drafter, "a", a, 2) == [6, 7]
     assert propose(drafter, "b", b, 2) == [1, 1]
     drafter.remove_request("a")

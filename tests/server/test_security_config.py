@@ -137,3 +137,13 @@ def test_policy_flag_takes_the_mode_labels_and_the_contracts_goodput() -> None:
     assert parse("--policy", "off").speculation_mode == SpeculationMode.OFF
     with pytest.raises(SystemExit):
         parse("--policy", "fixed4")
+
+
+def test_a_draft_model_makes_the_model_drafter_the_default() -> None:
+    assert parse().engine.drafter == "ngram" and parse().engine.draft_model == ""
+    config = parse("--draft-model", "qwen2.5-coder-0.5b")
+    assert config.engine.drafter == "model" and config.engine.draft_model == "qwen2.5-coder-0.5b"
+    with pytest.raises(ValueError, match="the model drafter needs a draft model"):
+        parse("--drafter", "model")
+    with pytest.raises(ValueError, match="a draft model needs the model drafter"):
+        parse("--drafter", "ngram", "--draft-model", "qwen2.5-coder-0.5b")
