@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -100,6 +101,9 @@ def run_engine(
 ) -> None:
     """Main loop of the engine process. Blocks on its inbox when idle; exits on Shutdown."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    # Ctrl-C reaches the whole process group; the server drains and then tells the engine to stop
+    # (or the engine sees its parent gone), so the engine itself ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.nice:
         # The engine keeps every core busy while it computes; a lower priority lets the control
         # plane hand chunks to gRPC without waiting for a time slice (measured: 16 streams, chunk

@@ -3,6 +3,8 @@ are about the mechanics, not the outputs)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +125,15 @@ def test_unknown_or_oversized_requests_get_an_error_not_a_crash(engine: tuple[En
     assert "needs 515 KV tokens" in errors["huge"]
     assert errors["ghost"] == "unknown request"
     assert step(proc, StepPlan(11)).outputs == []  # still serving
+
+
+def test_ctrl_c_is_left_to_the_server(engine: tuple[EngineProcess, EngineReady]) -> None:
+    proc, _ = engine
+    assert proc.process.pid is not None
+    os.kill(proc.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
+    time.sleep(0.5)
+    assert proc.process.is_alive()
+    assert step(proc, StepPlan(30)).outputs == []
 
 
 def test_idle_engine_uses_no_cpu(engine: tuple[EngineProcess, EngineReady]) -> None:
