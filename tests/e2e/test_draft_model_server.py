@@ -1,0 +1,65 @@
+"""The draft model through the real server on a real port: `--model X --draft-model Y` with a
+tiny qwen2 pair that borrows the default model's tokenizer (mechanics: the flags, the engine
+process and exact output; the real Qwen pair is in tests/engine/test_draft_model_qwen.py)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.client import Client
+from tests.e2e.conftest import RunningServer, serving, start_server
+from tests.tiny_models import make_tiny_qwen2, perturb_model
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+VOCAB_SIZE = 49152  # the default model's tokenizer
+
+
+def with_tokenizer(path: Path, tokenizer_dir: str) -> Path:
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    target, draft = tmp_path_factory.mktemp("tiny-target"), tmp_path_factory.mktemp("tiny-draft")
+    make_tiny_qwen2(target, vocab_size=VOCAB_SIZE)
+    perturb_model(target, draft, scale=0.1)
+    return with_tokenizer(target, smollm2_path), with_tokenizer(draft, smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    target, draft = pair
+    yield from serving(
+        tmp_path_factory, "draft-model", f"--model {target} --draft-model {draft} --kv-cache-tokens 4096"
+    )
+
+
+def test_the_server_drafts_with_the_draft_model_and_the_output_stays_exact(drafting: RunningServer) -> None:
+    with Client(drafting.target) as client:
+        assert client.model_info().drafter == "model"
+        prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):"
+        plain = client.generate(prompt, max_new_tokens=24, speculation="off")
+        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3)
+        assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+        assert drafted.speculation.drafted_tokens > 0 and drafted.speculation.accepted_tokens > 0
+        stream = list(client.generate_stream(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=2))
+        assert [t for chunk in stream for t in chunk.token_ids] == list(plain.token_ids)
+
+
+def test_a_draft_model_with_another_vocabulary_stops_the_server_with_the_reason(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    target, _ = pair
+    wide = tmp_path / "wide"
+    make_tiny_qwen2(wide, vocab_size=VOCAB_SIZE + 64)
+    with pytest.raises(RuntimeError, match=f"{VOCAB_SIZE + 64} entries, the target's {VOCAB_SIZE}"):
+        start_server(tmp_path / "logs", "--model", str(target), "--draft-model", str(wide))
