@@ -135,7 +135,7 @@ class BatchShape(_Wire, frozen=True):
 
 
 class StepTimings(_Wire, frozen=True):
-    draft_s: float = 0.0  # proposing draft tokens
+    draft_s: float = 0.0  # the drafter's share of the step (a draft model also prefills then); 0 if it did not run
     forward_s: float = 0.0  # the batched target forward
     sample_s: float = 0.0  # sampling and verification
     step_s: float = 0.0  # the whole step, from plan received to result built

@@ -94,7 +94,8 @@ class ModelRunner:
             if s.req_id not in self.seqs
         ]
         works = [self._plan_work(self.seqs[s.req_id], s) for s in plan.scheduled if s.req_id in self.seqs]
-        self._draft(works)
+        draft_started = time.perf_counter()
+        has_drafter_run = self._draft(works)
         drafted = forwarded = time.perf_counter()
         batch, emitted = None, []
         if works:
@@ -110,7 +111,7 @@ class ModelRunner:
             step_id=plan.step_id,
             outputs=outputs,
             timings=StepTimings(
-                draft_s=drafted - started,
+                draft_s=drafted - draft_started if has_drafter_run else 0.0,
                 forward_s=forwarded - drafted,
                 sample_s=sampled - forwarded,
                 step_s=time.perf_counter() - started,
@@ -130,12 +131,12 @@ class ModelRunner:
         num_draft = min(scheduled.num_draft_tokens, max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left))
         return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft)
 
-    def _draft(self, works: list[_Work]) -> None:
+    def _draft(self, works: list[_Work]) -> bool:
         """Asks the drafter for the decoding requests' drafts; it also sees the prefill chunks, so a
-        drafter with a KV cache of its own can prefill in the same steps."""
+        drafter with a KV cache of its own can prefill in the same steps. False if it had nothing to do."""
         involved = [w for w in works if w.seq.is_prefilling or w.num_logits > 1]
         if not involved:
-            return
+            return False
         requests = [
             DraftRequest(
                 w.seq.req_id,
@@ -152,6 +153,7 @@ class ModelRunner:
                 work.query_token_ids = work.query_token_ids + draft.token_ids
             if not work.seq.is_prefilling:
                 work.num_logits = 1 + len(draft.token_ids)
+        return True
 
     def _forward_batch(self, works: list[_Work]) -> ForwardBatch:
         inputs = [SeqInput(w.query_token_ids, w.seq.kv_start, w.seq.num_computed_tokens, w.num_logits) for w in works]

@@ -22,6 +22,12 @@ class Metrics:
         self.generated_tokens = Counter("goodspeed_generated_tokens", "Generated tokens", registry=r)
         self.steps = Counter("goodspeed_engine_steps", "Engine steps", registry=r)
         self.step_seconds = Histogram("goodspeed_step_seconds", "Engine step time", buckets=STEP_BUCKETS, registry=r)
+        self.draft_seconds = Histogram(
+            "goodspeed_spec_draft_seconds",
+            "Drafter time per engine step in which it ran (a draft model also prefills then)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Gauge("goodspeed_batch_size", "Requests in the last step", registry=r)
         self.draft_tokens = Counter("goodspeed_spec_draft_tokens", "Drafted tokens", registry=r)
         self.accepted_tokens = Counter("goodspeed_spec_accepted_tokens", "Accepted draft tokens", registry=r)

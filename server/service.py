@@ -269,6 +269,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             drafts_per_length=stats.drafts_per_length,
             mean_accepted_length=stats.mean_accepted_length,
             mean_step_s=mean(stats.recent_step_s),
+            mean_draft_s=mean(stats.recent_draft_s),
             mean_overhead_fraction=mean(stats.recent_overhead),
             kv_tokens_used=loop.num_kv_tokens_used,
             kv_tokens_capacity=ctx.ready.kv_capacity_tokens,

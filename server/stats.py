@@ -32,6 +32,7 @@ class ServerStats:
     accepted_per_position: list[int] = field(default_factory=list)
     drafts_per_length: list[int] = field(default_factory=list)
     recent_step_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_draft_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))  # steps it ran
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_handed_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_written_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
@@ -55,6 +56,9 @@ class ServerStats:
         timings = result.timings
         self.recent_step_s.append(timings.step_s)
         m.step_seconds.observe(timings.step_s)
+        if timings.draft_s > 0:
+            self.recent_draft_s.append(timings.draft_s)
+            m.draft_seconds.observe(timings.draft_s)
         if is_back_to_back:
             self.recent_overhead.append(timings.idle_s / (timings.idle_s + timings.step_s))
         for new in plan.new_requests:

@@ -192,7 +192,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "engine_state", "engine_error")
+    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "engine_state", "engine_error", "mean_draft_s")
     class CostModelMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class Stats(_message.Message):
     FIRST_TOKEN_RATE_BY_MATCH_LEN_FIELD_NUMBER: _ClassVar[int]
     ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DRAFT_S_FIELD_NUMBER: _ClassVar[int]
     requests_running: int
     requests_waiting: int
     requests_finished: int
@@ -269,7 +270,8 @@ class Stats(_message.Message):
     first_token_rate_by_match_len: _containers.ScalarMap[int, float]
     engine_state: str
     engine_error: str
-    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ...) -> None: ...
+    mean_draft_s: float
+    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ..., mean_draft_s: _Optional[float] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens")

@@ -129,14 +129,17 @@ def test_sampled_requests_get_the_draft_distribution_and_stay_seeded(models: dic
     drafter.remove_request("q")
 
 
-def test_aborting_a_request_frees_both_caches(models: dict[str, Path]) -> None:
+def test_aborting_a_request_frees_both_caches_and_drafting_time_is_its_own(models: dict[str, Path]) -> None:
     runner = make_runner(models["target"], models["draft"], kv_tokens=200)
     new = [NewRequest(name, prompts()[5], 60, stop_token_ids=[]) for name in ("a", "b")]
     runner.step(StepPlan(0, new, [ScheduledRequest("a", 64), ScheduledRequest("b", 64)]))
     decode = [ScheduledRequest(name, num_draft_tokens=3) for name in ("a", "b")]
     result = runner.step(StepPlan(1, scheduled=decode))
     assert all(o.finish_reason == FinishReason.NONE for o in result.outputs)
-    runner.step(StepPlan(2, finished_req_ids=["a", "b"]))
+    assert 0 < result.timings.draft_s < result.timings.step_s  # the drafter's own time
+    plain = runner.step(StepPlan(2, scheduled=[ScheduledRequest(name) for name in ("a", "b")]))
+    assert plain.timings.draft_s == 0.0  # nothing to draft or prefill: the drafter did not run
+    runner.step(StepPlan(3, finished_req_ids=["a", "b"]))
     assert not runner.allocator.regions and not drafter_of(runner).allocator.regions
     assert not drafter_of(runner).seqs
 
