@@ -24,26 +24,43 @@ def make_tiny_llama(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def make_tiny_qwen2(path: Path, seed: int = 0, vocab_size: int = 128, num_layers: int = 2) -> None:
-    """A tiny random qwen2 (q/k/v biases). Models made with the same vocab_size share token ids,
-    so any two of them make a target and draft pair."""
+def make_tiny_qwen2(
+    path: Path,
+    seed: int = 0,
+    vocab_size: int = 128,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 1024,
+    tie_word_embeddings: bool = False,
+    qkv_bias_std: float = 0.0,
+) -> None:
+    """A tiny random qwen2. Models made with the same vocab_size share token ids, so any two of
+    them make a target and draft pair. transformers starts q/k/v biases at 0; qkv_bias_std > 0
+    draws them, so a forward pass that dropped them would show."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         eos_token_id=vocab_size - 1,
         bos_token_id=1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    model = Qwen2ForCausalLM(config)
+    if qkv_bias_std > 0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, qkv_bias_std)
+    model.save_pretrained(path)
 
 
 def perturb_model(source: Path, path: Path, scale: float, seed: int = 0) -> None:

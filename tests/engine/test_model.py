@@ -11,6 +11,7 @@ import torch
 from engine.kv_cache import KVCache, RegionAllocator
 from engine.model.loader import load_transformer
 from engine.model.transformer import ForwardBatch, SeqSlice, Transformer
+from tests.tiny_models import make_tiny_qwen2
 
 # float32 logits agree to ~1e-4 here (different summation order); 2e-3 leaves room for other CPUs.
 ATOL = 2e-3
@@ -69,34 +70,20 @@ def test_smollm2_logits_match_transformers(smollm2_path: str) -> None:
     check_ragged_batches(model, hf_model, model.spec.vocab_size)
 
 
-def make_tiny_qwen2(path: Path, tie_word_embeddings: bool) -> None:
-    """A random 2-layer qwen2 with non-zero q/k/v biases (transformers initialises them to 0)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    hf_model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in hf_model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    hf_model.save_pretrained(path)
-
-
 @pytest.mark.parametrize("tie_word_embeddings", [True, False], ids=["tied", "untied"])
 def test_tiny_qwen2_logits_match_transformers(tmp_path: Path, tie_word_embeddings: bool) -> None:
     from transformers import AutoModelForCausalLM
 
-    make_tiny_qwen2(tmp_path, tie_word_embeddings)
+    make_tiny_qwen2(
+        tmp_path,
+        seed=1,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+        qkv_bias_std=0.5,
+    )
     model = load_transformer(tmp_path, torch.float32, torch.device("cpu"))
     assert model.spec.has_qkv_bias
     assert model.spec.tie_word_embeddings == tie_word_embeddings
