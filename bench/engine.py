@@ -159,15 +159,21 @@ def batch_one(
         if hf.assistant is not None:
             hf_variants["transformers assisted (draft model)"] = (0, True)
     stats.update({name: VariantStats(name) for name in hf_variants})
-    for i, ids in enumerate(prompts):
-        for name, (drafter, k) in variants.items():
-            runner.drafter = drafter
-            job = run_alone(runner, Job(f"{i}-{name}", ids, max_new_tokens, num_draft_tokens=k), eos_ids)
-            record(stats[name], job.output_ids, job.elapsed_s, job.num_decode_steps, job.num_drafted, job.num_accepted)
-        for name, (lookup, is_assisted) in hf_variants.items():
-            assert hf is not None
-            output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
-            record(stats[name], output, seconds, 0, 0, 0)
+    loaded = runner.drafter
+    try:
+        for i, ids in enumerate(prompts):
+            for name, (drafter, k) in variants.items():
+                runner.drafter = drafter
+                job = run_alone(runner, Job(f"{i}-{name}", ids, max_new_tokens, num_draft_tokens=k), eos_ids)
+                record(
+                    stats[name], job.output_ids, job.elapsed_s, job.num_decode_steps, job.num_drafted, job.num_accepted
+                )
+            for name, (lookup, is_assisted) in hf_variants.items():
+                assert hf is not None
+                output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
+                record(stats[name], output, seconds, 0, 0, 0)
+    finally:
+        runner.drafter = loaded
     plain = stats["ours plain"].outputs
     for name, variant in stats.items():
         reference = stats["transformers plain"].outputs if name.startswith("transformers") else plain
@@ -222,6 +228,7 @@ class TimedDrafter(Drafter):
 
     def __init__(self, inner: Drafter) -> None:
         self.inner, self.name, self.seconds = inner, inner.name, 0.0
+        self.sees_prefill = inner.sees_prefill
 
     def timed(self, call: Callable[[], T]) -> T:
         started = time.perf_counter()
@@ -318,7 +325,6 @@ def run_engine_bench(
         prompts = [item.token_ids(tokenizer) for item in items]
         variants = our_variants(runner, ks, draft, list(draft_ks))
         stats = batch_one(runner, hf, prompts, items[0].max_new_tokens, variants, eos, hf_lookup)
-        runner.drafter = variants["ours plain"][0]
         plain_tps = stats["ours plain"].tokens_per_s
         report["batch_one"][workload] = {
             name: {**s.summary(), "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3)}

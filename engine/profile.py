@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from engine.model.transformer import ForwardBatch, SeqSlice
+from engine.model.transformer import ForwardBatch, SeqInput
 from engine.protocol import ProfileShape, StepSample
 from engine.runner import ModelRunner, batch_shape
 
@@ -54,21 +54,11 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int)
 def synthetic_batch(
     queries: list[int], cached: int, kv_starts: list[int], is_decode: bool, device: torch.device
 ) -> ForwardBatch:
-    """queries[i] query tokens for sequence i, each after `cached` tokens already in its KV region."""
-    positions: list[int] = []
-    slots: list[int] = []
-    rows: list[int] = []
-    seqs: list[SeqSlice] = []
+    """queries[i] query tokens for sequence i, each after `cached` tokens already in its KV region.
+    Logits for every verified position of a decode step, for the last token of a prefill chunk."""
+    inputs, num_tokens = [], 0
     for n, start in zip(queries, kv_starts, strict=True):
-        query_start = len(positions)
-        positions += range(cached, cached + n)
-        slots += [start + p for p in range(cached, cached + n)]
-        seqs.append(SeqSlice(query_start, n, start, cached))
-        # Logits for every verified position of a decode step, for the last token of a prefill chunk.
-        rows += range(query_start if is_decode else query_start + n - 1, query_start + n)
-
-    def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    token_ids = [1 + (i % 1000) for i in range(len(positions))]
-    return ForwardBatch(tensor(token_ids), tensor(positions), tensor(slots), tensor(rows), seqs)
+        token_ids = [1 + (i % 1000) for i in range(num_tokens, num_tokens + n)]
+        inputs.append(SeqInput(token_ids, start, cached, n if is_decode else 1))
+        num_tokens += n
+    return ForwardBatch.of(inputs, device)

@@ -96,6 +96,8 @@ class ModelRunner:
         works = [self._plan_work(self.seqs[s.req_id], s) for s in plan.scheduled if s.req_id in self.seqs]
         draft_started = time.perf_counter()
         has_drafter_run = self._draft(works)
+        if has_drafter_run and self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # so draft_s holds a draft model's queued work
         drafted = forwarded = time.perf_counter()
         batch, emitted = None, []
         if works:
@@ -132,9 +134,10 @@ class ModelRunner:
         return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft)
 
     def _draft(self, works: list[_Work]) -> bool:
-        """Asks the drafter for the decoding requests' drafts; it also sees the prefill chunks, so a
-        drafter with a KV cache of its own can prefill in the same steps. False if it had nothing to do."""
-        involved = [w for w in works if w.seq.is_prefilling or w.num_logits > 1]
+        """Asks the drafter for the decoding requests' drafts; a drafter with a KV cache of its own
+        also sees the prefill chunks, so it prefills in the same steps. False if it had nothing to do."""
+        sees_prefill = self.drafter.sees_prefill
+        involved = [w for w in works if w.num_logits > 1 or (sees_prefill and w.seq.is_prefilling)]
         if not involved:
             return False
         requests = [

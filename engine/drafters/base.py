@@ -35,6 +35,7 @@ class Drafter(ABC):
     """Proposes up to k tokens per request and learns how many the target accepted."""
 
     name: str
+    sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
         """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to

@@ -26,7 +26,6 @@ from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, Region, RegionAllocator
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
-from engine.protocol import SamplingParams
 from engine.sampling import logits_to_probs, mix_seed, position_noise, sample
 
 DRAFT_NOISE_STREAM = 0x0D4AF7  # salts the request seed: draft sampling must not reuse the target's noise
@@ -48,6 +47,7 @@ class DraftSequence:
 
 class DraftModelDrafter(Drafter):
     name = "model"
+    sees_prefill = True
 
     def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
         self.model = model
@@ -101,32 +101,37 @@ class DraftModelDrafter(Drafter):
         if not inputs:
             return
         logits = self.model.forward(ForwardBatch.of(inputs, self.model.device), self.kv_cache)
-        row = 0
+        picks = []
         for request, seq, end in fed:
             seq.num_computed = end
             if request.req_id in drafting:
                 seq.proposed_from = end
-                self._take(seq, request.sampling, logits[row : row + 1], position=end)
-                row += 1
+                picks.append((request, seq, end))
+        self._take(picks, logits)
 
     def _extend(self, requests: list[DraftRequest]) -> None:
         """One more draft token for each: feeds the last one, samples the next."""
         seqs = [self.seqs[r.req_id] for r in requests]
         inputs = [SeqInput(seq.token_ids[-1:], seq.region.start, seq.num_computed, 1) for seq in seqs]
         logits = self.model.forward(ForwardBatch.of(inputs, self.model.device), self.kv_cache)
-        for row, (request, seq) in enumerate(zip(requests, seqs, strict=True)):
+        for seq in seqs:
             seq.num_computed += 1
-            self._take(seq, request.sampling, logits[row : row + 1], position=seq.num_computed)
+        self._take([(r, seq, seq.num_computed) for r, seq in zip(requests, seqs, strict=True)], logits)
 
-    def _take(self, seq: DraftSequence, sampling: SamplingParams, logits: torch.Tensor, position: int) -> None:
-        """logits: [1, V] for the token at position -> the draft token (and its distribution)."""
-        if sampling.is_greedy:
-            seq.token_ids.append(int(logits.float().max(dim=-1).indices[0]))
-            return
-        probs = logits_to_probs(logits, sampling)  # [1, V]
-        noise = position_noise(mix_seed(sampling.seed, DRAFT_NOISE_STREAM), position, 1, probs.shape[-1], probs.device)
-        seq.token_ids.append(int(sample(probs, noise)[0]))
-        seq.probs.append(probs[0])
+    def _take(self, picks: list[tuple[DraftRequest, DraftSequence, int]], logits: torch.Tensor) -> None:
+        """logits: [len(picks), V], row i for the token at picks[i]'s position -> each one's next
+        draft token (and, when sampled, its distribution). Greedy rows share one argmax."""
+        is_any_greedy = any(request.sampling.is_greedy for request, _, _ in picks)
+        argmaxes = logits.float().max(dim=-1).indices.tolist() if is_any_greedy else []
+        for row, (request, seq, position) in enumerate(picks):
+            if request.sampling.is_greedy:
+                seq.token_ids.append(argmaxes[row])
+                continue
+            probs = logits_to_probs(logits[row : row + 1], request.sampling)  # [1, V]
+            seed = mix_seed(request.sampling.seed, DRAFT_NOISE_STREAM)
+            noise = position_noise(seed, position, 1, probs.shape[-1], probs.device)
+            seq.token_ids.append(int(sample(probs, noise)[0]))
+            seq.probs.append(probs[0])
 
 
 def check_compatible(target: ModelSpec, target_path: str | Path, draft: ModelSpec, draft_path: str | Path) -> None:

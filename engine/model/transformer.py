@@ -55,6 +55,7 @@ class ForwardBatch:
         """Flattens the sequences' tokens; a token at position p is written to cache row kv_start + p."""
         token_ids: list[int] = []
         positions: list[int] = []
+        slot_ids: list[int] = []
         logit_rows: list[int] = []
         seqs = []
         for item in inputs:
@@ -64,11 +65,11 @@ class ForwardBatch:
             logit_rows.extend(range(end_row - item.num_logits, end_row))
             token_ids.extend(item.token_ids)
             positions.extend(range(first, first + num_query))
+            slot_ids.extend(range(item.kv_start + first, item.kv_start + first + num_query))
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        slot_ids = [seq.kv_start + p for seq in seqs for p in range(seq.num_cached_tokens, seq.num_kv_tokens)]
         return cls(as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs)
 
 

@@ -58,3 +58,12 @@ def test_a_sequence_keeps_its_tokens_when_compaction_moves_its_kv(tiny_model: Pa
         runner.remove_request(name)
     alone = run_alone(runner, Job("c-alone", prompts["c"], max_new["c"]), eos_ids=[])
     assert outputs["c"] == alone.output_ids and len(alone.output_ids) == max_new["c"]
+
+
+def test_a_drafter_without_a_cache_is_not_run_for_prefill_and_costs_no_draft_time(tiny_model: Path) -> None:
+    runner = make_runner(tiny_model, kv_tokens=100)  # the n-gram drafter
+    prefill = runner.step(StepPlan(0, [NewRequest("a", list(range(3, 20)), 8)], [ScheduledRequest("a", 8)]))
+    assert prefill.timings.draft_s == 0.0
+    runner.step(StepPlan(1, scheduled=[ScheduledRequest("a", 64)]))
+    decode = runner.step(StepPlan(2, scheduled=[ScheduledRequest("a", num_draft_tokens=3)]))
+    assert decode.timings.draft_s > 0.0
