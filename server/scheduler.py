@@ -243,7 +243,6 @@ class Scheduler:
     def update(self, result: StepResult) -> None:
         """Applies the engine's step result to each request, then posts the request's chunk."""
         now = time.monotonic()
-        self.pace.observe_step(result.timings.step_s)
         for output in result.outputs:
             state = self.running.get(output.req_id)
             if state is None:
@@ -263,8 +262,13 @@ class Scheduler:
             self._emit(state, FinishReason(output.finish_reason), step, now)
 
     def observe_step(self, result: StepResult) -> None:
-        """Tells the policy how long the step took. Apart from update, so the loop can first let the
-        handlers send the step's chunks: every 25 steps this refits the cost model (about a millisecond)."""
+        """Tells admission's pace and the policy how long the step took. Apart from update, so the
+        loop can first let the handlers send the step's chunks: every 25 steps this refits the cost
+        model (about a millisecond). A plan that only released requests ran no forward: it says
+        nothing about how long steps take."""
+        if result.shape.num_tokens == 0:
+            return
+        self.pace.observe_step(result.timings.step_s)
         self.policy.observe_step(result.shape, result.timings.step_s)
 
     def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:

@@ -111,8 +111,6 @@ class SpeculationPolicy:
         self.acceptance.observe(req_id, offer.match_len, num_drafted, num_accepted)
 
     def observe_step(self, shape: BatchShape, seconds: float) -> None:
-        if shape.num_tokens == 0:  # a plan that only released requests: no forward to learn from
-            return
         if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
             predicted_ms = round(self.cost_model.predict(shape) * 1e3, 2)
             log.debug("step time", predicted_ms=predicted_ms, measured_ms=round(seconds * 1e3, 2))

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from api.speculation import SpeculationMode
-from engine.protocol import FinishReason, Offer, RequestOutput, ScheduledRequest, StepResult
+from engine.protocol import BatchShape, FinishReason, Offer, RequestOutput, ScheduledRequest, StepResult, StepTimings
 from server.errors import DeadlineExceededError, ResourceExhaustedError
 from server.policy import PolicySettings, SpeculationPolicy
 from server.request_state import Status
@@ -257,3 +257,10 @@ def test_a_request_requeued_once_fails_if_the_next_engine_dies_under_it_too() ->
         scheduler.release_running(RuntimeError("engine died"))
     assert not scheduler.waiting and not scheduler.running
     assert scheduler.take_finished()[0].req_id == "suspect"
+
+
+def test_a_plan_that_only_released_requests_does_not_move_the_pace() -> None:
+    scheduler = make_scheduler()
+    scheduler.observe_step(StepResult(1, timings=StepTimings(step_s=0.08), shape=BatchShape(1, 1, 10, 0, 10)))
+    scheduler.observe_step(StepResult(2, timings=StepTimings(step_s=0.0002)))  # no forward ran
+    assert scheduler.pace.step_s == 0.08 and scheduler.policy.cost_model.num_samples == 1
