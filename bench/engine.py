@@ -1,10 +1,13 @@
 """`goodspeed bench engine`: batch-1 speculation and batched throughput of the engine, side by
 side with transformers on the same prompts, model and dtype, in one run.
 
-For each prompt every variant runs back to back (ours: plain and n-gram with each k; then
-transformers `generate`, plain and with prompt lookup), so slow drifts of a noisy machine hit
-all variants alike; ratios are computed from the same run. Tokens/s counts generated tokens over
-the wall time of the whole request, prefill included, summed over prompts.
+For each prompt every variant runs back to back: ours (plain, n-gram with each k, the draft
+model with each k when one is given, and AUTO choosing drafter and k), each through the server's
+own scheduler and policy in this process (bench/in_process.py); then transformers `generate`
+(plain, prompt lookup, assisted by the draft model) in a process of its own
+(bench/hf_process.py). Slow drifts of a noisy machine hit all variants alike; ratios are computed
+from the same run. Tokens/s counts generated tokens over the wall time of the whole request,
+prefill included, summed over prompts.
 """
 
 from __future__ import annotations
@@ -13,21 +16,26 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from tqdm import tqdm
 
+from api.speculation import SpeculationMode
+from bench.hf_process import HFProcess
+from bench.in_process import InProcessServer
 from bench.machine import cpu_model
-from bench.workloads import WorkloadItem, build_workload
-from engine.config import EngineConfig
+from bench.workloads import build_workload
+from engine.config import EngineConfig, parse_drafters
 from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.ngram import NgramDrafter
 from engine.fetch import resolve_model
-from engine.offline import Job, run_alone, run_jobs
-from engine.protocol import Offer
+from engine.offline import Job, run_jobs
+from engine.protocol import EngineReady, Offer
 from engine.runner import ModelRunner
-from engine.worker import build_drafter, build_runner
+from engine.worker import build_runner
 from server.tokenizer import TextTokenizer
 
 T = TypeVar("T")
@@ -45,6 +53,7 @@ class VariantStats:
     # top-1 minus top-2 logit of transformers' model where a diverging output first differs
     divergence_margins: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
+    steps_by_drafter: dict[str, int] = field(default_factory=dict)  # decoding steps each drafter drafted in
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,71 +74,8 @@ class VariantStats:
             "accepted": self.num_accepted,
             "diverged_outputs": self.num_diverged,
             "divergence_logit_margins": [round(m, 4) for m in self.divergence_margins],
+            "steps_by_drafter": self.steps_by_drafter,
         }
-
-
-class HFReference:
-    """transformers `generate`, greedy, on the same weights and dtype (and the draft model's, for
-    assisted generation)."""
-
-    def __init__(self, model_path: str, dtype: torch.dtype, eos_ids: list[int], draft_path: str = "") -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        self.assistant: Any = AutoModelForCausalLM.from_pretrained(draft_path, dtype=dtype) if draft_path else None
-        self.eos_ids = eos_ids
-
-    @torch.inference_mode()
-    def generate(
-        self, prompt_ids: list[int], max_new_tokens: int, prompt_lookup: int = 0, is_assisted: bool = False
-    ) -> tuple[list[int], float]:
-        extra: dict[str, Any] = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
-        if is_assisted:
-            extra["assistant_model"] = self.assistant
-        started = time.perf_counter()
-        out = self.model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.eos_ids[0],
-            **extra,
-        )
-        return out[0, len(prompt_ids) :].tolist(), time.perf_counter() - started
-
-    @torch.inference_mode()
-    def top2_margin(self, token_ids: list[int]) -> float:
-        """How close the model's next-token choice after token_ids is to a tie."""
-        logits = self.model(torch.tensor([token_ids])).logits[0, -1].float()
-        top2 = torch.topk(logits, 2).values
-        return float(top2[0] - top2[1])
-
-    @torch.inference_mode()
-    def static_batch(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[int, float]:
-        """Left-padded static batch; returns (generated tokens, seconds)."""
-        width = max(len(p) for p in prompts)
-        pad = self.eos_ids[0]
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        started = time.perf_counter()
-        out = self.model.generate(
-            input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.eos_ids,
-            pad_token_id=pad,
-        )
-        seconds = time.perf_counter() - started
-        return sum(len(trim_at_eos(row, self.eos_ids)) for row in out[:, width:].tolist()), seconds
-
-
-def trim_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
-    for i, token_id in enumerate(token_ids):
-        if token_id in eos_ids:
-            return token_ids[: i + 1]
-    return token_ids
 
 
 def record(stats: VariantStats, output: list[int], seconds: float, steps: int, drafted: int, accepted: int) -> None:
@@ -141,39 +87,50 @@ def record(stats: VariantStats, output: list[int], seconds: float, steps: int, d
     stats.outputs.append(output)
 
 
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One of our batch-1 settings, as a request would ask for it."""
+
+    mode: SpeculationMode
+    num_draft_tokens: int = 0
+    drafter: str = ""
+
+
 def batch_one(
-    runner: ModelRunner,
-    hf: HFReference | None,
+    server: InProcessServer,
+    hf: HFProcess | None,
     prompts: list[list[int]],
     max_new_tokens: int,
-    variants: dict[str, tuple[Drafter, int]],
-    eos_ids: list[int],
+    variants: dict[str, Variant],
     hf_lookup: int,
 ) -> dict[str, VariantStats]:
-    """variants: name -> (drafter, k) of ours; transformers' plain, prompt lookup and (with a
-    draft model) assisted generation run after ours on each prompt."""
+    """variants: name -> our setting; transformers' plain, prompt lookup and (with a draft
+    model) assisted generation run after ours on each prompt, in their own process."""
     stats = {name: VariantStats(name) for name in variants}
     hf_variants: dict[str, tuple[int, bool]] = {}
     if hf is not None:
         hf_variants = {"transformers plain": (0, False), f"transformers prompt lookup {hf_lookup}": (hf_lookup, False)}
-        if hf.assistant is not None:
+        if hf.has_assistant:
             hf_variants["transformers assisted (draft model)"] = (0, True)
     stats.update({name: VariantStats(name) for name in hf_variants})
-    loaded = runner.drafter
-    try:
-        for i, ids in enumerate(prompts):
-            for name, (drafter, k) in variants.items():
-                runner.drafter = drafter
-                job = run_alone(runner, Job(f"{i}-{name}", ids, max_new_tokens, num_draft_tokens=k), eos_ids)
-                record(
-                    stats[name], job.output_ids, job.elapsed_s, job.num_decode_steps, job.num_drafted, job.num_accepted
-                )
-            for name, (lookup, is_assisted) in hf_variants.items():
-                assert hf is not None
-                output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
-                record(stats[name], output, seconds, 0, 0, 0)
-    finally:
-        runner.drafter = loaded
+    for ids in tqdm(prompts, desc="prompts", unit="prompt"):
+        for name, v in variants.items():
+            outcome = server.generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
+            # steps that made tokens: the decoding ones and the one that ended the prefill
+            record(
+                stats[name],
+                outcome.output_ids,
+                outcome.seconds,
+                outcome.num_steps + 1,
+                outcome.num_drafted,
+                outcome.num_accepted,
+            )
+            for drafter, num_steps in outcome.by_drafter.items():
+                stats[name].steps_by_drafter[drafter] = stats[name].steps_by_drafter.get(drafter, 0) + num_steps
+        for name, (lookup, is_assisted) in hf_variants.items():
+            assert hf is not None
+            output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
+            record(stats[name], output, seconds, 0, 0, 0)
     plain = stats["ours plain"].outputs
     for name, variant in stats.items():
         reference = stats["transformers plain"].outputs if name.startswith("transformers") else plain
@@ -183,18 +140,20 @@ def batch_one(
     return stats
 
 
-def our_variants(
-    runner: ModelRunner, ks: list[int], draft: Drafter | None, draft_ks: list[int]
-) -> dict[str, tuple[Drafter, int]]:
-    variants: dict[str, tuple[Drafter, int]] = {"ours plain": (runner.drafter, 0)}
-    variants.update({f"ours ngram k={k}": (runner.drafter, k) for k in ks})
-    if draft is not None:
-        variants.update({f"ours draft model k={k}": (draft, k) for k in draft_ks})
+def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int]) -> dict[str, Variant]:
+    fixed = SpeculationMode.FIXED
+    variants = {"ours plain": Variant(SpeculationMode.OFF)}
+    if "ngram" in drafters:
+        variants.update({f"ours ngram k={k}": Variant(fixed, k, "ngram") for k in ks})
+    if "model" in drafters:
+        variants.update({f"ours draft model k={k}": Variant(fixed, k, "model") for k in draft_ks})
+    if drafters:
+        variants[f"ours auto ({', '.join(drafters)})"] = Variant(SpeculationMode.AUTO)
     return variants
 
 
 def divergence_margins(
-    hf: HFReference, prompts: list[list[int]], outputs: list[list[int]], references: list[list[int]]
+    hf: HFProcess, prompts: list[list[int]], outputs: list[list[int]], references: list[list[int]]
 ) -> list[float]:
     """For each output that differs from its reference: the transformers model's top-1 minus
     top-2 logit where they first differ (small = a near-tie that rounding can flip)."""
@@ -257,19 +216,21 @@ def no_tax(runner: ModelRunner, prompts: list[list[int]], eos_ids: list[int], re
     """Plain decoding (k = 0) of a batch of 16 with the n-gram drafter loaded (it still reports
     after every step how much it could propose) against no drafter at all, interleaved; and the
     time spent inside the drafter, as a share of the run."""
-    from engine.drafters import NoDrafter
-
-    ngram, none = TimedDrafter(runner.drafter), NoDrafter()
+    loaded = runner.drafters
+    ngram = TimedDrafter(NgramDrafter())
     seconds: dict[str, list[float]] = {"ngram k=0": [], "no drafter": []}
     ngram_seconds = 0.0
-    for _ in range(repeats):
-        for name, drafter in (("ngram k=0", ngram), ("no drafter", none)):
-            runner.drafter = drafter
-            tokens, elapsed = batched_throughput(runner, prompts, 16, 64, eos_ids)
-            seconds[name].append(elapsed / tokens)
-            if drafter is ngram:
-                ngram_seconds += elapsed
-    runner.drafter = ngram.inner
+    try:
+        for _ in range(repeats):
+            with_ngram: dict[str, Drafter] = {"ngram": ngram}
+            for name, drafters in (("ngram k=0", with_ngram), ("no drafter", {})):
+                runner.drafters = drafters
+                tokens, elapsed = batched_throughput(runner, prompts, 16, 64, eos_ids)
+                seconds[name].append(elapsed / tokens)
+                if drafters:
+                    ngram_seconds += elapsed
+    finally:
+        runner.drafters = loaded
     mean = {name: sum(v) / len(v) for name, v in seconds.items()}
     return {
         "seconds_per_token": {name: round(v, 6) for name, v in mean.items()},
@@ -290,41 +251,72 @@ def run_engine_bench(
     out_path: Path | None = None,
     draft_model: str = "",
     draft_ks: tuple[int, ...] = (1, 2, 3, 4),
+    workloads: tuple[str, ...] = ("editing", "completion"),
 ) -> dict[str, Any]:
-    config = EngineConfig(model=model, dtype=dtype, kv_cache_tokens=16384 if draft_model else 65536)
+    drafters = parse_drafters(None, bool(draft_model))
+    config = EngineConfig(
+        model=model,
+        dtype=dtype,
+        kv_cache_tokens=16384 if draft_model else 65536,
+        drafters=drafters,
+        draft_model=draft_model,
+    )
     runner, ready = build_runner(config, show_progress=True)
-    draft = None
-    if draft_model:
-        draft = build_drafter(
-            replace(config, drafter="model", draft_model=draft_model), runner.model, ready.model_path, True
-        )
     tokenizer = TextTokenizer(ready.model_path)
     eos = ready.eos_token_ids
-    draft_path = resolve_model(draft_model, show_progress=False) if draft_model else ""
-    hf = HFReference(ready.model_path, getattr(torch, dtype), eos, draft_path) if with_transformers else None
+    server = InProcessServer(runner, ready, tokenizer)
+    print("timing the start-up profile of the step-cost models, as the server does ...", flush=True)
+    server.warm()
+    hf = None
+    if with_transformers:
+        draft_path = resolve_model(draft_model, show_progress=False) if draft_model else ""
+        hf = HFProcess(ready.model_path, dtype, eos, draft_path)
+    try:
+        report = measure(
+            runner, ready, server, hf, tokenizer, num_prompts, ks, concurrency, hf_lookup, draft_ks, workloads
+        )
+    finally:
+        if hf is not None:
+            hf.close()
+    report.update(model=model, draft_model=draft_model, dtype=dtype)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out_path}")
+    return report
+
+
+def measure(
+    runner: ModelRunner,
+    ready: EngineReady,
+    server: InProcessServer,
+    hf: HFProcess | None,
+    tokenizer: TextTokenizer,
+    num_prompts: int,
+    ks: list[int],
+    concurrency: list[int],
+    hf_lookup: int,
+    draft_ks: tuple[int, ...],
+    workloads: tuple[str, ...],
+) -> dict[str, Any]:
+    eos, dtype = ready.eos_token_ids, ready.dtype
     warmup = tokenizer.encode("def warm_up():")
-    run_alone(runner, Job("warmup", warmup, 8, num_draft_tokens=4), eos)
+    server.generate(warmup, 8, SpeculationMode.FIXED, 4)
     if hf is not None:
         hf.generate(warmup, 8)
     report: dict[str, Any] = {
-        "model": model,
-        "draft_model": draft_model,
         "cpu": cpu_model(),
-        "dtype": dtype,
         "device": ready.device,
         "num_prompts": num_prompts,
         "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform()},
         "batch_one": {},
         "batched": {},
     }
-    workloads: dict[str, list[WorkloadItem]] = {
-        "editing": build_workload("editing", num_prompts),
-        "completion": build_workload("completion", num_prompts),
-    }
-    for workload, items in workloads.items():
+    variants = our_variants(list(ready.drafters), ks, list(draft_ks))
+    for workload in workloads:
+        items = build_workload(workload, num_prompts)
         prompts = [item.token_ids(tokenizer) for item in items]
-        variants = our_variants(runner, ks, draft, list(draft_ks))
-        stats = batch_one(runner, hf, prompts, items[0].max_new_tokens, variants, eos, hf_lookup)
+        stats = batch_one(server, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
         plain_tps = stats["ours plain"].tokens_per_s
         report["batch_one"][workload] = {
             name: {**s.summary(), "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3)}
@@ -338,6 +330,8 @@ def run_engine_bench(
                 round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)
             ]
         print_batch_one(f"{workload}, {dtype}, greedy, {report['cpu']}", report["batch_one"][workload])
+    if not concurrency:
+        return report
     batch_prompts = [item.token_ids(tokenizer) for item in build_workload("completion", max(concurrency))]
     for n in concurrency:
         tokens, seconds = batched_throughput(runner, batch_prompts, n, 64, eos)
@@ -353,10 +347,6 @@ def run_engine_bench(
         f"time per token ({tax['runs']} interleaved runs each); time inside the drafter: "
         f"{tax['drafter_share_of_time']:.3%} of the run"
     )
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out_path}")
     return report
 
 

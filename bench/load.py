@@ -29,13 +29,19 @@ import grpc
 
 from api.pb import generation_pb2 as pb
 from api.speculation import SpeculationMode
+from bench.machine import cpu_model
 from bench.server_process import start_server
 from bench.workloads import WorkloadItem, build_workload, load_workload
 from client.client import AsyncClient
+from engine.config import DRAFTERS
 
 POLICIES = ("off", "fixed1", "fixed2", "fixed4", "fixed8", "auto")
 # From light load (requests mostly alone) to beyond what OFF can serve on 2 CPU cores.
-DEFAULT_RATES = {"editing": [0.2, 0.5, 1.0, 2.0, 3.0], "completion": [0.3, 0.8, 1.5, 2.5, 3.5]}
+DEFAULT_RATES = {
+    "editing": [0.2, 0.5, 1.0, 2.0, 3.0],
+    "completion": [0.3, 0.8, 1.5, 2.5, 3.5],
+    "mixed": [0.2, 0.6, 1.2, 2.0, 3.0],
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +120,18 @@ class PointRun:
 
 
 def speculation_args(policy: str) -> dict[str, Any]:
-    """'off', 'auto' or 'fixedK' (FIXED with k = K) -> build_request's speculation arguments."""
+    """'off', 'auto', 'fixedK' (FIXED with k = K, the server's drafter) or 'DRAFTERK' (FIXED k with
+    that drafter: ngram4, model2) -> build_request's speculation arguments."""
     label = policy.rstrip("0123456789")
     num_draft_tokens = policy[len(label) :]
-    mode = SpeculationMode.parse(label)
-    if (mode == SpeculationMode.FIXED) != bool(num_draft_tokens):
-        raise ValueError(f"unknown policy {policy!r}; use off, auto or fixedK")
-    return {"speculation": label, "num_draft_tokens": int(num_draft_tokens or 0)}
+    drafter = label if label in DRAFTERS else ""
+    try:
+        mode = SpeculationMode.FIXED if drafter else SpeculationMode.parse(label)
+    except ValueError:
+        mode = SpeculationMode.DEFAULT
+    if mode == SpeculationMode.DEFAULT or (mode == SpeculationMode.FIXED) != bool(num_draft_tokens):
+        raise ValueError(f"unknown policy {policy!r}; use off, auto, fixedK or DRAFTERK (ngram4, model2)")
+    return {"speculation": mode.label, "num_draft_tokens": int(num_draft_tokens or 0), "drafter": drafter}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -386,6 +397,8 @@ def main(
     seed: int,
     out_dir: Path,
     concurrencies: list[int] | None = None,
+    model: str = "",
+    draft_model: str = "",
 ) -> int:
     """Open loop at rates (default: per workload), or closed loop at concurrencies if given."""
     path = Path(workload)
@@ -395,11 +408,19 @@ def main(
         loads, stem = [(0.0, c) for c in concurrencies], f"load-{name}-closed"
     else:
         loads, stem = [(r, 0) for r in rates or DEFAULT_RATES.get(name, DEFAULT_RATES["completion"])], f"load-{name}"
+    if model:
+        stem += f"-{Path(model).name}"
     for policy in policies:
         speculation_args(policy)  # fail early on a bad name
     server = None
     if target is None:
-        server = start_server(out_dir / "logs", "--dtype", dtype)
+        flags = [
+            "--dtype",
+            dtype,
+            *(["--model", model] if model else []),
+            *(["--draft-model", draft_model] if draft_model else []),
+        ]
+        server = start_server(out_dir / "logs", *flags)
         target = server.target
     try:
         results = anyio.run(
@@ -418,14 +439,18 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "workload": name,
+        "model": model,
+        "draft_model": draft_model,
         "dtype": dtype,
+        "cpu": cpu_model(),
         "seed": seed,
         "load": asdict(load),
         "points": [asdict(r) for r in results],
         "auto_vs_others": summarize(results),
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, f"goodspeed, {name} workload, {dtype}", out_dir / f"{stem}.png")
+    plot(results, f"goodspeed, {name} workload, {model or 'default model'}, {dtype}", out_dir / f"{stem}.png")
+    print(f"cpu: {report['cpu']}")
     print(json.dumps(report["auto_vs_others"], indent=2))
     print(f"wrote {out_dir / f'{stem}.json'} and {out_dir / f'{stem}.png'}")
     return 0

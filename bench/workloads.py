@@ -2,7 +2,8 @@
 
 - completion: the raw HumanEval prompt, continued by the model (little n-gram overlap);
 - editing: a chat message asking the model to rewrite a given function (prompt + canonical
-  solution) with type hints and the body unchanged, so the answer copies much of the prompt.
+  solution) with type hints and the body unchanged, so the answer copies much of the prompt;
+- mixed: editing and completion items taking turns (where one drafter alone cannot be best).
 
 A workload file is JSON lines, one item per line: {"name", "prompt" | "messages", "max_new_tokens"}.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ EDIT_INSTRUCTION = (
     "Rewrite the following Python function, adding type hints to its signature. "
     "Keep the body exactly as it is.\n\n```python\n{code}```"
 )
-WORKLOADS = ("completion", "editing")
+WORKLOADS = ("completion", "editing", "mixed")
 
 
 class Tokenizes(Protocol):
@@ -65,6 +66,14 @@ def build_workload(kind: str, num_items: int = 164, max_new_tokens: int | None =
         return completion_workload(num_items, max_new_tokens or 64)
     if kind == "editing":
         return editing_workload(num_items, max_new_tokens or 96)
+    if kind == "mixed":
+        editing = [
+            replace(i, name=f"editing {i.name}") for i in editing_workload((num_items + 1) // 2, max_new_tokens or 96)
+        ]
+        completion = [
+            replace(i, name=f"completion {i.name}") for i in completion_workload(num_items // 2, max_new_tokens or 64)
+        ]
+        return [item for pair in zip(editing, completion, strict=False) for item in pair] + editing[len(completion) :]
     raise ValueError(f"unknown workload {kind!r}; choose from {', '.join(WORKLOADS)}")
 
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from api.speculation import LABELS
 
+WORKLOAD_KINDS = ("editing", "completion", "mixed")  # bench/workloads.py builds them; named here to keep bench lazy
+
 if TYPE_CHECKING:
     from client.tls import TlsFiles
 
@@ -35,6 +37,7 @@ def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gen.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     gen.add_argument("--speculation", choices=LABELS)
     gen.add_argument("--num-draft-tokens", type=int, default=0, help="k with --speculation fixed")
+    gen.add_argument("--drafter", default="", help="with --speculation fixed: which drafter (ModelInfo lists them)")
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
     add_tls_arguments(gen)
 
@@ -73,6 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "stop": args.stop,
         "speculation": args.speculation,
         "num_draft_tokens": args.num_draft_tokens,
+        "drafter": args.drafter,
         "timeout": args.timeout,
     }
     prompt = None if args.chat else args.prompt
@@ -202,7 +206,16 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     engine.add_argument("--num-prompts", type=int, default=8)
     engine.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft lengths to measure")
-    engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    engine.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="*",
+        default=[1, 4, 16],
+        help="batch sizes for plain throughput; none (the flag alone) skips that part",
+    )
+    engine.add_argument(
+        "--workloads", nargs="+", default=["editing", "completion"], choices=WORKLOAD_KINDS, help="batch-1 workloads"
+    )
     engine.add_argument("--no-transformers", action="store_true", help="skip the transformers baselines")
     engine.add_argument("--draft-model", default="", help="also measure this draft model (and transformers' assisted)")
     engine.add_argument(
@@ -227,7 +240,14 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     load.add_argument("--target", help="a running server; by default one is started")
     load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
-    load.add_argument("--policies", nargs="+", default=["off", "fixed1", "fixed2", "fixed4", "fixed8", "auto"])
+    load.add_argument("--model", default="", help="for a started server (default: the server's)")
+    load.add_argument("--draft-model", default="", help="for a started server: a draft model (the model drafter)")
+    load.add_argument(
+        "--policies",
+        nargs="+",
+        default=["off", "fixed1", "fixed2", "fixed4", "fixed8", "auto"],
+        help="off, auto, fixedK (the server's drafter), or DRAFTERK: FIXED k with that drafter (ngram4, model2)",
+    )
     loads = load.add_mutually_exclusive_group()
     loads.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per workload)")
     loads.add_argument(
@@ -251,7 +271,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hardening.add_argument("--hog-streams", type=int, default=1000, help="unread streams the greedy client opens")
     hardening.add_argument("--out", type=Path, default=Path("bench-results") / "hardening.json")
     workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
-    workload.add_argument("workload_kind", choices=["editing", "completion"])
+    workload.add_argument("workload_kind", choices=WORKLOAD_KINDS)
     workload.add_argument("--num-items", type=int, default=164)
     workload.add_argument("--out", type=Path, required=True)
 
@@ -280,6 +300,8 @@ def run_bench(args: argparse.Namespace) -> int:
             args.seed,
             args.out_dir,
             args.concurrency,
+            args.model,
+            args.draft_model,
         )
     if args.kind == "hardening":
         from bench.hardening import main as hardening_main
@@ -313,6 +335,7 @@ def run_bench(args: argparse.Namespace) -> int:
             out_path=args.out or Path("bench-results") / f"engine-{args.dtype}.json",
             draft_model=args.draft_model,
             draft_ks=tuple(args.draft_k),
+            workloads=tuple(args.workloads),
         )
     return 0
 

@@ -38,10 +38,11 @@ def build_request(
     stop: Sequence[str] = (),
     speculation: str | None = None,
     num_draft_tokens: int = 0,
+    drafter: str = "",
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """speculation: None (the server's default), "auto", "off" or "fixed" (with num_draft_tokens);
-    ValueError for anything else."""
+    """speculation: None (the server's default), "auto", "off" or "fixed" (with num_draft_tokens,
+    and optionally a drafter that ModelInfo lists); ValueError for anything else."""
     chat = []
     for message in messages or ():
         role, content = (message["role"], message["content"]) if isinstance(message, dict) else message
@@ -57,9 +58,11 @@ def build_request(
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
+    if drafter and speculation is None:
+        raise ValueError("a drafter is named only with speculation='fixed'")
     if speculation is not None:
         mode = SpeculationMode.parse(speculation)
-        request.speculation.CopyFrom(pb.Speculation(mode=mode.name, num_draft_tokens=num_draft_tokens))
+        request.speculation.CopyFrom(pb.Speculation(mode=mode.name, num_draft_tokens=num_draft_tokens, drafter=drafter))
     return request
 
 

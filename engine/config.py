@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-DRAFTERS = ("ngram", "model", "none")
+DRAFTERS = ("ngram", "model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,8 @@ class EngineConfig:
     dtype: str = "float32"
     kv_cache_tokens: int = 32768  # KV budget, shared by all running requests
     max_draft_tokens: int = 8  # the largest k a plan may ask for
-    drafter: str = "ngram"
+    # Every drafter the engine holds; the policy picks one per request and step. () means none.
+    drafters: tuple[str, ...] = ("ngram",)
     draft_model: str = ""  # for drafter "model": a catalog name, a local HF directory or a hub id
     ngram_min: int = 2
     ngram_max: int = 8  # a full 8-token match is right 97% of the time on HumanEval
@@ -29,12 +30,15 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.drafter not in DRAFTERS:
-            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
-        if (self.drafter == "model") != bool(self.draft_model):
+        for name in self.drafters:
+            if name not in DRAFTERS:
+                raise ValueError(f"drafters must be among {', '.join(DRAFTERS)}, got {name!r}")
+        if len(set(self.drafters)) != len(self.drafters):
+            raise ValueError(f"drafters must not repeat, got {','.join(self.drafters)}")
+        if ("model" in self.drafters) != bool(self.draft_model):
             raise ValueError(
                 "the model drafter needs a draft model, and a draft model needs the model drafter: "
-                f"got drafter {self.drafter!r} and draft model {self.draft_model!r}"
+                f"got drafters {','.join(self.drafters) or 'none'} and draft model {self.draft_model!r}"
             )
         if self.kv_cache_tokens < 16:
             raise ValueError(f"kv_cache_tokens must be at least 16, got {self.kv_cache_tokens}")
@@ -48,3 +52,13 @@ class EngineConfig:
             raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+
+def parse_drafters(text: str | None, has_draft_model: bool) -> tuple[str, ...]:
+    """`--drafters`: a comma-separated list, or "none". By default the n-gram drafter, and the
+    draft model as well when one is given (the policy decides per request which one pays)."""
+    if text is None:
+        return ("ngram", "model") if has_draft_model else ("ngram",)
+    if text.strip() == "none":
+        return ()
+    return tuple(name.strip() for name in text.split(",") if name.strip())

@@ -21,6 +21,7 @@ class Job:
     num_draft_tokens: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prefill_chunk: int = 1 << 30
+    drafter: str = ""  # who drafts for it; "" is the engine's first
     # filled while running
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
@@ -59,7 +60,9 @@ def run_jobs(runner: ModelRunner, jobs: list[Job], eos_ids: list[int], join_ever
             if seq is None or seq.is_prefilling:
                 scheduled.append(ScheduledRequest(job.req_id, num_prompt_tokens=job.prefill_chunk))
             else:
-                scheduled.append(ScheduledRequest(job.req_id, num_draft_tokens=job.num_draft_tokens))
+                scheduled.append(
+                    ScheduledRequest(job.req_id, num_draft_tokens=job.num_draft_tokens, drafter=job.drafter)
+                )
         result = runner.step(StepPlan(step_id, new_requests=new, scheduled=scheduled))
         step_id += 1
         for output in result.outputs:

@@ -11,54 +11,63 @@ import time
 
 import torch
 
+from engine.drafters.draft_model import DraftModelDrafter
 from engine.model.transformer import ForwardBatch, SeqInput
 from engine.protocol import ProfileShape, StepSample
-from engine.runner import ModelRunner, batch_shape
+from engine.runner import ModelRunner
 
 
 @torch.inference_mode()
-def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int) -> list[StepSample]:
+def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int, drafter: str = "") -> list[StepSample]:
+    """Times the target's forward, or with drafter named, that drafter's model's forward (which
+    needs logits for one row per sequence: the feed's last token, or the token it extends)."""
     if runner.seqs:
         raise RuntimeError("profiling needs an idle engine")
+    model, kv_cache, allocator = runner.model, runner.kv_cache, runner.allocator
+    if drafter:
+        draft = runner.drafters.get(drafter)
+        if not isinstance(draft, DraftModelDrafter):
+            raise ValueError(f"the engine has no draft model named {drafter!r} to profile")
+        model, kv_cache, allocator = draft.model, draft.kv_cache, draft.allocator
     samples: list[StepSample] = []
     for shape in shapes:
         queries = [shape.num_query_tokens] * shape.num_seqs + [1] * shape.num_plain_seqs
-        if sum(shape.num_context_tokens + n for n in queries) > runner.allocator.num_free_tokens:
+        if sum(shape.num_context_tokens + n for n in queries) > allocator.num_free_tokens:
             continue  # this KV cache is too small for the shape
         ids = [f"__profile_{i}" for i in range(len(queries))]
         regions = [
-            runner.allocator.allocate(req_id, shape.num_context_tokens + n, runner.kv_cache)
+            allocator.allocate(req_id, shape.num_context_tokens + n, kv_cache)
             for req_id, n in zip(ids, queries, strict=True)
         ]
         try:
             for region in regions:
-                runner.kv_cache.k[:, :, region.start : region.end].zero_()
-                runner.kv_cache.v[:, :, region.start : region.end].zero_()
-            is_decode = shape.num_query_tokens <= runner.max_draft_tokens + 1
+                kv_cache.k[:, :, region.start : region.end].zero_()
+                kv_cache.v[:, :, region.start : region.end].zero_()
+            is_verify = not drafter and shape.num_query_tokens <= runner.max_draft_tokens + 1
             starts = [r.start for r in regions]
-            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_decode, runner.model.device)
+            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_verify, model.device)
             seconds = []
             for i in range(repeats + (not samples)):
                 started = time.perf_counter()
-                logits = runner.model.forward(batch, runner.kv_cache)
+                logits = model.forward(batch, kv_cache)
                 logits.float().max(dim=-1).indices.tolist()
                 if samples or i:  # the very first run only warms caches and allocators
                     seconds.append(time.perf_counter() - started)
         finally:
             for req_id in ids:
-                runner.allocator.free(req_id)
-        samples.append(StepSample(batch_shape(batch.seqs), sorted(seconds)[len(seconds) // 2]))
+                allocator.free(req_id)
+        samples.append(StepSample(batch.shape(), sorted(seconds)[len(seconds) // 2]))
     return samples
 
 
 def synthetic_batch(
-    queries: list[int], cached: int, kv_starts: list[int], is_decode: bool, device: torch.device
+    queries: list[int], cached: int, kv_starts: list[int], is_verify: bool, device: torch.device
 ) -> ForwardBatch:
     """queries[i] query tokens for sequence i, each after `cached` tokens already in its KV region.
-    Logits for every verified position of a decode step, for the last token of a prefill chunk."""
+    Logits for every position of a verification, else for the last token of each sequence."""
     inputs, num_tokens = [], 0
     for n, start in zip(queries, kv_starts, strict=True):
         token_ids = [1 + (i % 1000) for i in range(num_tokens, num_tokens + n)]
-        inputs.append(SeqInput(token_ids, start, cached, n if is_decode else 1))
+        inputs.append(SeqInput(token_ids, start, cached, n if is_verify else 1))
         num_tokens += n
     return ForwardBatch.of(inputs, device)

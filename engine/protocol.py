@@ -51,6 +51,7 @@ class ScheduledRequest(_Wire, frozen=True):
     req_id: str
     num_prompt_tokens: int = 0  # prompt tokens to prefill this step; 0 for a decode step
     num_draft_tokens: int = 0  # k: tokens the drafter may propose this decode step; 0 is plain decoding
+    drafter: str = ""  # which of the engine's drafters proposes them; "" is its first
 
 
 def max_draft_len(
@@ -88,19 +89,24 @@ class ProfileShape(_Wire, frozen=True):
 
 
 class ProfileRequest(_Wire, frozen=True, tag=6):
-    """Time synthetic steps of these shapes, to warm the control plane's step-cost model."""
+    """Time synthetic steps of these shapes, to warm the control plane's step-cost model: of the
+    target's forward, or with drafter named, of that drafter's model's forward."""
 
     shapes: list[ProfileShape]
     repeats: int = 2
+    drafter: str = ""
 
 
 class Offer(_Wire, frozen=True):
-    """What the drafter could propose for a request's next step, for the control plane's planning."""
+    """What a drafter could propose for a request's next step, for the control plane's planning."""
 
     num_tokens: int = 0  # tokens in the proposal (at most the largest k the request may use)
     # How many tokens of the sequence's end the proposal's source matched (n-gram lookup): a
     # longer match is more often right. 0 for drafters without the notion.
     match_len: int = 0
+    # Tokens of the request a draft model has yet to read before it can propose (those of the
+    # steps it did not draft in): its next forward feeds them, and the policy prices that.
+    num_unseen: int = 0
 
 
 class RequestOutput(_Wire, frozen=True):
@@ -110,7 +116,9 @@ class RequestOutput(_Wire, frozen=True):
     num_accepted: int = 0  # drafted tokens the target accepted
     finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
-    offer: Offer = Offer()  # for the next step; none once the request has finished
+    # For the next step, one per engine drafter in EngineReady.drafters' order; empty once the
+    # request has finished.
+    offers: list[Offer] = []
 
 
 class BatchShape(_Wire, frozen=True):
@@ -134,8 +142,17 @@ class BatchShape(_Wire, frozen=True):
         )
 
 
+class DraftRun(_Wire, frozen=True):
+    """One drafter's work in a step, for the control plane's drafting-cost model."""
+
+    drafter: str
+    seconds: float  # its call (a draft model also prefills then)
+    num_requests: int = 0  # requests it drafted for
+    forwards: list[BatchShape] = []  # a draft model's forward passes, in order; none for a model-free drafter
+
+
 class StepTimings(_Wire, frozen=True):
-    draft_s: float = 0.0  # the drafter's share of the step (a draft model also prefills then); 0 if it did not run
+    draft_s: float = 0.0  # the drafters' share of the step (a draft model also prefills then); 0 if none ran
     forward_s: float = 0.0  # the batched target forward
     sample_s: float = 0.0  # sampling and verification
     step_s: float = 0.0  # the whole step, from plan received to result built
@@ -147,6 +164,7 @@ class StepResult(_Wire, frozen=True, tag=3):
     outputs: list[RequestOutput] = []
     timings: StepTimings = StepTimings()
     shape: BatchShape = BatchShape()  # of the forward pass
+    draft_runs: list[DraftRun] = []  # the drafters that ran
     finished_at_s: float = 0.0  # time.monotonic() in the engine when the result was built
 
 
@@ -158,7 +176,8 @@ class EngineReady(_Wire, frozen=True, tag=4):
     eos_token_ids: list[int]
     kv_capacity_tokens: int
     max_draft_tokens: int
-    drafter: str
+    drafters: list[str]  # in the order of RequestOutput.offers; the first serves plans that name none
+    model_drafters: list[str]  # those that run a model: the control plane profiles and prices their forwards
     device: str
     dtype: str
     model_path: str  # where the tokenizer and chat template can be read

@@ -9,9 +9,10 @@ import torch
 
 from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
-from engine.model.transformer import ForwardBatch, SeqInput, SeqSlice, Transformer
+from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 from engine.protocol import (
     BatchShape,
+    DraftRun,
     FinishReason,
     NewRequest,
     Offer,
@@ -34,16 +35,17 @@ class _Work:
     query_token_ids: list[int]  # fed to the model this step
     draft: Draft
     num_logits: int  # logit rows it needs: 0 mid-prefill, 1 at prefill end, 1 + k when decoding
+    drafter: Drafter | None = None  # who drafts for it this step (decoding with k > 0 only)
 
 
 class ModelRunner:
-    """Owns the model, the KV cache, the drafter and every running request's sequence."""
+    """Owns the model, the KV cache, the drafters and every running request's sequence."""
 
-    def __init__(self, model: Transformer, kv_cache: KVCache, drafter: Drafter, max_draft_tokens: int) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, drafters: list[Drafter], max_draft_tokens: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = RegionAllocator(kv_cache.capacity_tokens)
-        self.drafter = drafter
+        self.drafters = {drafter.name: drafter for drafter in drafters}  # in the order of their offers
         self.max_draft_tokens = max_draft_tokens
         self.seqs: dict[str, Sequence] = {}
 
@@ -69,12 +71,18 @@ class ModelRunner:
             stop_token_ids=frozenset(new.stop_token_ids),
             region=region,
         )
-        self.drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids, num_tokens)
+        try:
+            for drafter in self.drafters.values():
+                drafter.add_request(new.req_id, self.seqs[new.req_id].token_ids, num_tokens)
+        except KVCacheFullError:
+            self.remove_request(new.req_id)
+            raise
 
     def remove_request(self, req_id: str) -> None:
         if self.seqs.pop(req_id, None) is not None:
             self.allocator.free(req_id)
-            self.drafter.remove_request(req_id)
+            for drafter in self.drafters.values():
+                drafter.remove_request(req_id)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan, idle_s: float = 0.0) -> StepResult:
@@ -88,16 +96,17 @@ class ModelRunner:
                 self.add_request(new)
             except (KVCacheFullError, ValueError) as exc:
                 errors[new.req_id] = str(exc)
+        for s in plan.scheduled:
+            if s.drafter and s.drafter not in self.drafters and s.req_id in self.seqs:
+                errors[s.req_id] = f"unknown drafter {s.drafter!r}; the engine has {', '.join(self.drafters) or 'none'}"
+                self.remove_request(s.req_id)
         outputs = [
             RequestOutput(s.req_id, finish_reason=FinishReason.ERROR, error=errors.get(s.req_id, "unknown request"))
             for s in plan.scheduled
             if s.req_id not in self.seqs
         ]
         works = [self._plan_work(self.seqs[s.req_id], s) for s in plan.scheduled if s.req_id in self.seqs]
-        draft_started = time.perf_counter()
-        has_drafter_run = self._draft(works)
-        if has_drafter_run and self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)  # so draft_s holds a draft model's queued work
+        draft_runs = self._draft(works)
         drafted = forwarded = time.perf_counter()
         batch, emitted = None, []
         if works:
@@ -113,15 +122,22 @@ class ModelRunner:
             step_id=plan.step_id,
             outputs=outputs,
             timings=StepTimings(
-                draft_s=drafted - draft_started if has_drafter_run else 0.0,
+                draft_s=sum(run.seconds for run in draft_runs),
                 forward_s=forwarded - drafted,
                 sample_s=sampled - forwarded,
                 step_s=time.perf_counter() - started,
                 idle_s=idle_s,
             ),
-            shape=batch_shape(batch.seqs) if batch else BatchShape(),
+            shape=batch.shape() if batch else BatchShape(),
+            draft_runs=draft_runs,
             finished_at_s=time.monotonic(),
         )
+
+    def _drafter_of(self, scheduled: ScheduledRequest) -> Drafter | None:
+        """The plan's drafter for a request, or the first; None when the engine has none."""
+        if not scheduled.drafter:
+            return next(iter(self.drafters.values()), None)
+        return self.drafters.get(scheduled.drafter)
 
     def _plan_work(self, seq: Sequence, scheduled: ScheduledRequest) -> _Work:
         if seq.is_prefilling:
@@ -131,32 +147,42 @@ class ModelRunner:
             is_last_chunk = num_tokens == num_left
             return _Work(seq, seq.token_ids[start : start + num_tokens], Draft(), int(is_last_chunk))
         num_draft = min(scheduled.num_draft_tokens, max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left))
-        return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft)
+        drafter = self._drafter_of(scheduled) if num_draft else None
+        return _Work(seq, [seq.token_ids[-1]], Draft(), 1 + num_draft if drafter else 1, drafter)
 
-    def _draft(self, works: list[_Work]) -> bool:
-        """Asks the drafter for the decoding requests' drafts; a drafter with a KV cache of its own
-        also sees the prefill chunks, so it prefills in the same steps. False if it had nothing to do."""
-        sees_prefill = self.drafter.sees_prefill
-        involved = [w for w in works if w.num_logits > 1 or (sees_prefill and w.seq.is_prefilling)]
-        if not involved:
-            return False
-        requests = [
-            DraftRequest(
-                w.seq.req_id,
-                w.seq.token_ids,
-                0 if w.seq.is_prefilling else w.num_logits - 1,
-                w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
-                w.seq.sampling,
-            )
-            for w in involved
-        ]
-        for work, draft in zip(involved, self.drafter.propose(requests), strict=True):
-            if draft.token_ids:
-                work.draft = draft
-                work.query_token_ids = work.query_token_ids + draft.token_ids
-            if not work.seq.is_prefilling:
+    def _draft(self, works: list[_Work]) -> list[DraftRun]:
+        """Runs each drafter once, over the decoding requests assigned to it; a drafter with a KV
+        cache of its own also sees every prefill chunk, so it prefills in the same steps."""
+        runs = []
+        for drafter in self.drafters.values():
+            involved = [w for w in works if w.drafter is drafter or (drafter.sees_prefill and w.seq.is_prefilling)]
+            if not involved:
+                continue
+            started = time.perf_counter()
+            requests = [
+                DraftRequest(
+                    w.seq.req_id,
+                    w.seq.token_ids,
+                    0 if w.seq.is_prefilling else w.num_logits - 1,
+                    w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
+                    w.seq.sampling,
+                )
+                for w in involved
+            ]
+            num_drafting = 0
+            for work, draft in zip(involved, drafter.propose(requests), strict=True):
+                if work.seq.is_prefilling:
+                    continue
+                num_drafting += 1
+                if draft.token_ids:
+                    work.draft = draft
+                    work.query_token_ids = work.query_token_ids + draft.token_ids
                 work.num_logits = 1 + len(draft.token_ids)
-        return True
+            forwards = drafter.take_forwards()
+            if forwards and self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)  # so the time holds a draft model's queued work
+            runs.append(DraftRun(drafter.name, time.perf_counter() - started, num_drafting, forwards))
+        return runs
 
     def _forward_batch(self, works: list[_Work]) -> ForwardBatch:
         inputs = [SeqInput(w.query_token_ids, w.seq.kv_start, w.seq.num_computed_tokens, w.num_logits) for w in works]
@@ -203,17 +229,14 @@ class ModelRunner:
         seq.token_ids.extend(emitted)
         if finish_reason == FinishReason.NONE and seq.num_new_tokens_left <= 0:
             finish_reason = FinishReason.LENGTH
-        if num_drafted:
-            self.drafter.observe(seq.req_id, num_drafted, num_accepted)
+        if work.drafter is not None:
+            work.drafter.observe(seq.req_id, num_drafted, num_accepted)
         if finish_reason != FinishReason.NONE:
             self.remove_request(seq.req_id)
             return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason)
-        offer = Offer()
         max_k = max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left)
-        if emitted and max_k > 0:
-            offer = self.drafter.offer(seq.req_id, seq.token_ids, max_k)
-        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason, offer=offer)
-
-
-def batch_shape(seqs: list[SeqSlice]) -> BatchShape:
-    return BatchShape.of([(seq.num_query_tokens, seq.num_kv_tokens) for seq in seqs])
+        offers = [
+            drafter.offer(seq.req_id, seq.token_ids, max_k) if emitted and max_k > 0 else Offer()
+            for drafter in self.drafters.values()
+        ]
+        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason, offers=offers)

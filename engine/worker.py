@@ -65,8 +65,8 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
     model = load_transformer(path, dtype, device, show_progress=show_progress)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
-    drafter = build_drafter(config, model, path, show_progress)
-    runner = ModelRunner(model, kv_cache, drafter, config.max_draft_tokens)
+    drafters = build_drafters(config, model, path, show_progress)
+    runner = ModelRunner(model, kv_cache, drafters, config.max_draft_tokens)
     ready = EngineReady(
         model_name=config.model,
         model_type=model.spec.model_type,
@@ -75,7 +75,8 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         eos_token_ids=read_eos_token_ids(path),
         kv_capacity_tokens=kv_cache.capacity_tokens,
         max_draft_tokens=config.max_draft_tokens,
-        drafter=drafter.name,
+        drafters=[drafter.name for drafter in drafters],
+        model_drafters=[drafter.name for drafter in drafters if drafter.runs_model],
         device=str(device),
         dtype=config.dtype,
         load_s=time.perf_counter() - started,
@@ -84,9 +85,18 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     return runner, ready
 
 
-def build_drafter(config: EngineConfig, target: Transformer, target_path: str, show_progress: bool) -> Drafter:
-    if config.drafter != "model":
-        return make_drafter(config.drafter, config.ngram_min, config.ngram_max)
+def build_drafters(config: EngineConfig, target: Transformer, target_path: str, show_progress: bool) -> list[Drafter]:
+    return [
+        build_draft_model(config, target, target_path, show_progress)
+        if name == "model"
+        else make_drafter(name, config.ngram_min, config.ngram_max)
+        for name in config.drafters
+    ]
+
+
+def build_draft_model(
+    config: EngineConfig, target: Transformer, target_path: str, show_progress: bool
+) -> DraftModelDrafter:
     from transformers import AutoConfig
 
     draft_path = resolve_model(config.draft_model, show_progress=show_progress, verify=config.verify_model)
@@ -149,7 +159,7 @@ def serve_plans(runner: ModelRunner, inbox: QueueEnd[EngineInput], send: Callabl
         if isinstance(message, Shutdown):
             return
         if isinstance(message, ProfileRequest):
-            send(ProfileResult(profile_steps(runner, message.shapes, message.repeats)))
+            send(ProfileResult(profile_steps(runner, message.shapes, message.repeats, message.drafter)))
             continue
         if isinstance(message, StepPlan):
             try:

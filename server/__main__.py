@@ -8,7 +8,7 @@ import sys
 
 from api.speculation import LABELS, SpeculationMode
 from engine.catalog import DEFAULT_MODEL
-from engine.config import DRAFTERS, DTYPES, EngineConfig
+from engine.config import DRAFTERS, DTYPES, EngineConfig, parse_drafters
 from server.config import LOG_LEVELS, ServerConfig
 
 # The public contract names AUTO `goodput` on this flag; it stays a synonym of `auto`.
@@ -23,11 +23,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default=engine.device, help="cpu or cuda (cuda:N)")
     add("--dtype", default=engine.dtype, choices=DTYPES, help="float32 gives exact greedy speculation")
     add(
-        "--drafter",
-        choices=DRAFTERS,
-        help=f"who proposes draft tokens (default: model with --draft-model, else {engine.drafter})",
+        "--drafters",
+        help=f"who may propose draft tokens, comma-separated, from {', '.join(DRAFTERS)}, or none; the policy "
+        "picks one per request and step (default: ngram, and model too with --draft-model)",
     )
-    add("--draft-model", default="", help="a small model sharing the target's tokenizer, for --drafter model")
+    add("--draft-model", default="", help="a small model sharing the target's tokenizer: the model drafter")
     add(
         "--policy",
         default=defaults.speculation_mode.label,
@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens,
         max_draft_tokens=args.max_draft_tokens,
-        drafter=args.drafter or ("model" if args.draft_model else EngineConfig().drafter),
+        drafters=parse_drafters(args.drafters, bool(args.draft_model)),
         draft_model=args.draft_model,
         num_threads=args.threads,
         nice=args.engine_nice,

@@ -20,6 +20,7 @@ def policy_to_pb(settings: PolicySettings) -> pb.Policy:
         mode=settings.mode.name,
         num_draft_tokens=settings.num_draft_tokens,
         max_draft_tokens=settings.max_draft_tokens,
+        drafter=settings.drafter,
     )
 
 
@@ -54,4 +55,5 @@ def policy_update_from_pb(policy: pb.Policy) -> PolicyUpdate:
         mode=SpeculationMode(policy.mode) or None,  # UNSPECIFIED keeps the current mode
         num_draft_tokens=policy.num_draft_tokens if policy.HasField("num_draft_tokens") else None,
         max_draft_tokens=policy.max_draft_tokens if policy.HasField("max_draft_tokens") else None,
+        drafter=policy.drafter if policy.HasField("drafter") else None,
     )

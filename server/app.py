@@ -33,7 +33,6 @@ from server.engine_client import EngineClient
 from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
 from server.policy import PolicySettings, SpeculationPolicy
-from server.policy.acceptance import AcceptanceEstimator
 from server.policy.profile import REPEATS, profile_shapes
 from server.request import Limits
 from server.scheduler import SchedulerLimits
@@ -188,6 +187,7 @@ async def build_context(
         config.max_stop_length,
         max_prompt_bytes=await max_prompt_bytes(config, tokenizer, ready.max_model_len),
         max_messages=ready.max_model_len,  # each message renders to a token at least
+        drafters=tuple(ready.drafters),
     )
     return ServiceContext(
         loop=loop,
@@ -213,27 +213,32 @@ async def max_prompt_bytes(config: ServerConfig, tokenizer: TextTokenizer, max_m
 
 def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
     settings = PolicySettings(config.speculation_mode, config.num_draft_tokens, ready.max_draft_tokens)
+    drafters = tuple(ready.drafters)
     return SpeculationPolicy(
-        settings.validated(ready.max_draft_tokens),
+        settings.validated(ready.max_draft_tokens, drafters),
         ready.max_draft_tokens,
-        acceptance=AcceptanceEstimator(ready.max_draft_tokens),
+        drafters=drafters,
+        model_drafters=tuple(ready.model_drafters),
     )
 
 
 async def warm_policy(config: ServerConfig, engine: EngineClient, policy: SpeculationPolicy) -> None:
-    """Times synthetic steps on the engine, so the step-cost model is fitted before the first request."""
+    """Times synthetic steps on the engine, so the step-cost model (and each draft model's) is
+    fitted before the first request."""
     assert engine.ready is not None
-    started = time.perf_counter()
     shapes = profile_shapes(config.max_running_requests, engine.ready.max_draft_tokens, config.max_step_tokens)
-    samples = await engine.profile(shapes, REPEATS)
-    policy.warm([(sample.shape, sample.step_s) for sample in samples])
-    coefficients_ms = {name: round(value * 1000, 3) for name, value in policy.snapshot().cost_coefficients.items()}
-    log.info(
-        "step-cost model warmed",
-        shapes=len(samples),
-        seconds=round(time.perf_counter() - started, 1),
-        coefficients_ms=coefficients_ms,
-    )
+    for drafter in ["", *engine.ready.model_drafters]:
+        started = time.perf_counter()
+        samples = await engine.profile(shapes, REPEATS, drafter)
+        policy.warm([(sample.shape, sample.step_s) for sample in samples], drafter)
+        snapshot = policy.snapshot()
+        coefficients = snapshot.drafters[drafter].cost_coefficients if drafter else snapshot.cost_coefficients
+        log.info(
+            f"drafting-cost model of {drafter} warmed" if drafter else "step-cost model warmed",
+            shapes=len(samples),
+            seconds=round(time.perf_counter() - started, 1),
+            coefficients_ms={name: round(value * 1000, 3) for name, value in coefficients.items()},
+        )
 
 
 def build_loop(

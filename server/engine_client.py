@@ -80,11 +80,12 @@ class EngineClient:
             raise EngineDiedError(message.message)
         raise EngineDiedError(f"expected a StepResult, got {type(message).__name__}")
 
-    async def profile(self, shapes: list[ProfileShape], repeats: int = 1) -> list[StepSample]:
-        """Times synthetic steps (only while no request is running)."""
+    async def profile(self, shapes: list[ProfileShape], repeats: int = 1, drafter: str = "") -> list[StepSample]:
+        """Times synthetic steps (only while no request is running): of the target, or of the
+        named drafter's model."""
         if self.process is None:
             raise EngineDiedError("the engine is not running")
-        self.process.send(ProfileRequest(shapes, repeats))
+        self.process.send(ProfileRequest(shapes, repeats, drafter))
         message = await self._receive()
         if isinstance(message, ProfileResult):
             return message.samples

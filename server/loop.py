@@ -179,7 +179,7 @@ class ControlLoop:
             await anyio.lowlevel.checkpoint()
             self.scheduler.observe_step(result)
             self._publish_policy()
-            self.stats.observe_step(plan, result, self.scheduler.decoding_req_ids, is_back_to_back)
+            self.stats.observe_step(plan, result, self.scheduler.decoding, is_back_to_back)
             self._record_finished()
             is_back_to_back = True
 

@@ -25,12 +25,15 @@ class Metrics:
         self.draft_seconds = Histogram(
             "goodspeed_spec_draft_seconds",
             "Drafter time per engine step in which it ran (a draft model also prefills then)",
+            ["drafter"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
         self.batch_size = Gauge("goodspeed_batch_size", "Requests in the last step", registry=r)
-        self.draft_tokens = Counter("goodspeed_spec_draft_tokens", "Drafted tokens", registry=r)
-        self.accepted_tokens = Counter("goodspeed_spec_accepted_tokens", "Accepted draft tokens", registry=r)
+        self.draft_tokens = Counter("goodspeed_spec_draft_tokens", "Drafted tokens", ["drafter"], registry=r)
+        self.accepted_tokens = Counter(
+            "goodspeed_spec_accepted_tokens", "Accepted draft tokens", ["drafter"], registry=r
+        )
         self.accepted_per_position = Counter(
             "goodspeed_spec_accepted_tokens_per_position",
             "Accepted draft tokens by position",
@@ -63,8 +66,9 @@ class Metrics:
         )
         self.acceptance_rate = Gauge(
             "goodspeed_policy_acceptance_rate",
-            "Server-wide acceptance estimate of the first draft token, and of each further one given the last passed",
-            ["draft_token"],
+            "Server-wide acceptance estimate of a drafter's first draft token, and of each further one given the "
+            "last passed",
+            ["drafter", "draft_token"],
             registry=r,
         )
         self.first_token_rate = Gauge(
@@ -85,8 +89,9 @@ class Metrics:
         """Sets the policy gauges from the snapshot the control loop publishes after each step."""
         self.goodput.labels(plan="chosen").set(snapshot.goodput)
         self.goodput.labels(plan="plain").set(snapshot.plain_goodput)
-        self.acceptance_rate.labels(draft_token="first").set(snapshot.first_rate)
-        self.acceptance_rate.labels(draft_token="rest").set(snapshot.continuation_rate)
+        for drafter, figures in snapshot.drafters.items():
+            self.acceptance_rate.labels(drafter=drafter, draft_token="first").set(figures.first_rate)
+            self.acceptance_rate.labels(drafter=drafter, draft_token="rest").set(figures.continuation_rate)
         for match_len, rate in snapshot.first_token_rates.items():
             self.first_token_rate.labels(match_len=str(match_len)).set(rate)
         self.cost_model_error.set(snapshot.cost_model_error)

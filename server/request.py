@@ -20,6 +20,7 @@ class Limits:
     max_stop_length: int
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of the prompt, or of all messages' contents
     max_messages: int = 8192  # each message renders to at least a token, so the context length is plenty
+    drafters: tuple[str, ...] = ("ngram",)  # the engine's, which a FIXED request may name
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     speculation_mode: int = SpeculationMode.DEFAULT
     num_draft_tokens: int = 0
+    drafter: str = ""  # for FIXED: which drafter; "" leaves it to the server
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidArgumentError naming the first bad field."""
@@ -84,8 +86,17 @@ class GenerationRequest:
                     "speculation.num_draft_tokens",
                     f"FIXED needs 1 <= num_draft_tokens <= {limits.max_draft_tokens}, got {self.num_draft_tokens}",
                 )
+            if self.drafter and self.drafter not in limits.drafters:
+                raise InvalidArgumentError(
+                    "speculation.drafter",
+                    f"unknown drafter {self.drafter!r}; this server has {', '.join(limits.drafters) or 'none'}",
+                )
         elif self.num_draft_tokens != 0:
             raise InvalidArgumentError("speculation.num_draft_tokens", "is only used with mode FIXED")
+        elif self.drafter:
+            raise InvalidArgumentError(
+                "speculation.drafter", "is only used with mode FIXED (AUTO picks the drafter per step)"
+            )
 
 
 def validate_input(text: str, messages: tuple[ChatMessage, ...], limits: Limits, text_field: str) -> None:
@@ -112,12 +123,33 @@ def validate_input(text: str, messages: tuple[ChatMessage, ...], limits: Limits,
 
 
 @dataclass(slots=True)
+class DrafterUsage:
+    num_steps: int = 0  # decoding steps it drafted in
+    num_drafted: int = 0
+    num_accepted: int = 0
+
+
+@dataclass(slots=True)
 class SpeculationSummary:
     num_steps: int = 0  # decoding steps (the token that ends a prefill is not counted here)
     num_generated: int = 0  # tokens those steps produced
     num_drafted: int = 0
     num_accepted: int = 0
     draft_lengths: list[int] = field(default_factory=list)  # k planned at each step
+    by_drafter: dict[str, DrafterUsage] = field(default_factory=dict)
+
+    def add_step(self, drafter: str, num_generated: int, num_drafted: int, num_accepted: int) -> None:
+        """A decoding step; drafter is who drafted in it ("" for none)."""
+        self.num_steps += 1
+        self.num_generated += num_generated
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+        self.draft_lengths.append(num_drafted)  # what was verified: the plan may ask for more
+        if drafter:
+            usage = self.by_drafter.setdefault(drafter, DrafterUsage())
+            usage.num_steps += 1
+            usage.num_drafted += num_drafted
+            usage.num_accepted += num_accepted
 
     @property
     def mean_accepted_length(self) -> float:

@@ -32,9 +32,8 @@ class RequestState:
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
     was_requeued: bool = False  # an engine died while it ran, before it had sent anything
-    offer: Offer = field(
-        default_factory=Offer
-    )  # what the drafter could propose for the next step, as of the last result
+    # What each drafter could propose for the next step, as of the last result
+    offers: dict[str, Offer] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
     speculation: SpeculationSummary = field(default_factory=SpeculationSummary)
     finish_reason: FinishReason = FinishReason.NONE
@@ -49,6 +48,10 @@ class RequestState:
     @property
     def requested_draft_tokens(self) -> int:
         return self.request.num_draft_tokens
+
+    @property
+    def requested_drafter(self) -> str:
+        return self.request.drafter
 
     @property
     def num_reserved_tokens(self) -> int:

@@ -35,6 +35,7 @@ from server.admission import Job, Pace, estimate_start, select
 from server.errors import DeadlineExceededError, EngineFailedError, ResourceExhaustedError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.goodput import StepBase
+from server.policy.speculation import NO_DRAFT
 from server.request import Chunk
 from server.request_state import RequestState, Status
 
@@ -57,7 +58,8 @@ class Scheduler:
         self.running: dict[str, RequestState] = {}
         self.num_reserved_tokens = 0
         self.finished_in_engine: list[str] = []  # ended here; the next plan tells the engine
-        self.decoding_req_ids: set[str] = set()  # the requests the current plan decodes (the rest prefill)
+        # The requests the current plan decodes (the rest prefill), each with who drafts for it ("" for k = 0)
+        self.decoding: dict[str, str] = {}
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
         self.pace = Pace()
@@ -169,7 +171,7 @@ class Scheduler:
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
             state.status, state.num_prompt_done, state.was_requeued = Status.WAITING, 0, True
-            state.offer = Offer()  # the next engine's drafter has offered nothing yet
+            state.offers = {}  # the next engine's drafters have offered nothing yet
             self.policy.forget(state.req_id)
             requeued.append(state)
         self.waiting.extendleft(reversed(requeued))
@@ -194,11 +196,13 @@ class Scheduler:
                 budget -= chunks[-1][1]
         chosen = self.policy.choose(decoding, self._base(decoding, chunks, budget))
         scheduled = []
-        self.decoding_req_ids = {state.req_id for state in decoding}
+        self.decoding = {}
         for state in decoding:
-            k = max_draft_len(chosen.get(state.req_id, 0), state.num_new_tokens_left, step_budget=budget)
+            drafter, k = chosen.get(state.req_id, NO_DRAFT)
+            k = max_draft_len(k, state.num_new_tokens_left, step_budget=budget)
             budget -= k
-            scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k))
+            self.decoding[state.req_id] = drafter if k else ""
+            scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k, drafter=self.decoding[state.req_id]))
         for state, chunk in chunks:
             state.num_prompt_done += chunk
             scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk))
@@ -268,18 +272,20 @@ class Scheduler:
         nothing about how long steps take."""
         if result.shape.num_tokens == 0:
             return
-        self.pace.observe_step(result.timings.step_s)
-        self.policy.observe_step(result.shape, result.timings.step_s)
+        timings = result.timings
+        self.pace.observe_step(timings.step_s)
+        self.policy.observe_step(result.shape, timings.step_s - timings.draft_s, result.draft_runs)
 
     def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:
         """The step's tokens join the request, its draft is counted; returns their text."""
-        planned_with, state.offer = state.offer, output.offer
+        planned_with, state.offers = state.offers, dict(zip(self.policy.drafters, output.offers, strict=False))
         if not output.new_token_ids:
             return ""
         state.first_token_s = state.first_token_s or now
         state.output_ids.extend(output.new_token_ids)
-        if state.req_id in self.decoding_req_ids:  # the token that ends a prefill is no draft step
-            self._count_draft(state, planned_with, output)
+        drafter = self.decoding.get(state.req_id)
+        if drafter is not None:  # the token that ends a prefill is no draft step
+            self._count_draft(state, drafter, planned_with.get(drafter, Offer()), output)
         return state.text.push(output.new_token_ids)
 
     def _emit(self, state: RequestState, reason: FinishReason, step: Chunk, now: float) -> None:
@@ -293,15 +299,11 @@ class Scheduler:
         elif step.token_ids:
             state.mailbox.put(step)
 
-    def _count_draft(self, state: RequestState, planned_with: Offer, output: RequestOutput) -> None:
-        """A decoding step's speculation figures; planned_with is the offer its k was chosen from."""
-        self.policy.observe_draft(state.req_id, planned_with, output.num_drafted, output.num_accepted)
-        summary = state.speculation
-        summary.num_steps += 1
-        summary.num_generated += len(output.new_token_ids)
-        summary.num_drafted += output.num_drafted
-        summary.num_accepted += output.num_accepted
-        summary.draft_lengths.append(output.num_drafted)  # what was verified: the plan may ask for more
+    def _count_draft(self, state: RequestState, drafter: str, planned_with: Offer, output: RequestOutput) -> None:
+        """A decoding step's speculation figures; planned_with is the drafter's offer its k was chosen from."""
+        if drafter:
+            self.policy.observe_draft(state.req_id, drafter, planned_with, output.num_drafted, output.num_accepted)
+        state.speculation.add_step(drafter, len(output.new_token_ids), output.num_drafted, output.num_accepted)
 
     def _finish(
         self,

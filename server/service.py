@@ -21,9 +21,10 @@ from engine.protocol import EngineReady, FinishReason, SamplingParams
 from server.client_slots import ClientSlots
 from server.errors import InvalidArgumentError, UnavailableError
 from server.loop import ControlLoop
+from server.policy.snapshot import PolicySnapshot
 from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, validate_input
 from server.request_state import RequestState, Status
-from server.stats import ServerStats, mean
+from server.stats import DrafterCounts, ServerStats, mean
 from server.text_stream import TextStream
 from server.tokenize_pool import TokenizerPool
 from server.tokenizer import TextTokenizer
@@ -77,6 +78,7 @@ def request_from_pb(message: pb.GenerateRequest, limits: Limits, default_max_new
         stop=tuple(message.stop),
         speculation_mode=int(message.speculation.mode),
         num_draft_tokens=message.speculation.num_draft_tokens,
+        drafter=message.speculation.drafter,
     )
 
 
@@ -106,6 +108,10 @@ def speculation_to_pb(final: Final) -> pb.SpeculationStats:
         accepted_tokens=spec.num_accepted,
         mean_accepted_length=spec.mean_accepted_length,
         draft_lengths=spec.draft_lengths,
+        by_drafter={
+            name: pb.DrafterUsage(steps=u.num_steps, drafted_tokens=u.num_drafted, accepted_tokens=u.num_accepted)
+            for name, u in spec.by_drafter.items()
+        },
     )
 
 
@@ -244,7 +250,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_model_len=ready.max_model_len,
             device=ready.device,
             dtype=ready.dtype,
-            drafter=ready.drafter,
+            drafter=ready.drafters[0] if ready.drafters else "",
+            drafters=ready.drafters,
             max_draft_tokens=ready.max_draft_tokens,
             max_new_tokens_limit=ctx.limits.max_new_tokens,
             kv_capacity_tokens=ready.kv_capacity_tokens,
@@ -289,4 +296,21 @@ class GenerationService(pb_grpc.GenerationServicer):
             policy_probes=policy.num_probes,
             engine_state=loop.engine_state.value,
             engine_error=loop.engine_error,
+            drafters={name: drafter_stats_to_pb(stats, policy, name) for name in ctx.ready.drafters},
         )
+
+
+def drafter_stats_to_pb(stats: ServerStats, policy: PolicySnapshot, name: str) -> pb.DrafterStats:
+    counts = stats.by_drafter.get(name, DrafterCounts())
+    figures = policy.drafters.get(name)
+    return pb.DrafterStats(
+        steps=counts.num_steps,
+        drafted_tokens=counts.num_drafted,
+        accepted_tokens=counts.num_accepted,
+        acceptance_rate=figures.first_rate if figures else 0.0,
+        continuation_rate=figures.continuation_rate if figures else 0.0,
+        mean_draft_s=mean(counts.recent_draft_s),
+        cost_model_ms={feature: value * 1000 for feature, value in figures.cost_coefficients.items()}
+        if figures
+        else {},
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.protocol import FinishReason, StepPlan, StepResult
@@ -12,6 +12,14 @@ from server.metrics import Metrics
 from server.request_state import RequestState
 
 RECENT_STEPS = 200
+
+
+@dataclass
+class DrafterCounts:
+    num_steps: int = 0  # request-steps it drafted for
+    num_drafted: int = 0
+    num_accepted: int = 0
+    recent_draft_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))  # steps it ran
 
 
 @dataclass
@@ -36,6 +44,7 @@ class ServerStats:
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_handed_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_written_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    by_drafter: dict[str, DrafterCounts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.max_draft_tokens
@@ -44,11 +53,11 @@ class ServerStats:
         self.drafts_per_length = [0] * (n + 1)
 
     def observe_step(
-        self, plan: StepPlan, result: StepResult, decode_req_ids: Collection[str], is_back_to_back: bool
+        self, plan: StepPlan, result: StepResult, decoding: Mapping[str, str], is_back_to_back: bool
     ) -> None:
         """One engine step. is_back_to_back: the loop sent this plan right after the previous result,
         so the engine's idle time before it was control-plane and IPC overhead, not a lack of work.
-        decode_req_ids: the requests this step decoded (the rest prefilled)."""
+        decoding: the requests this step decoded (the rest prefilled), each with its drafter ("" for none)."""
         m = self.metrics
         self.num_steps += 1
         m.steps.inc()
@@ -58,7 +67,9 @@ class ServerStats:
         m.step_seconds.observe(timings.step_s)
         if timings.draft_s > 0:
             self.recent_draft_s.append(timings.draft_s)
-            m.draft_seconds.observe(timings.draft_s)
+        for run in result.draft_runs:
+            self.by_drafter.setdefault(run.drafter, DrafterCounts()).recent_draft_s.append(run.seconds)
+            m.draft_seconds.labels(drafter=run.drafter).observe(run.seconds)
         if is_back_to_back:
             self.recent_overhead.append(timings.idle_s / (timings.idle_s + timings.step_s))
         for new in plan.new_requests:
@@ -68,10 +79,11 @@ class ServerStats:
             num_new = len(output.new_token_ids)
             self.num_generated_tokens += num_new
             m.generated_tokens.inc(num_new)
-            if output.req_id in decode_req_ids:
-                self._observe_decode(num_new, output.num_drafted, output.num_accepted)
+            drafter = decoding.get(output.req_id)
+            if drafter is not None:
+                self._observe_decode(drafter, num_new, output.num_drafted, output.num_accepted)
 
-    def _observe_decode(self, num_new: int, num_drafted: int, num_accepted: int) -> None:
+    def _observe_decode(self, drafter: str, num_new: int, num_drafted: int, num_accepted: int) -> None:
         m = self.metrics
         self.num_decode_steps += 1
         self.num_decode_tokens += num_new
@@ -80,8 +92,13 @@ class ServerStats:
         m.draft_length.observe(num_drafted)
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
-        m.draft_tokens.inc(num_drafted)
-        m.accepted_tokens.inc(num_accepted)
+        if drafter:
+            counts = self.by_drafter.setdefault(drafter, DrafterCounts())
+            counts.num_steps += 1
+            counts.num_drafted += num_drafted
+            counts.num_accepted += num_accepted
+            m.draft_tokens.labels(drafter=drafter).inc(num_drafted)
+            m.accepted_tokens.labels(drafter=drafter).inc(num_accepted)
         for i in range(min(num_drafted, self.max_draft_tokens)):
             self.drafted_per_position[i] += 1
         for i in range(min(num_accepted, self.max_draft_tokens)):

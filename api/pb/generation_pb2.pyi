@@ -42,12 +42,14 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Speculation(_message.Message):
-    __slots__ = ("mode", "num_draft_tokens")
+    __slots__ = ("mode", "num_draft_tokens", "drafter")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
     num_draft_tokens: int
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
+    drafter: str
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ..., drafter: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "speculation", "request_id")
@@ -82,18 +84,37 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("steps", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "draft_lengths")
+    __slots__ = ("steps", "drafted_tokens", "accepted_tokens", "mean_accepted_length", "draft_lengths", "by_drafter")
+    class ByDrafterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: DrafterUsage
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DrafterUsage, _Mapping]] = ...) -> None: ...
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    BY_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     steps: int
     drafted_tokens: int
     accepted_tokens: int
     mean_accepted_length: float
     draft_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., draft_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    by_drafter: _containers.MessageMap[str, DrafterUsage]
+    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., draft_lengths: _Optional[_Iterable[int]] = ..., by_drafter: _Optional[_Mapping[str, DrafterUsage]] = ...) -> None: ...
+
+class DrafterUsage(_message.Message):
+    __slots__ = ("steps", "drafted_tokens", "accepted_tokens")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "speculation", "seed", "time_to_first_token_s", "total_s")
@@ -158,7 +179,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_model_len", "device", "dtype", "drafter", "max_draft_tokens", "max_new_tokens_limit", "kv_capacity_tokens", "eos_token_ids", "max_prompt_bytes", "max_requests_per_client")
+    __slots__ = ("model", "model_type", "vocab_size", "max_model_len", "device", "dtype", "drafter", "max_draft_tokens", "max_new_tokens_limit", "kv_capacity_tokens", "eos_token_ids", "max_prompt_bytes", "max_requests_per_client", "drafters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +193,7 @@ class ModelInfoResponse(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUESTS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    DRAFTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     vocab_size: int
@@ -185,14 +207,15 @@ class ModelInfoResponse(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_prompt_bytes: int
     max_requests_per_client: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_prompt_bytes: _Optional[int] = ..., max_requests_per_client: _Optional[int] = ...) -> None: ...
+    drafters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_prompt_bytes: _Optional[int] = ..., max_requests_per_client: _Optional[int] = ..., drafters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "engine_state", "engine_error", "mean_draft_s")
+    __slots__ = ("requests_running", "requests_waiting", "requests_finished", "prompt_tokens", "generated_tokens", "steps", "drafted_tokens", "accepted_tokens", "accepted_per_position", "drafts_per_length", "mean_accepted_length", "mean_step_s", "mean_overhead_fraction", "kv_tokens_used", "kv_tokens_capacity", "uptime_s", "engine_restarts", "drafted_per_position", "mean_chunk_handed_s", "mean_chunk_written_s", "acceptance_rate", "goodput_tokens_per_s", "plain_goodput_tokens_per_s", "cost_model_ms", "cost_model_error", "policy_probes", "continuation_rate", "position_acceptance_rates", "first_token_rate_by_match_len", "engine_state", "engine_error", "mean_draft_s", "drafters")
     class CostModelMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +230,13 @@ class Stats(_message.Message):
         key: int
         value: float
         def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class DraftersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: DrafterStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DrafterStats, _Mapping]] = ...) -> None: ...
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +269,7 @@ class Stats(_message.Message):
     ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
     MEAN_DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    DRAFTERS_FIELD_NUMBER: _ClassVar[int]
     requests_running: int
     requests_waiting: int
     requests_finished: int
@@ -271,17 +302,45 @@ class Stats(_message.Message):
     engine_state: str
     engine_error: str
     mean_draft_s: float
-    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ..., mean_draft_s: _Optional[float] = ...) -> None: ...
+    drafters: _containers.MessageMap[str, DrafterStats]
+    def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ..., mean_draft_s: _Optional[float] = ..., drafters: _Optional[_Mapping[str, DrafterStats]] = ...) -> None: ...
+
+class DrafterStats(_message.Message):
+    __slots__ = ("steps", "drafted_tokens", "accepted_tokens", "acceptance_rate", "continuation_rate", "mean_draft_s", "cost_model_ms")
+    class CostModelMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    continuation_rate: float
+    mean_draft_s: float
+    cost_model_ms: _containers.ScalarMap[str, float]
+    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., continuation_rate: _Optional[float] = ..., mean_draft_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens")
+    __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens", "drafter")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
     num_draft_tokens: int
     max_draft_tokens: int
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ...) -> None: ...
+    drafter: str
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., num_draft_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., drafter: _Optional[str] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()

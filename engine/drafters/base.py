@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.protocol import Offer, SamplingParams
+from engine.protocol import BatchShape, Offer, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Drafter(ABC):
 
     name: str
     sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
+    runs_model = False  # True if drafting runs a model (its forwards cost time the policy must price)
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
         """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to
@@ -50,6 +51,11 @@ class Drafter(ABC):
 
     def observe(self, req_id: str, num_drafted: int, num_accepted: int) -> None:  # noqa: B027
         """How many of the proposed tokens the target accepted this step."""
+
+    def take_forwards(self) -> list[BatchShape]:
+        """The shapes of the forward passes its last propose ran (a draft model's), for the control
+        plane's drafting-cost model; a model-free drafter runs none."""
+        return []
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
         """What a proposal for this request would be right now (at most num_draft_tokens). The

@@ -26,6 +26,7 @@ from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.kv_cache import KVCache, Region, RegionAllocator
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
+from engine.protocol import BatchShape, Offer
 from engine.sampling import logits_to_probs, mix_seed, position_noise, sample
 
 DRAFT_NOISE_STREAM = 0x0D4AF7  # salts the request seed: draft sampling must not reuse the target's noise
@@ -48,12 +49,14 @@ class DraftSequence:
 class DraftModelDrafter(Drafter):
     name = "model"
     sees_prefill = True
+    runs_model = True
 
     def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.allocator = RegionAllocator(kv_cache.capacity_tokens)
         self.seqs: dict[str, DraftSequence] = {}
+        self.forwards: list[BatchShape] = []  # of the forwards since take_forwards
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:
         self.seqs[req_id] = DraftSequence(self.allocator.allocate(req_id, num_tokens, self.kv_cache))
@@ -79,6 +82,16 @@ class DraftModelDrafter(Drafter):
             seq.token_ids, seq.probs = [], []
         return drafts
 
+    def take_forwards(self) -> list[BatchShape]:
+        forwards, self.forwards = self.forwards, []
+        return forwards
+
+    def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
+        """It can always propose; first it must read what it has not seen (priced by the policy)."""
+        seq = self.seqs.get(req_id)
+        num_unseen = len(token_ids) - seq.num_computed if seq is not None else 0
+        return Offer(num_draft_tokens, num_unseen=num_unseen)
+
     def observe(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
         """Rolls the draft cache back to the accepted tokens: the rest of its K/V are rejected drafts'."""
         seq = self.seqs.get(req_id)
@@ -100,7 +113,7 @@ class DraftModelDrafter(Drafter):
             fed.append((request, seq, end))
         if not inputs:
             return
-        logits = self.model.forward(ForwardBatch.of(inputs, self.model.device), self.kv_cache)
+        logits = self._forward(inputs)
         picks = []
         for request, seq, end in fed:
             seq.num_computed = end
@@ -113,10 +126,15 @@ class DraftModelDrafter(Drafter):
         """One more draft token for each: feeds the last one, samples the next."""
         seqs = [self.seqs[r.req_id] for r in requests]
         inputs = [SeqInput(seq.token_ids[-1:], seq.region.start, seq.num_computed, 1) for seq in seqs]
-        logits = self.model.forward(ForwardBatch.of(inputs, self.model.device), self.kv_cache)
+        logits = self._forward(inputs)
         for seq in seqs:
             seq.num_computed += 1
         self._take([(r, seq, seq.num_computed) for r, seq in zip(requests, seqs, strict=True)], logits)
+
+    def _forward(self, inputs: list[SeqInput]) -> torch.Tensor:
+        batch = ForwardBatch.of(inputs, self.model.device)
+        self.forwards.append(batch.shape())
+        return self.model.forward(batch, self.kv_cache)
 
     def _take(self, picks: list[tuple[DraftRequest, DraftSequence, int]], logits: torch.Tensor) -> None:
         """logits: [len(picks), V], row i for the token at picks[i]'s position -> each one's next

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine.kv_cache import KVCache
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
+from engine.protocol import BatchShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,10 @@ class ForwardBatch:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         return cls(as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs)
+
+    def shape(self) -> BatchShape:
+        """What the forward's time depends on, for the control plane's cost models."""
+        return BatchShape.of([(seq.num_query_tokens, seq.num_kv_tokens) for seq in self.seqs])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -19,6 +19,11 @@ few percent there (mean error 6.5% against 7.2% over all shapes).
 
 The model starts from a profile of synthetic steps run at start-up and is refitted online, by
 least squares, on the latest steps.
+
+A draft model's drafting time (SmartSpec's T_draft) is the same kind of thing: a few forward
+passes of a smaller model. So it gets a StepCostModel of its own, fitted on its forwards: the
+engine reports the shapes of a step's draft forwards and their total time, and as the model is
+linear in its features, the sum of the forwards' feature rows is fitted against that total.
 """
 
 from __future__ import annotations
@@ -69,8 +74,10 @@ def token_ramp_rows(token_counts: np.ndarray) -> np.ndarray:
 
 
 def token_ramps(n: float) -> list[float]:
-    ramps: list[float] = token_ramp_rows(np.array([n]))[0].tolist()
-    return ramps
+    """token_ramp_rows for one count, in plain Python: the chooser prices hundreds of small
+    forwards per step, where numpy's per-call cost would dominate."""
+    ramps = [min(max((n - lo) / (hi - lo), 0.0), 1.0) for lo, hi in pairwise(KNOTS)]
+    return [*ramps, max(n - KNOTS[-1], 0.0)]
 
 
 def other_features(shape: BatchShape) -> list[float]:
@@ -106,6 +113,7 @@ class StepCostModel:
         self.profile: list[tuple[list[float], float]] = []  # kept: they cover shapes the traffic may not
         self.recent: deque[tuple[list[float], float]] = deque(maxlen=window)
         self.coef = np.zeros(len(FEATURES))
+        self._coef_list: list[float] = self.coef.tolist()  # for predict: plain floats are faster one at a time
         self.refit_every = refit_every
         self.error_decay = error_decay
         self.relative_error = 0.0  # EMA of |predicted - measured| / measured, before refitting on it
@@ -122,7 +130,15 @@ class StepCostModel:
         self.refit()
 
     def observe(self, shape: BatchShape, seconds: float) -> None:
-        row = features(shape)  # once: it both checks the prediction and joins the window
+        self._observe_row(features(shape), seconds)
+
+    def observe_forwards(self, shapes: list[BatchShape], seconds: float) -> None:
+        """Several forwards (a draft model's in one step) that took seconds in all."""
+        if shapes:
+            self._observe_row(np.sum([features(shape) for shape in shapes], axis=0).tolist(), seconds)
+
+    def _observe_row(self, row: list[float], seconds: float) -> None:
+        # one row: it both checks the prediction and joins the window
         if self.is_fitted and seconds > 0:
             error = abs(float(np.dot(self.coef, row)) - seconds) / seconds
             self.relative_error += self.error_decay * (error - self.relative_error)
@@ -138,12 +154,18 @@ class StepCostModel:
         x = np.array([r[0] for r in rows])
         y = np.array([r[1] for r in rows])
         self.coef = nonnegative_lstsq(x, y, self._signed)
+        self._coef_list = self.coef.tolist()
         self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, self.coef, strict=True)})
 
     def predict(self, shape: BatchShape) -> float:
         """Predicted seconds for a step of this shape (the chooser prices many plans at once with
         step_times; this is for checking one step, in the debug log and the tests)."""
-        return float(np.dot(self.coef, features(shape)))
+        return sum(c * f for c, f in zip(self._coef_list, features(shape), strict=True))
+
+    @property
+    def fixed_s(self) -> float:
+        """What any forward costs before its first sequence: the constant term."""
+        return float(self.coef[0])
 
     def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
         """Predicted time of the base step with N = 0 .. max_tokens query tokens and its other

@@ -22,25 +22,46 @@ life. Counted that way, and whenever finished requests are replaced (a queue, st
 closed loop), what lowers the mean latency is the tokens per second. The latency objective
 declined 91% of the drafts predicted to pass 80% or more at 20-30 running requests, where drafting
 every proposal (FIXED 1) was faster (docs/goodput-policy.md).
+
+Several drafters. A request may be offered a proposal by each drafter (an Option); it drafts with
+one of them per step. A drafter with a model of its own (a draft model) costs time too: forward 1
+feeds every drafting request's unseen tokens, forward j extends those drafting more than j tokens,
+each priced by that drafter's own step-cost model. A forward's constant part is paid once however
+many requests share it, so ranking charges a position its sequence's own cost plus an equal share
+of the constant among the requests that could use the drafter, and the walk prices the prefix
+exactly (the constant is paid as soon as one request needs the forward). Each request takes the
+option worth most at the plain step's goodput (tokens minus goodput times seconds, the Dinkelbach
+view of a ratio); when that puts a draft model's requests on it, the same walk with those requests
+on their best model-free option is priced too, and the better plan wins: at batch 1 that compares
+the two drafters exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from engine.protocol import BatchShape
-from server.policy.cost_model import DraftCosts
+from server.policy.cost_model import DraftCosts, StepCostModel
 
 MIN_GAIN = 0.01  # positions expected to add less than this many tokens are not worth pricing
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
-    req_id: str
+class Option:
+    """One drafter's proposal for a request, as the chooser prices it."""
+
+    drafter: str
     pass_chances: Sequence[float]  # [j]: P(draft token j + 1 is accepted | token j was); len >= max
     max_draft_tokens: int  # what the drafter can propose now, within the bounds
+    num_unseen: int = 1  # tokens a draft model's first forward feeds for this request
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    req_id: str
+    options: Sequence[Option]
     num_kv_tokens: int  # its KV tokens after a plain decode step (what one query token attends to)
 
 
@@ -56,11 +77,13 @@ class StepBase:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    draft_tokens: dict[str, int]
+    draft_tokens: dict[str, int]  # k per request
+    drafters: dict[str, str]  # the drafter of each request with k > 0
     goodput: float  # predicted tokens per second with the chosen k
     plain_goodput: float  # ... with k = 0 for every request
-    step_s: float  # predicted time of the chosen step
+    step_s: float  # predicted time of the chosen step, drafting included
     plain_step_s: float  # ... and of the step with k = 0 for every request
+    draft_s: float = 0.0  # predicted drafting time of the chosen step
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +91,35 @@ class Gain:
     """Drafting one more token for a request: what it is expected to yield and what it costs."""
 
     tokens: float  # expected tokens gained: P(this and every earlier draft token pass)
-    extra_s: float  # seconds it adds besides its share of f(N)
+    extra_s: float  # seconds it adds to the target's step besides its share of f(N)
     req_id: str
+    drafter: str = ""
+    rank_s: float = 0.0  # seconds ranking charges besides f(N): extra_s and, for a draft model, its share
+    # (query tokens, KV tokens) it adds to the draft model's forward `position - 1`; None without one
+    draft_seq: tuple[int, int] | None = None
+    position: int = 0
+
+
+@dataclass(slots=True)
+class DraftTimer:
+    """One draft model's predicted time for the plan being built, forward by forward."""
+
+    model: StepCostModel
+    forwards: list[list[tuple[int, int]]] = field(default_factory=list)  # [forward]: (query, KV) per sequence
+    times: list[float] = field(default_factory=list)
+    total_s: float = 0.0
+
+    def add(self, forward: int, seq: tuple[int, int]) -> float:
+        """Adds a sequence to a forward; returns how much the drafting time grew."""
+        while len(self.forwards) <= forward:
+            self.forwards.append([])
+            self.times.append(0.0)
+        self.forwards[forward].append(seq)
+        seconds = self.model.predict(BatchShape.of(self.forwards[forward]))
+        grown = seconds - self.times[forward]
+        self.times[forward] = seconds
+        self.total_s += grown
+        return grown
 
 
 def interpolate(times: Sequence[float], n: float) -> float:
@@ -78,10 +128,12 @@ def interpolate(times: Sequence[float], n: float) -> float:
     return times[lo] + (times[hi] - times[lo]) * (n - lo)
 
 
-def gains_of(c: Candidate, costs: DraftCosts) -> list[Gain]:
+def gains_of(
+    c: Candidate, option: Option, costs: DraftCosts, draft_model: StepCostModel | None = None, num_sharing: int = 1
+) -> list[Gain]:
     gains = []
     reach = 1.0  # P(reaching draft j)
-    for j, chance in enumerate(c.pass_chances[: c.max_draft_tokens], start=1):
+    for j, chance in enumerate(option.pass_chances[: option.max_draft_tokens], start=1):
         reach *= chance
         if reach < MIN_GAIN:
             break
@@ -92,7 +144,15 @@ def gains_of(c: Candidate, costs: DraftCosts) -> list[Gain]:
             + costs.per_attention_pair * (c.num_kv_tokens + 2 * j)
             + (costs.per_multi_token_seq if j == 1 else 0.0)
         )
-        gains.append(Gain(reach, extra_s, c.req_id))
+        if draft_model is None:
+            gains.append(Gain(reach, extra_s, c.req_id, option.drafter, extra_s))
+            continue
+        # Draft j comes from the draft model's forward j - 1: the first feeds what it has not
+        # seen, each later one the draft token before.
+        seq = (option.num_unseen, c.num_kv_tokens) if j == 1 else (1, c.num_kv_tokens + j - 1)
+        own_s = draft_model.predict(BatchShape.of([seq])) - draft_model.fixed_s
+        rank_s = extra_s + own_s + draft_model.fixed_s / num_sharing
+        gains.append(Gain(reach, extra_s, c.req_id, option.drafter, rank_s, seq, j))
     return gains
 
 
@@ -102,7 +162,7 @@ def rank(gains: Sequence[Gain], per_token_s: float) -> list[tuple[float, Gain]]:
     violators), so the keys never rise along the request and its positions are taken in order."""
     blocks: list[tuple[float, float, int]] = []  # (expected tokens, seconds, number of positions)
     for gain in gains:
-        block = (gain.tokens, per_token_s + gain.extra_s, 1)
+        block = (gain.tokens, per_token_s + gain.rank_s, 1)
         while blocks and ratio(block) > ratio(blocks[-1]):
             tokens, seconds, count = blocks.pop()
             block = (tokens + block[0], seconds + block[1], count + block[2])
@@ -120,39 +180,100 @@ def goodput(tokens: float, step_s: float) -> float:
     return tokens / step_s if step_s > 0 else 0.0
 
 
+def worth(gains: Sequence[Gain], per_token_s: float, rate: float) -> float:
+    """The most a request's gains are worth at a goodput of rate: expected tokens less rate times
+    their seconds, over the best prefix of positions (0 for none)."""
+    best = total = 0.0
+    for gain in gains:
+        total += gain.tokens - rate * (per_token_s + gain.rank_s)
+        best = max(best, total)
+    return best
+
+
 def choose(
     candidates: Sequence[Candidate],
     base: StepBase,
     times: Sequence[float],
     costs: DraftCosts,
+    draft_models: Mapping[str, StepCostModel] | None = None,
 ) -> Choice:
-    """times[n]: predicted step time with n query tokens (for this step's other features)."""
+    """times[n]: predicted step time with n query tokens (for this step's other features);
+    draft_models: the step-cost model of each drafter that runs a model (the rest cost nothing)."""
+    draft_models = draft_models or {}
     n = base.shape.num_tokens
     per_token_s = interpolate(times, n + 1) - interpolate(times, n)
-    ranked = [r for c in candidates for r in rank(gains_of(c, costs), per_token_s)]
-    gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
     plain_s = interpolate(times, n)
     plain = goodput(base.num_generated, plain_s)
-    best, best_len, best_s = plain, 0, plain_s
-    generated, tokens, extra_s = base.num_generated, n, 0.0
+    num_sharing = {
+        name: max(1, sum(any(o.drafter == name for o in c.options) for c in candidates)) for name in draft_models
+    }
+    options_gains: dict[str, list[tuple[Option, list[Gain]]]] = {
+        c.req_id: [
+            (o, gains_of(c, o, costs, draft_models.get(o.drafter), num_sharing.get(o.drafter, 1)))
+            for o in c.options
+            if o.max_draft_tokens > 0
+        ]
+        for c in candidates
+    }
+    preferred = {
+        req_id: max(pairs, key=lambda pair: worth(pair[1], per_token_s, plain))[1] if pairs else []
+        for req_id, pairs in options_gains.items()
+    }
+    choice = _walk(candidates, preferred, base, times, per_token_s, draft_models, plain, plain_s)
+    if any(gains and gains[0].drafter in draft_models for gains in preferred.values()):
+        model_free = {
+            req_id: max(
+                (gains for option, gains in pairs if option.drafter not in draft_models),
+                key=lambda gains: worth(gains, per_token_s, plain),
+                default=[],
+            )
+            for req_id, pairs in options_gains.items()
+        }
+        other = _walk(candidates, model_free, base, times, per_token_s, draft_models, plain, plain_s)
+        if other.goodput > choice.goodput:
+            choice = other
+    return choice
+
+
+def _walk(
+    candidates: Sequence[Candidate],
+    gains_by_request: Mapping[str, list[Gain]],
+    base: StepBase,
+    times: Sequence[float],
+    per_token_s: float,
+    draft_models: Mapping[str, StepCostModel],
+    plain: float,
+    plain_s: float,
+) -> Choice:
+    """Ranks the gains and takes the prefix with the highest goodput, drafting time included."""
+    ranked = [r for gains in gains_by_request.values() for r in rank(gains, per_token_s)]
+    gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
+    timers = {name: DraftTimer(model) for name, model in draft_models.items()}
+    best, best_len, best_s, best_draft_s = plain, 0, plain_s, 0.0
+    n = base.shape.num_tokens
+    generated, tokens, extra_s, draft_s = base.num_generated, n, 0.0, 0.0
     for i, gain in enumerate(gains):
         if tokens + 1 > n + base.max_extra_tokens:
             break
         generated += gain.tokens
         tokens += 1
         extra_s += gain.extra_s
-        step_s = interpolate(times, tokens) + extra_s
+        if gain.draft_seq is not None:
+            draft_s += timers[gain.drafter].add(gain.position - 1, gain.draft_seq)
+        step_s = interpolate(times, tokens) + extra_s + draft_s
         step_goodput = goodput(generated, step_s)
         if step_goodput > best:
-            best, best_len, best_s = step_goodput, i + 1, step_s
+            best, best_len, best_s, best_draft_s = step_goodput, i + 1, step_s, draft_s
     chosen: dict[str, int] = {c.req_id: 0 for c in candidates}
+    drafters: dict[str, str] = {}
     for gain in gains[:best_len]:
         chosen[gain.req_id] += 1
-    return Choice(chosen, best, plain, best_s, plain_s)
+        drafters[gain.req_id] = gain.drafter
+    return Choice(chosen, drafters, best, plain, best_s, plain_s, best_draft_s)
 
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:
-    extra = sum(c.max_draft_tokens for c in candidates)
+    extra = sum(max((o.max_draft_tokens for o in c.options), default=0) for c in candidates)
     return base.shape.num_tokens + min(extra, base.max_extra_tokens) + 1
 
 

@@ -13,9 +13,14 @@ class PolicySettings:
     mode: SpeculationMode  # AUTO, OFF or FIXED: what requests that do not choose get
     num_draft_tokens: int  # k for FIXED
     max_draft_tokens: int  # no request ever drafts more
+    drafter: str = ""  # who drafts for FIXED; "" is the engine's first drafter
 
-    def validated(self, engine_max_draft_tokens: int) -> PolicySettings:
+    def validated(self, engine_max_draft_tokens: int, drafters: tuple[str, ...]) -> PolicySettings:
         """Returns self, or raises InvalidArgumentError naming the bad field."""
+        if self.drafter and self.drafter not in drafters:
+            raise InvalidArgumentError(
+                "policy.drafter", f"unknown drafter {self.drafter!r}; this server has {', '.join(drafters) or 'none'}"
+            )
         if self.mode not in (SpeculationMode.AUTO, SpeculationMode.OFF, SpeculationMode.FIXED):
             raise InvalidArgumentError("policy.mode", f"must be AUTO, OFF or FIXED, got {int(self.mode)}")
         if not 0 <= self.max_draft_tokens <= engine_max_draft_tokens:
@@ -38,10 +43,12 @@ class PolicyUpdate:
     mode: SpeculationMode | None = None
     num_draft_tokens: int | None = None
     max_draft_tokens: int | None = None
+    drafter: str | None = None
 
     def applied_to(self, current: PolicySettings) -> PolicySettings:
         return PolicySettings(
             mode=current.mode if self.mode is None else self.mode,
             num_draft_tokens=current.num_draft_tokens if self.num_draft_tokens is None else self.num_draft_tokens,
             max_draft_tokens=current.max_draft_tokens if self.max_draft_tokens is None else self.max_draft_tokens,
+            drafter=current.drafter if self.drafter is None else self.drafter,
         )

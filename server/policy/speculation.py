@@ -1,31 +1,32 @@
-"""Chooses k for every decoding request of a step.
+"""Chooses the drafter and k for every decoding request of a step.
 
-Per-request modes win: OFF means 0, FIXED means the request's own k. Requests that leave it to
-the server get the server-wide mode. AUTO asks the goodput chooser, which weighs each request's
-measured acceptance against the step's predicted cost; it only considers as many tokens as the
-drafter can propose right now (the engine reports that after each step), so requests without a
-proposal cost nothing. A request kept at k = 0 for a while although proposals exist is probed
-with k = 1 now and then (at most one probe every few steps server-wide), so a stale low
-estimate can recover when its text turns repetitive.
+Per-request modes win: OFF means 0, FIXED means the request's own k (and drafter, if it names
+one). Requests that leave it to the server get the server-wide mode; FIXED without a drafter
+uses the server's (by default the engine's first). AUTO asks the goodput chooser, which weighs
+each request's measured acceptance with each drafter against the step's predicted cost, drafting
+included; it only considers as many tokens as each drafter can propose right now (the engine
+reports that after each step), so requests without a proposal cost nothing. A request kept at
+k = 0 for a while although proposals exist is probed with k = 1 now and then (at most one probe
+every few steps server-wide, its drafters in turn), so a stale low estimate can recover.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
 from api.speculation import SpeculationMode
-from engine.protocol import BatchShape, Offer, max_draft_len
+from engine.protocol import BatchShape, DraftRun, Offer, max_draft_len
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
-from server.policy.goodput import Candidate, Choice, StepBase, choose, max_tokens_needed, safe_rate
+from server.policy.goodput import Candidate, Choice, Option, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings, PolicyUpdate
-from server.policy.snapshot import PolicySnapshot
+from server.policy.snapshot import DrafterSnapshot, PolicySnapshot
 
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
@@ -45,60 +46,104 @@ class Decoding(Protocol):
     @property
     def num_tokens(self) -> int: ...
     @property
-    def offer(self) -> Offer: ...
+    def requested_drafter(self) -> str: ...
+    @property
+    def offers(self) -> Mapping[str, Offer]: ...
+
+
+class Assignment(NamedTuple):
+    """What a decoding request runs this step: k draft tokens from a drafter ("" when k is 0)."""
+
+    drafter: str
+    num_draft_tokens: int
+
+
+NO_DRAFT = Assignment("", 0)
 
 
 @dataclass
 class SpeculationPolicy:
-    """Fed by one owner, the scheduler: it asks for k, and reports drafts, steps and ends.
-    Everyone else reads `snapshot()`, which the control loop publishes after each step."""
+    """Fed by one owner, the scheduler: it asks for (drafter, k), and reports drafts, steps and
+    ends. Everyone else reads `snapshot()`, which the control loop publishes after each step."""
 
     settings: PolicySettings
     engine_max_draft_tokens: int  # SetPolicy may lower max_draft_tokens, never raise it past this
+    drafters: tuple[str, ...] = ("ngram",)  # the engine's, in order; the first serves FIXED by default
+    model_drafters: tuple[str, ...] = ()  # those that run a model: priced by a step-cost model each
     cost_model: StepCostModel = field(default_factory=StepCostModel)
-    acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
+    draft_cost_models: dict[str, StepCostModel] = field(default_factory=dict)
+    acceptance: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # per drafter
     last_choice: Choice | None = None  # for observability
     steps_at_zero: dict[str, int] = field(default_factory=dict)
+    num_probes_of: dict[str, int] = field(default_factory=dict)  # per request, to take its drafters in turn
     steps_since_probe: int = 0
     num_probes: int = 0
 
-    def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, int]:
+    def __post_init__(self) -> None:
+        for name in self.drafters:
+            self.acceptance.setdefault(name, AcceptanceEstimator(self.engine_max_draft_tokens))
+        for name in self.model_drafters:
+            self.draft_cost_models.setdefault(name, StepCostModel())
+
+    def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, Assignment]:
         settings = self.settings
         chosen, auto = {}, []
         for request in requests:
             bound = max_draft_len(settings.max_draft_tokens, request.num_new_tokens_left)
             mode = request.speculation_mode or settings.mode
-            if mode == SpeculationMode.OFF:
-                chosen[request.req_id] = 0
+            if mode == SpeculationMode.OFF or not self.drafters:
+                chosen[request.req_id] = NO_DRAFT
             elif request.speculation_mode == SpeculationMode.FIXED:
-                chosen[request.req_id] = min(request.requested_draft_tokens, bound)
+                drafter = request.requested_drafter or self.fixed_drafter
+                chosen[request.req_id] = Assignment(drafter, min(request.requested_draft_tokens, bound))
             elif mode == SpeculationMode.FIXED or base is None or not self.cost_model.is_fitted:
-                chosen[request.req_id] = min(settings.num_draft_tokens, bound)
+                chosen[request.req_id] = Assignment(self.fixed_drafter, min(settings.num_draft_tokens, bound))
             else:
-                offer = request.offer
-                chances = self.acceptance.pass_chances(request.req_id, offer.match_len, bound)
-                max_k = max_draft_len(
-                    settings.max_draft_tokens, request.num_new_tokens_left, num_offered=offer.num_tokens
-                )
-                auto.append(Candidate(request.req_id, [safe_rate(c) for c in chances], max_k, request.num_tokens))
+                auto.append(self._candidate(request))
         if auto and base is not None:
             chosen.update(self._choose_auto(auto, base))
         return chosen
 
-    def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, int]:
+    @property
+    def fixed_drafter(self) -> str:
+        return self.settings.drafter or (self.drafters[0] if self.drafters else "")
+
+    def _candidate(self, request: Decoding) -> Candidate:
+        """Each drafter's offer for the request, as an option the chooser can price: those that
+        run a model only once their cost model is fitted."""
+        options = []
+        for name in self.drafters:
+            offer = request.offers.get(name, Offer())
+            if name in self.draft_cost_models and not self.draft_cost_models[name].is_fitted:
+                continue
+            max_k = max_draft_len(
+                self.settings.max_draft_tokens, request.num_new_tokens_left, num_offered=offer.num_tokens
+            )
+            chances = self.acceptance[name].pass_chances(request.req_id, offer.match_len, max(max_k, 1))
+            options.append(Option(name, [safe_rate(c) for c in chances], max_k, max(offer.num_unseen, 1)))
+        return Candidate(request.req_id, options, request.num_tokens)
+
+    def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, Assignment]:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
-        choice = choose(candidates, base, times, self.cost_model.draft_costs())
+        draft_models = {name: model for name, model in self.draft_cost_models.items() if model.is_fitted}
+        choice = choose(candidates, base, times, self.cost_model.draft_costs(), draft_models)
         self.last_choice = choice
-        chosen = dict(choice.draft_tokens)
+        chosen = {
+            req_id: Assignment(choice.drafters[req_id], k) if k else NO_DRAFT
+            for req_id, k in choice.draft_tokens.items()
+        }
         self.steps_since_probe += 1
         for c in candidates:
-            if chosen[c.req_id] > 0:
+            if chosen[c.req_id].num_draft_tokens > 0:
                 self.steps_at_zero[c.req_id] = 0
                 continue
             waited = self.steps_at_zero.get(c.req_id, 0) + 1
             self.steps_at_zero[c.req_id] = waited
-            if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and c.max_draft_tokens:
-                chosen[c.req_id] = 1
+            offered = [o.drafter for o in c.options if o.max_draft_tokens]
+            if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and offered:
+                turn = self.num_probes_of.get(c.req_id, 0)
+                chosen[c.req_id] = Assignment(offered[turn % len(offered)], 1)
+                self.num_probes_of[c.req_id] = turn + 1
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0
                 self.num_probes += 1
@@ -106,37 +151,63 @@ class SpeculationPolicy:
             log_choice(candidates, base, choice, chosen)
         return chosen
 
-    def observe_draft(self, req_id: str, offer: Offer, num_drafted: int, num_accepted: int) -> None:
-        """A decoding step verified num_drafted tokens, planned with offer, and accepted num_accepted."""
-        self.acceptance.observe(req_id, offer.match_len, num_drafted, num_accepted)
+    def observe_draft(self, req_id: str, drafter: str, offer: Offer, num_drafted: int, num_accepted: int) -> None:
+        """A decoding step verified num_drafted tokens from drafter, planned with its offer, and
+        accepted num_accepted."""
+        acceptance = self.acceptance.get(drafter)
+        if acceptance is not None:
+            acceptance.observe(req_id, offer.match_len, num_drafted, num_accepted)
 
-    def observe_step(self, shape: BatchShape, seconds: float) -> None:
+    def observe_step(self, shape: BatchShape, seconds: float, draft_runs: Sequence[DraftRun] = ()) -> None:
+        """A step's target forward took seconds (its drafting excluded); draft_runs: what each
+        drafter did in it, which refits the drafting-cost model of each that runs a model."""
         if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
             predicted_ms = round(self.cost_model.predict(shape) * 1e3, 2)
             log.debug("step time", predicted_ms=predicted_ms, measured_ms=round(seconds * 1e3, 2))
         self.cost_model.observe(shape, seconds)
+        for run in draft_runs:
+            model = self.draft_cost_models.get(run.drafter)
+            if model is not None and run.forwards:
+                model.observe_forwards(run.forwards, run.seconds)
 
     def forget(self, req_id: str) -> None:
-        self.acceptance.forget(req_id)
+        for acceptance in self.acceptance.values():
+            acceptance.forget(req_id)
         self.steps_at_zero.pop(req_id, None)
+        self.num_probes_of.pop(req_id, None)
 
-    def warm(self, samples: Sequence[tuple[BatchShape, float]]) -> None:
-        """Fits the step-cost model on timed synthetic steps, before the first request."""
-        self.cost_model.warm(list(samples))
+    def warm(self, samples: Sequence[tuple[BatchShape, float]], drafter: str = "") -> None:
+        """Fits the step-cost model (or with drafter, that drafter's) on timed synthetic forwards,
+        before the first request."""
+        model = self.draft_cost_models[drafter] if drafter else self.cost_model
+        model.warm(list(samples))
 
     def apply(self, update: PolicyUpdate) -> PolicySettings:
         """Changes the server-wide settings; InvalidArgumentError (naming the field) leaves them as they were."""
-        self.settings = update.applied_to(self.settings).validated(self.engine_max_draft_tokens)
+        self.settings = update.applied_to(self.settings).validated(self.engine_max_draft_tokens, self.drafters)
         return self.settings
 
     def snapshot(self) -> PolicySnapshot:
-        acceptance, choice = self.acceptance, self.last_choice
+        choice = self.last_choice
+        acceptance = self.acceptance[self.drafters[0]] if self.drafters else AcceptanceEstimator()
         return PolicySnapshot(
             settings=self.settings,
             first_rate=acceptance.server_first_rate,
             continuation_rate=acceptance.server_rest_rate,
             position_rates=tuple(acceptance.position_rates()),
             first_token_rates=MappingProxyType(acceptance.first_token_rates()),
+            drafters=MappingProxyType(
+                {
+                    name: DrafterSnapshot(
+                        first_rate=self.acceptance[name].server_first_rate,
+                        continuation_rate=self.acceptance[name].server_rest_rate,
+                        cost_coefficients=self.draft_cost_models[name].coefficients()
+                        if name in self.draft_cost_models
+                        else MappingProxyType({}),
+                    )
+                    for name in self.drafters
+                }
+            ),
             goodput=choice.goodput if choice else 0.0,
             plain_goodput=choice.plain_goodput if choice else 0.0,
             cost_coefficients=self.cost_model.coefficients(),
@@ -145,17 +216,24 @@ class SpeculationPolicy:
         )
 
 
-def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, int]) -> None:
+def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, Assignment]) -> None:
     """One debug line per AUTO step: what the chooser saw and what it chose, probes included (they
     are not in predicted_ms; the scheduler's token budget may still cut k). Req ids shortened."""
     log.debug(
         "auto choice",
         running=base.shape.num_seqs,
         waiting=base.num_waiting,
-        first_pass_chance={c.req_id[:8]: round(c.pass_chances[0], 2) for c in candidates if c.max_draft_tokens},
-        max_k={c.req_id[:8]: c.max_draft_tokens for c in candidates if c.max_draft_tokens},
-        chosen_k={req_id[:8]: k for req_id, k in chosen.items() if k},
-        probed=[req_id[:8] for req_id, k in chosen.items() if k and not choice.draft_tokens[req_id]],
+        first_pass_chance={
+            f"{c.req_id[:8]}/{o.drafter}": round(o.pass_chances[0], 2)
+            for c in candidates
+            for o in c.options
+            if o.max_draft_tokens
+        },
+        chosen={
+            req_id[:8]: f"{a.drafter} k={a.num_draft_tokens}" for req_id, a in chosen.items() if a.num_draft_tokens
+        },
+        probed=[req_id[:8] for req_id, a in chosen.items() if a.num_draft_tokens and not choice.draft_tokens[req_id]],
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
+        draft_ms=round(choice.draft_s * 1e3, 2),
     )

@@ -114,8 +114,9 @@ def test_bad_load_shapes_name_the_field(kwargs: dict[str, float], field: str) ->
 
 
 def test_policy_names_parse_to_the_clients_speculation_arguments() -> None:
-    assert speculation_args("auto") == {"speculation": "auto", "num_draft_tokens": 0}
-    assert speculation_args("fixed4") == {"speculation": "fixed", "num_draft_tokens": 4}
-    for bad in ("fixed", "off2", "goodput", "4"):
+    assert speculation_args("auto") == {"speculation": "auto", "num_draft_tokens": 0, "drafter": ""}
+    assert speculation_args("fixed4") == {"speculation": "fixed", "num_draft_tokens": 4, "drafter": ""}
+    assert speculation_args("model2") == {"speculation": "fixed", "num_draft_tokens": 2, "drafter": "model"}
+    for bad in ("fixed", "off2", "goodput", "4", "ngram", "medusa3"):
         with pytest.raises(ValueError):
             speculation_args(bad)

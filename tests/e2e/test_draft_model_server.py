@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from client.client import Client
@@ -43,17 +44,40 @@ def drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     )
 
 
-def test_the_server_drafts_with_the_draft_model_and_the_output_stays_exact(drafting: RunningServer) -> None:
+def test_the_server_drafts_with_either_drafter_and_the_output_stays_exact(drafting: RunningServer) -> None:
     with Client(drafting.target) as client:
-        assert client.model_info().drafter == "model"
+        info = client.model_info()
+        assert list(info.drafters) == ["ngram", "model"] and info.drafter == "ngram"
         prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):"
         plain = client.generate(prompt, max_new_tokens=24, speculation="off")
-        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3)
+        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter="model")
         assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
-        assert drafted.speculation.drafted_tokens > 0 and drafted.speculation.accepted_tokens > 0
-        stream = list(client.generate_stream(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=2))
+        usage = drafted.speculation.by_drafter
+        assert set(usage) == {"model"} and usage["model"].drafted_tokens == drafted.speculation.drafted_tokens > 0
+        assert usage["model"].accepted_tokens > 0
+        stream = list(
+            client.generate_stream(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=2, drafter="model")
+        )
         assert [t for chunk in stream for t in chunk.token_ids] == list(plain.token_ids)
-        assert client.stats().mean_draft_s > 0  # the drafter ran and its time is reported
+        for mode in ("auto", "fixed"):  # AUTO picks per step; FIXED without a name uses the first (ngram)
+            other = client.generate(prompt, max_new_tokens=24, speculation=mode, num_draft_tokens=2 * (mode == "fixed"))
+            assert other.token_ids == plain.token_ids
+        stats = client.stats()
+        model = stats.drafters["model"]
+        assert model.drafted_tokens > 0 and model.mean_draft_s > 0  # its own time, reported on its own
+        assert model.cost_model_ms["const"] > 0  # its drafting-cost model was warmed at start-up
+        assert stats.drafters["ngram"].steps > 0  # the FIXED request without a drafter named (it may find nothing)
+
+
+def test_a_request_naming_a_drafter_the_server_lacks_is_refused_and_names_the_field(
+    drafting: RunningServer,
+) -> None:
+    with Client(drafting.target) as client:
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate("x", max_new_tokens=4, speculation="fixed", num_draft_tokens=2, drafter="medusa")
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "speculation.drafter" in str(error.value.details()) and "ngram, model" in str(error.value.details())
+        assert client.generate("x", max_new_tokens=4).token_ids  # and it keeps serving
 
 
 def test_a_draft_model_with_another_vocabulary_stops_the_server_with_the_reason(

@@ -259,19 +259,26 @@ def test_admin_policy_needs_the_token_and_takes_effect(server: RunningServer, cl
             client.set_policy(pb.Policy(num_draft_tokens=50))
         assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert excinfo.value.details().startswith("policy.num_draft_tokens:")
+        with pytest.raises(grpc.RpcError) as excinfo:
+            client.set_policy(pb.Policy(drafter="medusa"))
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert excinfo.value.details() == "policy.drafter: unknown drafter 'medusa'; this server has ngram"
+        assert client.set_policy(pb.Policy(drafter="ngram")).drafter == "ngram"
     finally:
         restored = client.set_policy(original)
     assert restored == original
 
 
 def test_prometheus_metrics(server: RunningServer, client: Client) -> None:
-    client.generate("def cube(x):", max_new_tokens=8)
+    client.generate("def cube(x):", max_new_tokens=8, speculation="fixed", num_draft_tokens=2)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     for name in (
         "goodspeed_requests_total",
         "goodspeed_generated_tokens_total",
         "goodspeed_step_seconds_bucket",
-        "goodspeed_spec_draft_tokens_total",
+        'goodspeed_spec_draft_tokens_total{drafter="ngram"}',
+        'goodspeed_spec_draft_seconds_bucket{drafter="ngram"',
+        'goodspeed_policy_acceptance_rate{draft_token="first",drafter="ngram"}',
         "goodspeed_kv_tokens_capacity",
         "goodspeed_request_seconds",
     ):

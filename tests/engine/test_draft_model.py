@@ -35,7 +35,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_runner(target: Path, draft: Path | None, kv_tokens: int = 2048) -> ModelRunner:
     config = EngineConfig(
         model=str(target),
-        drafter="model" if draft else "none",
+        drafters=("model", "ngram") if draft else (),
         draft_model=str(draft or ""),
         kv_cache_tokens=kv_tokens,
         num_threads=1,
@@ -49,8 +49,9 @@ def prompts() -> list[list[int]]:
 
 
 def drafter_of(runner: ModelRunner) -> DraftModelDrafter:
-    assert isinstance(runner.drafter, DraftModelDrafter)
-    return runner.drafter
+    drafter = runner.drafters["model"]
+    assert isinstance(drafter, DraftModelDrafter)
+    return drafter
 
 
 def test_greedy_output_with_the_draft_model_equals_plain_alone_and_in_a_mixed_batch(models: dict[str, Path]) -> None:
@@ -60,13 +61,24 @@ def test_greedy_output_with_the_draft_model_equals_plain_alone_and_in_a_mixed_ba
     for i, ids in enumerate(prompts()):
         job = run_alone(runner, Job(f"a{i}", ids, MAX_NEW, num_draft_tokens=(2, 4, 8)[i % 3]), [])
         assert job.output_ids == expected[i], i
+    # Some requests draft with the model, some with n-gram lookup, some not at all, joining while
+    # others decode, some prefilled in chunks.
     jobs = [
-        Job(f"m{i}", ids, MAX_NEW, num_draft_tokens=(0, 1, 3, 5)[i % 4], prefill_chunk=(4, 1 << 30)[i % 2])
+        Job(
+            f"m{i}",
+            ids,
+            MAX_NEW,
+            num_draft_tokens=(0, 1, 3, 5, 4, 2)[i],
+            drafter=("model", "model", "ngram", "ngram", "ngram", "model")[i],
+            prefill_chunk=(4, 1 << 30)[i % 2],
+        )
         for i, ids in enumerate(prompts())
     ]
     run_jobs(runner, jobs, [], join_every=2)
     assert [job.output_ids for job in jobs] == expected
-    assert sum(job.num_drafted for job in jobs) > 0 and sum(job.num_accepted for job in jobs) > 0
+    for name in ("model", "ngram"):
+        drafted = [job for job in jobs if job.drafter == name and job.num_draft_tokens]
+        assert sum(job.num_drafted for job in drafted) > 0 and sum(job.num_accepted for job in drafted) > 0, name
     assert not runner.seqs and not drafter_of(runner).allocator.regions  # both caches free again
 
 
@@ -137,6 +149,10 @@ def test_aborting_a_request_frees_both_caches_and_drafting_time_is_its_own(model
     result = runner.step(StepPlan(1, scheduled=decode))
     assert all(o.finish_reason == FinishReason.NONE for o in result.outputs)
     assert 0 < result.timings.draft_s < result.timings.step_s  # the drafter's own time
+    (run,) = result.draft_runs  # the first drafter, the model: its three forwards, both requests in each
+    assert run.drafter == "model" and run.num_requests == 2 and run.seconds == result.timings.draft_s
+    assert [(f.num_seqs, f.num_tokens) for f in run.forwards] == [(2, 2), (2, 2), (2, 2)]
+    assert all(len(o.offers) == 2 and o.offers[0].num_tokens > 0 for o in result.outputs)  # model, ngram
     plain = runner.step(StepPlan(2, scheduled=[ScheduledRequest(name) for name in ("a", "b")]))
     assert plain.timings.draft_s == 0.0  # nothing to draft or prefill: the drafter did not run
     runner.step(StepPlan(3, finished_req_ids=["a", "b"]))

@@ -23,7 +23,7 @@ pytestmark = [
 
 
 def test_greedy_output_with_the_0_5b_drafting_equals_plain_in_float32() -> None:
-    config = EngineConfig(model=TARGET, drafter="model", draft_model=DRAFT, kv_cache_tokens=4096, dtype="float32")
+    config = EngineConfig(model=TARGET, drafters=("model",), draft_model=DRAFT, kv_cache_tokens=4096, dtype="float32")
     runner, ready = build_runner(config, show_progress=False)
     tokenizer = TextTokenizer(ready.model_path)
     items = completion_workload(2) + editing_workload(2)
@@ -38,6 +38,6 @@ def test_greedy_output_with_the_0_5b_drafting_equals_plain_in_float32() -> None:
 
 
 def test_a_draft_model_of_another_family_is_refused(smollm2_path: str) -> None:
-    config = EngineConfig(model=str(model_dir(TARGET)), drafter="model", draft_model=smollm2_path)
+    config = EngineConfig(model=str(model_dir(TARGET)), drafters=("model",), draft_model=smollm2_path)
     with pytest.raises(DraftModelMismatchError, match="49152 entries"):
         build_runner(config, show_progress=False)

@@ -15,7 +15,7 @@ from server.errors import InvalidArgumentError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
-from server.policy.goodput import Candidate, StepBase, choose, gains_of, rank
+from server.policy.goodput import Candidate, Option, StepBase, choose, gains_of, rank
 from server.policy.speculation import PROBE_AFTER_STEPS
 
 NO_DRAFT_COSTS = DraftCosts(0.0, 0.0, 0.0)
@@ -43,6 +43,13 @@ class FakeCost:
     def observe(self, shape: BatchShape, seconds: float) -> None:
         pass
 
+    @property
+    def fixed_s(self) -> float:
+        return self.base
+
+    def observe_forwards(self, shapes: list[BatchShape], seconds: float) -> None:
+        pass
+
 
 @dataclass
 class FakeRequest:
@@ -52,6 +59,15 @@ class FakeRequest:
     num_new_tokens_left: int = 100
     num_tokens: int = 100
     offer: Offer = field(default_factory=lambda: Offer(8, match_len=2))
+    requested_drafter: str = ""
+
+    @property
+    def offers(self) -> dict[str, Offer]:
+        return {"ngram": self.offer}
+
+
+def cand(req_id: str, chances: list[float], max_k: int, num_kv_tokens: int, drafter: str = "ngram") -> Candidate:
+    return Candidate(req_id, [Option(drafter, chances, max_k)], num_kv_tokens)
 
 
 def fixed_rate(rates: dict[str, float]) -> AcceptanceEstimator:
@@ -68,7 +84,12 @@ def make_policy(
     rates: dict[str, float], cost: FakeCost, mode: SpeculationMode = SpeculationMode.AUTO, max_k: int = 8
 ) -> SpeculationPolicy:
     settings = PolicySettings(mode, 4, max_k)
-    return SpeculationPolicy(settings, max_k, cost_model=cost, acceptance=fixed_rate(rates))  # type: ignore[arg-type]
+    return SpeculationPolicy(
+        settings,
+        max_k,
+        cost_model=cost,  # type: ignore[arg-type]
+        acceptance={"ngram": fixed_rate(rates)},
+    )
 
 
 def base_for(requests: list[FakeRequest], room: int = 512) -> StepBase:
@@ -77,7 +98,10 @@ def base_for(requests: list[FakeRequest], room: int = 512) -> StepBase:
 
 
 def choose_for(policy: SpeculationPolicy, requests: list[FakeRequest]) -> dict[str, int]:
-    return policy.choose(requests, base_for(requests))
+    """k per request (all from the n-gram drafter, the only one)."""
+    chosen = policy.choose(requests, base_for(requests))
+    assert all(a.drafter == "ngram" for a in chosen.values() if a.num_draft_tokens)
+    return {req_id: a.num_draft_tokens for req_id, a in chosen.items()}
 
 
 def test_k_grows_with_acceptance() -> None:
@@ -121,9 +145,9 @@ def test_probing_lets_a_stale_estimate_recover() -> None:
     policy = SpeculationPolicy(
         PolicySettings(SpeculationMode.AUTO, 4, 8),
         8,
-        cost_model=FakeCost(per_token=0.006, free_tokens=1),
-        acceptance=estimator,
-    )  # type: ignore[arg-type]
+        cost_model=FakeCost(per_token=0.006, free_tokens=1),  # type: ignore[arg-type]
+        acceptance={"ngram": estimator},
+    )
     request = FakeRequest("r")
     for _ in range(20):  # a run of rejections: the estimate drops and k goes to 0
         estimator.observe("r", 2, num_drafted=4, num_accepted=0)
@@ -157,7 +181,7 @@ def test_step_budget_caps_the_drafts() -> None:
     policy = make_policy({"a": 0.99, "b": 0.99}, FakeCost(per_token=0.0))
     requests = [FakeRequest("a"), FakeRequest("b")]
     chosen = policy.choose(requests, base_for(requests, room=5))
-    assert sum(chosen.values()) == 5
+    assert sum(a.num_draft_tokens for a in chosen.values()) == 5
 
 
 def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
@@ -165,7 +189,7 @@ def test_chooser_finds_the_best_prefix_past_a_costly_first_token() -> None:
     # alone loses, four win. A chooser that stopped at the first loss would never speculate.
     times = [0.0, 0.030, 0.040, 0.0405, 0.041, 0.0415, 0.042]
     base = StepBase(BatchShape(1, 1, 100, 0, 100), 1.0, 100)
-    choice = choose([Candidate("r", [0.7] * 5, 5, 100)], base, times, NO_DRAFT_COSTS)
+    choice = choose([cand("r", [0.7] * 5, 5, 100)], base, times, NO_DRAFT_COSTS)
     assert choice.draft_tokens["r"] == 5 and choice.goodput > choice.plain_goodput
 
 
@@ -209,7 +233,8 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
         )
         assert times[n] == pytest.approx(model.predict(same_but_n))
     # The chooser prices 2 drafts for each of 4 requests as predict prices that verification step.
-    drafts = gains_of(Candidate("r", [0.9] * 2, 2, 301), model.draft_costs())
+    request = cand("r", [0.9] * 2, 2, 301)
+    drafts = gains_of(request, request.options[0], model.draft_costs())
     assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
 
 
@@ -217,7 +242,8 @@ def test_positions_are_ranked_by_tokens_per_second_and_taken_in_order() -> None:
     # The first draft pays the switch to verification: alone it would rank below the second, so
     # the two are ranked as one block by their pooled ratio; the unlikely third ranks on its own.
     costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.010, per_attention_pair=0.0)
-    gains = gains_of(Candidate("r", [0.9, 0.9, 0.05], 3, 100), costs)
+    request = cand("r", [0.9, 0.9, 0.05], 3, 100)
+    gains = gains_of(request, request.options[0], costs)
     assert [g.tokens for g in gains] == pytest.approx([0.9, 0.81, 0.0405])  # P(reaching and passing)
     keys = [key for key, _ in rank(gains, per_token_s=0.001)]
     assert 0.9 / 0.011 < 0.81 / 0.001  # unpooled, the second would rank first
@@ -231,11 +257,11 @@ def test_a_long_draft_for_one_copying_request_is_worth_slowing_the_others() -> N
     # finishes about 5x sooner and hands its slot on, so the others pay only during its short life.
     times = [0.040 + 0.002 * max(0, n - 8) for n in range(32)]
     costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.004, per_attention_pair=0.0)
-    candidates = [Candidate("copy", [0.95] * 8, 8, 100)]
+    candidates = [cand("copy", [0.95] * 8, 8, 100)]
     choice = choose(candidates, StepBase(BatchShape(8, 8, 800, 0, 800), 8.0, 100), times, costs)
     assert choice.draft_tokens["copy"] == 8 and choice.goodput > 1.15 * choice.plain_goodput
     # A weak copier is not worth it.
-    weak = [Candidate("copy", [0.3] * 8, 8, 100)]
+    weak = [cand("copy", [0.3] * 8, 8, 100)]
     assert choose(weak, StepBase(BatchShape(8, 8, 800, 0, 800), 8.0, 100), times, costs).draft_tokens["copy"] == 0
 
 
@@ -243,7 +269,7 @@ def test_drafts_are_spread_over_requests_of_equal_acceptance() -> None:
     # Equal chances and costs: a second draft for one request yields less than a first draft for
     # another (0.36 against 0.6 tokens), so the chooser gives each request one before anyone two.
     times = [0.040 + 0.001 * max(0, n - 4) for n in range(64)]
-    candidates = [Candidate(f"r{i}", [0.6] * 8, 8, 100) for i in range(4)]
+    candidates = [cand(f"r{i}", [0.6] * 8, 8, 100) for i in range(4)]
     base = StepBase(BatchShape(4, 4, 400, 0, 400), 4.0, 100)
     choice = choose(candidates, base, times, NO_DRAFT_COSTS)
     ks = sorted(choice.draft_tokens.values())
@@ -254,7 +280,7 @@ def test_long_contexts_draft_less_when_attention_is_costly() -> None:
     # Each query-key pair costs: a draft token of a 4000-token request costs 40x one of a
     # 100-token request, so at equal acceptance the short one gets the longer draft.
     costs = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.0, per_attention_pair=1e-6)
-    candidates = [Candidate("short", [0.8] * 8, 8, 100), Candidate("long", [0.8] * 8, 8, 4000)]
+    candidates = [cand("short", [0.8] * 8, 8, 100), cand("long", [0.8] * 8, 8, 4000)]
     base = StepBase(BatchShape(2, 2, 4100, 0, 4100), 2.0, 100)
     times = [0.030] * 20
     for order in (candidates, candidates[::-1]):  # whichever arrived first
@@ -262,7 +288,7 @@ def test_long_contexts_draft_less_when_attention_is_costly() -> None:
         assert choice.draft_tokens["short"] > choice.draft_tokens["long"]
     # A costly switch from decode to verification keeps weak requests at k = 0.
     switch = DraftCosts(per_context_token=0.0, per_multi_token_seq=0.02, per_attention_pair=0.0)
-    weak = [Candidate("weak", [0.3] * 8, 8, 100)]
+    weak = [cand("weak", [0.3] * 8, 8, 100)]
     assert choose(weak, base, times, switch).draft_tokens["weak"] == 0
     assert choose(weak, base, times, NO_DRAFT_COSTS).draft_tokens["weak"] > 0
 
@@ -304,8 +330,8 @@ def test_debug_log_shows_each_auto_choice_and_its_measured_step() -> None:
         chosen = choose_for(policy, requests)
         policy.observe_step(BatchShape(10, 2, 200, 1, 1000), 0.041)
     choice, step = [entry for entry in logs if entry["event"] in ("auto choice", "step time")]
-    assert choice["chosen_k"] == {"copying": chosen["copying"]} and chosen["copying"] > 0
-    assert choice["max_k"] == {"copying": 8} and choice["first_pass_chance"] == {"copying": 0.95}
+    assert choice["chosen"] == {"copying": f"ngram k={chosen['copying']}"} and chosen["copying"] > 0
+    assert choice["first_pass_chance"] == {"copying/ngram": 0.95}
     assert (choice["running"], choice["waiting"]) == (2, 0)
     # the cost model's price of the step that ran (10 tokens: 30 ms + 2 x 2 ms), against its time
     assert step["predicted_ms"] == 34.0 and step["measured_ms"] == 41.0
@@ -316,10 +342,10 @@ def test_a_draft_is_taken_when_it_raises_goodput_at_all() -> None:
     # 0.45 it makes 4.45 tokens in 44 ms (101/s): taken. At 0.35, 4.35 in 44 ms (99/s): not.
     times = [0.040 + 0.004 * max(0, n - 4) for n in range(16)]
     base = StepBase(BatchShape(4, 4, 400, 0, 400), 4.0, 100)
-    taken = choose([Candidate("r", [0.45], 1, 100)], base, times, NO_DRAFT_COSTS)
+    taken = choose([cand("r", [0.45], 1, 100)], base, times, NO_DRAFT_COSTS)
     assert taken.draft_tokens["r"] == 1
     assert taken.step_s == pytest.approx(0.044) and taken.goodput == pytest.approx(4.45 / 0.044)
-    declined = choose([Candidate("r", [0.35], 1, 100)], base, times, NO_DRAFT_COSTS)
+    declined = choose([cand("r", [0.35], 1, 100)], base, times, NO_DRAFT_COSTS)
     assert declined.draft_tokens["r"] == 0 and declined.goodput == pytest.approx(100.0)
 
 
@@ -335,7 +361,9 @@ def test_set_policy_changes_only_the_given_fields_and_a_bad_one_changes_nothing(
 
 def test_the_snapshot_is_what_the_policy_knew_then_and_stays_so() -> None:
     estimator, cost = AcceptanceEstimator(max_draft_tokens=4), StepCostModel(refit_every=1)
-    policy = SpeculationPolicy(PolicySettings(SpeculationMode.AUTO, 4, 4), 4, cost_model=cost, acceptance=estimator)
+    policy = SpeculationPolicy(
+        PolicySettings(SpeculationMode.AUTO, 4, 4), 4, cost_model=cost, acceptance={"ngram": estimator}
+    )
     before = policy.snapshot()
     estimator.observe("r", 3, num_drafted=4, num_accepted=4)
     policy.apply(PolicyUpdate(SpeculationMode.OFF))

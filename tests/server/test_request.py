@@ -24,6 +24,7 @@ def test_a_good_request_passes() -> None:
         stop=("ab",),
         speculation_mode=SpeculationMode.FIXED,
         num_draft_tokens=8,
+        drafter="ngram",
     )
     check(messages=(ChatMessage("user", "hi"),), speculation_mode=SpeculationMode.OFF)
 
@@ -49,6 +50,11 @@ def test_a_good_request_passes() -> None:
             {"prompt": "a", "speculation_mode": SpeculationMode.AUTO, "num_draft_tokens": 2},
             "speculation.num_draft_tokens",
         ),
+        (
+            {"prompt": "a", "speculation_mode": SpeculationMode.FIXED, "num_draft_tokens": 2, "drafter": "model"},
+            "speculation.drafter",  # this server has only ngram
+        ),
+        ({"prompt": "a", "speculation_mode": SpeculationMode.AUTO, "drafter": "ngram"}, "speculation.drafter"),
     ],
 )
 def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:

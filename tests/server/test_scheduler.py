@@ -154,18 +154,18 @@ def test_a_step_records_the_k_it_drafted_not_the_k_planned() -> None:
 
 def test_the_policy_learns_each_draft_with_the_offer_it_was_planned_from() -> None:
     scheduler = make_scheduler(mode=SpeculationMode.AUTO)
-    seen: list[tuple[str, Offer, int, int]] = []
+    seen: list[tuple[str, str, Offer, int, int]] = []
     scheduler.policy.observe_draft = lambda *args: seen.append(args)  # type: ignore[method-assign]
     scheduler.add(make_state("a", 2))
     steps = [([70], 0, 0, Offer(4, 7)), ([71, 72, 73], 3, 2, Offer(2, 3)), ([74], 2, 0, Offer())]
     for token_ids, num_drafted, num_accepted, offer in steps:
         plan = scheduler.schedule()
         assert plan is not None
-        output = RequestOutput("a", token_ids, num_drafted, num_accepted, offer=offer)
+        output = RequestOutput("a", token_ids, num_drafted, num_accepted, offers=[offer])
         scheduler.update(StepResult(plan.step_id, [output]))
     # the prefill's token is no draft step; each draft is paired with the offer before it
-    assert seen == [("a", Offer(4, 7), 3, 2), ("a", Offer(2, 3), 2, 0)]
-    assert scheduler.running["a"].offer == Offer()
+    assert seen == [("a", "ngram", Offer(4, 7), 3, 2), ("a", "ngram", Offer(2, 3), 2, 0)]
+    assert scheduler.running["a"].offers == {"ngram": Offer()}
 
 
 def test_a_request_that_ends_with_a_step_gets_one_last_chunk_with_that_steps_tokens() -> None:

@@ -139,11 +139,17 @@ def test_policy_flag_takes_the_mode_labels_and_the_contracts_goodput() -> None:
         parse("--policy", "fixed4")
 
 
-def test_a_draft_model_makes_the_model_drafter_the_default() -> None:
-    assert parse().engine.drafter == "ngram" and parse().engine.draft_model == ""
+def test_a_draft_model_joins_the_drafters_by_default() -> None:
+    assert parse().engine.drafters == ("ngram",) and parse().engine.draft_model == ""
     config = parse("--draft-model", "qwen2.5-coder-0.5b")
-    assert config.engine.drafter == "model" and config.engine.draft_model == "qwen2.5-coder-0.5b"
+    assert config.engine.drafters == ("ngram", "model") and config.engine.draft_model == "qwen2.5-coder-0.5b"
+    assert parse("--drafters", "model", "--draft-model", "x").engine.drafters == ("model",)
+    assert parse("--drafters", "none").engine.drafters == ()
     with pytest.raises(ValueError, match="the model drafter needs a draft model"):
-        parse("--drafter", "model")
+        parse("--drafters", "ngram,model")
     with pytest.raises(ValueError, match="a draft model needs the model drafter"):
-        parse("--drafter", "ngram", "--draft-model", "qwen2.5-coder-0.5b")
+        parse("--drafters", "ngram", "--draft-model", "qwen2.5-coder-0.5b")
+    with pytest.raises(ValueError, match="drafters must be among ngram, model, got 'medusa'"):
+        parse("--drafters", "ngram,medusa")
+    with pytest.raises(ValueError, match="must not repeat"):
+        parse("--drafters", "ngram,ngram")

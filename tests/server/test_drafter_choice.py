@@ -1,0 +1,165 @@
+"""Choosing the drafter and k per request when a drafter costs time (a draft model), with fake
+cost models (no model, no engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from api.speculation import SpeculationMode
+from engine.protocol import BatchShape, DraftRun, Offer
+from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
+from server.policy.acceptance import AcceptanceEstimator
+from server.policy.cost_model import DraftCosts, StepCostModel
+from server.policy.goodput import Candidate, Option, StepBase, choose
+from server.policy.speculation import Assignment
+
+NO_COSTS = DraftCosts(0.0, 0.0, 0.0)
+TARGET_TIMES = [0.100 + 0.002 * n for n in range(300)]  # a target step: 100 ms, 2 ms per extra token
+
+
+@dataclass
+class FakeDraftCost:
+    """A draft model's forward: `fixed` whatever the batch, plus `per_seq` per sequence and
+    `per_token` per query token."""
+
+    fixed: float = 0.030
+    per_seq: float = 0.001
+    per_token: float = 0.0005
+    is_fitted: bool = True
+
+    @property
+    def fixed_s(self) -> float:
+        return self.fixed
+
+    def predict(self, shape: BatchShape) -> float:
+        return self.fixed + self.per_seq * shape.num_seqs + self.per_token * shape.num_tokens
+
+
+def base(n: int) -> StepBase:
+    return StepBase(BatchShape(n, n, 100 * n, 0, 100 * n), float(n), 256)
+
+
+def candidate(req_id: str, ngram: tuple[float, int], model: tuple[float, int], num_unseen: int = 1) -> Candidate:
+    """Options: n-gram with its (pass chance, tokens offered), the draft model likewise."""
+    options = [
+        Option("ngram", [ngram[0]] * 8, ngram[1]),
+        Option("model", [model[0]] * 8, model[1], num_unseen),
+    ]
+    return Candidate(req_id, options, 100)
+
+
+def pick(candidates: list[Candidate], draft: FakeDraftCost) -> tuple[dict[str, tuple[str, int]], float, float]:
+    choice = choose(candidates, base(len(candidates)), TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
+    picks = {r: (choice.drafters.get(r, ""), k) for r, k in choice.draft_tokens.items()}
+    return picks, choice.draft_s, choice.goodput / choice.plain_goodput
+
+
+def test_a_long_ngram_match_wins_over_a_draft_model_that_costs_time() -> None:
+    picks, draft_s, gain = pick([candidate("r", (0.97, 8), (0.7, 8))], FakeDraftCost())
+    assert picks["r"] == ("ngram", 8) and draft_s == 0.0 and gain > 3
+
+
+def test_the_draft_model_drafts_where_ngram_has_nothing_and_its_time_is_priced() -> None:
+    picks, draft_s, gain = pick([candidate("r", (0.5, 0), (0.8, 8))], FakeDraftCost())
+    drafter, k = picks["r"]
+    assert drafter == "model" and 2 <= k <= 6 and gain > 1.2
+    # k forwards: the first feeds one token, each later one extends by one token
+    assert draft_s == pytest.approx(k * (0.030 + 0.001 + 0.0005))
+
+
+def test_a_draft_model_too_slow_or_too_wrong_to_pay_is_not_used() -> None:
+    for draft, rate in ((FakeDraftCost(fixed=0.200), 0.8), (FakeDraftCost(), 0.15)):
+        picks, draft_s, gain = pick([candidate("r", (0.5, 0), (rate, 8))], draft)
+        assert picks["r"] == ("", 0) and draft_s == 0.0 and gain == pytest.approx(1.0)
+
+
+def test_catching_up_on_many_unseen_tokens_makes_the_draft_model_dearer() -> None:
+    draft = FakeDraftCost(per_token=0.004)
+    _, _, fresh_gain = pick([candidate("r", (0.5, 0), (0.7, 8), num_unseen=1)], draft)
+    _, _, behind_gain = pick([candidate("r", (0.5, 0), (0.7, 8), num_unseen=40)], draft)
+    assert fresh_gain > behind_gain
+
+
+def test_requests_share_the_draft_models_forwards_and_each_gets_its_own_drafter() -> None:
+    # Six requests with nothing to copy share the draft model's forwards: the fixed part is paid
+    # once per forward, not once per request.
+    drafting = [candidate(f"m{i}", (0.5, 0), (0.8, 8)) for i in range(6)]
+    picks, draft_s, gain = pick(drafting, FakeDraftCost())
+    ks = {picks[f"m{i}"] for i in range(6)}
+    assert len(ks) == 1 and next(iter(ks))[0] == "model" and gain > 1.2
+    k = next(iter(ks))[1]
+    assert draft_s == pytest.approx(k * (0.030 + 6 * (0.001 + 0.0005)))
+    # Two copiers join on n-gram: the step is now worth 2x plain, and at that rate forwards of
+    # 30 ms no longer pay for the model's tokens; forwards of 10 ms still do.
+    copying = [candidate(f"c{i}", (0.97, 8), (0.8, 8)) for i in range(2)]
+    for fixed, uses_model in ((0.030, False), (0.010, True)):
+        picks, draft_s, gain = pick(drafting + copying, FakeDraftCost(fixed=fixed))
+        assert all(picks[f"c{i}"][0] == "ngram" and picks[f"c{i}"][1] == 8 for i in range(2))
+        assert all((picks[f"m{i}"][0] == "model") == uses_model for i in range(6)), fixed
+        assert (draft_s > 0) == uses_model and gain > 2
+
+
+def test_a_plan_without_the_draft_model_wins_when_its_forwards_do_not_pay_for_themselves() -> None:
+    # A copier prefers n-gram; one weak request would take the model, but its whole forward is
+    # not worth it: the walk with that request on its model-free option (none) wins.
+    candidates = [candidate("copy", (0.97, 8), (0.5, 8)), candidate("weak", (0.3, 0), (0.45, 8))]
+    picks, draft_s, _ = pick(candidates, FakeDraftCost(fixed=0.060))
+    assert picks["copy"][0] == "ngram" and picks["weak"] == ("", 0) and draft_s == 0.0
+
+
+@dataclass
+class FakeRequest:
+    req_id: str
+    speculation_mode: int = SpeculationMode.DEFAULT
+    requested_draft_tokens: int = 0
+    requested_drafter: str = ""
+    num_new_tokens_left: int = 100
+    num_tokens: int = 100
+    offers: dict[str, Offer] = field(default_factory=lambda: {"ngram": Offer(0), "model": Offer(8)})
+
+
+def two_drafter_policy(mode: SpeculationMode = SpeculationMode.AUTO) -> SpeculationPolicy:
+    target = StepCostModel()
+    target.warm([(BatchShape(n, 1, 100 + n, int(n > 1), n * (100 + n)), 0.100 + 0.002 * n) for n in range(1, 20)])
+    return SpeculationPolicy(
+        PolicySettings(mode, 2, 8), 8, drafters=("ngram", "model"), model_drafters=("model",), cost_model=target
+    )
+
+
+def test_the_draft_model_is_left_out_of_auto_until_its_cost_is_known_then_chosen() -> None:
+    policy = two_drafter_policy()
+    acceptance: AcceptanceEstimator = policy.acceptance["model"]
+    for _ in range(40):
+        acceptance.observe("r", 0, num_drafted=4, num_accepted=4)
+    request = FakeRequest("r")
+    assert policy.choose([request], base(1))["r"] == Assignment("", 0)  # no price for the model yet
+    forwards = [
+        (BatchShape(q, b, b * 100, int(q > b), q * 100), 0.030 + 0.001 * b) for b in (1, 2, 4) for q in (b, 2 * b)
+    ]
+    policy.warm(forwards * 3, "model")
+    assert policy.snapshot().drafters["model"].cost_coefficients["const"] > 0.02
+    drafter, k = policy.choose([request], base(1))["r"]
+    assert drafter == "model" and k > 1
+    # A step's draft forwards refit the drafter's own model, not the target's.
+    target_coefficients = policy.cost_model.coefficients()
+    for _ in range(25):
+        policy.observe_step(
+            BatchShape(1, 1, 100, 0, 100), 0.102, [DraftRun("model", 0.062, 1, [BatchShape(1, 1, 100, 0, 100)] * 2)]
+        )
+    assert policy.cost_model.coefficients() is not target_coefficients  # refitted on 0.102 s steps
+    assert policy.draft_cost_models["model"].predict(BatchShape(1, 1, 100, 0, 100)) == pytest.approx(0.031, abs=0.003)
+
+
+def test_fixed_names_its_drafter_or_gets_the_servers() -> None:
+    policy = two_drafter_policy(SpeculationMode.FIXED)
+    named = FakeRequest("a", SpeculationMode.FIXED, requested_draft_tokens=3, requested_drafter="model")
+    unnamed = FakeRequest("b", SpeculationMode.FIXED, requested_draft_tokens=3)
+    server_wide = FakeRequest("c")
+    chosen = policy.choose([named, unnamed, server_wide], base(3))
+    assert chosen == {"a": ("model", 3), "b": ("ngram", 3), "c": ("ngram", 2)}
+    policy.apply(PolicyUpdate(drafter="model"))
+    assert policy.choose([unnamed, server_wide], base(2)) == {"b": ("model", 3), "c": ("model", 2)}
+    with pytest.raises(Exception, match="policy.drafter"):
+        policy.apply(PolicyUpdate(drafter="medusa"))
