@@ -97,15 +97,16 @@ class Variant:
 
 
 def batch_one(
-    server: InProcessServer,
+    servers: dict[SpeculationMode, InProcessServer],
     hf: HFProcess | None,
     prompts: list[list[int]],
     max_new_tokens: int,
     variants: dict[str, Variant],
     hf_lookup: int,
 ) -> dict[str, VariantStats]:
-    """variants: name -> our setting; transformers' plain, prompt lookup and (with a draft
-    model) assisted generation run after ours on each prompt, in their own process."""
+    """variants: name -> our setting, run by the server for its mode; transformers' plain, prompt
+    lookup and (with a draft model) assisted generation run after ours on each prompt, in their
+    own process."""
     stats = {name: VariantStats(name) for name in variants}
     hf_variants: dict[str, tuple[int, bool]] = {}
     if hf is not None:
@@ -115,7 +116,7 @@ def batch_one(
     stats.update({name: VariantStats(name) for name in hf_variants})
     for ids in tqdm(prompts, desc="prompts", unit="prompt"):
         for name, v in variants.items():
-            outcome = server.generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
+            outcome = servers[v.mode].generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
             # steps that made tokens: the decoding ones and the one that ended the prefill
             record(
                 stats[name],
@@ -264,16 +265,22 @@ def run_engine_bench(
     runner, ready = build_runner(config, show_progress=True)
     tokenizer = TextTokenizer(ready.model_path)
     eos = ready.eos_token_ids
-    server = InProcessServer(runner, ready, tokenizer)
+    # Two control planes over the one engine: one for the fixed settings, one for AUTO, so that
+    # AUTO's acceptance estimates come from its own earlier requests, as on a server, and not
+    # from the fixed settings having just run the same prompt.
+    server, auto_server = InProcessServer(runner, ready, tokenizer), InProcessServer(runner, ready, tokenizer)
     print("timing the start-up profile of the step-cost models, as the server does ...", flush=True)
-    server.warm()
+    profile = server.profile()
+    server.warm(profile)
+    auto_server.warm(profile)
     hf = None
     if with_transformers:
         draft_path = resolve_model(draft_model, show_progress=False) if draft_model else ""
         hf = HFProcess(ready.model_path, dtype, eos, draft_path)
     try:
+        servers = {SpeculationMode.AUTO: auto_server, SpeculationMode.FIXED: server, SpeculationMode.OFF: server}
         report = measure(
-            runner, ready, server, hf, tokenizer, num_prompts, ks, concurrency, hf_lookup, draft_ks, workloads
+            runner, ready, servers, hf, tokenizer, num_prompts, ks, concurrency, hf_lookup, draft_ks, workloads
         )
     finally:
         if hf is not None:
@@ -289,7 +296,7 @@ def run_engine_bench(
 def measure(
     runner: ModelRunner,
     ready: EngineReady,
-    server: InProcessServer,
+    servers: dict[SpeculationMode, InProcessServer],
     hf: HFProcess | None,
     tokenizer: TextTokenizer,
     num_prompts: int,
@@ -301,7 +308,7 @@ def measure(
 ) -> dict[str, Any]:
     eos, dtype = ready.eos_token_ids, ready.dtype
     warmup = tokenizer.encode("def warm_up():")
-    server.generate(warmup, 8, SpeculationMode.FIXED, 4)
+    servers[SpeculationMode.FIXED].generate(warmup, 8, SpeculationMode.FIXED, 4)
     if hf is not None:
         hf.generate(warmup, 8)
     report: dict[str, Any] = {
@@ -316,7 +323,7 @@ def measure(
     for workload in workloads:
         items = build_workload(workload, num_prompts)
         prompts = [item.token_ids(tokenizer) for item in items]
-        stats = batch_one(server, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
+        stats = batch_one(servers, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
         plain_tps = stats["ours plain"].tokens_per_s
         report["batch_one"][workload] = {
             name: {**s.summary(), "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3)}

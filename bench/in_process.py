@@ -15,11 +15,10 @@ import anyio
 
 from api.speculation import SpeculationMode
 from engine.profile import profile_steps
-from engine.protocol import EngineReady, SamplingParams
+from engine.protocol import EngineReady, SamplingParams, StepSample
 from engine.runner import ModelRunner
-from server.app import configure_logging
+from server.app import build_policy, configure_logging
 from server.config import ServerConfig
-from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.profile import REPEATS, profile_shapes
 from server.request import GenerationRequest
 from server.request_state import RequestState, Status
@@ -39,16 +38,13 @@ class Outcome:
 
 
 class InProcessServer:
+    """One server's control plane (its own policy, with what it learns) over a shared runner."""
+
     def __init__(self, runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer) -> None:
-        defaults = ServerConfig()
         configure_logging("console", "warning")  # the policy's per-step debug lines would drown the table
+        defaults = ServerConfig()
         self.runner, self.ready, self.tokenizer = runner, ready, tokenizer
-        self.policy = SpeculationPolicy(
-            PolicySettings(SpeculationMode.AUTO, defaults.num_draft_tokens, ready.max_draft_tokens),
-            ready.max_draft_tokens,
-            drafters=tuple(ready.drafters),
-            model_drafters=tuple(ready.model_drafters),
-        )
+        self.policy = build_policy(defaults, ready)
         limits = SchedulerLimits(
             defaults.max_running_requests,
             defaults.max_waiting_requests,
@@ -58,12 +54,17 @@ class InProcessServer:
         self.scheduler = Scheduler(limits, self.policy)
         self.num_requests = 0
 
-    def warm(self) -> None:
-        """The server's start-up profile: the target's step-cost model and each draft model's."""
+    def profile(self) -> dict[str, list[StepSample]]:
+        """The server's start-up profile: the target's steps ("") and each draft model's forwards."""
         defaults = ServerConfig()
         shapes = profile_shapes(defaults.max_running_requests, self.ready.max_draft_tokens, defaults.max_step_tokens)
-        for drafter in ["", *self.ready.model_drafters]:
-            samples = profile_steps(self.runner, shapes, REPEATS, drafter)
+        return {
+            drafter: profile_steps(self.runner, shapes, REPEATS, drafter)
+            for drafter in ["", *self.ready.model_drafters]
+        }
+
+    def warm(self, profile: dict[str, list[StepSample]]) -> None:
+        for drafter, samples in profile.items():
             self.policy.warm([(s.shape, s.step_s) for s in samples], drafter)
 
     def generate(

@@ -134,10 +134,11 @@ class ModelRunner:
         )
 
     def _drafter_of(self, scheduled: ScheduledRequest) -> Drafter | None:
-        """The plan's drafter for a request, or the first; None when the engine has none."""
-        if not scheduled.drafter:
-            return next(iter(self.drafters.values()), None)
-        return self.drafters.get(scheduled.drafter)
+        """The drafter the plan names (step() has failed requests naming one it lacks), or the
+        first; None when the engine has none."""
+        if scheduled.drafter:
+            return self.drafters[scheduled.drafter]
+        return next(iter(self.drafters.values()), None)
 
     def _plan_work(self, seq: Sequence, scheduled: ScheduledRequest) -> _Work:
         if seq.is_prefilling:

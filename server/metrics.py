@@ -73,8 +73,9 @@ class Metrics:
         )
         self.first_token_rate = Gauge(
             "goodspeed_policy_first_token_rate",
-            "Server-wide acceptance estimate of the first draft token, by the n-gram match length of its proposal",
-            ["match_len"],
+            "Server-wide acceptance estimate of a drafter's first draft token, by the match length of its proposal "
+            "(n-gram lookup; 0 for a draft model)",
+            ["drafter", "match_len"],
             registry=r,
         )
         self.cost_model_error = Gauge(
@@ -92,8 +93,9 @@ class Metrics:
         for drafter, figures in snapshot.drafters.items():
             self.acceptance_rate.labels(drafter=drafter, draft_token="first").set(figures.first_rate)
             self.acceptance_rate.labels(drafter=drafter, draft_token="rest").set(figures.continuation_rate)
-        for match_len, rate in snapshot.first_token_rates.items():
-            self.first_token_rate.labels(match_len=str(match_len)).set(rate)
+        for drafter, figures in snapshot.drafters.items():
+            for match_len, rate in figures.first_token_rates.items():
+                self.first_token_rate.labels(drafter=drafter, match_len=str(match_len)).set(rate)
         self.cost_model_error.set(snapshot.cost_model_error)
         self.probes.inc(snapshot.num_probes - (previous.num_probes if previous else 0))
         if previous is None or snapshot.cost_coefficients is not previous.cost_coefficients:  # refitted

@@ -128,6 +128,11 @@ class DrafterUsage:
     num_drafted: int = 0
     num_accepted: int = 0
 
+    def add(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_steps += 1
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+
 
 @dataclass(slots=True)
 class SpeculationSummary:
@@ -146,10 +151,7 @@ class SpeculationSummary:
         self.num_accepted += num_accepted
         self.draft_lengths.append(num_drafted)  # what was verified: the plan may ask for more
         if drafter:
-            usage = self.by_drafter.setdefault(drafter, DrafterUsage())
-            usage.num_steps += 1
-            usage.num_drafted += num_drafted
-            usage.num_accepted += num_accepted
+            self.by_drafter.setdefault(drafter, DrafterUsage()).add(num_drafted, num_accepted)
 
     @property
     def mean_accepted_length(self) -> float:

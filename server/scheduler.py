@@ -217,8 +217,9 @@ class Scheduler:
         """The step as it stands before drafts, for the goodput policy."""
         # A decode token attends to the whole sequence; a chunk of n prompt tokens to what is
         # prefilled so far plus itself.
-        kv_tokens = [(1, s.num_tokens) for s in decoding] + [(n, s.num_prompt_done + n) for s, n in chunks]
-        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, num_waiting=len(self.waiting))
+        prefill = tuple((n, s.num_prompt_done + n) for s, n in chunks)
+        kv_tokens = [(1, s.num_tokens) for s in decoding] + list(prefill)
+        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, len(self.waiting), prefill)
 
     def _admit(self) -> list[NewRequest]:
         num_free_slots = self.limits.max_running - len(self.running)
@@ -274,7 +275,7 @@ class Scheduler:
             return
         timings = result.timings
         self.pace.observe_step(timings.step_s)
-        self.policy.observe_step(result.shape, timings.step_s - timings.draft_s, result.draft_runs)
+        self.policy.observe_step(result.shape, timings.step_s, result.draft_runs)
 
     def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:
         """The step's tokens join the request, its draft is counted; returns their text."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +23,9 @@ from server.client_slots import ClientSlots
 from server.errors import InvalidArgumentError, UnavailableError
 from server.loop import ControlLoop
 from server.policy.snapshot import PolicySnapshot
-from server.request import ChatMessage, Chunk, Final, GenerationRequest, Limits, validate_input
+from server.request import ChatMessage, Chunk, DrafterUsage, Final, GenerationRequest, Limits, validate_input
 from server.request_state import RequestState, Status
-from server.stats import DrafterCounts, ServerStats, mean
+from server.stats import ServerStats, mean
 from server.text_stream import TextStream
 from server.tokenize_pool import TokenizerPool
 from server.tokenizer import TextTokenizer
@@ -301,7 +302,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 def drafter_stats_to_pb(stats: ServerStats, policy: PolicySnapshot, name: str) -> pb.DrafterStats:
-    counts = stats.by_drafter.get(name, DrafterCounts())
+    counts = stats.by_drafter.get(name, DrafterUsage())
     figures = policy.drafters.get(name)
     return pb.DrafterStats(
         steps=counts.num_steps,
@@ -309,7 +310,7 @@ def drafter_stats_to_pb(stats: ServerStats, policy: PolicySnapshot, name: str) -
         accepted_tokens=counts.num_accepted,
         acceptance_rate=figures.first_rate if figures else 0.0,
         continuation_rate=figures.continuation_rate if figures else 0.0,
-        mean_draft_s=mean(counts.recent_draft_s),
+        mean_draft_s=mean(stats.recent_draft_s_by_drafter.get(name, deque())),
         cost_model_ms={feature: value * 1000 for feature, value in figures.cost_coefficients.items()}
         if figures
         else {},

@@ -9,17 +9,10 @@ from dataclasses import dataclass, field
 
 from engine.protocol import FinishReason, StepPlan, StepResult
 from server.metrics import Metrics
+from server.request import DrafterUsage
 from server.request_state import RequestState
 
 RECENT_STEPS = 200
-
-
-@dataclass
-class DrafterCounts:
-    num_steps: int = 0  # request-steps it drafted for
-    num_drafted: int = 0
-    num_accepted: int = 0
-    recent_draft_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))  # steps it ran
 
 
 @dataclass
@@ -44,7 +37,9 @@ class ServerStats:
     recent_overhead: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_handed_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_chunk_written_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
-    by_drafter: dict[str, DrafterCounts] = field(default_factory=dict)
+    by_drafter: dict[str, DrafterUsage] = field(default_factory=dict)  # request-steps each drafted for
+    # each drafter's time per step it ran in (a draft model's prefill-only steps too)
+    recent_draft_s_by_drafter: dict[str, deque[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.max_draft_tokens
@@ -68,7 +63,8 @@ class ServerStats:
         if timings.draft_s > 0:
             self.recent_draft_s.append(timings.draft_s)
         for run in result.draft_runs:
-            self.by_drafter.setdefault(run.drafter, DrafterCounts()).recent_draft_s.append(run.seconds)
+            recent = self.recent_draft_s_by_drafter.setdefault(run.drafter, deque(maxlen=RECENT_STEPS))
+            recent.append(run.seconds)
             m.draft_seconds.labels(drafter=run.drafter).observe(run.seconds)
         if is_back_to_back:
             self.recent_overhead.append(timings.idle_s / (timings.idle_s + timings.step_s))
@@ -93,10 +89,7 @@ class ServerStats:
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         if drafter:
-            counts = self.by_drafter.setdefault(drafter, DrafterCounts())
-            counts.num_steps += 1
-            counts.num_drafted += num_drafted
-            counts.num_accepted += num_accepted
+            self.by_drafter.setdefault(drafter, DrafterUsage()).add(num_drafted, num_accepted)
             m.draft_tokens.labels(drafter=drafter).inc(num_drafted)
             m.accepted_tokens.labels(drafter=drafter).inc(num_accepted)
         for i in range(min(num_drafted, self.max_draft_tokens)):

@@ -36,7 +36,6 @@ class Drafter(ABC):
 
     name: str
     sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
-    runs_model = False  # True if drafting runs a model (its forwards cost time the policy must price)
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
         """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to

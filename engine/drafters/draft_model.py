@@ -49,7 +49,6 @@ class DraftSequence:
 class DraftModelDrafter(Drafter):
     name = "model"
     sees_prefill = True
-    runs_model = True
 
     def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
         self.model = model

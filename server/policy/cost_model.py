@@ -164,8 +164,9 @@ class StepCostModel:
 
     @property
     def fixed_s(self) -> float:
-        """What any forward costs before its first sequence: the constant term."""
-        return float(self.coef[0])
+        """What any forward costs before its first sequence: the constant term (never below 0:
+        the fit may make it negative, and a rebate for running a forward would be nonsense)."""
+        return max(float(self.coef[0]), 0.0)
 
     def step_times(self, base: BatchShape, max_tokens: int) -> list[float]:
         """Predicted time of the base step with N = 0 .. max_tokens query tokens and its other

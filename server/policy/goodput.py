@@ -25,7 +25,7 @@ every proposal (FIXED 1) was faster (docs/goodput-policy.md).
 
 Several drafters. A request may be offered a proposal by each drafter (an Option); it drafts with
 one of them per step. A drafter with a model of its own (a draft model) costs time too: forward 1
-feeds every drafting request's unseen tokens, forward j extends those drafting more than j tokens,
+feeds every drafting request's unseen tokens, forward j > 1 extends those drafting j or more tokens,
 each priced by that drafter's own step-cost model. A forward's constant part is paid once however
 many requests share it, so ranking charges a position its sequence's own cost plus an equal share
 of the constant among the requests that could use the drafter, and the walk prices the prefix
@@ -73,6 +73,8 @@ class StepBase:
     num_generated: float  # tokens it yields: one per decoding request
     max_extra_tokens: int  # room left in the step's token budget
     num_waiting: int = 0  # requests queued for a slot (logged)
+    # (query, KV tokens) of each prefill chunk: a draft model prefills them in its first forward
+    prefill_seqs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +84,8 @@ class Choice:
     goodput: float  # predicted tokens per second with the chosen k
     plain_goodput: float  # ... with k = 0 for every request
     step_s: float  # predicted time of the chosen step, drafting included
-    plain_step_s: float  # ... and of the step with k = 0 for every request
-    draft_s: float = 0.0  # predicted drafting time of the chosen step
+    plain_step_s: float  # ... and of the step with k = 0 for every request (a draft model's prefill included)
+    draft_s: float = 0.0  # predicted time of the chosen step's draft forwards, prefill included
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ class DraftTimer:
     model: StepCostModel
     forwards: list[list[tuple[int, int]]] = field(default_factory=list)  # [forward]: (query, KV) per sequence
     times: list[float] = field(default_factory=list)
-    total_s: float = 0.0
+    total_s: float = 0.0  # all of its forwards
 
     def add(self, forward: int, seq: tuple[int, int]) -> float:
         """Adds a sequence to a forward; returns how much the drafting time grew."""
@@ -202,37 +204,62 @@ def choose(
     draft_models = draft_models or {}
     n = base.shape.num_tokens
     per_token_s = interpolate(times, n + 1) - interpolate(times, n)
-    plain_s = interpolate(times, n)
+    plain_s = interpolate(times, n) + sum(t.total_s for t in seeded_timers(draft_models, base).values())
     plain = goodput(base.num_generated, plain_s)
-    num_sharing = {
-        name: max(1, sum(any(o.drafter == name for o in c.options) for c in candidates)) for name in draft_models
+    able = {
+        name: sum(any(o.drafter == name and o.max_draft_tokens > 0 for o in c.options) for c in candidates)
+        for name in draft_models
     }
-    options_gains: dict[str, list[tuple[Option, list[Gain]]]] = {
-        c.req_id: [
-            (o, gains_of(c, o, costs, draft_models.get(o.drafter), num_sharing.get(o.drafter, 1)))
-            for o in c.options
-            if o.max_draft_tokens > 0
-        ]
-        for c in candidates
-    }
-    preferred = {
-        req_id: max(pairs, key=lambda pair: worth(pair[1], per_token_s, plain))[1] if pairs else []
-        for req_id, pairs in options_gains.items()
-    }
+    preferred = prefer(candidates, costs, draft_models, able, per_token_s, plain)
+    # A forward's constant was shared among every request able to use the draft model; if fewer
+    # prefer it, each of them bears a larger share: price once more with that count.
+    preferring = {name: sum(bool(g) and g[0].drafter == name for g in preferred.values()) for name in draft_models}
+    if any(0 < preferring[name] < able[name] for name in draft_models):
+        preferred = prefer(candidates, costs, draft_models, preferring, per_token_s, plain)
     choice = _walk(candidates, preferred, base, times, per_token_s, draft_models, plain, plain_s)
     if any(gains and gains[0].drafter in draft_models for gains in preferred.values()):
         model_free = {
-            req_id: max(
-                (gains for option, gains in pairs if option.drafter not in draft_models),
+            c.req_id: max(
+                (gains_of(c, o, costs) for o in c.options if o.drafter not in draft_models and o.max_draft_tokens),
                 key=lambda gains: worth(gains, per_token_s, plain),
                 default=[],
             )
-            for req_id, pairs in options_gains.items()
+            for c in candidates
         }
         other = _walk(candidates, model_free, base, times, per_token_s, draft_models, plain, plain_s)
         if other.goodput > choice.goodput:
             choice = other
     return choice
+
+
+def prefer(
+    candidates: Sequence[Candidate],
+    costs: DraftCosts,
+    draft_models: Mapping[str, StepCostModel],
+    num_sharing: Mapping[str, int],
+    per_token_s: float,
+    rate: float,
+) -> dict[str, list[Gain]]:
+    """Each request's gains with the option worth most at the goodput rate (none if it has none)."""
+    preferred = {}
+    for c in candidates:
+        priced = [
+            gains_of(c, o, costs, draft_models.get(o.drafter), max(1, num_sharing.get(o.drafter, 1)))
+            for o in c.options
+            if o.max_draft_tokens > 0
+        ]
+        preferred[c.req_id] = max(priced, key=lambda gains: worth(gains, per_token_s, rate), default=[])
+    return preferred
+
+
+def seeded_timers(draft_models: Mapping[str, StepCostModel], base: StepBase) -> dict[str, DraftTimer]:
+    """A timer per draft model, its first forward holding the step's prefill chunks: a draft
+    model prefills with the target, so that forward runs (and its constant is paid) anyway."""
+    timers = {name: DraftTimer(model) for name, model in draft_models.items()}
+    for timer in timers.values():
+        for seq in base.prefill_seqs:
+            timer.add(0, seq)
+    return timers
 
 
 def _walk(
@@ -245,13 +272,14 @@ def _walk(
     plain: float,
     plain_s: float,
 ) -> Choice:
-    """Ranks the gains and takes the prefix with the highest goodput, drafting time included."""
+    """Ranks the gains and takes the prefix with the highest goodput, drafting included."""
     ranked = [r for gains in gains_by_request.values() for r in rank(gains, per_token_s)]
     gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
-    timers = {name: DraftTimer(model) for name, model in draft_models.items()}
-    best, best_len, best_s, best_draft_s = plain, 0, plain_s, 0.0
+    timers = seeded_timers(draft_models, base)
+    draft_s = sum(timer.total_s for timer in timers.values())
+    best, best_len, best_s, best_draft_s = plain, 0, plain_s, draft_s
     n = base.shape.num_tokens
-    generated, tokens, extra_s, draft_s = base.num_generated, n, 0.0, 0.0
+    generated, tokens, extra_s = base.num_generated, n, 0.0
     for i, gain in enumerate(gains):
         if tokens + 1 > n + base.max_extra_tokens:
             break

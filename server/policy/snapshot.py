@@ -12,6 +12,7 @@ from server.policy.settings import PolicySettings
 class DrafterSnapshot:
     first_rate: float  # server-wide P(its first draft token is accepted)
     continuation_rate: float  # server-wide P(a further draft token of its is accepted | the one before was)
+    first_token_rates: Mapping[int, float]  # P(its first draft token accepted) by the proposal's match length
     cost_coefficients: Mapping[str, float]  # its drafting-cost model's (a drafter that runs a model), else empty
 
 

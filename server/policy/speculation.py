@@ -159,16 +159,18 @@ class SpeculationPolicy:
             acceptance.observe(req_id, offer.match_len, num_drafted, num_accepted)
 
     def observe_step(self, shape: BatchShape, seconds: float, draft_runs: Sequence[DraftRun] = ()) -> None:
-        """A step's target forward took seconds (its drafting excluded); draft_runs: what each
-        drafter did in it, which refits the drafting-cost model of each that runs a model."""
-        if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
-            predicted_ms = round(self.cost_model.predict(shape) * 1e3, 2)
-            log.debug("step time", predicted_ms=predicted_ms, measured_ms=round(seconds * 1e3, 2))
-        self.cost_model.observe(shape, seconds)
+        """A step of the target forward's shape took seconds; draft_runs: what each drafter did in
+        it. A draft model's runs refit its own drafting-cost model and are taken off the step's
+        time before the target's model sees it; a model-free drafter's time stays in the step."""
         for run in draft_runs:
             model = self.draft_cost_models.get(run.drafter)
             if model is not None and run.forwards:
                 model.observe_forwards(run.forwards, run.seconds)
+                seconds -= run.seconds
+        if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
+            predicted_ms = round(self.cost_model.predict(shape) * 1e3, 2)
+            log.debug("step time", predicted_ms=predicted_ms, measured_ms=round(seconds * 1e3, 2))
+        self.cost_model.observe(shape, seconds)
 
     def forget(self, req_id: str) -> None:
         for acceptance in self.acceptance.values():
@@ -201,6 +203,7 @@ class SpeculationPolicy:
                     name: DrafterSnapshot(
                         first_rate=self.acceptance[name].server_first_rate,
                         continuation_rate=self.acceptance[name].server_rest_rate,
+                        first_token_rates=MappingProxyType(self.acceptance[name].first_token_rates()),
                         cost_coefficients=self.draft_cost_models[name].coefficients()
                         if name in self.draft_cost_models
                         else MappingProxyType({}),

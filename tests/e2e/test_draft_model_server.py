@@ -65,7 +65,8 @@ def test_the_server_drafts_with_either_drafter_and_the_output_stays_exact(drafti
         stats = client.stats()
         model = stats.drafters["model"]
         assert model.drafted_tokens > 0 and model.mean_draft_s > 0  # its own time, reported on its own
-        assert model.cost_model_ms["const"] > 0  # its drafting-cost model was warmed at start-up
+        # its drafting-cost model was warmed at start-up, on the target's features
+        assert set(model.cost_model_ms) == set(stats.cost_model_ms) and any(model.cost_model_ms.values())
         assert stats.drafters["ngram"].steps > 0  # the FIXED request without a drafter named (it may find nothing)
 
 

@@ -16,7 +16,8 @@ from engine.drafters.draft_model import DraftModelDrafter, DraftModelMismatchErr
 from engine.kv_cache import KVCache
 from engine.model.transformer import ForwardBatch, SeqInput
 from engine.offline import Job, run_alone, run_jobs
-from engine.protocol import FinishReason, NewRequest, SamplingParams, ScheduledRequest, StepPlan
+from engine.profile import profile_steps
+from engine.protocol import FinishReason, NewRequest, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.worker import build_runner
 from tests.tiny_models import make_tiny_qwen2, perturb_model
@@ -92,19 +93,27 @@ def test_a_draft_model_equal_to_the_target_has_every_draft_accepted(models: dict
 
 
 def test_the_draft_cache_holds_exactly_the_accepted_tokens_after_each_step(models: dict[str, Path]) -> None:
+    # The request takes turns: the draft model, n-gram lookup, plain decoding. After each step the
+    # draft cache holds only right rows, and the model's offer says how many tokens it must read.
     runner = make_runner(models["target"], models["draft"])
     drafter = drafter_of(runner)
     ids = prompts()[3]
-    runner.step(StepPlan(0, [NewRequest("r", ids, MAX_NEW, stop_token_ids=[])], [ScheduledRequest("r", 4)]))
-    step_id, num_checked, num_rejected = 1, 0, 0
+    runner.step(StepPlan(0, [NewRequest("r", ids, 60, stop_token_ids=[])], [ScheduledRequest("r", 4)]))
+    step_id, num_checked, num_rejected, unseen = 1, 0, 0, []
+    turns = [("model", 3), ("model", 2), ("ngram", 3), ("", 0), ("model", 4)]
     while "r" in runner.seqs:
-        output = runner.step(StepPlan(step_id, scheduled=[ScheduledRequest("r", 4, num_draft_tokens=3)])).outputs[0]
+        name, k = turns[step_id % len(turns)]
+        plan = StepPlan(step_id, scheduled=[ScheduledRequest("r", 4, num_draft_tokens=k, drafter=name)])
+        output = runner.step(plan).outputs[0]
         num_rejected += output.num_drafted - output.num_accepted
         step_id += 1
         if "r" not in runner.seqs:
             break
         seq, draft_seq = runner.seqs["r"], drafter.seqs["r"]
         assert draft_seq.num_computed <= seq.num_computed_tokens
+        if output.offers[0].num_tokens:  # past the prefill, room to draft: it says what it must read first
+            assert output.offers[0].num_unseen == len(seq.token_ids) - draft_seq.num_computed >= 1
+            unseen.append(output.offers[0].num_unseen)
         # The draft cache's rows must be what the draft model computes from the accepted tokens.
         n = draft_seq.num_computed
         fresh = KVCache(drafter.model.spec, n, torch.float32, torch.device("cpu"))
@@ -115,6 +124,20 @@ def test_the_draft_cache_holds_exactly_the_accepted_tokens_after_each_step(model
         num_checked += 1
     assert num_checked > 5
     assert num_rejected > 0  # the rollback was exercised
+    assert max(unseen) > 2  # steps without the model left it tokens to catch up on
+
+
+def test_the_draft_model_is_profiled_on_its_own_forwards(models: dict[str, Path]) -> None:
+    runner = make_runner(models["target"], models["draft"])
+    shapes = [ProfileShape(2, 1, 32), ProfileShape(1, 4, 16)]
+    samples = profile_steps(runner, shapes, 1, "model")
+    assert [(s.shape.num_seqs, s.shape.num_tokens, s.shape.num_context_tokens) for s in samples] == [
+        (2, 2, 66),
+        (1, 4, 20),
+    ]
+    assert all(s.step_s > 0 for s in samples) and not drafter_of(runner).allocator.regions
+    with pytest.raises(ValueError, match="no draft model named 'ngram'"):
+        profile_steps(runner, shapes, 1, "ngram")
 
 
 def test_sampled_requests_get_the_draft_distribution_and_stay_seeded(models: dict[str, Path]) -> None:

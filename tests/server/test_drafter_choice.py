@@ -9,6 +9,7 @@ import pytest
 
 from api.speculation import SpeculationMode
 from engine.protocol import BatchShape, DraftRun, Offer
+from server.errors import InvalidArgumentError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
@@ -101,6 +102,20 @@ def test_requests_share_the_draft_models_forwards_and_each_gets_its_own_drafter(
         assert (draft_s > 0) == uses_model and gain > 2
 
 
+def test_a_draft_model_prefilling_anyway_makes_its_first_forward_cheap() -> None:
+    # With a prompt being prefilled in the step, the draft model runs its first forward anyway:
+    # a one-token draft then costs only its own sequence, not the forward's constant.
+    weak = [candidate("r", (0.5, 0), (0.45, 1))]
+    draft = FakeDraftCost(fixed=0.050)
+    idle = choose(weak, base(1), TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    busy = choose(weak, prefilling, TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
+    assert idle.draft_tokens["r"] == 0 and busy.draft_tokens["r"] == 1
+    prefill_forward_s = 0.050 + 0.001 + 0.0005 * 64
+    assert busy.plain_step_s == pytest.approx(TARGET_TIMES[65] + prefill_forward_s)  # plain pays the prefill too
+    assert busy.draft_s == pytest.approx(prefill_forward_s + 0.001 + 0.0005)
+
+
 def test_a_plan_without_the_draft_model_wins_when_its_forwards_do_not_pay_for_themselves() -> None:
     # A copier prefers n-gram; one weak request would take the model, but its whole forward is
     # not worth it: the walk with that request on its model-free option (none) wins.
@@ -142,14 +157,15 @@ def test_the_draft_model_is_left_out_of_auto_until_its_cost_is_known_then_chosen
     assert policy.snapshot().drafters["model"].cost_coefficients["const"] > 0.02
     drafter, k = policy.choose([request], base(1))["r"]
     assert drafter == "model" and k > 1
-    # A step's draft forwards refit the drafter's own model, not the target's.
-    target_coefficients = policy.cost_model.coefficients()
+    # A step's draft forwards refit the drafter's own model, and their time is taken off the
+    # step's before the target's model sees it; a model-free drafter's time stays in.
+    shape = BatchShape(1, 1, 100, 0, 100)
     for _ in range(25):
-        policy.observe_step(
-            BatchShape(1, 1, 100, 0, 100), 0.102, [DraftRun("model", 0.062, 1, [BatchShape(1, 1, 100, 0, 100)] * 2)]
-        )
-    assert policy.cost_model.coefficients() is not target_coefficients  # refitted on 0.102 s steps
-    assert policy.draft_cost_models["model"].predict(BatchShape(1, 1, 100, 0, 100)) == pytest.approx(0.031, abs=0.003)
+        runs = [DraftRun("model", 0.062, 1, [shape] * 2), DraftRun("ngram", 0.001, 1)]
+        policy.observe_step(shape, 0.165, runs)
+    assert policy.cost_model.recent[-1][1] == pytest.approx(0.103)
+    assert policy.cost_model.predict(shape) == pytest.approx(0.103, abs=0.005)
+    assert policy.draft_cost_models["model"].predict(shape) == pytest.approx(0.031, abs=0.003)
 
 
 def test_fixed_names_its_drafter_or_gets_the_servers() -> None:
@@ -161,5 +177,5 @@ def test_fixed_names_its_drafter_or_gets_the_servers() -> None:
     assert chosen == {"a": ("model", 3), "b": ("ngram", 3), "c": ("ngram", 2)}
     policy.apply(PolicyUpdate(drafter="model"))
     assert policy.choose([unnamed, server_wide], base(2)) == {"b": ("model", 3), "c": ("model", 2)}
-    with pytest.raises(Exception, match="policy.drafter"):
+    with pytest.raises(InvalidArgumentError, match="policy.drafter"):
         policy.apply(PolicyUpdate(drafter="medusa"))

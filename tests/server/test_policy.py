@@ -43,13 +43,6 @@ class FakeCost:
     def observe(self, shape: BatchShape, seconds: float) -> None:
         pass
 
-    @property
-    def fixed_s(self) -> float:
-        return self.base
-
-    def observe_forwards(self, shapes: list[BatchShape], seconds: float) -> None:
-        pass
-
 
 @dataclass
 class FakeRequest:
