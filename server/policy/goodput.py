@@ -28,8 +28,9 @@ one of them per step. A drafter with a model of its own (a draft model) costs ti
 feeds every drafting request's unseen tokens, forward j > 1 extends those drafting j or more tokens,
 each priced by that drafter's own step-cost model. A forward's constant part is paid once however
 many requests share it, so ranking charges a position its sequence's own cost plus an equal share
-of the constant among the requests that could use the drafter, and the walk prices the prefix
-exactly (the constant is paid as soon as one request needs the forward). Each request takes the
+of the constant among the requests able to use the drafter (again among those that prefer it,
+when fewer do), and the walk prices the prefix exactly (the constant is paid as soon as one
+request needs the forward; the first forward runs anyway while prompts prefill). Each request takes the
 option worth most at the plain step's goodput (tokens minus goodput times seconds, the Dinkelbach
 view of a ratio); when that puts a draft model's requests on it, the same walk with those requests
 on their best model-free option is priced too, and the better plan wins: at batch 1 that compares
