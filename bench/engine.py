@@ -117,17 +117,19 @@ def batch_one(
     for ids in tqdm(prompts, desc="prompts", unit="prompt"):
         for name, v in variants.items():
             outcome = servers[v.mode].generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
+            spec = outcome.speculation
             # steps that made tokens: the decoding ones and the one that ended the prefill
             record(
                 stats[name],
                 outcome.output_ids,
                 outcome.seconds,
-                outcome.num_steps + 1,
-                outcome.num_drafted,
-                outcome.num_accepted,
+                spec.num_steps + 1,
+                spec.num_drafted,
+                spec.num_accepted,
             )
-            for drafter, num_steps in outcome.by_drafter.items():
-                stats[name].steps_by_drafter[drafter] = stats[name].steps_by_drafter.get(drafter, 0) + num_steps
+            steps = stats[name].steps_by_drafter
+            for drafter, usage in spec.by_drafter.items():
+                steps[drafter] = steps.get(drafter, 0) + usage.num_steps
         for name, (lookup, is_assisted) in hf_variants.items():
             assert hf is not None
             output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)

@@ -17,12 +17,12 @@ from api.speculation import SpeculationMode
 from engine.profile import profile_steps
 from engine.protocol import EngineReady, SamplingParams, StepSample
 from engine.runner import ModelRunner
-from server.app import build_policy, configure_logging
+from server.app import build_policy, configure_logging, scheduler_limits, start_up_profile_shapes
 from server.config import ServerConfig
-from server.policy.profile import REPEATS, profile_shapes
-from server.request import GenerationRequest
+from server.policy.profile import REPEATS
+from server.request import GenerationRequest, SpeculationSummary
 from server.request_state import RequestState, Status
-from server.scheduler import Scheduler, SchedulerLimits
+from server.scheduler import Scheduler
 from server.text_stream import TextStream
 from server.tokenizer import TextTokenizer
 
@@ -31,10 +31,7 @@ from server.tokenizer import TextTokenizer
 class Outcome:
     output_ids: list[int]
     seconds: float  # arrival to last token
-    num_steps: int  # decoding steps
-    num_drafted: int
-    num_accepted: int
-    by_drafter: dict[str, int]  # decoding steps each drafter drafted in
+    speculation: SpeculationSummary  # the request's, as its response would report it
 
 
 class InProcessServer:
@@ -42,22 +39,14 @@ class InProcessServer:
 
     def __init__(self, runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer) -> None:
         configure_logging("console", "warning")  # the policy's per-step debug lines would drown the table
-        defaults = ServerConfig()
         self.runner, self.ready, self.tokenizer = runner, ready, tokenizer
-        self.policy = build_policy(defaults, ready)
-        limits = SchedulerLimits(
-            defaults.max_running_requests,
-            defaults.max_waiting_requests,
-            defaults.max_step_tokens,
-            ready.kv_capacity_tokens,
-        )
-        self.scheduler = Scheduler(limits, self.policy)
+        self.policy = build_policy(ServerConfig(), ready)
+        self.scheduler = Scheduler(scheduler_limits(ServerConfig(), ready), self.policy)
         self.num_requests = 0
 
     def profile(self) -> dict[str, list[StepSample]]:
         """The server's start-up profile: the target's steps ("") and each draft model's forwards."""
-        defaults = ServerConfig()
-        shapes = profile_shapes(defaults.max_running_requests, self.ready.max_draft_tokens, defaults.max_step_tokens)
+        shapes = start_up_profile_shapes(ServerConfig(), self.ready)
         return {
             drafter: profile_steps(self.runner, shapes, REPEATS, drafter)
             for drafter in ["", *self.ready.model_drafters]
@@ -113,12 +102,4 @@ class InProcessServer:
         plan = self.scheduler.schedule()  # tells the engine what ended, if anything
         if plan is not None:
             self.runner.step(plan)
-        summary = state.speculation
-        return Outcome(
-            list(state.output_ids),
-            seconds,
-            summary.num_steps,
-            summary.num_drafted,
-            summary.num_accepted,
-            {name: usage.num_steps for name, usage in summary.by_drafter.items()},
-        )
+        return Outcome(list(state.output_ids), seconds, state.speculation)

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from api.pb import generation_pb2 as pb
 from api.pb import generation_pb2_grpc as pb_grpc
-from engine.protocol import EngineReady
+from engine.protocol import EngineReady, ProfileShape
 from server.admin_service import AdminService
 from server.client_slots import ClientSlots
 from server.config import ServerConfig
@@ -211,6 +211,20 @@ async def max_prompt_bytes(config: ServerConfig, tokenizer: TextTokenizer, max_m
     return min((max_token_bytes + 1) * max_model_len, config.max_message_bytes)
 
 
+def scheduler_limits(config: ServerConfig, ready: EngineReady) -> SchedulerLimits:
+    return SchedulerLimits(
+        max_running=config.max_running_requests,
+        max_waiting=config.max_waiting_requests,
+        max_step_tokens=config.max_step_tokens,
+        kv_capacity_tokens=ready.kv_capacity_tokens,
+    )
+
+
+def start_up_profile_shapes(config: ServerConfig, ready: EngineReady) -> list[ProfileShape]:
+    """The shapes the start-up profile times, for the target and for each draft model."""
+    return profile_shapes(config.max_running_requests, ready.max_draft_tokens, config.max_step_tokens)
+
+
 def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
     settings = PolicySettings(config.speculation_mode, config.num_draft_tokens, ready.max_draft_tokens)
     drafters = tuple(ready.drafters)
@@ -226,7 +240,7 @@ async def warm_policy(config: ServerConfig, engine: EngineClient, policy: Specul
     """Times synthetic steps on the engine, so the step-cost model (and each draft model's) is
     fitted before the first request."""
     assert engine.ready is not None
-    shapes = profile_shapes(config.max_running_requests, engine.ready.max_draft_tokens, config.max_step_tokens)
+    shapes = start_up_profile_shapes(config, engine.ready)
     for drafter in ["", *engine.ready.model_drafters]:
         started = time.perf_counter()
         samples = await engine.profile(shapes, REPEATS, drafter)
@@ -249,12 +263,7 @@ def build_loop(
     health: health_aio.HealthServicer,
 ) -> ControlLoop:
     assert engine.ready is not None
-    limits = SchedulerLimits(
-        max_running=config.max_running_requests,
-        max_waiting=config.max_waiting_requests,
-        max_step_tokens=config.max_step_tokens,
-        kv_capacity_tokens=engine.ready.kv_capacity_tokens,
-    )
+    limits = scheduler_limits(config, engine.ready)
 
     async def on_serving_change(is_serving: bool) -> None:
         await set_health(health, is_serving)
