@@ -104,6 +104,7 @@ class PointResult:
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
+    draft_cost_model_error: dict[str, float]  # each draft model's drafting-cost model, likewise
 
 
 @dataclass
@@ -117,6 +118,7 @@ class PointRun:
     drafts_per_length: list[int]
     num_steps: int
     cost_model_error: float
+    draft_cost_model_error: dict[str, float]
 
 
 def speculation_args(policy: str) -> dict[str, Any]:
@@ -216,6 +218,7 @@ def point_run(records: list[RequestRecord], start_s: float, end_s: float, before
         drafts_per_length=[a - b for a, b in zip(after.drafts_per_length, before.drafts_per_length, strict=True)],
         num_steps=after.steps - before.steps,
         cost_model_error=after.cost_model_error,
+        draft_cost_model_error={name: d.cost_model_error for name, d in after.drafters.items() if d.cost_model_ms},
     )
 
 
@@ -248,6 +251,7 @@ def summarize_point(policy: str, rate: float, runs: list[PointRun], concurrency:
         drafts_per_length=[sum(counts) for counts in zip(*(run.drafts_per_length for run in runs), strict=True)],
         num_steps=sum(run.num_steps for run in runs),
         cost_model_error=runs[-1].cost_model_error,
+        draft_cost_model_error=runs[-1].draft_cost_model_error,
     )
 
 

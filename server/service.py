@@ -314,4 +314,5 @@ def drafter_stats_to_pb(stats: ServerStats, policy: PolicySnapshot, name: str) -
         cost_model_ms={feature: value * 1000 for feature, value in figures.cost_coefficients.items()}
         if figures
         else {},
+        cost_model_error=figures.cost_model_error if figures else 0.0,
     )

@@ -306,7 +306,7 @@ class Stats(_message.Message):
     def __init__(self, requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., requests_finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafts_per_length: _Optional[_Iterable[int]] = ..., mean_accepted_length: _Optional[float] = ..., mean_step_s: _Optional[float] = ..., mean_overhead_fraction: _Optional[float] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., uptime_s: _Optional[float] = ..., engine_restarts: _Optional[int] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., mean_chunk_handed_s: _Optional[float] = ..., mean_chunk_written_s: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., plain_goodput_tokens_per_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ..., policy_probes: _Optional[int] = ..., continuation_rate: _Optional[float] = ..., position_acceptance_rates: _Optional[_Iterable[float]] = ..., first_token_rate_by_match_len: _Optional[_Mapping[int, float]] = ..., engine_state: _Optional[str] = ..., engine_error: _Optional[str] = ..., mean_draft_s: _Optional[float] = ..., drafters: _Optional[_Mapping[str, DrafterStats]] = ...) -> None: ...
 
 class DrafterStats(_message.Message):
-    __slots__ = ("steps", "drafted_tokens", "accepted_tokens", "acceptance_rate", "continuation_rate", "mean_draft_s", "cost_model_ms")
+    __slots__ = ("steps", "drafted_tokens", "accepted_tokens", "acceptance_rate", "continuation_rate", "mean_draft_s", "cost_model_ms", "cost_model_error")
     class CostModelMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,7 @@ class DrafterStats(_message.Message):
     CONTINUATION_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_DRAFT_S_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
     steps: int
     drafted_tokens: int
     accepted_tokens: int
@@ -328,7 +329,8 @@ class DrafterStats(_message.Message):
     continuation_rate: float
     mean_draft_s: float
     cost_model_ms: _containers.ScalarMap[str, float]
-    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., continuation_rate: _Optional[float] = ..., mean_draft_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    cost_model_error: float
+    def __init__(self, steps: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., continuation_rate: _Optional[float] = ..., mean_draft_s: _Optional[float] = ..., cost_model_ms: _Optional[_Mapping[str, float]] = ..., cost_model_error: _Optional[float] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "num_draft_tokens", "max_draft_tokens", "drafter")

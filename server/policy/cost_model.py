@@ -162,6 +162,10 @@ class StepCostModel:
         step_times; this is for checking one step, in the debug log and the tests)."""
         return sum(c * f for c, f in zip(self._coef_list, features(shape), strict=True))
 
+    def predict_forwards(self, shapes: list[BatchShape]) -> float:
+        """Predicted seconds for several forwards (a draft model's in one step)."""
+        return sum(self.predict(shape) for shape in shapes)
+
     @property
     def fixed_s(self) -> float:
         """What any forward costs before its first sequence: the constant term (never below 0:

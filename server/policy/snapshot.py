@@ -14,6 +14,7 @@ class DrafterSnapshot:
     continuation_rate: float  # server-wide P(a further draft token of its is accepted | the one before was)
     first_token_rates: Mapping[int, float]  # P(its first draft token accepted) by the proposal's match length
     cost_coefficients: Mapping[str, float]  # its drafting-cost model's (a drafter that runs a model), else empty
+    cost_model_error: float = 0.0  # ... and that model's recent mean |predicted - measured| / measured time
 
 
 @dataclass(frozen=True, slots=True)

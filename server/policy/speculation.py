@@ -165,6 +165,14 @@ class SpeculationPolicy:
         for run in draft_runs:
             model = self.draft_cost_models.get(run.drafter)
             if model is not None and run.forwards:
+                if log.is_enabled_for(logging.DEBUG) and model.is_fitted:
+                    predicted_ms = round(model.predict_forwards(run.forwards) * 1e3, 2)
+                    log.debug(
+                        "draft time",
+                        drafter=run.drafter,
+                        predicted_ms=predicted_ms,
+                        measured_ms=round(run.seconds * 1e3, 2),
+                    )
                 model.observe_forwards(run.forwards, run.seconds)
                 seconds -= run.seconds
         if log.is_enabled_for(logging.DEBUG) and self.cost_model.is_fitted:
@@ -198,24 +206,22 @@ class SpeculationPolicy:
             continuation_rate=acceptance.server_rest_rate,
             position_rates=tuple(acceptance.position_rates()),
             first_token_rates=MappingProxyType(acceptance.first_token_rates()),
-            drafters=MappingProxyType(
-                {
-                    name: DrafterSnapshot(
-                        first_rate=self.acceptance[name].server_first_rate,
-                        continuation_rate=self.acceptance[name].server_rest_rate,
-                        first_token_rates=MappingProxyType(self.acceptance[name].first_token_rates()),
-                        cost_coefficients=self.draft_cost_models[name].coefficients()
-                        if name in self.draft_cost_models
-                        else MappingProxyType({}),
-                    )
-                    for name in self.drafters
-                }
-            ),
+            drafters=MappingProxyType({name: self._drafter_snapshot(name) for name in self.drafters}),
             goodput=choice.goodput if choice else 0.0,
             plain_goodput=choice.plain_goodput if choice else 0.0,
             cost_coefficients=self.cost_model.coefficients(),
             cost_model_error=self.cost_model.relative_error,
             num_probes=self.num_probes,
+        )
+
+    def _drafter_snapshot(self, name: str) -> DrafterSnapshot:
+        acceptance, cost_model = self.acceptance[name], self.draft_cost_models.get(name)
+        return DrafterSnapshot(
+            first_rate=acceptance.server_first_rate,
+            continuation_rate=acceptance.server_rest_rate,
+            first_token_rates=MappingProxyType(acceptance.first_token_rates()),
+            cost_coefficients=cost_model.coefficients() if cost_model else MappingProxyType({}),
+            cost_model_error=cost_model.relative_error if cost_model else 0.0,
         )
 
 

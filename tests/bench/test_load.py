@@ -39,6 +39,7 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
         drafts_per_length=[2, 0, 8],
         num_steps=10,
         cost_model_error=0.2,
+        draft_cost_model_error={"model": 0.3},
     )
     second = PointRun(
         [record(0.0, 2.0), record(0.5, 2.0, error="UNAVAILABLE: x")],
@@ -48,6 +49,7 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
         drafts_per_length=[0, 5, 5],
         num_steps=10,
         cost_model_error=0.1,
+        draft_cost_model_error={"model": 0.15},
     )
     point = summarize_point("auto", 1.0, [first, second])
     assert point.num_requests == 4 and point.num_errors == 1
@@ -57,7 +59,7 @@ def test_repeats_are_pooled_and_each_keeps_its_mean() -> None:
     assert point.tokens_per_s == pytest.approx(33 / 6)
     assert point.mean_accepted_length == pytest.approx(30 / 15)
     assert point.drafts_per_length == [2, 5, 13] and point.num_steps == 20
-    assert point.cost_model_error == 0.1  # the latest
+    assert point.cost_model_error == 0.1 and point.draft_cost_model_error == {"model": 0.15}  # the latest
 
 
 def test_k_text_lists_the_k_values_used() -> None:
@@ -69,7 +71,7 @@ def test_summary_compares_auto_with_the_best_other_policy() -> None:
     # Two repeats per policy: the latency of its one request in each.
     runs = {"off": (4.0, 4.0), "fixed4": (1.0, 3.0), "auto": (1.2, 3.0)}
     points = [
-        summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, t, 11, [1], 1, 0.0) for t in times])
+        summarize_point(p, 0.5, [PointRun([record(0.0, t)], t, t, 11, [1], 1, 0.0, {}) for t in times])
         for p, times in runs.items()
     ]
     summary = summarize(points)["0.5"]
@@ -83,15 +85,22 @@ def test_closed_loop_throughput_counts_only_while_the_batch_is_full() -> None:
     records = [record(0.0, 2.0), record(0.0, 3.0), record(2.0, 2.0)]  # 2 clients: the third follows the first
     for r, times in zip(records, ([0.5, 1.5], [1.0, 2.5], [2.5, 3.5]), strict=True):
         r.token_times = [(t, 5) for t in times]
-    stats = SimpleNamespace(drafts_per_length=[0, 0], steps=0, cost_model_error=0.0)
+    model = SimpleNamespace(cost_model_error=0.25, cost_model_ms={"const": 1.0})
+    stats = SimpleNamespace(
+        drafts_per_length=[0, 0],
+        steps=0,
+        cost_model_error=0.0,
+        drafters={"ngram": SimpleNamespace(cost_model_error=0.0, cost_model_ms={}), "model": model},
+    )
     run = point_run(records, records[1].arrival_s, records[-1].arrival_s, stats, stats)
+    assert run.draft_cost_model_error == {"model": 0.25}  # only drafters with a cost model
     assert run.window_s == 2.0 and run.window_tokens == 15  # the chunks read at 0.5, 1.0 and 1.5
     assert run.wall_s == 4.0
 
 
 def test_closed_loop_summary_also_compares_throughput() -> None:
     def point(policy: str, latency: float, tokens: int) -> PointRun:
-        return PointRun([record(0.0, latency)], latency, 10.0, tokens, [1], 1, 0.0)
+        return PointRun([record(0.0, latency)], latency, 10.0, tokens, [1], 1, 0.0, {})
 
     runs = {"off": point("off", 4.0, 500), "fixed1": point("fixed1", 3.0, 700), "auto": point("auto", 3.3, 630)}
     summary = summarize([summarize_point(p, 0.0, [run], concurrency=8) for p, run in runs.items()])["c8"]

@@ -67,6 +67,7 @@ def test_the_server_drafts_with_either_drafter_and_the_output_stays_exact(drafti
         assert model.drafted_tokens > 0 and model.mean_draft_s > 0  # its own time, reported on its own
         # its drafting-cost model was warmed at start-up, on the target's features
         assert set(model.cost_model_ms) == set(stats.cost_model_ms) and any(model.cost_model_ms.values())
+        assert model.cost_model_error > 0  # checked against its measured drafting time every step it ran
         assert stats.drafters["ngram"].steps > 0  # the FIXED request without a drafter named (it may find nothing)
 
 
