@@ -81,6 +81,12 @@ class Metrics:
         self.cost_model_error = Gauge(
             "goodspeed_policy_cost_model_error", "Recent mean relative error of predicted step time", registry=r
         )
+        self.draft_cost_model_error = Gauge(
+            "goodspeed_policy_draft_cost_model_error",
+            "Recent mean relative error of a draft model's predicted drafting time",
+            ["drafter"],
+            registry=r,
+        )
         self.cost_coefficient = Gauge(
             "goodspeed_policy_cost_coefficient_seconds", "Step-cost model coefficients", ["feature"], registry=r
         )
@@ -97,6 +103,9 @@ class Metrics:
             for match_len, rate in figures.first_token_rates.items():
                 self.first_token_rate.labels(drafter=drafter, match_len=str(match_len)).set(rate)
         self.cost_model_error.set(snapshot.cost_model_error)
+        for drafter, figures in snapshot.drafters.items():
+            if figures.cost_coefficients:  # a drafter that runs a model
+                self.draft_cost_model_error.labels(drafter=drafter).set(figures.cost_model_error)
         self.probes.inc(snapshot.num_probes - (previous.num_probes if previous else 0))
         if previous is None or snapshot.cost_coefficients is not previous.cost_coefficients:  # refitted
             for feature, value in snapshot.cost_coefficients.items():

@@ -34,7 +34,8 @@ request needs the forward; the first forward runs anyway while prompts prefill).
 option worth most at the plain step's goodput (tokens minus goodput times seconds, the Dinkelbach
 view of a ratio); when that puts a draft model's requests on it, the same walk with those requests
 on their best model-free option is priced too, and the better plan wins: at batch 1 that compares
-the two drafters exactly.
+the two drafters exactly. In a step that prefills, a second is priced at what decode-only steps buy
+with it (choose_prefix).
 """
 
 from __future__ import annotations
@@ -199,9 +200,12 @@ def choose(
     times: Sequence[float],
     costs: DraftCosts,
     draft_models: Mapping[str, StepCostModel] | None = None,
+    time_value: float = 0.0,
 ) -> Choice:
     """times[n]: predicted step time with n query tokens (for this step's other features);
-    draft_models: the step-cost model of each drafter that runs a model (the rest cost nothing)."""
+    draft_models: the step-cost model of each drafter that runs a model (the rest cost nothing);
+    time_value: tokens per second that the plan's extra time must at least buy (0: none), for a
+    step whose prefill makes its own goodput a poor price of time (see choose_prefix)."""
     draft_models = draft_models or {}
     n = base.shape.num_tokens
     per_token_s = interpolate(times, n + 1) - interpolate(times, n)
@@ -217,7 +221,7 @@ def choose(
     preferring = {name: sum(bool(g) and g[0].drafter == name for g in preferred.values()) for name in draft_models}
     if any(0 < preferring[name] < able[name] for name in draft_models):
         preferred = prefer(candidates, costs, draft_models, preferring, per_token_s, plain)
-    choice = _walk(candidates, preferred, base, times, per_token_s, draft_models, plain, plain_s)
+    choice = _walk(candidates, preferred, base, times, per_token_s, draft_models, plain, plain_s, time_value)
     if any(gains and gains[0].drafter in draft_models for gains in preferred.values()):
         model_free = {
             c.req_id: max(
@@ -227,8 +231,9 @@ def choose(
             )
             for c in candidates
         }
-        other = _walk(candidates, model_free, base, times, per_token_s, draft_models, plain, plain_s)
-        if other.goodput > choice.goodput:
+        other = _walk(candidates, model_free, base, times, per_token_s, draft_models, plain, plain_s, time_value)
+        price = max(time_value, choice.goodput, other.goodput)  # as in choose_prefix
+        if (other.goodput - price) * other.step_s > (choice.goodput - price) * choice.step_s:
             choice = other
     return choice
 
@@ -272,16 +277,17 @@ def _walk(
     draft_models: Mapping[str, StepCostModel],
     plain: float,
     plain_s: float,
+    time_value: float = 0.0,
 ) -> Choice:
-    """Ranks the gains and takes the prefix with the highest goodput, drafting included."""
+    """Ranks the gains and takes the best prefix (choose_prefix), drafting included."""
     ranked = [r for gains in gains_by_request.values() for r in rank(gains, per_token_s)]
     gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
     timers = seeded_timers(draft_models, base)
     draft_s = sum(timer.total_s for timer in timers.values())
-    best, best_len, best_s, best_draft_s = plain, 0, plain_s, draft_s
+    prefixes = [(base.num_generated, plain_s, draft_s)]  # (expected tokens, step seconds, drafting seconds)
     n = base.shape.num_tokens
     generated, tokens, extra_s = base.num_generated, n, 0.0
-    for i, gain in enumerate(gains):
+    for gain in gains:
         if tokens + 1 > n + base.max_extra_tokens:
             break
         generated += gain.tokens
@@ -289,16 +295,30 @@ def _walk(
         extra_s += gain.extra_s
         if gain.draft_seq is not None:
             draft_s += timers[gain.drafter].add(gain.position - 1, gain.draft_seq)
-        step_s = interpolate(times, tokens) + extra_s + draft_s
-        step_goodput = goodput(generated, step_s)
-        if step_goodput > best:
-            best, best_len, best_s, best_draft_s = step_goodput, i + 1, step_s, draft_s
+        prefixes.append((generated, interpolate(times, tokens) + extra_s + draft_s, draft_s))
+    best_len = choose_prefix([(g, s) for g, s, _ in prefixes], time_value)
+    best_generated, best_s, best_draft_s = prefixes[best_len]
     chosen: dict[str, int] = {c.req_id: 0 for c in candidates}
     drafters: dict[str, str] = {}
     for gain in gains[:best_len]:
         chosen[gain.req_id] += 1
         drafters[gain.req_id] = gain.drafter
-    return Choice(chosen, drafters, best, plain, best_s, plain_s, best_draft_s)
+    return Choice(chosen, drafters, goodput(best_generated, best_s), plain, best_s, plain_s, best_draft_s)
+
+
+def choose_prefix(prefixes: Sequence[tuple[float, float]], time_value: float = 0.0) -> int:
+    """prefixes[i]: (expected tokens, seconds) of the step with the first i gains -> the i to take.
+
+    The one with the highest goodput, unless time_value is higher still: then each second is worth
+    time_value tokens (what decoding steps buy with it), and the prefix worth most at that price,
+    tokens - time_value x seconds, wins (Dinkelbach's form; at time_value = the best goodput the two
+    agree). A step that prefills is long whatever it drafts, so its own goodput is low and would
+    buy an expensive draft (a draft model's k forwards) that yields fewer tokens per second than
+    the same time spent on decoding steps."""
+    best = max(range(len(prefixes)), key=lambda i: (goodput(*prefixes[i]), -i))
+    if time_value <= goodput(*prefixes[best]):
+        return best
+    return max(range(len(prefixes)), key=lambda i: (prefixes[i][0] - time_value * prefixes[i][1], -i))
 
 
 def max_tokens_needed(base: StepBase, candidates: Sequence[Candidate]) -> int:

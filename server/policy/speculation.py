@@ -7,7 +7,8 @@ each request's measured acceptance with each drafter against the step's predicte
 included; it only considers as many tokens as each drafter can propose right now (the engine
 reports that after each step), so requests without a proposal cost nothing. A request kept at
 k = 0 for a while although proposals exist is probed with k = 1 now and then (at most one probe
-every few steps server-wide, its drafters in turn), so a stale low estimate can recover.
+every few steps server-wide, its drafters in turn; a draft model only in a step that runs it
+anyway), so a stale low estimate can recover.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from server.policy.snapshot import DrafterSnapshot, PolicySnapshot
 
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
+DECODE_GOODPUT_DECAY = 0.1  # weight of the latest decode-only step in its batch size's mean goodput
 
 log = structlog.get_logger("goodspeed.policy")
 
@@ -78,6 +80,9 @@ class SpeculationPolicy:
     num_probes_of: dict[str, int] = field(default_factory=dict)  # per request, to take its drafters in turn
     steps_since_probe: int = 0
     num_probes: int = 0
+    # recent chosen goodput of AUTO steps without prefill, by their number of decoding requests:
+    # what a second of decoding buys, the price of time in a step that prefills
+    decode_goodput: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.drafters:
@@ -126,20 +131,32 @@ class SpeculationPolicy:
     def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, Assignment]:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
         draft_models = {name: model for name, model in self.draft_cost_models.items() if model.is_fitted}
-        choice = choose(candidates, base, times, self.cost_model.draft_costs(), draft_models)
+        num_decoding = round(base.num_generated)
+        time_value = self._decode_goodput_near(num_decoding) if base.prefill_seqs else 0.0
+        choice = choose(candidates, base, times, self.cost_model.draft_costs(), draft_models, time_value)
         self.last_choice = choice
+        if not base.prefill_seqs:
+            last = self.decode_goodput.get(num_decoding, choice.goodput)
+            self.decode_goodput[num_decoding] = last + DECODE_GOODPUT_DECAY * (choice.goodput - last)
         chosen = {
             req_id: Assignment(choice.drafters[req_id], k) if k else NO_DRAFT
             for req_id, k in choice.draft_tokens.items()
         }
         self.steps_since_probe += 1
+        # A probe is one cheap draft token: a draft model is probed only in a step that runs its
+        # forward anyway (another request drafts with it, or it prefills), never alone.
+        running = set(choice.drafters.values()) | (set(draft_models) if base.prefill_seqs else set())
         for c in candidates:
             if chosen[c.req_id].num_draft_tokens > 0:
                 self.steps_at_zero[c.req_id] = 0
                 continue
             waited = self.steps_at_zero.get(c.req_id, 0) + 1
             self.steps_at_zero[c.req_id] = waited
-            offered = [o.drafter for o in c.options if o.max_draft_tokens]
+            offered = [
+                o.drafter
+                for o in c.options
+                if o.max_draft_tokens and (o.drafter not in self.draft_cost_models or o.drafter in running)
+            ]
             if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and offered:
                 turn = self.num_probes_of.get(c.req_id, 0)
                 chosen[c.req_id] = Assignment(offered[turn % len(offered)], 1)
@@ -148,8 +165,16 @@ class SpeculationPolicy:
                 self.steps_since_probe = 0
                 self.num_probes += 1
         if log.is_enabled_for(logging.DEBUG):
-            log_choice(candidates, base, choice, chosen)
+            log_choice(candidates, base, choice, chosen, time_value)
         return chosen
+
+    def _decode_goodput_near(self, num_decoding: int) -> float:
+        """The recent goodput of decode-only steps with num_decoding requests, or with the nearest
+        count seen (0 before any)."""
+        if not self.decode_goodput:
+            return 0.0
+        nearest = min(self.decode_goodput, key=lambda n: (abs(n - num_decoding), n))
+        return self.decode_goodput[nearest]
 
     def observe_draft(self, req_id: str, drafter: str, offer: Offer, num_drafted: int, num_accepted: int) -> None:
         """A decoding step verified num_drafted tokens from drafter, planned with its offer, and
@@ -225,7 +250,9 @@ class SpeculationPolicy:
         )
 
 
-def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, Assignment]) -> None:
+def log_choice(
+    candidates: Sequence[Candidate], base: StepBase, choice: Choice, chosen: dict[str, Assignment], time_value: float
+) -> None:
     """One debug line per AUTO step: what the chooser saw and what it chose, probes included (they
     are not in predicted_ms; the scheduler's token budget may still cut k). Req ids shortened."""
     log.debug(
@@ -245,4 +272,5 @@ def log_choice(candidates: Sequence[Candidate], base: StepBase, choice: Choice, 
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
         draft_ms=round(choice.draft_s * 1e3, 2),
+        time_value=round(time_value, 1),  # tokens/s a second must buy (steps that prefill; else 0)
     )

@@ -5,6 +5,7 @@ process and exact output; the real Qwen pair is in tests/engine/test_draft_model
 from __future__ import annotations
 
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def test_the_server_drafts_with_either_drafter_and_the_output_stays_exact(drafti
         assert set(model.cost_model_ms) == set(stats.cost_model_ms) and any(model.cost_model_ms.values())
         assert model.cost_model_error > 0  # checked against its measured drafting time every step it ran
         assert stats.drafters["ngram"].steps > 0  # the FIXED request without a drafter named (it may find nothing)
+    url = f"http://127.0.0.1:{drafting.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'goodspeed_policy_draft_cost_model_error{drafter="model"}' in text
+    assert 'goodspeed_policy_draft_cost_model_error{drafter="ngram"}' not in text  # it runs no model
 
 
 def test_a_request_naming_a_drafter_the_server_lacks_is_refused_and_names_the_field(

@@ -14,7 +14,7 @@ from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
 from server.policy.goodput import Candidate, Option, StepBase, choose
-from server.policy.speculation import Assignment
+from server.policy.speculation import PROBE_AFTER_STEPS, Assignment
 
 NO_COSTS = DraftCosts(0.0, 0.0, 0.0)
 TARGET_TIMES = [0.100 + 0.002 * n for n in range(300)]  # a target step: 100 ms, 2 ms per extra token
@@ -183,3 +183,54 @@ def test_fixed_names_its_drafter_or_gets_the_servers() -> None:
     assert policy.choose([unnamed, server_wide], base(2)) == {"b": ("model", 3), "c": ("model", 2)}
     with pytest.raises(InvalidArgumentError, match="policy.drafter"):
         policy.apply(PolicyUpdate(drafter="medusa"))
+
+
+def test_a_draft_model_is_probed_only_in_a_step_that_runs_it_anyway() -> None:
+    # The model's estimate for r is low (every draft rejected): AUTO keeps r at k = 0. A probe
+    # would make a whole draft forward run for one token, so it waits for a step that prefills.
+    policy = two_drafter_policy()
+    policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
+    for _ in range(40):
+        policy.acceptance["model"].observe("r", 0, num_drafted=2, num_accepted=0)
+    request = FakeRequest("r")
+    idle = [policy.choose([request], base(1))["r"] for _ in range(2 * PROBE_AFTER_STEPS)]
+    assert idle == [Assignment("", 0)] * (2 * PROBE_AFTER_STEPS)
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    assert policy.choose([request], prefilling)["r"] == Assignment("model", 1)
+    assert policy.num_probes == 1
+
+
+def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -> None:
+    # A prefill chunk makes the step long (1.1 s), so its own goodput is low and the draft model's
+    # 7 extra forwards (0.7 s for ~5.4 tokens) raise it. But at 10 tokens a second, what decode-only
+    # steps buy with that time, they are not worth it: only its first draft token is, which rides
+    # on the forward that prefills anyway (and is worth more than n-gram's two).
+    candidates = [candidate("r", (0.5, 2), (0.95, 8))]
+    long_times = [1.0 + 0.002 * n for n in range(300)]
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    draft = FakeDraftCost(fixed=0.100)
+
+    def pick_at(time_value: float) -> tuple[str, int]:
+        choice = choose(candidates, prefilling, long_times, NO_COSTS, {"model": draft}, time_value)  # type: ignore[dict-item]
+        return choice.drafters.get("r", ""), choice.draft_tokens["r"]
+
+    assert pick_at(0.0) == ("model", 8)
+    assert pick_at(2.0) == ("model", 8)  # below the step's own best goodput (3.7): no change
+    assert pick_at(10.0) == ("model", 1)
+    assert pick_at(1000.0) == ("", 0)
+
+
+def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill() -> None:
+    policy = two_drafter_policy()
+    policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
+    for _ in range(20):
+        policy.acceptance["model"].observe("r", 0, num_drafted=4, num_accepted=4)
+    request = FakeRequest("r")
+    for _ in range(3):
+        policy.choose([request], base(1))
+    assert policy.last_choice is not None and policy.decode_goodput == {1: pytest.approx(policy.last_choice.goodput)}
+    learned = policy.decode_goodput[1]
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    policy.choose([request], prefilling)
+    assert policy.decode_goodput == {1: learned}  # a step that prefills does not set it
+    assert policy._decode_goodput_near(3) == learned  # the nearest batch size seen
