@@ -7,8 +7,8 @@ each request's measured acceptance with each drafter against the step's predicte
 included; it only considers as many tokens as each drafter can propose right now (the engine
 reports that after each step), so requests without a proposal cost nothing. A request kept at
 k = 0 for a while although proposals exist is probed with k = 1 now and then (at most one probe
-every few steps server-wide, its drafters in turn; a draft model only in a step that runs it
-anyway), so a stale low estimate can recover.
+every few steps server-wide, its drafters in turn; a draft model in a step that runs it anyway,
+or after a longer wait), so a stale low estimate can recover.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from server.policy.snapshot import DrafterSnapshot, PolicySnapshot
 
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
-DECODE_GOODPUT_DECAY = 0.1  # weight of the latest decode-only step in its batch size's mean goodput
+ALONE_PROBE_AFTER_STEPS = 4 * PROBE_AFTER_STEPS  # ... a draft model's probe that runs its forward for it alone
+# Weight of the latest decode-only step in its batch size's mean goodput: about the last 10-20
+# steps, enough to smooth one step's noise and few enough to follow a change of workload.
+DECODE_GOODPUT_DECAY = 0.1
 
 log = structlog.get_logger("goodspeed.policy")
 
@@ -143,8 +146,8 @@ class SpeculationPolicy:
             for req_id, k in choice.draft_tokens.items()
         }
         self.steps_since_probe += 1
-        # A probe is one cheap draft token: a draft model is probed only in a step that runs its
-        # forward anyway (another request drafts with it, or it prefills), never alone.
+        # A probe should cost one draft token: a draft model's turn waits for a step that runs its
+        # forward anyway (another request drafts with it, or it prefills), or for a long wait.
         running = set(choice.drafters.values()) | (set(draft_models) if base.prefill_seqs else set())
         for c in candidates:
             if chosen[c.req_id].num_draft_tokens > 0:
@@ -152,14 +155,13 @@ class SpeculationPolicy:
                 continue
             waited = self.steps_at_zero.get(c.req_id, 0) + 1
             self.steps_at_zero[c.req_id] = waited
-            offered = [
-                o.drafter
-                for o in c.options
-                if o.max_draft_tokens and (o.drafter not in self.draft_cost_models or o.drafter in running)
-            ]
+            offered = [o.drafter for o in c.options if o.max_draft_tokens]
             if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and offered:
                 turn = self.num_probes_of.get(c.req_id, 0)
-                chosen[c.req_id] = Assignment(offered[turn % len(offered)], 1)
+                drafter = offered[turn % len(offered)]
+                if drafter in self.draft_cost_models and drafter not in running and waited < ALONE_PROBE_AFTER_STEPS:
+                    continue
+                chosen[c.req_id] = Assignment(drafter, 1)
                 self.num_probes_of[c.req_id] = turn + 1
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0

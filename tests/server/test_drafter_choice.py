@@ -10,11 +10,11 @@ import pytest
 from api.speculation import SpeculationMode
 from engine.protocol import BatchShape, DraftRun, Offer
 from server.errors import InvalidArgumentError
-from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
+from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy, speculation
 from server.policy.acceptance import AcceptanceEstimator
 from server.policy.cost_model import DraftCosts, StepCostModel
-from server.policy.goodput import Candidate, Option, StepBase, choose
-from server.policy.speculation import PROBE_AFTER_STEPS, Assignment
+from server.policy.goodput import Candidate, Choice, Option, StepBase, choose, choose_prefix
+from server.policy.speculation import ALONE_PROBE_AFTER_STEPS, PROBE_AFTER_STEPS, Assignment
 
 NO_COSTS = DraftCosts(0.0, 0.0, 0.0)
 TARGET_TIMES = [0.100 + 0.002 * n for n in range(300)]  # a target step: 100 ms, 2 ms per extra token
@@ -198,6 +198,9 @@ def test_a_draft_model_is_probed_only_in_a_step_that_runs_it_anyway() -> None:
     prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
     assert policy.choose([request], prefilling)["r"] == Assignment("model", 1)
     assert policy.num_probes == 1
+    # with no step to ride on, a much longer wait buys a probe that runs the forward alone
+    alone = [policy.choose([request], base(1))["r"] for _ in range(ALONE_PROBE_AFTER_STEPS)]
+    assert alone[:-1] == [Assignment("", 0)] * (ALONE_PROBE_AFTER_STEPS - 1) and alone[-1] == Assignment("model", 1)
 
 
 def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -> None:
@@ -218,19 +221,49 @@ def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -
     assert pick_at(2.0) == ("model", 8)  # below the step's own best goodput (3.7): no change
     assert pick_at(10.0) == ("model", 1)
     assert pick_at(1000.0) == ("", 0)
+    # With n-gram offering 8 tokens, its k = 5 has the higher goodput (1.547 against 1.540 for
+    # model k = 1), but at 10 tokens a second the model's nearly free token is worth more: the two
+    # plans are compared at the price too.
+    candidates[0] = candidate("r", (0.5, 8), (0.95, 8))
+    assert pick_at(0.0) == ("model", 8) and pick_at(10.0) == ("model", 1)
 
 
-def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill() -> None:
+def test_choose_prefix_takes_the_best_goodput_unless_time_is_worth_more() -> None:
+    prefixes = [(1.0, 1.0), (3.0, 1.5), (4.0, 2.0), (5.0, 3.0)]  # goodput 1, 2, 2, 1.67
+    assert choose_prefix(prefixes) == 1  # ties: the shorter prefix
+    assert choose_prefix(prefixes, 2.0) == 1  # a price equal to the best goodput changes nothing
+    assert choose_prefix(prefixes, 3.0) == 1  # 3 - 4.5 = -1.5 beats 1 - 3 = -2 and 4 - 6 = -2
+    assert choose_prefix(prefixes, 5.0) == 0  # 1 - 5 = -4 beats 3 - 7.5 = -4.5
+    assert choose_prefix([(2.0, 1.0)], 5.0) == 0
+
+
+def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    prices: list[float] = []
+
+    def spy(*args: object) -> Choice:
+        prices.append(args[-1])  # type: ignore[arg-type]
+        return choose(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(speculation, "choose", spy)
     policy = two_drafter_policy()
     policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
     for _ in range(20):
         policy.acceptance["model"].observe("r", 0, num_drafted=4, num_accepted=4)
-    request = FakeRequest("r")
-    for _ in range(3):
-        policy.choose([request], base(1))
-    assert policy.last_choice is not None and policy.decode_goodput == {1: pytest.approx(policy.last_choice.goodput)}
-    learned = policy.decode_goodput[1]
     prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
-    policy.choose([request], prefilling)
-    assert policy.decode_goodput == {1: learned}  # a step that prefills does not set it
-    assert policy._decode_goodput_near(3) == learned  # the nearest batch size seen
+    policy.choose([FakeRequest("r")], prefilling)
+    assert prices == [0.0]  # no decode-only step yet: no price
+    goodputs = []
+    for num_left in (100, 3):  # the second step can draft only 2 tokens: a lower goodput
+        policy.choose([FakeRequest("r", num_new_tokens_left=num_left)], base(1))
+        assert policy.last_choice is not None
+        goodputs.append(policy.last_choice.goodput)
+    assert goodputs[1] < goodputs[0] and prices[1:] == [0.0, 0.0]  # decode-only steps are not priced
+    learned = goodputs[0] + speculation.DECODE_GOODPUT_DECAY * (goodputs[1] - goodputs[0])
+    assert policy.decode_goodput == {1: pytest.approx(learned)}
+    # a step that prefills with 3 decoding requests is priced at the nearest count seen, 1
+    policy.choose([FakeRequest(f"r{i}") for i in range(3)], StepBase(*astuple_of(prefilling, 3.0)))
+    assert prices[-1] == pytest.approx(learned) and policy.decode_goodput == {1: pytest.approx(learned)}
+
+
+def astuple_of(step: StepBase, num_generated: float) -> tuple[object, ...]:
+    return (step.shape, num_generated, step.max_extra_tokens, step.num_waiting, step.prefill_seqs)
