@@ -236,7 +236,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "load", help="open-loop Poisson load (or closed loop at a fixed concurrency), per speculation policy"
     )
     load.add_argument(
-        "--workload", default="editing", help="editing, completion, or a .jsonl workload file (see bench/data/)"
+        "--workload", default="editing", help="editing, completion, mixed, or a .jsonl workload file (see bench/data/)"
     )
     load.add_argument("--target", help="a running server; by default one is started")
     load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
