@@ -99,13 +99,11 @@ class Metrics:
         for drafter, figures in snapshot.drafters.items():
             self.acceptance_rate.labels(drafter=drafter, draft_token="first").set(figures.first_rate)
             self.acceptance_rate.labels(drafter=drafter, draft_token="rest").set(figures.continuation_rate)
-        for drafter, figures in snapshot.drafters.items():
+            if figures.cost_coefficients:  # a drafter that runs a model
+                self.draft_cost_model_error.labels(drafter=drafter).set(figures.cost_model_error)
             for match_len, rate in figures.first_token_rates.items():
                 self.first_token_rate.labels(drafter=drafter, match_len=str(match_len)).set(rate)
         self.cost_model_error.set(snapshot.cost_model_error)
-        for drafter, figures in snapshot.drafters.items():
-            if figures.cost_coefficients:  # a drafter that runs a model
-                self.draft_cost_model_error.labels(drafter=drafter).set(figures.cost_model_error)
         self.probes.inc(snapshot.num_probes - (previous.num_probes if previous else 0))
         if previous is None or snapshot.cost_coefficients is not previous.cost_coefficients:  # refitted
             for feature, value in snapshot.cost_coefficients.items():
