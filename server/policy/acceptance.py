@@ -71,8 +71,19 @@ class AcceptanceEstimator:
         return self.rest.value(INITIAL_RATE, 1.0)
 
     def position_rates(self) -> list[float]:
-        """Server-wide P(position j + 1 passes | position j passed), j = 0 .. max - 1."""
-        return [p.value(INITIAL_RATE, 1.0) for p in self.positions]
+        """Server-wide P(position j + 1 passes | position j passed), j = 0 .. max - 1.
+
+        A position with little evidence leans on the rate of the one before it, not on a fixed
+        prior. Acceptance is bursty, so given the position before passed a later one passes about
+        as often or more; and a fixed prior below the real rate is never corrected, because a
+        chooser that believes it never drafts that deep. It happened: in float32 AUTO held the
+        draft model at k = 1 for whole requests (first token passing ~100%, position 2 still at
+        the initial 0.5) and ran at 0.8x the draft model's fixed k = 4."""
+        rates, prior = [], INITIAL_RATE
+        for position in self.positions:
+            prior = position.value(prior, 1.0)
+            rates.append(prior)
+        return rates
 
     def first_token_rates(self) -> dict[int, float]:
         """Server-wide P(the first draft token passes) per match length seen."""

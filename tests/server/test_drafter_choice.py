@@ -267,3 +267,18 @@ def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypa
 
 def astuple_of(step: StepBase, num_generated: float) -> tuple[object, ...]:
     return (step.shape, num_generated, step.max_extra_tokens, step.num_waiting, step.prefill_seqs)
+
+
+def test_a_draft_model_only_ever_drafted_one_deep_is_still_drafted_deeper() -> None:
+    # Its first token always passed; nothing is known past it. Position 2 leans on position 1's
+    # rate, not on a fixed 0.5 that would keep AUTO at k = 1-2 and so never learn otherwise.
+    policy = two_drafter_policy()
+    policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
+    for _ in range(40):
+        policy.acceptance["model"].observe("r", 0, num_drafted=1, num_accepted=1)
+    drafter, k = policy.choose([FakeRequest("r")], base(1))["r"]
+    assert drafter == "model" and k >= 4
+    # what it then learns rules: position 2 failing every time brings AUTO back to k = 1
+    for _ in range(40):
+        policy.acceptance["model"].observe("r", 0, num_drafted=k, num_accepted=1)
+    assert policy.choose([FakeRequest("r")], base(1))["r"] == Assignment("model", 1)
