@@ -199,6 +199,8 @@ def verify_models(names: list[str]) -> int:
 
 
 def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.config import EngineConfig
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     kinds = bench.add_subparsers(dest="kind", required=True)
     engine = kinds.add_parser("engine", help="batch-1 speculation and batched throughput, vs transformers")
@@ -222,6 +224,31 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--draft-k", type=int, nargs="+", default=[1, 2, 3, 4], help="draft lengths for the draft model"
     )
     engine.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/engine-DTYPE.json)")
+    longctx = kinds.add_parser(
+        "longctx", help="self-speculation at long context: step costs by context and batch, predicted speedup"
+    )
+    longctx.add_argument("--model", default="smollm2-135m")
+    longctx.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    longctx.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 7680])
+    longctx.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
+    longctx.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4], help="draft lengths to time")
+    longctx.add_argument("--acceptance", type=float, default=0.8, help="per-token acceptance for the predicted speedup")
+    window = EngineConfig()
+    longctx.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=window.self_spec_sink_tokens,
+        help="the window's sinks (as serve's --self-spec-sinks)",
+    )
+    longctx.add_argument(
+        "--window-tokens",
+        type=int,
+        default=window.self_spec_window_tokens,
+        help="its recent tokens (--self-spec-window)",
+    )
+    longctx.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default bench-results/longctx-DTYPE.json)"
+    )
     service = kinds.add_parser("service", help="control-plane overhead and reliability under cancels")
     service.add_argument("--target", help="a running server; by default one is started")
     service.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
@@ -322,6 +349,21 @@ def run_bench(args: argparse.Namespace) -> int:
             args.streams, args.runs, args.max_new_tokens, args.requests, args.concurrency, args.cancel_share
         )
         return service_main(args.target, args.dtype, bench, args.out)
+    if args.kind == "longctx":
+        from bench.longctx import run_longctx_bench
+
+        run_longctx_bench(
+            args.model,
+            args.dtype,
+            args.contexts,
+            args.batch,
+            args.k,
+            args.acceptance,
+            args.sink_tokens,
+            args.window_tokens,
+            args.out or Path("bench-results") / f"longctx-{args.dtype}.json",
+        )
+        return 0
     if args.kind == "engine":
         from bench.engine import run_engine_bench
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-DRAFTERS = ("ngram", "model")
+DRAFTERS = ("ngram", "model", "self")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,10 @@ class EngineConfig:
     draft_model: str = ""  # for drafter "model": a catalog name, a local HF directory or a hub id
     ngram_min: int = 2
     ngram_max: int = 8  # a full 8-token match is right 97% of the time on HumanEval
+    # drafter "self": the target drafts over its first sink tokens and its last window tokens
+    # (MagicDec's StreamingLLM budget of 512, its 16 sinks)
+    self_spec_sink_tokens: int = 16
+    self_spec_window_tokens: int = 496
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
     nice: int = 10  # the engine process's niceness, relative to the server's (0 keeps it equal)
     verify_model: bool = False  # check a cached model's sha256s before loading, not only its sizes
@@ -47,6 +51,11 @@ class EngineConfig:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(
                 f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}"
+            )
+        if self.self_spec_sink_tokens < 0 or self.self_spec_window_tokens < 1:
+            raise ValueError(
+                "self-speculation needs self_spec_sink_tokens >= 0 and self_spec_window_tokens >= 1, got "
+                f"{self.self_spec_sink_tokens} and {self.self_spec_window_tokens}"
             )
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in [0, 19], got {self.nice}")

@@ -12,7 +12,8 @@ import time
 import torch
 
 from engine.drafters.draft_model import DraftModelDrafter
-from engine.model.transformer import ForwardBatch, SeqInput
+from engine.drafters.self_spec import SelfSpecDrafter
+from engine.model.transformer import AttentionWindow, ForwardBatch, SeqInput
 from engine.protocol import ProfileShape, StepSample
 from engine.runner import ModelRunner
 
@@ -24,11 +25,19 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
     if runner.seqs:
         raise RuntimeError("profiling needs an idle engine")
     model, kv_cache, allocator = runner.model, runner.kv_cache, runner.allocator
+    window = None
     if drafter:
         draft = runner.drafters.get(drafter)
-        if not isinstance(draft, DraftModelDrafter):
-            raise ValueError(f"the engine has no draft model named {drafter!r} to profile")
-        model, kv_cache, allocator = draft.model, draft.kv_cache, draft.allocator
+        if isinstance(draft, DraftModelDrafter):
+            model, kv_cache, allocator = draft.model, draft.kv_cache, draft.allocator
+        elif isinstance(draft, SelfSpecDrafter):
+            # The target's own forward over the window, one token per sequence: a shape's tokens
+            # become as many one-token sequences (its forwards at that batch size), each with at
+            # most the window's context (what it attends to, and less KV for the profile to fill).
+            window = draft.window
+            shapes = list(dict.fromkeys(as_one_token_seqs(shape, window) for shape in shapes))
+        else:
+            raise ValueError(f"the engine has no drafter named {drafter!r} that runs a model to profile")
     samples: list[StepSample] = []
     for shape in shapes:
         queries = [shape.num_query_tokens] * shape.num_seqs + [1] * shape.num_plain_seqs
@@ -45,7 +54,7 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
                 kv_cache.v[:, :, region.start : region.end].zero_()
             is_verify = not drafter and shape.num_query_tokens <= runner.max_draft_tokens + 1
             starts = [r.start for r in regions]
-            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_verify, model.device)
+            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_verify, model.device, window)
             seconds = []
             for i in range(repeats + (not samples)):
                 started = time.perf_counter()
@@ -61,7 +70,12 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
 
 
 def synthetic_batch(
-    queries: list[int], cached: int, kv_starts: list[int], is_verify: bool, device: torch.device
+    queries: list[int],
+    cached: int,
+    kv_starts: list[int],
+    is_verify: bool,
+    device: torch.device,
+    window: AttentionWindow | None = None,
 ) -> ForwardBatch:
     """queries[i] query tokens for sequence i, each after `cached` tokens already in its KV region.
     Logits for every position of a verification, else for the last token of each sequence."""
@@ -70,4 +84,9 @@ def synthetic_batch(
         token_ids = [1 + (i % 1000) for i in range(num_tokens, num_tokens + n)]
         inputs.append(SeqInput(token_ids, start, cached, n if is_verify else 1))
         num_tokens += n
-    return ForwardBatch.of(inputs, device)
+    return ForwardBatch.of(inputs, device, window)
+
+
+def as_one_token_seqs(shape: ProfileShape, window: AttentionWindow) -> ProfileShape:
+    num_seqs = shape.num_seqs * shape.num_query_tokens + shape.num_plain_seqs
+    return ProfileShape(num_seqs, 1, min(shape.num_context_tokens, window.num_tokens - 1))

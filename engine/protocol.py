@@ -107,6 +107,9 @@ class Offer(_Wire, frozen=True):
     # Tokens of the request a draft model has yet to read before it can propose (those of the
     # steps it did not draft in): its next forward feeds them, and the policy prices that.
     num_unseen: int = 0
+    # The most KV tokens one of its draft forwards attends to for the request (self-speculation's
+    # window); 0: no limit, the request's whole context.
+    max_kv_tokens: int = 0
 
 
 class RequestOutput(_Wire, frozen=True):
@@ -178,6 +181,7 @@ class EngineReady(_Wire, frozen=True, tag=4):
     max_draft_tokens: int
     drafters: list[str]  # in the order of RequestOutput.offers; the first serves plans that name none
     model_drafters: list[str]  # those that run a model: the control plane profiles and prices their forwards
+    prefill_drafters: list[str]  # of those, the ones that prefill with the target (a draft model's own cache)
     device: str
     dtype: str
     model_path: str  # where the tokenizer and chat template can be read

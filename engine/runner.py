@@ -167,6 +167,7 @@ class ModelRunner:
                     0 if w.seq.is_prefilling else w.num_logits - 1,
                     w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
                     w.seq.sampling,
+                    w.seq.kv_start,
                 )
                 for w in involved
             ]

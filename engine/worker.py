@@ -16,12 +16,13 @@ import torch
 from engine.config import EngineConfig
 from engine.drafters import Drafter, make_drafter
 from engine.drafters.draft_model import DraftModelDrafter, check_compatible
+from engine.drafters.self_spec import SelfSpecDrafter
 from engine.fetch import resolve_model
 from engine.kv_cache import KVCache
 from engine.link import Doorbell, QueueEnd
 from engine.model.loader import load_transformer
 from engine.model.spec import ModelSpec
-from engine.model.transformer import Transformer
+from engine.model.transformer import AttentionWindow, Transformer
 from engine.profile import profile_steps
 from engine.protocol import (
     EngineError,
@@ -65,7 +66,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
     model = load_transformer(path, dtype, device, show_progress=show_progress)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
-    drafters = build_drafters(config, model, path, show_progress)
+    drafters = build_drafters(config, model, kv_cache, path, show_progress)
     runner = ModelRunner(model, kv_cache, drafters, config.max_draft_tokens)
     ready = EngineReady(
         model_name=config.model,
@@ -76,7 +77,8 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         kv_capacity_tokens=kv_cache.capacity_tokens,
         max_draft_tokens=config.max_draft_tokens,
         drafters=[drafter.name for drafter in drafters],
-        model_drafters=[drafter.name for drafter in drafters if isinstance(drafter, DraftModelDrafter)],
+        model_drafters=[drafter.name for drafter in drafters if drafter.runs_model],
+        prefill_drafters=[drafter.name for drafter in drafters if drafter.runs_model and drafter.sees_prefill],
         device=str(device),
         dtype=config.dtype,
         load_s=time.perf_counter() - started,
@@ -85,13 +87,20 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     return runner, ready
 
 
-def build_drafters(config: EngineConfig, target: Transformer, target_path: str, show_progress: bool) -> list[Drafter]:
-    return [
-        build_draft_model(config, target, target_path, show_progress)
-        if name == "model"
-        else make_drafter(name, config.ngram_min, config.ngram_max)
-        for name in config.drafters
-    ]
+def build_drafters(
+    config: EngineConfig, target: Transformer, kv_cache: KVCache, target_path: str, show_progress: bool
+) -> list[Drafter]:
+    """The configured drafters in order; kv_cache: the target's, which self-speculation reads."""
+    window = AttentionWindow(config.self_spec_sink_tokens, config.self_spec_window_tokens)
+    drafters: list[Drafter] = []
+    for name in config.drafters:
+        if name == "model":
+            drafters.append(build_draft_model(config, target, target_path, show_progress))
+        elif name == "self":
+            drafters.append(SelfSpecDrafter(target, kv_cache, window))
+        else:
+            drafters.append(make_drafter(name, config.ngram_min, config.ngram_max))
+    return drafters
 
 
 def build_draft_model(

@@ -29,6 +29,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--draft-model", default="", help="a small model sharing the target's tokenizer: the model drafter")
     add(
+        "--self-spec-sinks",
+        type=int,
+        default=engine.self_spec_sink_tokens,
+        help="the self drafter attends to a request's first this many tokens ...",
+    )
+    add(
+        "--self-spec-window",
+        type=int,
+        default=engine.self_spec_window_tokens,
+        help="... and to its last this many (MagicDec's budget is the sum)",
+    )
+    add(
         "--policy",
         default=defaults.speculation_mode.label,
         choices=[*LABELS, AUTO_SYNONYM],
@@ -131,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_draft_tokens=args.max_draft_tokens,
         drafters=parse_drafters(args.drafters, bool(args.draft_model)),
         draft_model=args.draft_model,
+        self_spec_sink_tokens=args.self_spec_sinks,
+        self_spec_window_tokens=args.self_spec_window,
         num_threads=args.threads,
         nice=args.engine_nice,
         verify_model=args.verify_model,

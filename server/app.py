@@ -233,6 +233,7 @@ def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
         ready.max_draft_tokens,
         drafters=drafters,
         model_drafters=tuple(ready.model_drafters),
+        prefill_drafters=tuple(ready.prefill_drafters),
     )
 
 
@@ -253,6 +254,12 @@ async def warm_policy(config: ServerConfig, engine: EngineClient, policy: Specul
             seconds=round(time.perf_counter() - started, 1),
             coefficients_ms={name: round(value * 1000, 3) for name, value in coefficients.items()},
         )
+        if drafter and not any(coefficients.values()):
+            log.warning(
+                f"too few profile shapes fit the KV cache to price drafter {drafter}: AUTO leaves it out "
+                "(FIXED requests naming it still run, and price it as they go); a larger --kv-cache-tokens helps",
+                shapes=len(samples),
+            )
 
 
 def build_loop(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.protocol import BatchShape, Offer, SamplingParams
+from engine.sampling import logits_to_probs, mix_seed, position_noise, sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class DraftRequest:
     # end, or every token when decoding. A drafter with a cache of its own may feed them now.
     num_visible: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    kv_start: int = 0  # the first row of its region in the target's KV cache (for a drafter that reads it)
 
 
 class Drafter(ABC):
@@ -36,6 +38,7 @@ class Drafter(ABC):
 
     name: str
     sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
+    runs_model = False  # True for one whose forwards cost time: the control plane profiles and prices them
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
         """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to
@@ -61,3 +64,24 @@ class Drafter(ABC):
         control plane plans k with it; a model-based drafter can always propose, a model-free one
         only when it finds a match."""
         return Offer(num_draft_tokens)
+
+
+def pick_draft_tokens(
+    logits: torch.Tensor, picks: list[tuple[SamplingParams, int]], noise_stream: int
+) -> list[tuple[int, torch.Tensor | None]]:
+    """logits: [len(picks), V], row i for a request drafting the token at position picks[i][1] ->
+    each one's draft token and, when sampled, the distribution [V] it was drawn from. Greedy rows
+    take the argmax (one for all of them). Sampled rows draw with noise keyed by (seed salted with
+    noise_stream, position): a drafter must not reuse the target's noise, or its proposals would
+    be correlated with the very draws that verify them."""
+    is_any_greedy = any(sampling.is_greedy for sampling, _ in picks)
+    argmaxes = logits.float().max(dim=-1).indices.tolist() if is_any_greedy else []
+    tokens: list[tuple[int, torch.Tensor | None]] = []
+    for row, (sampling, position) in enumerate(picks):
+        if sampling.is_greedy:
+            tokens.append((argmaxes[row], None))
+            continue
+        probs = logits_to_probs(logits[row : row + 1], sampling)  # [1, V]
+        noise = position_noise(mix_seed(sampling.seed, noise_stream), position, 1, probs.shape[-1], probs.device)
+        tokens.append((int(sample(probs, noise)[0]), probs[0]))
+    return tokens

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.base import Draft, Drafter, DraftRequest, pick_draft_tokens
 from engine.kv_cache import KVCache, Region, RegionAllocator
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 from engine.protocol import BatchShape, Offer
-from engine.sampling import logits_to_probs, mix_seed, position_noise, sample
 
 DRAFT_NOISE_STREAM = 0x0D4AF7  # salts the request seed: draft sampling must not reuse the target's noise
 
@@ -49,6 +48,7 @@ class DraftSequence:
 class DraftModelDrafter(Drafter):
     name = "model"
     sees_prefill = True
+    runs_model = True
 
     def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
         self.model = model
@@ -137,18 +137,12 @@ class DraftModelDrafter(Drafter):
 
     def _take(self, picks: list[tuple[DraftRequest, DraftSequence, int]], logits: torch.Tensor) -> None:
         """logits: [len(picks), V], row i for the token at picks[i]'s position -> each one's next
-        draft token (and, when sampled, its distribution). Greedy rows share one argmax."""
-        is_any_greedy = any(request.sampling.is_greedy for request, _, _ in picks)
-        argmaxes = logits.float().max(dim=-1).indices.tolist() if is_any_greedy else []
-        for row, (request, seq, position) in enumerate(picks):
-            if request.sampling.is_greedy:
-                seq.token_ids.append(argmaxes[row])
-                continue
-            probs = logits_to_probs(logits[row : row + 1], request.sampling)  # [1, V]
-            seed = mix_seed(request.sampling.seed, DRAFT_NOISE_STREAM)
-            noise = position_noise(seed, position, 1, probs.shape[-1], probs.device)
-            seq.token_ids.append(int(sample(probs, noise)[0]))
-            seq.probs.append(probs[0])
+        draft token (and, when sampled, its distribution)."""
+        tokens = pick_draft_tokens(logits, [(r.sampling, position) for r, _, position in picks], DRAFT_NOISE_STREAM)
+        for (_, seq, _), (token_id, probs) in zip(picks, tokens, strict=True):
+            seq.token_ids.append(token_id)
+            if probs is not None:
+                seq.probs.append(probs)
 
 
 def check_compatible(target: ModelSpec, target_path: str | Path, draft: ModelSpec, draft_path: str | Path) -> None:

@@ -44,15 +44,44 @@ class SeqInput:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionWindow:
+    """A StreamingLLM view of a sequence's KV: its first num_sink_tokens and its last
+    num_recent_tokens (the query's own included); a sequence no longer than both sees all of it."""
+
+    num_sink_tokens: int
+    num_recent_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.num_sink_tokens < 0 or self.num_recent_tokens < 1:
+            raise ValueError(
+                "an attention window needs num_sink_tokens >= 0 and num_recent_tokens >= 1, got "
+                f"{self.num_sink_tokens} and {self.num_recent_tokens}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_sink_tokens + self.num_recent_tokens
+
+    def kv_rows(self, seq: SeqSlice) -> list[slice]:
+        """The cache rows a sequence's single query token attends to."""
+        start, end = seq.kv_start, seq.kv_start + seq.num_kv_tokens
+        if seq.num_kv_tokens <= self.num_tokens:
+            return [slice(start, end)]
+        return [slice(start, start + self.num_sink_tokens), slice(end - self.num_recent_tokens, end)]
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slot_ids: torch.Tensor  # [T] int64, cache rows the step's K/V are written to
     logit_rows: torch.Tensor  # [N] int64, which of the T tokens need logits
     seqs: list[SeqSlice]
+    # attention of every sequence through this view (one query token each); None: the whole KV
+    window: AttentionWindow | None = None
 
     @classmethod
-    def of(cls, inputs: list[SeqInput], device: torch.device) -> ForwardBatch:
+    def of(cls, inputs: list[SeqInput], device: torch.device, window: AttentionWindow | None = None) -> ForwardBatch:
         """Flattens the sequences' tokens; a token at position p is written to cache row kv_start + p."""
         token_ids: list[int] = []
         positions: list[int] = []
@@ -71,11 +100,18 @@ class ForwardBatch:
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        return cls(as_tensor(token_ids), as_tensor(positions), as_tensor(slot_ids), as_tensor(logit_rows), seqs)
+        if window is not None and any(len(item.token_ids) != 1 for item in inputs):
+            raise ValueError("a windowed forward feeds one token per sequence")
+        ids, pos, slots, rows = (as_tensor(v) for v in (token_ids, positions, slot_ids, logit_rows))
+        return cls(ids, pos, slots, rows, seqs, window)
 
     def shape(self) -> BatchShape:
-        """What the forward's time depends on, for the control plane's cost models."""
-        return BatchShape.of([(seq.num_query_tokens, seq.num_kv_tokens) for seq in self.seqs])
+        """What the forward's time depends on, for the control plane's cost models: with a window,
+        the KV tokens each sequence attends to."""
+        num_kv = [seq.num_kv_tokens for seq in self.seqs]
+        if self.window is not None:
+            num_kv = [min(n, self.window.num_tokens) for n in num_kv]
+        return BatchShape.of([(seq.num_query_tokens, n) for seq, n in zip(self.seqs, num_kv, strict=True)])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -195,7 +231,14 @@ class Transformer:
         q = (q * self.scale).to(kv_cache.dtype)
         attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
         for seq, mask in zip(batch.seqs, masks, strict=True):
-            kv_rows = slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
-            attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, attn[q_rows])
+            if batch.window is None or seq.num_kv_tokens <= batch.window.num_tokens:
+                kv_rows = slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)
+                attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, attn[q_rows])
+                continue
+            # sinks and recent rows as one block (a copy of at most window rows, not a view)
+            rows = batch.window.kv_rows(seq)
+            k = torch.cat([k_cache[:, r] for r in rows], dim=1)
+            v = torch.cat([v_cache[:, r] for r in rows], dim=1)
+            attend(q[q_rows], k, v, None, attn[q_rows])
         return layer.o_proj(attn.to(x.dtype))

@@ -41,7 +41,7 @@ with it (choose_prefix).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.protocol import BatchShape
@@ -58,6 +58,7 @@ class Option:
     pass_chances: Sequence[float]  # [j]: P(draft token j + 1 is accepted | token j was); len >= max
     max_draft_tokens: int  # what the drafter can propose now, within the bounds
     num_unseen: int = 1  # tokens a draft model's first forward feeds for this request
+    max_kv_tokens: int = 0  # the most KV tokens its draft forwards attend to (a window); 0: all
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,8 @@ def gains_of(
             continue
         # Draft j comes from the draft model's forward j - 1: the first feeds what it has not
         # seen, each later one the draft token before.
-        seq = (option.num_unseen, c.num_kv_tokens) if j == 1 else (1, c.num_kv_tokens + j - 1)
+        num_kv = c.num_kv_tokens + j - 1
+        seq = (option.num_unseen if j == 1 else 1, min(num_kv, option.max_kv_tokens or num_kv))
         own_s = draft_model.predict(BatchShape.of([seq])) - draft_model.fixed_s
         rank_s = extra_s + own_s + draft_model.fixed_s / num_sharing
         gains.append(Gain(reach, extra_s, c.req_id, option.drafter, rank_s, seq, j))
@@ -201,15 +203,22 @@ def choose(
     costs: DraftCosts,
     draft_models: Mapping[str, StepCostModel] | None = None,
     time_value: float = 0.0,
+    prefilling: Collection[str] = (),
 ) -> Choice:
     """times[n]: predicted step time with n query tokens (for this step's other features);
     draft_models: the step-cost model of each drafter that runs a model (the rest cost nothing);
     time_value: tokens per second that the plan's extra time must at least buy (0: none), for a
-    step whose prefill makes its own goodput a poor price of time (see choose_prefix)."""
+    step whose prefill makes its own goodput a poor price of time (see choose_prefix);
+    prefilling: the draft models that prefill with the target (a draft model's own cache; not
+    self-speculation, which reads the target's)."""
     draft_models = draft_models or {}
     n = base.shape.num_tokens
     per_token_s = interpolate(times, n + 1) - interpolate(times, n)
-    plain_s = interpolate(times, n) + sum(t.total_s for t in seeded_timers(draft_models, base).values())
+
+    def timers() -> dict[str, DraftTimer]:
+        return seeded_timers(draft_models, base, prefilling)
+
+    plain_s = interpolate(times, n) + sum(t.total_s for t in timers().values())
     plain = goodput(base.num_generated, plain_s)
     able = {
         name: sum(any(o.drafter == name and o.max_draft_tokens > 0 for o in c.options) for c in candidates)
@@ -221,7 +230,7 @@ def choose(
     preferring = {name: sum(bool(g) and g[0].drafter == name for g in preferred.values()) for name in draft_models}
     if any(0 < preferring[name] < able[name] for name in draft_models):
         preferred = prefer(candidates, costs, draft_models, preferring, per_token_s, plain)
-    choice = _walk(candidates, preferred, base, times, per_token_s, draft_models, plain, plain_s, time_value)
+    choice = _walk(candidates, preferred, base, times, per_token_s, timers(), plain, plain_s, time_value)
     if any(gains and gains[0].drafter in draft_models for gains in preferred.values()):
         model_free = {
             c.req_id: max(
@@ -231,7 +240,7 @@ def choose(
             )
             for c in candidates
         }
-        other = _walk(candidates, model_free, base, times, per_token_s, draft_models, plain, plain_s, time_value)
+        other = _walk(candidates, model_free, base, times, per_token_s, timers(), plain, plain_s, time_value)
         price = max(time_value, choice.goodput, other.goodput)  # as in choose_prefix
         if (other.goodput - price) * other.step_s > (choice.goodput - price) * choice.step_s:
             choice = other
@@ -258,13 +267,15 @@ def prefer(
     return preferred
 
 
-def seeded_timers(draft_models: Mapping[str, StepCostModel], base: StepBase) -> dict[str, DraftTimer]:
-    """A timer per draft model, its first forward holding the step's prefill chunks: a draft
-    model prefills with the target, so that forward runs (and its constant is paid) anyway."""
+def seeded_timers(
+    draft_models: Mapping[str, StepCostModel], base: StepBase, prefilling: Collection[str]
+) -> dict[str, DraftTimer]:
+    """A timer per draft model; the first forward of each one in prefilling holds the step's
+    prefill chunks: it prefills with the target, so that forward runs (its constant paid) anyway."""
     timers = {name: DraftTimer(model) for name, model in draft_models.items()}
-    for timer in timers.values():
+    for name in timers.keys() & set(prefilling):
         for seq in base.prefill_seqs:
-            timer.add(0, seq)
+            timers[name].add(0, seq)
     return timers
 
 
@@ -274,15 +285,15 @@ def _walk(
     base: StepBase,
     times: Sequence[float],
     per_token_s: float,
-    draft_models: Mapping[str, StepCostModel],
+    timers: Mapping[str, DraftTimer],
     plain: float,
     plain_s: float,
     time_value: float = 0.0,
 ) -> Choice:
-    """Ranks the gains and takes the best prefix (choose_prefix), drafting included."""
+    """Ranks the gains and takes the best prefix (choose_prefix), drafting included; timers: a
+    fresh one per draft model, seeded with the step's prefill."""
     ranked = [r for gains in gains_by_request.values() for r in rank(gains, per_token_s)]
     gains = [gain for _, gain in sorted(ranked, key=lambda r: (-r[0], -r[1].tokens))]
-    timers = seeded_timers(draft_models, base)
     draft_s = sum(timer.total_s for timer in timers.values())
     prefixes = [(base.num_generated, plain_s, draft_s)]  # (expected tokens, step seconds, drafting seconds)
     n = base.shape.num_tokens

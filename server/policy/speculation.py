@@ -75,6 +75,7 @@ class SpeculationPolicy:
     engine_max_draft_tokens: int  # SetPolicy may lower max_draft_tokens, never raise it past this
     drafters: tuple[str, ...] = ("ngram",)  # the engine's, in order; the first serves FIXED by default
     model_drafters: tuple[str, ...] = ()  # those that run a model: priced by a step-cost model each
+    prefill_drafters: tuple[str, ...] = ()  # of those, the ones that prefill with the target (a draft model)
     cost_model: StepCostModel = field(default_factory=StepCostModel)
     draft_cost_models: dict[str, StepCostModel] = field(default_factory=dict)
     acceptance: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # per drafter
@@ -128,7 +129,9 @@ class SpeculationPolicy:
                 self.settings.max_draft_tokens, request.num_new_tokens_left, num_offered=offer.num_tokens
             )
             chances = self.acceptance[name].pass_chances(request.req_id, offer.match_len, max(max_k, 1))
-            options.append(Option(name, [safe_rate(c) for c in chances], max_k, max(offer.num_unseen, 1)))
+            options.append(
+                Option(name, [safe_rate(c) for c in chances], max_k, max(offer.num_unseen, 1), offer.max_kv_tokens)
+            )
         return Candidate(request.req_id, options, request.num_tokens)
 
     def _choose_auto(self, candidates: list[Candidate], base: StepBase) -> dict[str, Assignment]:
@@ -136,7 +139,9 @@ class SpeculationPolicy:
         draft_models = {name: model for name, model in self.draft_cost_models.items() if model.is_fitted}
         num_decoding = round(base.num_generated)
         time_value = self._decode_goodput_near(num_decoding) if base.prefill_seqs else 0.0
-        choice = choose(candidates, base, times, self.cost_model.draft_costs(), draft_models, time_value)
+        choice = choose(
+            candidates, base, times, self.cost_model.draft_costs(), draft_models, time_value, self.prefill_drafters
+        )
         self.last_choice = choice
         if not base.prefill_seqs:
             last = self.decode_goodput.get(num_decoding, choice.goodput)
@@ -148,7 +153,7 @@ class SpeculationPolicy:
         self.steps_since_probe += 1
         # A probe should cost one draft token: a draft model's turn waits for a step that runs its
         # forward anyway (another request drafts with it, or it prefills), or for a long wait.
-        running = set(choice.drafters.values()) | (set(draft_models) if base.prefill_seqs else set())
+        running = set(choice.drafters.values()) | (set(self.prefill_drafters) if base.prefill_seqs else set())
         for c in candidates:
             if chosen[c.req_id].num_draft_tokens > 0:
                 self.steps_at_zero[c.req_id] = 0

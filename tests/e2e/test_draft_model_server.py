@@ -95,3 +95,24 @@ def test_a_draft_model_with_another_vocabulary_stops_the_server_with_the_reason(
     make_tiny_qwen2(wide, vocab_size=VOCAB_SIZE + 64)
     with pytest.raises(RuntimeError, match=f"{VOCAB_SIZE + 64} entries, the target's {VOCAB_SIZE}"):
         start_server(tmp_path / "logs", "--model", str(target), "--draft-model", str(wide))
+
+
+@pytest.fixture(scope="module")
+def self_drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    target, _ = pair
+    flags = f"--model {target} --drafters ngram,self --self-spec-sinks 2 --self-spec-window 14 --kv-cache-tokens 4096"
+    yield from serving(tmp_path_factory, "self-spec", flags)
+
+
+def test_the_server_self_speculates_over_a_window_and_the_output_stays_exact(self_drafting: RunningServer) -> None:
+    with Client(self_drafting.target) as client:
+        assert list(client.model_info().drafters) == ["ngram", "self"]
+        prompt = "def add(a, b):\n    return a + b\n\n" * 3 + "def sub(a, b):"  # longer than the window of 16
+        plain = client.generate(prompt, max_new_tokens=24, speculation="off")
+        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter="self")
+        assert drafted.token_ids == plain.token_ids
+        assert drafted.speculation.by_drafter["self"].drafted_tokens > 0
+        assert client.generate(prompt, max_new_tokens=24, speculation="auto").token_ids == plain.token_ids
+        stats = client.stats()
+        # profiled at start-up on the target's one-token forwards through the window
+        assert any(stats.drafters["self"].cost_model_ms.values()) and stats.drafters["self"].mean_draft_s > 0

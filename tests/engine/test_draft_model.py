@@ -136,7 +136,7 @@ def test_the_draft_model_is_profiled_on_its_own_forwards(models: dict[str, Path]
         (1, 4, 20),
     ]
     assert all(s.step_s > 0 for s in samples) and not drafter_of(runner).allocator.regions
-    with pytest.raises(ValueError, match="no draft model named 'ngram'"):
+    with pytest.raises(ValueError, match="no drafter named 'ngram' that runs a model"):
         profile_steps(runner, shapes, 1, "ngram")
 
 

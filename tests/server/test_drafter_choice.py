@@ -28,6 +28,7 @@ class FakeDraftCost:
     fixed: float = 0.030
     per_seq: float = 0.001
     per_token: float = 0.0005
+    per_context_token: float = 0.0
     is_fitted: bool = True
 
     @property
@@ -35,7 +36,12 @@ class FakeDraftCost:
         return self.fixed
 
     def predict(self, shape: BatchShape) -> float:
-        return self.fixed + self.per_seq * shape.num_seqs + self.per_token * shape.num_tokens
+        return (
+            self.fixed
+            + self.per_seq * shape.num_seqs
+            + self.per_token * shape.num_tokens
+            + self.per_context_token * shape.num_context_tokens
+        )
 
 
 def base(n: int) -> StepBase:
@@ -109,11 +115,15 @@ def test_a_draft_model_prefilling_anyway_makes_its_first_forward_cheap() -> None
     draft = FakeDraftCost(fixed=0.050)
     idle = choose(weak, base(1), TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
     prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
-    busy = choose(weak, prefilling, TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
+    busy = choose(weak, prefilling, TARGET_TIMES, NO_COSTS, {"model": draft}, prefilling={"model"})  # type: ignore[dict-item]
     assert idle.draft_tokens["r"] == 0 and busy.draft_tokens["r"] == 1
     prefill_forward_s = 0.050 + 0.001 + 0.0005 * 64
     assert busy.plain_step_s == pytest.approx(TARGET_TIMES[65] + prefill_forward_s)  # plain pays the prefill too
     assert busy.draft_s == pytest.approx(prefill_forward_s + 0.001 + 0.0005)
+    # a drafter that reads the target's cache (self-speculation) prefills nothing: no free forward
+    reader = choose(weak, prefilling, TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
+    assert reader.plain_step_s == pytest.approx(TARGET_TIMES[65])
+    assert reader.draft_s == pytest.approx(0.050 + 0.001 + 0.0005)  # its one forward, whole
 
 
 def test_a_plan_without_the_draft_model_wins_when_its_forwards_do_not_pay_for_themselves() -> None:
@@ -139,7 +149,12 @@ def two_drafter_policy(mode: SpeculationMode = SpeculationMode.AUTO) -> Speculat
     target = StepCostModel()
     target.warm([(BatchShape(n, 1, 100 + n, int(n > 1), n * (100 + n)), 0.100 + 0.002 * n) for n in range(1, 20)])
     return SpeculationPolicy(
-        PolicySettings(mode, 2, 8), 8, drafters=("ngram", "model"), model_drafters=("model",), cost_model=target
+        PolicySettings(mode, 2, 8),
+        8,
+        drafters=("ngram", "model"),
+        model_drafters=("model",),
+        prefill_drafters=("model",),
+        cost_model=target,
     )
 
 
@@ -214,7 +229,7 @@ def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -
     draft = FakeDraftCost(fixed=0.100)
 
     def pick_at(time_value: float) -> tuple[str, int]:
-        choice = choose(candidates, prefilling, long_times, NO_COSTS, {"model": draft}, time_value)  # type: ignore[dict-item]
+        choice = choose(candidates, prefilling, long_times, NO_COSTS, {"model": draft}, time_value, {"model"})  # type: ignore[dict-item]
         return choice.drafters.get("r", ""), choice.draft_tokens["r"]
 
     assert pick_at(0.0) == ("model", 8)
@@ -241,7 +256,7 @@ def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypa
     prices: list[float] = []
 
     def spy(*args: object) -> Choice:
-        prices.append(args[-1])  # type: ignore[arg-type]
+        prices.append(args[5])  # type: ignore[arg-type]
         return choose(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(speculation, "choose", spy)
@@ -282,3 +297,23 @@ def test_a_draft_model_only_ever_drafted_one_deep_is_still_drafted_deeper() -> N
     for _ in range(40):
         policy.acceptance["model"].observe("r", 0, num_drafted=k, num_accepted=1)
     assert policy.choose([FakeRequest("r")], base(1))["r"] == Assignment("model", 1)
+
+
+def test_self_speculation_pays_at_long_context_through_its_window_and_not_at_short_context() -> None:
+    # The measurements of the default model (float32, batch 4): a plain step costs 42 ms at
+    # 256 tokens of context and 175 ms at 7,680; the same forward over a 512-token window costs
+    # what a short-context step costs. Drafts pass 80% of the time.
+    forward = FakeDraftCost(fixed=0.030, per_seq=0.001, per_token=0.0, per_context_token=4.6e-6)
+
+    def picked(num_kv: int, window: int) -> list[int]:
+        candidates = [Candidate(f"r{i}", [Option("self", [0.8] * 8, 8, 1, window)], num_kv) for i in range(4)]
+        plain_s = forward.predict(BatchShape.of([(1, num_kv)] * 4))
+        times = [plain_s + 0.001 * n for n in range(64)]
+        step = StepBase(BatchShape.of([(1, num_kv)] * 4), 4.0, 64)
+        choice = choose(candidates, step, times, NO_COSTS, {"self": forward})  # type: ignore[dict-item]
+        return sorted(choice.draft_tokens.values())
+
+    long_ks = picked(7680, 512)
+    assert min(long_ks) >= 2, long_ks
+    assert picked(7680, 0) == [0, 0, 0, 0]  # drafting over the whole context costs a full step per token
+    assert picked(256, 512) == [0, 0, 0, 0]  # short context: the window is the whole context

@@ -1,0 +1,176 @@
+"""Self-speculation (the target drafting over a sink + window view of its own KV) on a tiny random
+qwen2 (mechanics: exactness, the window, the profile); the real default model at 2K+ context is in
+test_self_spec_smollm.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.drafters.base import DraftRequest
+from engine.drafters.self_spec import SelfSpecDrafter
+from engine.model.transformer import AttentionWindow, ForwardBatch, SeqInput, SeqSlice
+from engine.offline import Job, run_alone, run_jobs
+from engine.profile import profile_steps
+from engine.protocol import NewRequest, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
+from engine.runner import ModelRunner
+from engine.worker import build_runner
+from tests.tiny_models import make_tiny_qwen2
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("target")
+    make_tiny_qwen2(path)
+    return path
+
+
+def make_runner(model: Path, drafters: tuple[str, ...], sinks: int = 2, window: int = 6) -> ModelRunner:
+    config = EngineConfig(
+        model=str(model),
+        drafters=drafters,
+        kv_cache_tokens=2048,
+        num_threads=1,
+        self_spec_sink_tokens=sinks,
+        self_spec_window_tokens=window,
+    )
+    return build_runner(config, show_progress=False)[0]
+
+
+def prompts() -> list[list[int]]:
+    # Longer than the tiny window (2 + 6), so it slides during every request.
+    return [[(7 * i + j) % 100 + 2 for j in range(12 + 5 * i)] for i in range(6)]
+
+
+def drafter_of(runner: ModelRunner) -> SelfSpecDrafter:
+    drafter = runner.drafters["self"]
+    assert isinstance(drafter, SelfSpecDrafter)
+    return drafter
+
+
+def test_greedy_output_with_self_speculation_equals_plain_alone_and_in_a_mixed_batch(model: Path) -> None:
+    plain = make_runner(model, ())
+    expected = [run_alone(plain, Job(f"p{i}", ids, MAX_NEW), []).output_ids for i, ids in enumerate(prompts())]
+    runner = make_runner(model, ("self", "ngram"))
+    for i, ids in enumerate(prompts()):
+        job = run_alone(runner, Job(f"a{i}", ids, MAX_NEW, num_draft_tokens=(2, 4, 8)[i % 3]), [])
+        assert job.output_ids == expected[i], i
+        assert job.num_drafted > 0
+    jobs = [
+        Job(
+            f"m{i}",
+            ids,
+            MAX_NEW,
+            num_draft_tokens=(0, 1, 3, 5, 4, 2)[i],
+            drafter=("self", "self", "ngram", "ngram", "self", "self")[i],
+            prefill_chunk=(4, 1 << 30)[i % 2],
+        )
+        for i, ids in enumerate(prompts())
+    ]
+    run_jobs(runner, jobs, [], join_every=2)
+    assert [job.output_ids for job in jobs] == expected
+    drafted = [job for job in jobs if job.drafter == "self" and job.num_draft_tokens]
+    assert sum(job.num_drafted for job in drafted) > sum(job.num_accepted for job in drafted) > 0
+    assert not runner.seqs and not runner.allocator.regions
+
+
+def test_a_window_holding_the_whole_context_drafts_what_the_target_says(model: Path) -> None:
+    # With every token in view the draft forward is the target's own decode step: all pass.
+    runner = make_runner(model, ("self",), sinks=4, window=1020)
+    jobs = [Job(f"s{i}", ids, MAX_NEW, num_draft_tokens=(1, 3, 6)[i % 3]) for i, ids in enumerate(prompts())]
+    run_jobs(runner, jobs, [])
+    assert all(job.num_drafted > 0 and job.num_accepted == job.num_drafted for job in jobs)
+
+
+def test_the_window_keeps_the_sinks_and_slides_with_the_sequence() -> None:
+    window = AttentionWindow(num_sink_tokens=2, num_recent_tokens=3)
+    assert window.kv_rows(SeqSlice(0, 1, 100, 4)) == [slice(100, 105)]  # 5 tokens: all in view
+    assert window.kv_rows(SeqSlice(0, 1, 100, 5)) == [slice(100, 102), slice(103, 106)]
+    assert window.kv_rows(SeqSlice(0, 1, 100, 9)) == [slice(100, 102), slice(107, 110)]
+    with pytest.raises(ValueError, match="num_recent_tokens >= 1"):
+        AttentionWindow(2, 0)
+
+
+def test_a_draft_reads_only_the_sinks_and_the_window_of_the_target_cache(model: Path) -> None:
+    runner = make_runner(model, ("self",), sinks=2, window=6)
+    drafter, ids = drafter_of(runner), prompts()[3]  # 27 tokens
+    runner.step(StepPlan(0, [NewRequest("r", ids, 40, stop_token_ids=[])], [ScheduledRequest("r", 64)]))
+    seq = runner.seqs["r"]
+    num_cached, start = seq.num_computed_tokens, seq.kv_start  # 27 cached; the draft feeds token 28
+    drafter.propose([DraftRequest("r", seq.token_ids, 2, len(seq.token_ids), kv_start=start)])
+    assert [f.num_context_tokens for f in drafter.take_forwards()] == [8, 8]  # the window, not 28 and 29
+    batch = ForwardBatch.of([SeqInput(seq.token_ids[-1:], start, num_cached, 1)], drafter.model.device, drafter.window)
+
+    def draft_logits() -> torch.Tensor:
+        return drafter.model.forward(batch, drafter.kv_cache)
+
+    before = draft_logits()
+    k, v = drafter.kv_cache.k, drafter.kv_cache.v
+    out_of_view = slice(start + 2, start + num_cached + 1 - 6)  # rows 2 .. 21
+    k[:, :, out_of_view], v[:, :, out_of_view] = torch.randn_like(k[:, :, out_of_view]), 0.0
+    torch.testing.assert_close(draft_logits(), before)
+    for row in (start + 1, start + num_cached - 5, start + num_cached - 1):  # a sink, the window's ends
+        v[:, :, row] += 1.0
+        assert not torch.allclose(draft_logits(), before), row
+        v[:, :, row] -= 1.0
+
+
+def test_sampled_requests_draw_from_the_windowed_distribution_and_stay_seeded(model: Path) -> None:
+    runner = make_runner(model, ("self",))
+    params = SamplingParams(temperature=0.9, top_k=20, seed=11)
+    first = run_alone(runner, Job("x", prompts()[2], MAX_NEW, num_draft_tokens=3, sampling=params), [])
+    again = run_jobs(
+        runner,
+        [
+            Job("y", prompts()[2], MAX_NEW, num_draft_tokens=3, sampling=params),
+            Job("z", prompts()[4], MAX_NEW, num_draft_tokens=2, sampling=SamplingParams(0.7, seed=3)),
+        ],
+        [],
+    )[0]
+    assert again.output_ids == first.output_ids and first.num_drafted > 0
+    ids = prompts()[1]
+    runner.step(StepPlan(0, [NewRequest("q", ids, 40, stop_token_ids=[])], [ScheduledRequest("q", 64)]))
+    seq = runner.seqs["q"]
+    request = DraftRequest("q", seq.token_ids, 3, len(seq.token_ids), params, seq.kv_start)
+    (draft,) = drafter_of(runner).propose([request])
+    assert draft.probs is not None and draft.probs.shape == (3, 128)
+    torch.testing.assert_close(draft.probs.sum(dim=-1), torch.ones(3))
+    assert all(draft.probs[j, token] > 0 for j, token in enumerate(draft.token_ids))
+    assert int((draft.probs > 0).sum(dim=-1).max()) <= 20  # top-k applied to the draft too
+
+
+def test_self_speculation_is_profiled_on_windowed_one_token_forwards(model: Path) -> None:
+    runner = make_runner(model, ("ngram", "self"), sinks=2, window=30)
+    shapes = [ProfileShape(2, 1, 64), ProfileShape(1, 4, 16), ProfileShape(3, 1, 8), ProfileShape(2, 2, 16)]
+    samples = profile_steps(runner, shapes, 1, "self")
+    # each shape's tokens as one-token sequences (the last is the second's again), with at most
+    # the window's context
+    assert [(s.shape.num_seqs, s.shape.num_tokens, s.shape.num_context_tokens) for s in samples] == [
+        (2, 2, 64),
+        (4, 4, 68),
+        (3, 3, 27),
+    ]
+    assert all(s.step_s > 0 for s in samples) and not runner.allocator.regions
+    with pytest.raises(ValueError, match="no drafter named 'ngram' that runs a model"):
+        profile_steps(runner, shapes, 1, "ngram")
+
+
+def test_the_self_drafter_offers_its_window_and_needs_no_catch_up(model: Path) -> None:
+    runner = make_runner(model, ("ngram", "self"), sinks=2, window=6)
+    result = runner.step(
+        StepPlan(0, [NewRequest("r", prompts()[0], 30, stop_token_ids=[])], [ScheduledRequest("r", 64)])
+    )
+    offer = result.outputs[0].offers[1]
+    assert offer.num_tokens > 0 and offer.num_unseen == 1 and offer.max_kv_tokens == 8
+
+
+def test_bad_window_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="self_spec_window_tokens >= 1"):
+        EngineConfig(self_spec_window_tokens=0)
+    with pytest.raises(ValueError, match="self_spec_sink_tokens >= 0"):
+        EngineConfig(self_spec_sink_tokens=-1)
