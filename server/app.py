@@ -256,8 +256,9 @@ async def warm_policy(config: ServerConfig, engine: EngineClient, policy: Specul
         )
         if drafter and not any(coefficients.values()):
             log.warning(
-                f"too few profile shapes fit the KV cache to price drafter {drafter}: AUTO leaves it out "
-                "(FIXED requests naming it still run, and price it as they go); a larger --kv-cache-tokens helps",
+                "too few profile shapes fit the KV cache to price this drafter: AUTO leaves it out (FIXED "
+                "requests naming it still run, and price it as they go); a larger --kv-cache-tokens helps",
+                drafter=drafter,
                 shapes=len(samples),
             )
 
