@@ -232,13 +232,14 @@ class Transformer:
         attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
         for seq, mask in zip(batch.seqs, masks, strict=True):
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
-            if batch.window is None or seq.num_kv_tokens <= batch.window.num_tokens:
-                kv_rows = slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)
-                attend(q[q_rows], k_cache[:, kv_rows], v_cache[:, kv_rows], mask, attn[q_rows])
-                continue
-            # sinks and recent rows as one block (a copy of at most window rows, not a view)
-            rows = batch.window.kv_rows(seq)
-            k = torch.cat([k_cache[:, r] for r in rows], dim=1)
-            v = torch.cat([v_cache[:, r] for r in rows], dim=1)
-            attend(q[q_rows], k, v, None, attn[q_rows])
+            if batch.window is None:
+                kv_rows = [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)]
+            else:
+                kv_rows = batch.window.kv_rows(seq)
+            if len(kv_rows) == 1:
+                k, v = k_cache[:, kv_rows[0]], v_cache[:, kv_rows[0]]
+            else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
+                k = torch.cat([k_cache[:, rows] for rows in kv_rows], dim=1)
+                v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
+            attend(q[q_rows], k, v, mask, attn[q_rows])
         return layer.o_proj(attn.to(x.dtype))
