@@ -33,7 +33,8 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
         elif isinstance(draft, SelfSpecDrafter):
             # The target's own forward over the window, one token per sequence: a shape's tokens
             # become as many one-token sequences (its forwards at that batch size), each with at
-            # most the window's context (what it attends to, and less KV for the profile to fill).
+            # most the window's context. A context that fills the window takes the path of a long
+            # one (sinks and recent rows copied into one block) at the KV cost of a short one.
             window = draft.window
             shapes = list(dict.fromkeys(as_one_token_seqs(shape, window) for shape in shapes))
         else:
@@ -89,4 +90,4 @@ def synthetic_batch(
 
 def as_one_token_seqs(shape: ProfileShape, window: AttentionWindow) -> ProfileShape:
     num_seqs = shape.num_seqs * shape.num_query_tokens + shape.num_plain_seqs
-    return ProfileShape(num_seqs, 1, min(shape.num_context_tokens, window.num_tokens - 1))
+    return ProfileShape(num_seqs, 1, min(shape.num_context_tokens, window.num_tokens))

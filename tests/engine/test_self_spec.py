@@ -160,6 +160,28 @@ def test_self_speculation_is_profiled_on_windowed_one_token_forwards(model: Path
         profile_steps(runner, shapes, 1, "ngram")
 
 
+def test_the_self_profile_times_the_copy_of_a_long_contexts_window(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A context longer than the window is profiled as one that just overflows it: sinks and recent
+    # rows are gathered into one block, as at 8K tokens; a short one reads its rows in place.
+    runner = make_runner(model, ("self",), sinks=2, window=30)
+    blocks: list[int] = []
+    kv_rows = AttentionWindow.kv_rows
+
+    def spy(window: AttentionWindow, seq: SeqSlice) -> list[slice]:
+        rows = kv_rows(window, seq)
+        blocks.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(AttentionWindow, "kv_rows", spy)
+    profile_steps(runner, [ProfileShape(1, 1, 500)], 1, "self")
+    assert set(blocks) == {2}
+    blocks.clear()
+    profile_steps(runner, [ProfileShape(1, 1, 8)], 1, "self")
+    assert set(blocks) == {1}
+
+
 def test_the_self_drafter_offers_its_window_and_needs_no_catch_up(model: Path) -> None:
     runner = make_runner(model, ("ngram", "self"), sinks=2, window=6)
     result = runner.step(
