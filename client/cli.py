@@ -233,17 +233,17 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     longctx.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
     longctx.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4], help="draft lengths to time")
     longctx.add_argument("--acceptance", type=float, default=0.8, help="per-token acceptance for the predicted speedup")
-    window = EngineConfig()
+    engine_defaults = EngineConfig()
     longctx.add_argument(
         "--sink-tokens",
         type=int,
-        default=window.self_spec_sink_tokens,
+        default=engine_defaults.self_spec_sink_tokens,
         help="the window's sinks (as serve's --self-spec-sinks)",
     )
     longctx.add_argument(
         "--window-tokens",
         type=int,
-        default=window.self_spec_window_tokens,
+        default=engine_defaults.self_spec_window_tokens,
         help="its recent tokens (--self-spec-window)",
     )
     longctx.add_argument(

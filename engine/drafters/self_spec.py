@@ -2,9 +2,10 @@
 
 The target drafts for itself: k one-token forwards, batched over the requests assigned to it,
 each attending only to the first num_sink_tokens of its context and the last num_recent_tokens.
-Once contexts are long, a decode step is bound by reading the KV cache, and a draft forward
-costs about what a short-context step costs whatever the context: speculation then pays more as
-the batch grows, not less.
+MagicDec's premise: once contexts are long, a decode step is bound by reading the KV cache, and a
+draft forward costs about what a short-context step costs whatever the context, so speculation
+pays more as the batch grows, not less. (On a 2-core CPU the first half holds, the second only in
+part: verifying k tokens at long context costs well over a plain step; `goodspeed bench longctx`.)
 
 No second KV cache. Draft token j's K/V are written to the row that verification writes next:
 the step feeds the last token and the k drafts at the same positions with full attention, and
@@ -65,10 +66,9 @@ class SelfSpecDrafter(Drafter):
                 if p is not None:
                     probs[r.req_id].append(p)
         return [
-            Draft(
-                token_ids.get(r.req_id, []),
-                torch.stack(probs[r.req_id]) if probs.get(r.req_id) else None,
-            )
+            Draft(token_ids[r.req_id], torch.stack(probs[r.req_id]) if probs[r.req_id] else None)
+            if r.req_id in token_ids
+            else Draft()
             for r in requests
         ]
 
