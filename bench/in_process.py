@@ -37,16 +37,19 @@ class Outcome:
 class InProcessServer:
     """One server's control plane (its own policy, with what it learns) over a shared runner."""
 
-    def __init__(self, runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer) -> None:
+    def __init__(
+        self, runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer, config: ServerConfig | None = None
+    ) -> None:
         configure_logging("console", "warning")  # the policy's per-step debug lines would drown the table
         self.runner, self.ready, self.tokenizer = runner, ready, tokenizer
-        self.policy = build_policy(ServerConfig(), ready)
-        self.scheduler = Scheduler(scheduler_limits(ServerConfig(), ready), self.policy)
+        self.config = config or ServerConfig()
+        self.policy = build_policy(self.config, ready)
+        self.scheduler = Scheduler(scheduler_limits(self.config, ready), self.policy)
         self.num_requests = 0
 
     def profile(self) -> dict[str, list[StepSample]]:
         """The server's start-up profile: the target's steps ("") and each draft model's forwards."""
-        shapes = start_up_profile_shapes(ServerConfig(), self.ready)
+        shapes = start_up_profile_shapes(self.config, self.ready)
         return {
             drafter: profile_steps(self.runner, shapes, REPEATS, drafter)
             for drafter in ["", *self.ready.model_drafters]
@@ -65,11 +68,36 @@ class InProcessServer:
         drafter: str = "",
     ) -> Outcome:
         """One greedy request, alone, as the server would run it."""
-        return anyio.run(self._generate, prompt_ids, max_new_tokens, mode, num_draft_tokens, drafter)
+        (outcome,), _ = self.generate_batch([prompt_ids], max_new_tokens, mode, num_draft_tokens, drafter)
+        return outcome
 
-    async def _generate(
-        self, prompt_ids: list[int], max_new_tokens: int, mode: SpeculationMode, num_draft_tokens: int, drafter: str
-    ) -> Outcome:
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        mode: SpeculationMode = SpeculationMode.AUTO,
+        num_draft_tokens: int = 0,
+        drafter: str = "",
+        num_prefilled_tokens: int = 0,
+    ) -> tuple[list[Outcome], float]:
+        """Greedy requests arriving together, run to the end as one continuous batch. Returns
+        their outcomes and the seconds from the step that gave every request its first token to
+        the last step (the decoding phase). num_prefilled_tokens: prompt tokens the engine already
+        holds for each request (see bench/longctx.py), so the control plane plans no prefill for them."""
+        return anyio.run(
+            self._generate_batch, prompts, max_new_tokens, mode, num_draft_tokens, drafter, num_prefilled_tokens
+        )
+
+    def new_state(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        mode: SpeculationMode,
+        num_draft_tokens: int = 0,
+        drafter: str = "",
+        num_prefilled_tokens: int = 0,
+    ) -> RequestState:
+        """A greedy request as the service would hand it to the scheduler."""
         self.num_requests += 1
         req_id = f"bench-{self.num_requests}"
         request = GenerationRequest(
@@ -80,26 +108,54 @@ class InProcessServer:
             num_draft_tokens=num_draft_tokens,
             drafter=drafter,
         )
-        state = RequestState(
+        return RequestState(
             req_id=req_id,
             request=request,
             prompt_ids=prompt_ids,
             sampling=SamplingParams(),
             stop_token_ids=list(self.ready.eos_token_ids),
             text=TextStream(self.tokenizer, ()),
+            num_prompt_done=min(num_prefilled_tokens, len(prompt_ids) - 1),
         )
-        started = time.perf_counter()
-        self.scheduler.add(state)
-        while state.status != Status.FINISHED:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                raise RuntimeError("the scheduler has nothing to run for an unfinished request")
-            result = self.runner.step(plan)
-            self.scheduler.update(result)
-            self.scheduler.observe_step(result)
-            self.scheduler.take_finished()
-        seconds = time.perf_counter() - started
-        plan = self.scheduler.schedule()  # tells the engine what ended, if anything
+
+    def step(self) -> None:
+        """One plan through the engine and back, as the control loop runs it."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            raise RuntimeError("the scheduler has nothing to run")
+        result = self.runner.step(plan)
+        self.scheduler.update(result)
+        self.scheduler.observe_step(result)
+        self.scheduler.take_finished()
+
+    def release_finished(self) -> None:
+        """Sends the plan that tells the engine which requests ended, if there is one."""
+        plan = self.scheduler.schedule()
         if plan is not None:
             self.runner.step(plan)
-        return Outcome(list(state.output_ids), seconds, state.speculation)
+
+    async def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        mode: SpeculationMode,
+        num_draft_tokens: int,
+        drafter: str,
+        num_prefilled_tokens: int,
+    ) -> tuple[list[Outcome], float]:
+        states = [
+            self.new_state(ids, max_new_tokens, mode, num_draft_tokens, drafter, num_prefilled_tokens)
+            for ids in prompts
+        ]
+        started = time.perf_counter()
+        decode_started = None
+        for state in states:
+            self.scheduler.add(state)
+        while any(state.status != Status.FINISHED for state in states):
+            self.step()
+            if decode_started is None and all(state.output_ids for state in states):
+                decode_started = time.perf_counter()
+        ended = time.perf_counter()
+        self.release_finished()
+        outcomes = [Outcome(list(s.output_ids), ended - started, s.speculation) for s in states]
+        return outcomes, ended - (decode_started or ended)

@@ -1,31 +1,43 @@
 """`goodspeed bench longctx`: what self-speculation (MagicDec) costs and buys at long context.
 
-Step costs, from synthetic KV (no prefill needed, so 8 requests at 8K tokens take seconds, not
-minutes): per (context, batch), the target's plain decode step, its verification of 1 + k tokens
-per request, and one self-speculation draft forward over the sink + window view, each the median
-of timed runs (engine/profile.py, the start-up profile's own timer). With a per-token acceptance
-rate a they give MagicDec's expected speedup of k drafts (reference algorithms.md, section 2.2):
+Three parts (`--parts`), one report:
 
-    speedup(k) = (1 - a^(k+1)) / (1 - a) * T_plain / (k * T_draft + T_verify(k))
-
-printed for the acceptance rate given (MagicDec reports ~0.8 at a 512-token budget). End-to-end
-runs on real long inputs are not part of this command yet.
+- step costs, from synthetic KV (no prefill needed, so 8 requests at 8K tokens take seconds):
+  per (context, batch), the target's plain decode step, its verification of 1 + k tokens per
+  request, and one self-speculation draft forward over the sink + window view, each the median
+  of timed runs (engine/profile.py, the start-up profile's own timer). With a per-token
+  acceptance rate a they give MagicDec's expected speedup of k drafts (reference algorithms.md,
+  section 2.2): speedup(k) = (1 - a^(k+1)) / (1 - a) * T_plain / (k * T_draft + T_verify(k)).
+- end to end, on real long inputs (bench/long_prompts.py): per (context, batch), the batch's
+  prompts are prefilled once, then every variant (plain, self-speculation with each k, n-gram,
+  AUTO) decodes the same continuation through the server's own scheduler and policy in this
+  process (bench/in_process.py). Decode tokens/s (from the step that gave every request its first
+  token to the last), acceptance, tokens per step, speedup over plain, and outputs that differ
+  from plain's; a PNG of speedup against batch per context (MagicDec's figure).
+- interference: a running stream's inter-token latency while a prompt of the longest context is
+  prefilled, with the prefill cap and without (bench/prefill_latency.py).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from api.speculation import SpeculationMode
+from bench import prefill_latency
+from bench.in_process import InProcessServer
+from bench.long_prompts import SOURCES, PrefilledRunner, cut_prompts, source_token_ids
 from bench.machine import machine_facts
 from engine.config import EngineConfig
 from engine.profile import profile_steps
 from engine.protocol import ProfileShape
 from engine.runner import ModelRunner
 from engine.worker import build_runner
+from server.tokenizer import TextTokenizer
 
 REPEATS = 3
 
@@ -59,6 +71,108 @@ def speedups(row: dict[str, Any], acceptance: float) -> dict[int, float]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    mode: SpeculationMode
+    drafter: str = ""
+    num_draft_tokens: int = 0
+
+
+def variants(ks: list[int], ngram_k: int) -> list[Variant]:
+    return [
+        Variant("plain", SpeculationMode.OFF),
+        *(Variant(f"self k={k}", SpeculationMode.FIXED, "self", k) for k in ks),
+        Variant(f"ngram k={ngram_k}", SpeculationMode.FIXED, "ngram", ngram_k),
+        Variant("auto", SpeculationMode.AUTO),
+    ]
+
+
+@dataclass
+class VariantTotals:
+    """One variant's runs at a (context, batch) point, summed over repeats."""
+
+    max_new_tokens: int
+    num_decoded: int = 0  # tokens after each request's first
+    decode_s: float = 0.0
+    num_steps: int = 0
+    num_generated: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    steps_by_drafter: dict[str, int] = field(default_factory=dict)
+    outputs: list[list[list[int]]] = field(default_factory=list)  # per run, per request
+
+    def add_run(self, server: InProcessServer, runner: PrefilledRunner, prompts: list[list[int]], v: Variant) -> None:
+        num_prefilled = min(runner.num_prefilled_tokens(ids) for ids in prompts)
+        outcomes, decode_s = server.generate_batch(
+            prompts, self.max_new_tokens, v.mode, v.num_draft_tokens, v.drafter, num_prefilled
+        )
+        self.num_decoded += sum(len(o.output_ids) - 1 for o in outcomes)
+        self.decode_s += decode_s
+        for summary in (o.speculation for o in outcomes):
+            self.num_steps += summary.num_steps
+            self.num_generated += summary.num_generated
+            self.num_drafted += summary.num_drafted
+            self.num_accepted += summary.num_accepted
+            for drafter, usage in summary.by_drafter.items():
+                self.steps_by_drafter[drafter] = self.steps_by_drafter.get(drafter, 0) + usage.num_steps
+        self.outputs.append([o.output_ids for o in outcomes])
+
+    def report(self, plain: VariantTotals) -> dict[str, Any]:
+        tok_s = self.num_decoded / self.decode_s if self.decode_s else 0.0
+        plain_tok_s = plain.num_decoded / plain.decode_s if plain.decode_s else 0.0
+        reference = plain.outputs[0]
+        return {
+            "decode_tok_s": tok_s,
+            "speedup": tok_s / plain_tok_s if plain_tok_s else 0.0,
+            "tokens_per_step": self.num_generated / self.num_steps if self.num_steps else 0.0,
+            "acceptance": self.num_accepted / self.num_drafted if self.num_drafted else None,
+            "steps_by_drafter": self.steps_by_drafter,
+            # outputs of all runs that differ from plain's first run, request by request
+            "num_diverged": sum(a != b for run in self.outputs for a, b in zip(run, reference, strict=True)),
+            "outputs": reference if self is plain else self.outputs[0],
+        }
+
+
+def end_to_end(
+    runner: PrefilledRunner,
+    server: InProcessServer,
+    sources: list[list[int]],
+    contexts: list[int],
+    batches: list[int],
+    ks: list[int],
+    ngram_k: int,
+    max_new_tokens: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    server.warm(server.profile())  # AUTO prices steps as a started server would
+    rows = []
+    points = tqdm(total=len(contexts) * len(batches), desc="(context, batch)", unit="point")
+    for context in contexts:
+        prompts = cut_prompts(sources, context)
+        points.set_postfix_str(f"prefilling {len(prompts)} prompts of {context} tokens")
+        runner.is_saving = True
+        server.generate_batch(prompts, 1, SpeculationMode.OFF)
+        runner.is_saving = False
+        for batch in batches:
+            points.set_postfix_str(f"context {context}, batch {batch}")
+            totals = {v.name: VariantTotals(max_new_tokens) for v in variants(ks, ngram_k)}
+            for _ in range(repeats):  # variants take turns, so a slow spell of the machine hits them all
+                for v in variants(ks, ngram_k):
+                    totals[v.name].add_run(server, runner, prompts[:batch], v)
+            plain = totals["plain"]
+            row = {
+                "context": context,
+                "batch": batch,
+                "variants": {name: t.report(plain) for name, t in totals.items()},
+            }
+            rows.append(row)
+            points.update()
+        runner.saved.clear()
+    points.close()
+    return rows
+
+
 def run_longctx_bench(
     model: str,
     dtype: str,
@@ -68,35 +182,59 @@ def run_longctx_bench(
     acceptance: float,
     sink_tokens: int,
     window_tokens: int,
+    ngram_k: int,
+    max_new_tokens: int,
+    repeats: int,
+    parts: list[str],
     out_path: Path,
 ) -> dict[str, Any]:
-    num_tokens = max(batches) * (max(contexts) + max(ks) + 1)
+    num_batch_tokens = max(batches) * (max(contexts) + max_new_tokens + max(ks) + ngram_k + 1)
+    num_interference_tokens = prefill_latency.num_kv_tokens(max(contexts))
     config = EngineConfig(
         model=model,
         dtype=dtype,
-        kv_cache_tokens=num_tokens,
-        drafters=("self",),
+        kv_cache_tokens=max(num_batch_tokens, num_interference_tokens),
+        drafters=("self", "ngram"),
         self_spec_sink_tokens=sink_tokens,
         self_spec_window_tokens=window_tokens,
     )
-    runner, ready = build_runner(config, show_progress=True)
-    rows = step_costs(runner, contexts, batches, ks)
-    for row in rows:
-        row["predicted_speedup"] = {k: round(v, 3) for k, v in speedups(row, acceptance).items()}
-    report = {
+    built, ready = build_runner(config, show_progress=True)
+    runner = PrefilledRunner(built)
+    tokenizer = TextTokenizer(ready.model_path)
+    sources = source_token_ids(tokenizer, max(batches))
+    report: dict[str, Any] = {
         "machine": machine_facts(),
         "model": model,
         "dtype": dtype,
         "device": ready.device,
         "window": {"sink_tokens": sink_tokens, "window_tokens": window_tokens},
-        "acceptance_for_prediction": acceptance,
-        "repeats": REPEATS,
-        "step_costs": rows,
+        "max_new_tokens": max_new_tokens,
+        "repeats_end_to_end": repeats,
+        "sources": [f"{package}/{name}" for package, name in SOURCES[: max(batches)]],
     }
-    print_step_costs(report)
+    if "step-costs" in parts:
+        rows = step_costs(runner, contexts, batches, ks)
+        for row in rows:
+            row["predicted_speedup"] = {k: round(v, 3) for k, v in speedups(row, acceptance).items()}
+        report |= {"acceptance_for_prediction": acceptance, "repeats": REPEATS, "step_costs": rows}
+        print_step_costs(report)
+    if "end-to-end" in parts:
+        server = InProcessServer(runner, ready, tokenizer)
+        report["end_to_end"] = end_to_end(
+            runner, server, sources, contexts, batches, ks, ngram_k, max_new_tokens, repeats
+        )
+        print_end_to_end(report)
+    if "interference" in parts:
+        report["prefill_interference"] = prefill_latency.with_and_without_cap(
+            runner, ready, tokenizer, sources[0][: max(contexts)], sources[-1]
+        )
+        prefill_latency.print_interference(report)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_path}")
+    if "end-to-end" in parts:
+        plot(report, out_path.with_suffix(".png"))
+        print(f"wrote {out_path.with_suffix('.png')}")
     return report
 
 
@@ -122,3 +260,57 @@ def print_step_costs(report: dict[str, Any]) -> None:
             f"{verify}  {speed}"
         )
     print(f"x k: MagicDec's predicted speedup over plain at acceptance {report['acceptance_for_prediction']}")
+
+
+def print_end_to_end(report: dict[str, Any]) -> None:
+    rows = report["end_to_end"]
+    names = list(rows[0]["variants"]) if rows else []
+    print(
+        f"\nend to end, {report['model']}, {report['dtype']}, {report['machine']['cpu_model']}: "
+        f"{report['max_new_tokens']} new tokens per request, {report['repeats_end_to_end']} runs each taking "
+        "turns, greedy; speedup of decode tok/s over plain "
+        "(acceptance of drafted tokens in brackets)"
+    )
+    print(f"{'context':>7} {'batch':>5} {'plain tok/s':>11} " + " ".join(f"{name:>15}" for name in names[1:]))
+    num_diverged = 0
+    for row in rows:
+        cells = []
+        for name in names[1:]:
+            v = row["variants"][name]
+            num_diverged += v["num_diverged"]
+            accepted = f"({v['acceptance']:.2f})" if v["acceptance"] is not None else ""
+            cells.append(f"{v['speedup']:7.2f}x{accepted:>7}")
+        plain = row["variants"]["plain"]["decode_tok_s"]
+        print(f"{row['context']:7d} {row['batch']:5d} {plain:11.1f} " + " ".join(cells))
+    print(f"outputs that differ from plain: {num_diverged}")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["end_to_end"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, context in enumerate(sorted({row["context"] for row in rows})):
+        points = [row for row in rows if row["context"] == context]
+        batches = [row["batch"] for row in points]
+        best_self = [
+            max(v["speedup"] for name, v in row["variants"].items() if name.startswith("self")) for row in points
+        ]
+        auto = [row["variants"]["auto"]["speedup"] for row in points]
+        color = f"C{i}"
+        ax.plot(batches, best_self, "o-", color=color, label=f"{context} tokens: best self-speculation k")
+        ax.plot(batches, auto, "s--", color=color, alpha=0.6, label=f"{context} tokens: AUTO")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    all_batches = sorted({row["batch"] for row in rows})
+    ax.set_xticks(all_batches, labels=[str(b) for b in all_batches])
+    ax.set_xlabel("batch (requests decoding together)")
+    ax.set_ylabel("decode speedup over plain")
+    ax.set_title(f"{report['model']}, {report['dtype']}, {report['machine']['cpu_model']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from api.speculation import LABELS
 
 WORKLOAD_KINDS = ("editing", "completion", "mixed")  # bench/workloads.py builds them; named here to keep bench lazy
+LONGCTX_PARTS = ("step-costs", "end-to-end", "interference")  # bench/longctx.py
 
 if TYPE_CHECKING:
     from client.tls import TlsFiles
@@ -225,7 +226,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     engine.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/engine-DTYPE.json)")
     longctx = kinds.add_parser(
-        "longctx", help="self-speculation at long context: step costs by context and batch, predicted speedup"
+        "longctx", help="self-speculation at long context: step costs, then end to end on long source files"
     )
     longctx.add_argument("--model", default="smollm2-135m")
     longctx.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -246,8 +247,18 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=engine_defaults.self_spec_window_tokens,
         help="its recent tokens (--self-spec-window)",
     )
+    longctx.add_argument("--ngram-k", type=int, default=4, help="k of the n-gram variant")
+    longctx.add_argument("--max-new-tokens", type=int, default=64, help="decoded per request and variant")
+    longctx.add_argument("--repeats", type=int, default=2, help="end-to-end runs per variant, taking turns")
     longctx.add_argument(
-        "--out", type=Path, default=None, help="JSON output (default bench-results/longctx-DTYPE.json)"
+        "--parts",
+        nargs="+",
+        default=list(LONGCTX_PARTS),
+        choices=LONGCTX_PARTS,
+        help="step costs (synthetic KV, seconds); end to end (minutes); a stream's latency during a long prefill",
+    )
+    longctx.add_argument(
+        "--out", type=Path, default=None, help="JSON output, PNG beside it (default bench-results/longctx-DTYPE.json)"
     )
     service = kinds.add_parser("service", help="control-plane overhead and reliability under cancels")
     service.add_argument("--target", help="a running server; by default one is started")
@@ -361,6 +372,10 @@ def run_bench(args: argparse.Namespace) -> int:
             args.acceptance,
             args.sink_tokens,
             args.window_tokens,
+            args.ngram_k,
+            args.max_new_tokens,
+            args.repeats,
+            args.parts,
             args.out or Path("bench-results") / f"longctx-{args.dtype}.json",
         )
         return 0

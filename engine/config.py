@@ -14,10 +14,12 @@ class EngineConfig:
     model: str = "smollm2-135m"  # a catalog name, a local HF directory, or a hub id
     device: str = "cpu"
     dtype: str = "float32"
-    kv_cache_tokens: int = 32768  # KV budget, shared by all running requests
+    # KV budget, shared by all running requests: 8 requests of 8K tokens. The default model's KV
+    # is 46 KB a token in float32 (3 GB when full); pages become resident as rows are first used.
+    kv_cache_tokens: int = 65536
     max_draft_tokens: int = 8  # the largest k a plan may ask for
     # Every drafter the engine holds; the policy picks one per request and step. () means none.
-    drafters: tuple[str, ...] = ("ngram",)
+    drafters: tuple[str, ...] = ("ngram", "self")
     draft_model: str = ""  # for drafter "model": a catalog name, a local HF directory or a hub id
     ngram_min: int = 2
     ngram_max: int = 8  # a full 8-token match is right 97% of the time on HumanEval
@@ -64,10 +66,11 @@ class EngineConfig:
 
 
 def parse_drafters(text: str | None, has_draft_model: bool) -> tuple[str, ...]:
-    """`--drafters`: a comma-separated list, or "none". By default the n-gram drafter, and the
-    draft model as well when one is given (the policy decides per request which one pays)."""
+    """`--drafters`: a comma-separated list, or "none". By default the n-gram drafter,
+    self-speculation (which offers drafts only once a request outgrows its window) and the draft
+    model when one is given: the policy decides per request which one pays."""
     if text is None:
-        return ("ngram", "model") if has_draft_model else ("ngram",)
+        return ("ngram", "model", "self") if has_draft_model else ("ngram", "self")
     if text.strip() == "none":
         return ()
     return tuple(name.strip() for name in text.split(",") if name.strip())

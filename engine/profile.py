@@ -32,11 +32,14 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
             model, kv_cache, allocator = draft.model, draft.kv_cache, draft.allocator
         elif isinstance(draft, SelfSpecDrafter):
             # The target's own forward over the window, one token per sequence: a shape's tokens
-            # become as many one-token sequences (its forwards at that batch size), each with at
-            # most the window's context. A context that fills the window takes the path of a long
-            # one (sinks and recent rows copied into one block) at the KV cost of a short one.
+            # become as many one-token sequences (its forwards at that batch size), each with a
+            # context just past the window, the only kind it drafts for (it offers nothing to a
+            # shorter request): sinks and recent rows are copied into one block, as at 8K tokens.
             window = draft.window
-            shapes = list(dict.fromkeys(as_one_token_seqs(shape, window) for shape in shapes))
+            # A draft forward has one token per request, so no more sequences than the largest batch.
+            max_seqs = max((shape.num_seqs + shape.num_plain_seqs for shape in shapes), default=0)
+            one_token = dict.fromkeys(as_one_token_seqs(shape, window) for shape in shapes)
+            shapes = [shape for shape in one_token if shape.num_seqs <= max_seqs]
         else:
             raise ValueError(f"the engine has no drafter named {drafter!r} that runs a model to profile")
     samples: list[StepSample] = []
@@ -90,4 +93,4 @@ def synthetic_batch(
 
 def as_one_token_seqs(shape: ProfileShape, window: AttentionWindow) -> ProfileShape:
     num_seqs = shape.num_seqs * shape.num_query_tokens + shape.num_plain_seqs
-    return ProfileShape(num_seqs, 1, min(shape.num_context_tokens, window.num_tokens))
+    return ProfileShape(num_seqs, 1, window.num_tokens)

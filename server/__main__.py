@@ -62,6 +62,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_step_tokens,
         help="query tokens per engine step; prefill chunks fill what decoding leaves",
     )
+    add(
+        "--max-prefill-slowdown",
+        type=float,
+        default=defaults.max_prefill_slowdown,
+        help="while requests decode, a step that also prefills takes at most this many times their own step "
+        "(its chunks are cut to fit); 0: chunks fill the token budget",
+    )
     add("--default-max-new-tokens", type=int, default=defaults.default_max_new_tokens)
     add("--max-new-tokens-limit", type=int, default=defaults.max_new_tokens_limit)
     add(
@@ -159,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         max_step_tokens=args.max_step_tokens,
+        max_prefill_slowdown=args.max_prefill_slowdown,
         default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit,
         max_prompt_bytes=args.max_prompt_bytes,

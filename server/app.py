@@ -217,6 +217,7 @@ def scheduler_limits(config: ServerConfig, ready: EngineReady) -> SchedulerLimit
         max_waiting=config.max_waiting_requests,
         max_step_tokens=config.max_step_tokens,
         kv_capacity_tokens=ready.kv_capacity_tokens,
+        max_prefill_slowdown=config.max_prefill_slowdown,
     )
 
 

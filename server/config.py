@@ -28,6 +28,9 @@ class ServerConfig:
     max_running_requests: int = 32  # the largest batch
     max_waiting_requests: int = 256  # beyond it new requests get RESOURCE_EXHAUSTED
     max_step_tokens: int = 512  # query tokens per engine step; prefill chunks fill what decodes leave
+    # while requests decode, a step that also prefills is cut to take at most this many times
+    # their decode-only step (by the step-cost model); 0: chunks fill the token budget
+    max_prefill_slowdown: float = 2.0
     # Requests
     default_max_new_tokens: int = 128
     max_new_tokens_limit: int = 4096
@@ -65,6 +68,10 @@ class ServerConfig:
         require(
             self.max_step_tokens > self.max_running_requests,
             "max_step_tokens must exceed max_running_requests, so every running request gets a token",
+        )
+        require(
+            self.max_prefill_slowdown == 0 or self.max_prefill_slowdown >= 1,
+            f"max_prefill_slowdown must be 0 (off) or at least 1, got {self.max_prefill_slowdown}",
         )
         require(
             1 <= self.default_max_new_tokens <= self.max_new_tokens_limit,

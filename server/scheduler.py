@@ -9,7 +9,8 @@ deadline is refused at once.
 Each step gives every decoding request one token, fills the step's token budget with prefill
 chunks (so a long prompt is prefilled over several steps while running streams keep flowing),
 and leaves the rest to draft tokens, whose number per request the speculation policy chooses
-knowing the prefill's cost.
+knowing the prefill's cost. While requests decode, prefill chunks are also cut by time
+(prefill_cap.py), at least one token a step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from server.errors import DeadlineExceededError, EngineFailedError, ResourceExha
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.goodput import StepBase
 from server.policy.speculation import NO_DRAFT
+from server.prefill_cap import PrefillCap, largest_within
 from server.request import Chunk
 from server.request_state import RequestState, Status
 
@@ -46,6 +48,7 @@ class SchedulerLimits:
     max_waiting: int
     max_step_tokens: int
     kv_capacity_tokens: int
+    max_prefill_slowdown: float = 0.0  # 0: prefill chunks fill the token budget, whatever they cost
 
 
 class Scheduler:
@@ -63,6 +66,8 @@ class Scheduler:
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
         self.pace = Pace()
+        self.prefill_cap = PrefillCap(limits.max_prefill_slowdown)
+        self.is_prefilling_beside_decodes = False  # the last plan's kind, for prefill_cap
 
     @property
     def has_work(self) -> bool:
@@ -189,11 +194,8 @@ class Scheduler:
         decoding = [s for s in self.running.values() if not s.is_prefilling]
         # Prefill chunks take what one token per decoding request leaves; drafts come on top.
         budget = self.limits.max_step_tokens - len(decoding)
-        chunks = []
-        for state in self.running.values():
-            if state.is_prefilling and budget > 0:
-                chunks.append((state, min(state.num_prompt_left, budget)))
-                budget -= chunks[-1][1]
+        chunks = self._prefill_chunks(decoding, budget)
+        budget -= sum(n for _, n in chunks)
         chosen = self.policy.choose(decoding, self._base(decoding, chunks, budget))
         scheduled = []
         self.decoding = {}
@@ -212,6 +214,32 @@ class Scheduler:
         plan = StepPlan(self.step_id, new, scheduled, self.finished_in_engine)
         self.finished_in_engine = []
         return plan
+
+    def _prefill_chunks(self, decoding: list[RequestState], budget: int) -> list[tuple[RequestState, int]]:
+        """The prompt tokens each prefilling request runs this step, first come first served."""
+        decode_kv = [(1, s.num_tokens) for s in decoding]
+        max_step_s = None
+        if decoding:
+            max_step_s = self.prefill_cap.max_step_s(self.policy.predict_step_s, BatchShape.of(decode_kv))
+        chunks: list[tuple[RequestState, int]] = []
+        for state in self.running.values():
+            if not state.is_prefilling or budget <= 0:
+                continue
+            num_tokens = min(state.num_prompt_left, budget)
+            if max_step_s is not None:
+                planned = decode_kv + [(n, s.num_prompt_done + n) for s, n in chunks]
+
+                def step_s(n: int, state: RequestState = state, planned: list[tuple[int, int]] = planned) -> float:
+                    shape = BatchShape.of([*planned, (n, state.num_prompt_done + n)])
+                    return self.policy.predict_step_s(shape) or 0.0
+
+                num_tokens = largest_within(num_tokens, step_s, max_step_s, minimum=0 if chunks else 1)
+                if num_tokens == 0:
+                    break
+            chunks.append((state, num_tokens))
+            budget -= num_tokens
+        self.is_prefilling_beside_decodes = bool(decoding and chunks)
+        return chunks
 
     def _base(self, decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
         """The step as it stands before drafts, for the goodput policy."""
@@ -275,6 +303,9 @@ class Scheduler:
             return
         timings = result.timings
         self.pace.observe_step(timings.step_s)
+        if self.decoding and not any(run.forwards for run in result.draft_runs):  # no draft model's time in it
+            predicted_s = self.policy.predict_step_s(result.shape)
+            self.prefill_cap.observe(predicted_s, timings.step_s, self.is_prefilling_beside_decodes)
         self.policy.observe_step(result.shape, timings.step_s, result.draft_runs)
 
     def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:

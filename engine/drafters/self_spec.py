@@ -77,6 +77,11 @@ class SelfSpecDrafter(Drafter):
         return forwards
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
-        """It can always propose, has nothing to catch up on (it reads the target's own KV), and
-        attends to the window only."""
+        """Once the context outgrows the window it can always propose, has nothing to catch up on
+        (it reads the target's own KV), and attends to the window only. Before, a draft would be
+        a full forward of the target, dearer than the plain step it hopes to save: it offers
+        nothing, so AUTO neither picks nor probes it at short context (a FIXED request naming it
+        still gets its drafts)."""
+        if len(token_ids) <= self.window.num_tokens:
+            return Offer()
         return Offer(num_draft_tokens, num_unseen=1, max_kv_tokens=self.window.num_tokens)

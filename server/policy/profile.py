@@ -6,6 +6,7 @@ from __future__ import annotations
 from engine.protocol import ProfileShape
 
 MAX_PROFILE_TOKENS = 128  # bigger steps are slow to time and the online refit covers them
+LONG_CONTEXT_TOKENS = 4096
 REPEATS = 3  # timed runs per shape; the median is kept (a busy neighbour slows single runs)
 
 
@@ -29,4 +30,11 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
                 if num_seqs <= max_seqs and num_query <= max_draft_tokens + 1:
                     shapes.append(ProfileShape(num_verifying, num_query, 512, num_seqs - num_verifying))
     shapes.append(ProfileShape(1, min(prefill_tokens, MAX_PROFILE_TOKENS), 0))
+    # Long contexts: attention over KV that no cache holds costs more per query-key pair than at
+    # 512 tokens, so without these the model under-prices verifying and prefilling there (a
+    # prefill chunk beside a decode at 8K tokens took longer than its predicted time). Skipped
+    # where the KV cache cannot hold them.
+    for num_seqs, num_query in ((1, 1), (4, 1), (1, 4), (1, 64)):
+        if num_seqs <= max_seqs and (num_query <= max_draft_tokens + 1 or num_query == 64):
+            shapes.append(ProfileShape(num_seqs, num_query, LONG_CONTEXT_TOKENS))
     return shapes

@@ -113,6 +113,10 @@ class SpeculationPolicy:
             chosen.update(self._choose_auto(auto, base))
         return chosen
 
+    def predict_step_s(self, shape: BatchShape) -> float | None:
+        """The step-cost model's time for a target forward of this shape; None before it is fitted."""
+        return self.cost_model.predict(shape) if self.cost_model.is_fitted else None
+
     @property
     def fixed_drafter(self) -> str:
         return self.settings.drafter or (self.drafters[0] if self.drafters else "")

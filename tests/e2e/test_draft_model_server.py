@@ -48,7 +48,7 @@ def drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
 def test_the_server_drafts_with_either_drafter_and_the_output_stays_exact(drafting: RunningServer) -> None:
     with Client(drafting.target) as client:
         info = client.model_info()
-        assert list(info.drafters) == ["ngram", "model"] and info.drafter == "ngram"
+        assert list(info.drafters) == ["ngram", "model", "self"] and info.drafter == "ngram"
         prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):"
         plain = client.generate(prompt, max_new_tokens=24, speculation="off")
         drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter="model")

@@ -262,7 +262,7 @@ def test_admin_policy_needs_the_token_and_takes_effect(server: RunningServer, cl
         with pytest.raises(grpc.RpcError) as excinfo:
             client.set_policy(pb.Policy(drafter="medusa"))
         assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert excinfo.value.details() == "policy.drafter: unknown drafter 'medusa'; this server has ngram"
+        assert excinfo.value.details() == "policy.drafter: unknown drafter 'medusa'; this server has ngram, self"
         assert client.set_policy(pb.Policy(drafter="ngram")).drafter == "ngram"
     finally:
         restored = client.set_policy(original)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.drafters.base import Draft, DraftRequest
+from engine.drafters.base import DraftRequest
 from engine.drafters.draft_model import DraftModelDrafter, DraftModelMismatchError
 from engine.kv_cache import KVCache
 from engine.model.transformer import ForwardBatch, SeqInput
@@ -20,6 +20,7 @@ from engine.profile import profile_steps
 from engine.protocol import FinishReason, NewRequest, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.worker import build_runner
+from tests.engine.distributions import claiming_uniform_q, total_variation
 from tests.tiny_models import make_tiny_qwen2, perturb_model
 
 MAX_NEW = 24
@@ -216,11 +217,6 @@ def sampled_pairs(runner: ModelRunner, seeds: range, num_draft_tokens: int) -> C
     return Counter(tuple(job.output_ids[:2]) for job in jobs)
 
 
-def total_variation(a: Counter[tuple[int, ...]], b: Counter[tuple[int, ...]]) -> float:
-    n_a, n_b = sum(a.values()), sum(b.values())
-    return 0.5 * sum(abs(a[key] / n_a - b[key] / n_b) for key in a.keys() | b.keys())
-
-
 @pytest.mark.slow
 def test_sampled_output_keeps_the_target_distribution_with_a_real_draft_distribution(tmp_path: Path) -> None:
     """Rejection sampling with q != one-hot, end to end: over 3,000 seeds (fixed) the joint
@@ -236,13 +232,6 @@ def test_sampled_output_keeps_the_target_distribution_with_a_real_draft_distribu
     runner = make_runner(target, draft)
     speculative = sampled_pairs(runner, seeds, 1)
     assert len(plain) <= 16 and total_variation(plain, speculative) < 0.06
-    drafter, propose = drafter_of(runner), drafter_of(runner).propose
-
-    def uniform_q(requests: list[DraftRequest]) -> list[Draft]:  # claims q is uniform: wrong
-        return [
-            Draft(d.token_ids, None if d.probs is None else torch.full_like(d.probs, 1 / 128))
-            for d in propose(requests)
-        ]
-
-    drafter.propose = uniform_q  # type: ignore[method-assign]
+    drafter = drafter_of(runner)
+    drafter.propose = claiming_uniform_q(drafter.propose)  # type: ignore[method-assign]
     assert total_variation(plain, sampled_pairs(runner, seeds, 1)) > 0.15

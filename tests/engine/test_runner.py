@@ -70,11 +70,11 @@ def test_a_drafter_without_a_cache_is_not_run_for_prefill_and_costs_no_draft_tim
 
 
 def test_a_plan_naming_a_drafter_the_engine_lacks_fails_only_that_request(tiny_model: Path) -> None:
-    runner = make_runner(tiny_model, kv_tokens=100)  # the n-gram drafter only
+    runner = make_runner(tiny_model, kv_tokens=100)  # the default drafters: n-gram and self
     new = [NewRequest(name, list(range(3, 12)), 8) for name in ("a", "b")]
     runner.step(StepPlan(0, new, [ScheduledRequest("a", 64), ScheduledRequest("b", 64)]))
     plan = [ScheduledRequest("a", num_draft_tokens=2, drafter="medusa"), ScheduledRequest("b", num_draft_tokens=2)]
     a, b = sorted(runner.step(StepPlan(1, scheduled=plan)).outputs, key=lambda o: o.req_id)
-    assert a.finish_reason == FinishReason.ERROR and "unknown drafter 'medusa'; the engine has ngram" in a.error
-    assert b.finish_reason == FinishReason.NONE and b.new_token_ids and len(b.offers) == 1
+    assert a.finish_reason == FinishReason.ERROR and "unknown drafter 'medusa'; the engine has ngram, self" in a.error
+    assert b.finish_reason == FinishReason.NONE and b.new_token_ids and len(b.offers) == 2
     assert "a" not in runner.seqs and "a" not in runner.allocator.regions

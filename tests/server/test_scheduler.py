@@ -24,9 +24,10 @@ def make_scheduler(
     kv: int = 1000,
     mode: SpeculationMode = SpeculationMode.FIXED,
     k: int = 3,
+    max_prefill_slowdown: float = 0.0,
 ) -> Scheduler:
     policy = SpeculationPolicy(PolicySettings(mode, k, 8), 8)
-    return Scheduler(SchedulerLimits(max_running, max_waiting, max_step_tokens, kv), policy)
+    return Scheduler(SchedulerLimits(max_running, max_waiting, max_step_tokens, kv, max_prefill_slowdown), policy)
 
 
 def test_admission_respects_batch_size_and_kv_budget_first_come_first_served() -> None:
@@ -66,6 +67,53 @@ def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
     assert chunks == [31, 31, 31, 7]  # 32-token steps minus the decode token
     assert drafts == [0, 0, 0, 3]  # drafts only take what the prefill leaves
     assert not scheduler.running["long"].is_prefilling
+
+
+def step_s(shape: BatchShape) -> float:
+    """A step-cost law like a small CPU's: 10 ms a forward, 0.5 ms a token, 2 ms per 1000 query-key pairs."""
+    return 0.010 + 0.0005 * shape.num_tokens + 0.002 * shape.num_attention_pairs / 1000
+
+
+def chunks_while_one_request_decodes(max_prefill_slowdown: float, prompt_len: int) -> list[tuple[int, float]]:
+    """The long prompt's chunk and the step's predicted time / the decode-only step's, per step."""
+    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=max_prefill_slowdown)
+    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 5, 9, 64, 512) for c in (0, 100, 3000) for b in (1, 3)]
+    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
+    scheduler.add(make_state("short", 4, max_new_tokens=1000))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler.add(make_state("long", prompt_len))
+    steps = []
+    while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
+        decode_alone = step_s(BatchShape.of([(1, scheduler.running["short"].num_tokens)]))
+        plan = scheduler.schedule()
+        assert plan is not None
+        by_id = {s.req_id: s for s in plan.scheduled}
+        assert by_id["short"].num_prompt_tokens == 0  # decoding every step
+        long, done = by_id["long"].num_prompt_tokens, scheduler.running["long"].num_prompt_done
+        shape = BatchShape.of([(1, scheduler.running["short"].num_tokens), (long, done)])
+        steps.append((long, step_s(shape) / decode_alone))
+        scheduler.update(result(plan.step_id, ("short", [66], 0, 0, NONE)))
+    return steps
+
+
+def test_prefill_next_to_decoding_requests_is_cut_to_the_allowed_slowdown() -> None:
+    capped = chunks_while_one_request_decodes(2.0, 3000)
+    assert sum(n for n, _ in capped) == 3000
+    assert all(slowdown <= 2.0 + 1e-6 for _, slowdown in capped)
+    sizes = [n for n, _ in capped]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 4 * sizes[-1]  # later tokens cost more
+    assert max(slowdown for _, slowdown in capped) > 1.8  # the allowance is used, not wasted
+    uncapped = chunks_while_one_request_decodes(0.0, 3000)
+    assert [n for n, _ in uncapped] == [511] * 5 + [445]
+    assert max(slowdown for _, slowdown in uncapped) > 10
+
+
+def test_a_chunk_too_costly_for_the_allowance_still_moves_by_one_token() -> None:
+    # at 1.01x no prompt token fits beside the decode (0.5 ms each against 0.1 ms of room)
+    steps = chunks_while_one_request_decodes(1.01, 20)
+    assert [n for n, _ in steps] == [1] * 20
 
 
 def test_per_request_modes_override_the_server_policy() -> None:

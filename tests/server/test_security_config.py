@@ -140,9 +140,9 @@ def test_policy_flag_takes_the_mode_labels_and_the_contracts_goodput() -> None:
 
 
 def test_a_draft_model_joins_the_drafters_by_default() -> None:
-    assert parse().engine.drafters == ("ngram",) and parse().engine.draft_model == ""
+    assert parse().engine.drafters == ("ngram", "self") and parse().engine.draft_model == ""
     config = parse("--draft-model", "qwen2.5-coder-0.5b")
-    assert config.engine.drafters == ("ngram", "model") and config.engine.draft_model == "qwen2.5-coder-0.5b"
+    assert config.engine.drafters == ("ngram", "model", "self") and config.engine.draft_model == "qwen2.5-coder-0.5b"
     assert parse("--drafters", "model", "--draft-model", "x").engine.drafters == ("model",)
     assert parse("--drafters", "none").engine.drafters == ()
     with pytest.raises(ValueError, match="the model drafter needs a draft model"):

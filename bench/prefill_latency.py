@@ -1,0 +1,127 @@
+"""How a long prompt's prefill slows a running stream, with and without the prefill cap.
+
+One stream decodes (plain, through the server's scheduler in this process: bench/in_process.py);
+after its first NUM_ALONE_TOKENS tokens a long prompt arrives. The stream's inter-token gaps
+before and while the prompt is prefilled, and the prompt's wait for its first token, show the
+trade `--max-prefill-slowdown` makes (server/prefill_cap.py). Part of `goodspeed bench longctx`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from tqdm import tqdm
+
+from api.speculation import SpeculationMode
+from bench.in_process import InProcessServer
+from engine.protocol import EngineReady, FinishReason
+from engine.runner import ModelRunner
+from server.config import ServerConfig
+from server.tokenizer import TextTokenizer
+
+NUM_ALONE_TOKENS = 32  # the stream's tokens timed before the long prompt arrives
+STREAM_PROMPT_TOKENS = 64
+
+
+def num_kv_tokens(num_long_tokens: int) -> int:
+    """KV the measurement needs: the long prompt, and the stream at its longest."""
+    return num_long_tokens + 1 + STREAM_PROMPT_TOKENS + ServerConfig().max_new_tokens_limit
+
+
+def with_and_without_cap(
+    runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer, long_prompt: list[int], stream_source: list[int]
+) -> list[dict[str, Any]]:
+    """The measurement at the server's default cap, then with the cap off."""
+    stream_prompt = stream_source[:STREAM_PROMPT_TOKENS]
+    return [
+        prefill_interference(runner, ready, tokenizer, long_prompt, stream_prompt, slowdown)
+        for slowdown in (ServerConfig().max_prefill_slowdown, 0.0)
+    ]
+
+
+def prefill_interference(
+    runner: ModelRunner,
+    ready: EngineReady,
+    tokenizer: TextTokenizer,
+    long_prompt: list[int],
+    stream_prompt: list[int],
+    max_prefill_slowdown: float,
+) -> dict[str, Any]:
+    """Inter-token latency of one running stream (plain decoding) before and while a long prompt
+    is prefilled, under the given cap; and how long the long prompt waits for its first token."""
+    server = InProcessServer(runner, ready, tokenizer, ServerConfig(max_prefill_slowdown=max_prefill_slowdown))
+    server.warm(server.profile())
+    return anyio.run(_interfere, server, long_prompt, stream_prompt)
+
+
+async def _interfere(server: InProcessServer, long_prompt: list[int], stream_prompt: list[int]) -> dict[str, Any]:
+    limit = server.config.max_new_tokens_limit
+    stream = server.new_state(stream_prompt, limit, SpeculationMode.OFF)
+    long = server.new_state(long_prompt, 1, SpeculationMode.OFF)
+    server.scheduler.add(stream)
+    while not stream.output_ids:
+        server.step()
+
+    def gaps_until(done: Callable[[], bool]) -> list[float]:
+        gaps, last, num_tokens = [], time.perf_counter(), len(stream.output_ids)
+        while not done():
+            server.step()
+            if len(stream.output_ids) > num_tokens:
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last, num_tokens = now, len(stream.output_ids)
+        return gaps
+
+    alone = gaps_until(lambda: len(stream.output_ids) > NUM_ALONE_TOKENS)
+    arrived = time.perf_counter()
+    server.scheduler.add(long)
+    cap = server.config.max_prefill_slowdown
+    with tqdm(total=len(long_prompt), desc=f"prefill beside a stream, cap {cap or 'off'}", unit="tok") as bar:
+
+        def is_prefilled() -> bool:
+            bar.update(long.num_prompt_done - bar.n)
+            return bool(long.output_ids)
+
+        during = gaps_until(is_prefilled)
+    first_token_s = time.perf_counter() - arrived
+    server.scheduler.abort(stream.req_id, FinishReason.CANCELLED, time.monotonic())
+    server.release_finished()
+    return {
+        "max_prefill_slowdown": server.config.max_prefill_slowdown,
+        "long_prompt_tokens": len(long_prompt),
+        "itl_alone_ms": percentiles(alone),
+        "itl_during_prefill_ms": percentiles(during),
+        "itl_ratio_median": statistics.median(during) / statistics.median(alone),
+        "long_prompt_first_token_s": first_token_s,
+    }
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        "median": 1e3 * statistics.median(ordered),
+        "p90": 1e3 * ordered[int(0.9 * (len(ordered) - 1))],
+        "max": 1e3 * ordered[-1],
+        "count": len(ordered),
+    }
+
+
+def print_interference(report: dict[str, Any]) -> None:
+    runs = report["prefill_interference"]
+    print(
+        f"\na running stream's inter-token latency (plain decoding) before and while a prompt of "
+        f"{runs[0]['long_prompt_tokens']} tokens is prefilled"
+    )
+    print(f"{'prefill cap':>11} {'alone ms':>9} {'during ms (median/p90/max)':>27} {'ratio':>6} {'long TTFT s':>11}")
+    for run in runs:
+        alone, during = run["itl_alone_ms"], run["itl_during_prefill_ms"]
+        cap = f"{run['max_prefill_slowdown']:.1f}x" if run["max_prefill_slowdown"] else "off"
+        spread = f"{during['median']:.0f}/{during['p90']:.0f}/{during['max']:.0f}"
+        print(
+            f"{cap:>11} {alone['median']:9.1f} {spread:>27} {run['itl_ratio_median']:6.2f} "
+            f"{run['long_prompt_first_token_s']:11.1f}"
+        )

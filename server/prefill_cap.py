@@ -1,0 +1,59 @@
+"""How much prompt a step may prefill beside decoding requests: bounded by time, not tokens.
+
+A token budget does not bound a step's time: a prompt token at 8K tokens of context costs
+several times one at the start. So while requests decode, the scheduler cuts prefill chunks to
+what the step-cost model says keeps the step within `max_slowdown` times the decodes' own step
+(their inter-token latency). The model is linear and fitted mostly on short steps; on long
+prompts it under-prices exactly the steps this bounds. So the limit is corrected by what was
+measured: the ratio of measured to predicted time, kept apart for decode-only steps and for steps
+that also prefilled, turns a bound on measured times into one on predicted times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.protocol import BatchShape
+
+BIAS_DECAY = 0.1  # EMA weight of the latest step's measured / predicted time
+
+
+@dataclass
+class PrefillCap:
+    max_slowdown: float  # 0: off, chunks fill the token budget
+    decode_bias: float = 1.0  # measured / predicted time of decode-only steps
+    prefill_bias: float = 1.0  # the same for steps that prefilled beside decodes
+
+    def max_step_s(self, predict: Callable[[BatchShape], float | None], decode_shape: BatchShape) -> float | None:
+        """The predicted time a step that prefills beside these decodes may take; None: no bound
+        (the cap is off, or the cost model is not fitted yet)."""
+        if self.max_slowdown <= 0:
+            return None
+        decode_s = predict(decode_shape)
+        if decode_s is None:
+            return None
+        return self.max_slowdown * decode_s * self.decode_bias / self.prefill_bias
+
+    def observe(self, predicted_s: float | None, measured_s: float, is_prefilling: bool) -> None:
+        """A step with decodes, and prompt chunks beside them when is_prefilling, took measured_s."""
+        if predicted_s is None or predicted_s <= 0 or measured_s <= 0:
+            return
+        ratio = measured_s / predicted_s
+        if is_prefilling:
+            self.prefill_bias += BIAS_DECAY * (ratio - self.prefill_bias)
+        else:
+            self.decode_bias += BIAS_DECAY * (ratio - self.decode_bias)
+
+
+def largest_within(upper: int, cost: Callable[[int], float], limit: float, minimum: int) -> int:
+    """The largest n in [minimum, upper] with cost(n) <= limit, by bisection (cost grows with n);
+    minimum when none is."""
+    lo, hi = minimum, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

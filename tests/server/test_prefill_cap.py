@@ -1,0 +1,37 @@
+"""The time bound on prefill beside decoding requests, and its correction by measured times."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.protocol import BatchShape
+from server.prefill_cap import PrefillCap, largest_within
+
+DECODE = BatchShape.of([(1, 100)])
+
+
+def predict(shape: BatchShape) -> float:
+    return 0.010 + 0.001 * shape.num_tokens
+
+
+def test_the_bound_is_the_slowdown_times_the_decode_step_and_off_at_zero() -> None:
+    assert PrefillCap(2.0).max_step_s(predict, DECODE) == pytest.approx(0.022)
+    assert PrefillCap(0.0).max_step_s(predict, DECODE) is None
+    assert PrefillCap(2.0).max_step_s(lambda shape: None, DECODE) is None  # no fitted model yet
+
+
+def test_steps_that_ran_slower_than_predicted_tighten_the_bound() -> None:
+    cap = PrefillCap(2.0)
+    for _ in range(60):  # prefill steps take 1.5x their prediction, decode-only steps 1.2x
+        cap.observe(0.020, 0.030, is_prefilling=True)
+        cap.observe(0.011, 0.0132, is_prefilling=False)
+    # measured prefill step <= 2 x measured decode step: 1.5 p <= 2 x 1.2 x 0.011
+    assert cap.max_step_s(predict, DECODE) == pytest.approx(2 * 0.011 * 1.2 / 1.5, rel=1e-3)
+    cap.observe(None, 0.5, is_prefilling=True)  # nothing predicted: nothing learned
+    cap.observe(0.02, 0.0, is_prefilling=True)
+    assert cap.prefill_bias == pytest.approx(1.5, rel=1e-3)
+
+
+@pytest.mark.parametrize(("limit", "minimum", "expected"), [(10.0, 1, 10), (5.5, 1, 5), (0.1, 1, 1), (0.1, 0, 0)])
+def test_largest_within_bisects_a_growing_cost(limit: float, minimum: int, expected: int) -> None:
+    assert largest_within(10, float, limit, minimum) == expected
