@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from api.speculation import SpeculationMode
 from bench.in_process import InProcessServer
-from engine.protocol import EngineReady, FinishReason
+from engine.protocol import EngineReady, FinishReason, StepSample
 from engine.runner import ModelRunner
 from server.config import ServerConfig
 from server.tokenizer import TextTokenizer
@@ -33,32 +33,27 @@ def num_kv_tokens(num_long_tokens: int) -> int:
 
 
 def with_and_without_cap(
-    runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer, long_prompt: list[int], stream_source: list[int]
-) -> list[dict[str, Any]]:
-    """The measurement at the server's default cap, then with the cap off."""
-    stream_prompt = stream_source[:STREAM_PROMPT_TOKENS]
-    return [
-        prefill_interference(runner, ready, tokenizer, long_prompt, stream_prompt, slowdown)
-        for slowdown in (ServerConfig().max_prefill_slowdown, 0.0)
-    ]
-
-
-def prefill_interference(
     runner: ModelRunner,
     ready: EngineReady,
     tokenizer: TextTokenizer,
+    profile: dict[str, list[StepSample]],
     long_prompt: list[int],
-    stream_prompt: list[int],
-    max_prefill_slowdown: float,
-) -> dict[str, Any]:
-    """Inter-token latency of one running stream (plain decoding) before and while a long prompt
-    is prefilled, under the given cap; and how long the long prompt waits for its first token."""
-    server = InProcessServer(runner, ready, tokenizer, ServerConfig(max_prefill_slowdown=max_prefill_slowdown))
-    server.warm(server.profile())
-    return anyio.run(_interfere, server, long_prompt, stream_prompt)
+    stream_source: list[int],
+) -> list[dict[str, Any]]:
+    """The measurement at the server's default cap, then with the cap off; profile: the start-up
+    profile (InProcessServer.profile) that warms each server."""
+    stream_prompt = stream_source[:STREAM_PROMPT_TOKENS]
+    results = []
+    for slowdown in (ServerConfig().max_prefill_slowdown, 0.0):
+        server = InProcessServer(runner, ready, tokenizer, ServerConfig(max_prefill_slowdown=slowdown))
+        server.warm(profile)
+        results.append(anyio.run(_interfere, server, long_prompt, stream_prompt))
+    return results
 
 
 async def _interfere(server: InProcessServer, long_prompt: list[int], stream_prompt: list[int]) -> dict[str, Any]:
+    """Inter-token latency of one running stream (plain decoding) before and while a long prompt
+    is prefilled, under the server's cap; and how long the long prompt waits for its first token."""
     limit = server.config.max_new_tokens_limit
     stream = server.new_state(stream_prompt, limit, SpeculationMode.OFF)
     long = server.new_state(long_prompt, 1, SpeculationMode.OFF)
