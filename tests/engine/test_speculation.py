@@ -1,6 +1,6 @@
 """Speculation changes nothing in the output, on the real SmolLM2 in float32.
 
-(a) greedy: 20 HumanEval prompts x 64 new tokens, speculative output token-for-token equal to
+(a) greedy: 12 HumanEval prompts x 64 new tokens, speculative output token-for-token equal to
     plain output, one request at a time and as one mixed continuous batch of 8;
 (c) seeded sampling: the same seed gives the same output, alone, in a batch, and with the
     n-gram drafter on (randomness is keyed by token position, see engine/sampling.py).
@@ -33,7 +33,7 @@ def engine(smollm2_path: str) -> tuple[ModelRunner, list[int]]:
 @pytest.fixture(scope="module")
 def prompts(smollm2_path: str) -> list[list[int]]:
     tokenizer = TextTokenizer(smollm2_path)
-    items = completion_workload(10) + editing_workload(10)
+    items = completion_workload(6) + editing_workload(6)
     return [item.token_ids(tokenizer) for item in items]
 
 
@@ -52,7 +52,7 @@ def test_greedy_speculation_equals_plain_one_at_a_time(
         job = run_alone(runner, Job(f"spec-{i}", ids, MAX_NEW, num_draft_tokens=(2, 4, 8)[i % 3]), eos)
         assert job.output_ids == plain_outputs[i], f"prompt {i} diverged"
         num_accepted += job.num_accepted
-    assert num_accepted > 200, "the drafter should have been exercised on these prompts"
+    assert num_accepted > 120, "the drafter should have been exercised on these prompts"
     assert not runner.seqs and runner.allocator.num_used_tokens == 0
 
 
@@ -62,7 +62,7 @@ def test_greedy_speculation_equals_plain_in_a_mixed_batch(
     """8 requests joining one per step (prefills share steps with decodes), some prefilled in
     chunks of 16, with k = 0, 2, 4 or 8: each output equals its plain single-request output."""
     runner, eos = engine
-    picks = [0, 3, 6, 9, 10, 13, 16, 19]  # completion and editing prompts
+    picks = [0, 2, 4, 5, 6, 8, 10, 11]  # completion and editing prompts
     jobs = [
         Job(f"mix-{i}", prompts[i], MAX_NEW, num_draft_tokens=(0, 2, 4, 8)[n % 4], prefill_chunk=(16, 1 << 30)[n % 2])
         for n, i in enumerate(picks)
@@ -77,7 +77,7 @@ def test_greedy_speculation_equals_plain_in_a_mixed_batch(
 def test_same_seed_same_output(engine: tuple[ModelRunner, list[int]], prompts: list[list[int]]) -> None:
     runner, eos = engine
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=42)
-    ids = prompts[12]
+    ids = prompts[8]
     first = run_alone(runner, Job("seed-a", ids, 48, sampling=params), eos).output_ids
     again = run_alone(runner, Job("seed-b", ids, 48, sampling=params), eos).output_ids
     speculative = run_alone(runner, Job("seed-c", ids, 48, num_draft_tokens=4, sampling=params), eos)
