@@ -36,6 +36,7 @@ from engine.offline import Job, run_jobs
 from engine.protocol import EngineReady, Offer
 from engine.runner import ModelRunner
 from engine.worker import build_runner
+from server.app import configure_logging
 from server.tokenizer import TextTokenizer
 
 T = TypeVar("T")
@@ -256,6 +257,7 @@ def run_engine_bench(
     draft_ks: tuple[int, ...] = (1, 2, 3, 4),
     workloads: tuple[str, ...] = ("editing", "completion"),
 ) -> dict[str, Any]:
+    configure_logging("console", "warning")  # the policy's per-step debug lines would drown the tables
     drafters = parse_drafters(None, bool(draft_model))
     config = EngineConfig(
         model=model,

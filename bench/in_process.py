@@ -17,7 +17,7 @@ from api.speculation import SpeculationMode
 from engine.profile import profile_steps
 from engine.protocol import EngineReady, SamplingParams, StepSample
 from engine.runner import ModelRunner
-from server.app import build_policy, configure_logging, scheduler_limits, start_up_profile_shapes
+from server.app import build_policy, scheduler_limits, start_up_profile_shapes
 from server.config import ServerConfig
 from server.policy.profile import REPEATS
 from server.request import GenerationRequest, SpeculationSummary
@@ -40,7 +40,6 @@ class InProcessServer:
     def __init__(
         self, runner: ModelRunner, ready: EngineReady, tokenizer: TextTokenizer, config: ServerConfig | None = None
     ) -> None:
-        configure_logging("console", "warning")  # the policy's per-step debug lines would drown the table
         self.runner, self.ready, self.tokenizer = runner, ready, tokenizer
         self.config = config or ServerConfig()
         self.policy = build_policy(self.config, ready)

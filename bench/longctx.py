@@ -37,6 +37,7 @@ from engine.profile import profile_steps
 from engine.protocol import ProfileShape, StepSample
 from engine.runner import ModelRunner
 from engine.worker import build_runner
+from server.app import configure_logging
 from server.tokenizer import TextTokenizer
 
 REPEATS = 3
@@ -189,6 +190,7 @@ def run_longctx_bench(
     parts: list[str],
     out_path: Path,
 ) -> dict[str, Any]:
+    configure_logging("console", "warning")  # the policy's per-step debug lines would drown the tables
     num_batch_tokens = max(batches) * (max(contexts) + max_new_tokens + max(ks) + ngram_k + 1)
     num_interference_tokens = prefill_latency.num_kv_tokens(max(contexts))
     config = EngineConfig(

@@ -58,7 +58,9 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
                 kv_cache.v[:, :, region.start : region.end].zero_()
             is_verify = not drafter and shape.num_query_tokens <= runner.max_draft_tokens + 1
             starts = [r.start for r in regions]
-            batch = synthetic_batch(queries, shape.num_context_tokens, starts, is_verify, model.device, window)
+            batch = synthetic_batch(
+                queries, shape.num_context_tokens, starts, is_verify, model.spec.vocab_size, model.device, window
+            )
             seconds = []
             for i in range(repeats + (not samples)):
                 started = time.perf_counter()
@@ -78,6 +80,7 @@ def synthetic_batch(
     cached: int,
     kv_starts: list[int],
     is_verify: bool,
+    vocab_size: int,
     device: torch.device,
     window: AttentionWindow | None = None,
 ) -> ForwardBatch:
@@ -85,7 +88,7 @@ def synthetic_batch(
     Logits for every position of a verification, else for the last token of each sequence."""
     inputs, num_tokens = [], 0
     for n, start in zip(queries, kv_starts, strict=True):
-        token_ids = [1 + (i % 1000) for i in range(num_tokens, num_tokens + n)]
+        token_ids = [1 + i % min(1000, vocab_size - 1) for i in range(num_tokens, num_tokens + n)]
         inputs.append(SeqInput(token_ids, start, cached, n if is_verify else 1))
         num_tokens += n
     return ForwardBatch.of(inputs, device, window)

@@ -7,6 +7,12 @@ what the step-cost model says keeps the step within `max_slowdown` times the dec
 prompts it under-prices exactly the steps this bounds. So the limit is corrected by what was
 measured: the ratio of measured to predicted time, kept apart for decode-only steps and for steps
 that also prefilled, turns a bound on measured times into one on predicted times.
+
+The correction holds on average, not for every step, and near the end of an 8K prompt a single
+prompt token costs more than a decode step. So the measured time a step took beyond the bound
+(max_slowdown times the decodes' own step) is kept as an overrun, and a step under it pays the
+overrun off; while there is one, no prompt runs beside the decodes. Over a long prefill the
+decodes' mean step then stays within the bound, measured.
 """
 
 from __future__ import annotations
@@ -24,21 +30,35 @@ class PrefillCap:
     max_slowdown: float  # 0: off, chunks fill the token budget
     decode_bias: float = 1.0  # measured / predicted time of decode-only steps
     prefill_bias: float = 1.0  # the same for steps that prefilled beside decodes
+    overrun_s: float = 0.0  # measured time beyond the bound not yet paid off by steps without prefill
+    decode_s: float | None = None  # the last plan's decodes alone, by the model corrected by decode_bias
 
     def max_step_s(self, predict: Callable[[BatchShape], float | None], decode_shape: BatchShape) -> float | None:
         """The predicted time a step that prefills beside these decodes may take; None: no bound
         (the cap is off, or the cost model is not fitted yet)."""
         if self.max_slowdown <= 0:
             return None
-        decode_s = predict(decode_shape)
-        if decode_s is None:
+        predicted_s = predict(decode_shape)
+        if predicted_s is None:
             return None
-        return self.max_slowdown * decode_s * self.decode_bias / self.prefill_bias
+        self.decode_s = predicted_s * self.decode_bias
+        return self.max_slowdown * self.decode_s / self.prefill_bias
+
+    @property
+    def is_overrun(self) -> bool:
+        """Earlier steps with prefill ran over the bound: the next step should run none."""
+        return self.overrun_s > 0
+
+    def forgive(self) -> None:
+        """Nothing decodes: there is no stream left to make the time up to."""
+        self.overrun_s = 0.0
 
     def observe(self, predicted_s: float | None, measured_s: float, is_prefilling: bool) -> None:
         """A step with decodes, and prompt chunks beside them when is_prefilling, took measured_s."""
         if predicted_s is None or predicted_s <= 0 or measured_s <= 0:
             return
+        if self.max_slowdown > 0 and self.decode_s is not None:  # over the allowance, or under it: a repayment
+            self.overrun_s = max(0.0, self.overrun_s + measured_s - self.max_slowdown * self.decode_s)
         ratio = measured_s / predicted_s
         if is_prefilling:
             self.prefill_bias += BIAS_DECAY * (ratio - self.prefill_bias)

@@ -10,7 +10,8 @@ Each step gives every decoding request one token, fills the step's token budget 
 chunks (so a long prompt is prefilled over several steps while running streams keep flowing),
 and leaves the rest to draft tokens, whose number per request the speculation policy chooses
 knowing the prefill's cost. While requests decode, prefill chunks are also cut by time
-(prefill_cap.py), at least one token a step.
+(prefill_cap.py): at least one token a step, unless steps with prefill ran over that bound as
+measured, and the steps since have not made up for it.
 """
 
 from __future__ import annotations
@@ -221,6 +222,11 @@ class Scheduler:
         max_step_s = None
         if decoding:
             max_step_s = self.prefill_cap.max_step_s(self.policy.predict_step_s, BatchShape.of(decode_kv))
+            if self.prefill_cap.is_overrun:  # earlier steps with prefill ran over: this one makes up
+                self.is_prefilling_beside_decodes = False
+                return []
+        else:
+            self.prefill_cap.forgive()
         chunks: list[tuple[RequestState, int]] = []
         for state in self.running.values():
             if not state.is_prefilling or budget <= 0:

@@ -35,3 +35,20 @@ def test_steps_that_ran_slower_than_predicted_tighten_the_bound() -> None:
 @pytest.mark.parametrize(("limit", "minimum", "expected"), [(10.0, 1, 10), (5.5, 1, 5), (0.1, 1, 1), (0.1, 0, 0)])
 def test_largest_within_bisects_a_growing_cost(limit: float, minimum: int, expected: int) -> None:
     assert largest_within(10, float, limit, minimum) == expected
+
+
+def test_steps_over_the_bound_are_made_up_by_steps_without_prefill() -> None:
+    cap = PrefillCap(2.0)
+    decode_s, one_token_s = 0.010, 0.025  # the smallest chunk makes the step 2.5x: over the bound
+    steps = []
+    for _ in range(100):
+        assert cap.max_step_s(lambda shape: decode_s, DECODE) == pytest.approx(0.020)
+        is_prefilling = not cap.is_overrun  # the scheduler runs no chunk while there is an overrun
+        measured_s = one_token_s if is_prefilling else decode_s
+        cap.observe(measured_s, measured_s, is_prefilling)
+        steps.append(measured_s)
+    assert steps[:4] == [one_token_s, decode_s, one_token_s, decode_s]  # 5 ms over, then 10 ms made up
+    assert sum(steps) / len(steps) <= 2.0 * decode_s
+    cap.observe(one_token_s, one_token_s, is_prefilling=True)
+    cap.forgive()  # nothing decodes any more
+    assert not cap.is_overrun

@@ -116,6 +116,24 @@ def test_a_chunk_too_costly_for_the_allowance_still_moves_by_one_token() -> None
     assert [n for n, _ in steps] == [1] * 20
 
 
+def test_no_prompt_runs_beside_decodes_while_earlier_steps_are_over_the_bound() -> None:
+    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=2.0)
+    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 9, 64) for c in (0, 100, 3000) for b in (1, 3)]
+    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
+    scheduler.add(make_state("short", 4, max_new_tokens=1000))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler.add(make_state("long", 300))
+    scheduler.prefill_cap.overrun_s = 0.005  # as if the last steps with prefill had run 5 ms over
+    plan = scheduler.schedule()
+    assert plan is not None and {s.req_id: s.num_prompt_tokens for s in plan.scheduled} == {"short": 0}
+    scheduler.update(result(plan.step_id, ("short", [66], 0, 0, NONE)))
+    scheduler.prefill_cap.overrun_s = 0.0
+    plan = scheduler.schedule()
+    assert plan is not None and {s.req_id: s.num_prompt_tokens for s in plan.scheduled}["long"] > 0
+
+
 def test_per_request_modes_override_the_server_policy() -> None:
     scheduler = make_scheduler(mode=SpeculationMode.AUTO, k=3)
     scheduler.add(make_state("default", 2))
