@@ -87,11 +87,15 @@ def _gaps_until(server: InProcessServer, stream: RequestState, done: Callable[[]
     return gaps
 
 
+def _end_stream(server: InProcessServer, stream: RequestState) -> None:
+    server.scheduler.abort(stream.req_id, FinishReason.CANCELLED, time.monotonic())
+    server.release_finished()
+
+
 async def _alone(server: InProcessServer, stream_prompt: list[int], num_gaps: int) -> list[float]:
     stream = _start_stream(server, stream_prompt)
     gaps = _gaps_until(server, stream, lambda: len(stream.output_ids) > num_gaps or stream.status is Status.FINISHED)
-    server.scheduler.abort(stream.req_id, FinishReason.CANCELLED, time.monotonic())
-    server.release_finished()
+    _end_stream(server, stream)
     return gaps
 
 
@@ -100,7 +104,7 @@ async def _interfere(server: InProcessServer, long_prompt: list[int], stream_pro
     is prefilled, under the server's cap; and how long the long prompt waits for its first token."""
     stream = _start_stream(server, stream_prompt)
     long = server.new_state(long_prompt, 1, SpeculationMode.OFF)
-    alone = _gaps_until(server, stream, lambda: len(stream.output_ids) > NUM_ALONE_TOKENS)
+    before = _gaps_until(server, stream, lambda: len(stream.output_ids) > NUM_ALONE_TOKENS)
     arrived = time.perf_counter()
     server.scheduler.add(long)
     cap = server.config.max_prefill_slowdown
@@ -112,12 +116,11 @@ async def _interfere(server: InProcessServer, long_prompt: list[int], stream_pro
 
         during = _gaps_until(server, stream, is_prefilled)
     first_token_s = time.perf_counter() - arrived
-    server.scheduler.abort(stream.req_id, FinishReason.CANCELLED, time.monotonic())
-    server.release_finished()
+    _end_stream(server, stream)
     return {
         "max_prefill_slowdown": server.config.max_prefill_slowdown,
         "long_prompt_tokens": len(long_prompt),
-        "itl_before_prefill_ms": percentiles(alone),
+        "itl_before_prefill_ms": percentiles(before),
         "itl_during_prefill_ms": percentiles(during),
         "gaps_during_s": during,
         "long_prompt_first_token_s": first_token_s,
