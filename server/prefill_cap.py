@@ -10,8 +10,8 @@ that also prefilled, turns a bound on measured times into one on predicted times
 
 The correction holds on average, not for every step, and near the end of an 8K prompt a single
 prompt token costs more than a decode step. So the measured time a step took beyond the bound
-(max_slowdown times the decodes' own step) is kept as an overrun, and a step under it pays the
-overrun off; while there is one, no prompt runs beside the decodes. Over a long prefill the
+(max_slowdown times the decodes' own step) is kept as an overrun, which steps without prefill
+pay off; while there is one, no prompt runs beside the decodes. Over a long prefill the
 decodes' mean step then stays within the bound, measured.
 """
 
@@ -30,7 +30,7 @@ class PrefillCap:
     max_slowdown: float  # 0: off, chunks fill the token budget
     decode_bias: float = 1.0  # measured / predicted time of decode-only steps
     prefill_bias: float = 1.0  # the same for steps that prefilled beside decodes
-    overrun_s: float = 0.0  # measured time beyond the bound not yet paid off by steps without prefill
+    overrun_s: float = 0.0  # measured time steps with prefill took beyond the bound, not yet paid off
     decode_s: float | None = None  # the last plan's decodes alone, by the model corrected by decode_bias
 
     def max_step_s(self, predict: Callable[[BatchShape], float | None], decode_shape: BatchShape) -> float | None:
@@ -46,7 +46,7 @@ class PrefillCap:
 
     @property
     def is_overrun(self) -> bool:
-        """Earlier steps with prefill ran over the bound: the next step should run none."""
+        """Earlier steps with prefill ran over the bound: the next step should prefill nothing."""
         return self.overrun_s > 0
 
     def forgive(self) -> None:
@@ -57,8 +57,13 @@ class PrefillCap:
         """A step with decodes, and prompt chunks beside them when is_prefilling, took measured_s."""
         if predicted_s is None or predicted_s <= 0 or measured_s <= 0:
             return
-        if self.max_slowdown > 0 and self.decode_s is not None:  # over the allowance, or under it: a repayment
-            self.overrun_s = max(0.0, self.overrun_s + measured_s - self.max_slowdown * self.decode_s)
+        if self.max_slowdown > 0 and self.decode_s is not None:
+            # A step that prefilled adds what it took beyond the bound (or takes off what it left);
+            # one that did not pays off what a plain decode step leaves of the bound, however long
+            # its drafts made it: an overrun always ends, so a waiting prompt never starves.
+            allowance = self.max_slowdown * self.decode_s
+            excess = measured_s - allowance if is_prefilling else self.decode_s - allowance
+            self.overrun_s = max(0.0, self.overrun_s + excess)
         ratio = measured_s / predicted_s
         if is_prefilling:
             self.prefill_bias += BIAS_DECAY * (ratio - self.prefill_bias)

@@ -52,3 +52,11 @@ def test_steps_over_the_bound_are_made_up_by_steps_without_prefill() -> None:
     cap.observe(one_token_s, one_token_s, is_prefilling=True)
     cap.forgive()  # nothing decodes any more
     assert not cap.is_overrun
+
+
+def test_decode_steps_made_long_by_drafts_still_pay_an_overrun_off() -> None:
+    cap = PrefillCap(2.0)
+    assert cap.max_step_s(lambda shape: 0.010, DECODE) == pytest.approx(0.020)
+    cap.observe(0.030, 0.030, is_prefilling=True)  # 10 ms over
+    cap.observe(0.030, 0.030, is_prefilling=False)  # 3x the plain decode step: long drafts
+    assert cap.overrun_s == pytest.approx(0.0)  # each step without prefill pays off a plain step's room
