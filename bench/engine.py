@@ -30,11 +30,13 @@ from bench.machine import cpu_model
 from bench.workloads import build_workload
 from engine.config import EngineConfig, parse_drafters
 from engine.drafters.base import Draft, Drafter, DraftRequest
+from engine.drafters.mlp import MLPDrafter
 from engine.drafters.ngram import NgramDrafter
 from engine.fetch import resolve_model
 from engine.offline import Job, run_jobs
 from engine.protocol import EngineReady, Offer
 from engine.runner import ModelRunner
+from engine.speculator.location import find_trained
 from engine.worker import build_runner
 from server.app import configure_logging
 from server.tokenizer import TextTokenizer
@@ -144,13 +146,15 @@ def batch_one(
     return stats
 
 
-def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int]) -> dict[str, Variant]:
+def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int], mlp_ks: list[int]) -> dict[str, Variant]:
     fixed = SpeculationMode.FIXED
     variants = {"ours plain": Variant(SpeculationMode.OFF)}
     if "ngram" in drafters:
         variants.update({f"ours ngram k={k}": Variant(fixed, k, "ngram") for k in ks})
     if "model" in drafters:
         variants.update({f"ours draft model k={k}": Variant(fixed, k, "model") for k in draft_ks})
+    if "mlp" in drafters:
+        variants.update({f"ours mlp speculator k={k}": Variant(fixed, k, "mlp") for k in mlp_ks})
     if drafters:
         variants[f"ours auto ({', '.join(drafters)})"] = Variant(SpeculationMode.AUTO)
     return variants
@@ -258,7 +262,7 @@ def run_engine_bench(
     workloads: tuple[str, ...] = ("editing", "completion"),
 ) -> dict[str, Any]:
     configure_logging("console", "warning")  # the policy's per-step debug lines would drown the tables
-    drafters = parse_drafters(None, bool(draft_model))
+    drafters = parse_drafters(None, bool(draft_model), find_trained(model) is not None)
     config = EngineConfig(
         model=model,
         dtype=dtype,
@@ -323,7 +327,9 @@ def measure(
         "batch_one": {},
         "batched": {},
     }
-    variants = our_variants(list(ready.drafters), ks, list(draft_ks))
+    mlp = runner.drafters.get("mlp")
+    mlp_ks = list(range(1, mlp.num_heads + 1)) if isinstance(mlp, MLPDrafter) else []
+    variants = our_variants(list(ready.drafters), ks, list(draft_ks), mlp_ks)
     for workload in workloads:
         items = build_workload(workload, num_prompts)
         prompts = [item.token_ids(tokenizer) for item in items]
@@ -347,6 +353,14 @@ def measure(
     for n in concurrency:
         tokens, seconds = batched_throughput(runner, batch_prompts, n, 64, eos)
         report["batched"][f"ours x{n}"] = throughput_row(tokens, seconds)
+        # plain and AUTO through the server's scheduler and policy, side by side
+        for label, mode in (("plain", SpeculationMode.OFF), ("auto", SpeculationMode.AUTO)):
+            started = time.perf_counter()
+            outcomes, _ = servers[mode].generate_batch(batch_prompts[:n], 64, mode)
+            num_tokens = sum(len(outcome.output_ids) for outcome in outcomes)
+            report["batched"][f"ours {label} x{n} (scheduler)"] = throughput_row(
+                num_tokens, time.perf_counter() - started
+            )
     if hf is not None:
         n = max(concurrency)
         report["batched"][f"transformers static x{n}"] = throughput_row(*hf.static_batch(batch_prompts[:n], 64))

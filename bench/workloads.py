@@ -3,7 +3,9 @@
 - completion: the raw HumanEval prompt, continued by the model (little n-gram overlap);
 - editing: a chat message asking the model to rewrite a given function (prompt + canonical
   solution) with type hints and the body unchanged, so the answer copies much of the prompt;
-- mixed: editing and completion items taking turns (where one drafter alone cannot be best).
+- mixed: editing and completion items taking turns (where one drafter alone cannot be best);
+- chat: a chat message asking how to solve the task in plain words, without code (an answer
+  that copies little of its prompt: n-gram lookup finds almost nothing to propose).
 
 A workload file is JSON lines, one item per line: {"name", "prompt" | "messages", "max_new_tokens"}.
 """
@@ -21,7 +23,8 @@ EDIT_INSTRUCTION = (
     "Rewrite the following Python function, adding type hints to its signature. "
     "Keep the body exactly as it is.\n\n```python\n{code}```"
 )
-WORKLOADS = ("completion", "editing", "mixed")
+CHAT_INSTRUCTION = "In a few plain sentences and without writing code, explain how to solve this task:\n\n{task}"
+WORKLOADS = ("completion", "editing", "mixed", "chat")
 
 
 class Tokenizes(Protocol):
@@ -61,11 +64,24 @@ def editing_workload(num_items: int = 164, max_new_tokens: int = 96) -> list[Wor
     return items
 
 
+def chat_workload(num_items: int = 164, max_new_tokens: int = 96) -> list[WorkloadItem]:
+    return [
+        WorkloadItem(
+            p["task_id"],
+            max_new_tokens,
+            messages=[{"role": "user", "content": CHAT_INSTRUCTION.format(task=p["prompt"])}],
+        )
+        for p in humaneval_problems()[:num_items]
+    ]
+
+
 def build_workload(kind: str, num_items: int = 164, max_new_tokens: int | None = None) -> list[WorkloadItem]:
     if kind == "completion":
         return completion_workload(num_items, max_new_tokens or 64)
     if kind == "editing":
         return editing_workload(num_items, max_new_tokens or 96)
+    if kind == "chat":
+        return chat_workload(num_items, max_new_tokens or 96)
     if kind == "mixed":
         editing = [
             replace(i, name=f"editing {i.name}") for i in editing_workload((num_items + 1) // 2, max_new_tokens or 96)

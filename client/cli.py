@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.speculation import LABELS
+from client.speculator_cli import add_speculator, run_speculator, speculator_lines
 
-WORKLOAD_KINDS = ("editing", "completion", "mixed")  # bench/workloads.py builds them; named here to keep bench lazy
+WORKLOAD_KINDS = (
+    "editing",
+    "completion",
+    "mixed",
+    "chat",
+)  # bench/workloads.py builds them; named here to keep bench lazy
 LONGCTX_PARTS = ("step-costs", "end-to-end", "interference")  # bench/longctx.py
 
 if TYPE_CHECKING:
@@ -157,6 +163,8 @@ def run_models(args: argparse.Namespace) -> int:
             print(f"  {model.name:22} {label:11} {model.description}")
             if state.reason:
                 print(f"{'':25}{state.reason}")
+        for line in speculator_lines():
+            print(line)
         return 0
     if args.verb == "verify" and args.name is None:
         return verify_models([m.name for m in CATALOG if is_cached(m.name)])
@@ -404,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_health(sub)
     add_models(sub)
+    add_speculator(sub)
     add_bench(sub)
     return parser
 
@@ -422,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_models(args)
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "speculator":
+        return run_speculator(args)
     return 2
 
 

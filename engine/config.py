@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-DRAFTERS = ("ngram", "model", "self")
+DRAFTERS = ("ngram", "model", "self", "mlp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +65,13 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
 
 
-def parse_drafters(text: str | None, has_draft_model: bool) -> tuple[str, ...]:
+def parse_drafters(text: str | None, has_draft_model: bool, has_speculator: bool = False) -> tuple[str, ...]:
     """`--drafters`: a comma-separated list, or "none". By default the n-gram drafter,
-    self-speculation (which offers drafts only once a request outgrows its window) and the draft
-    model when one is given: the policy decides per request which one pays."""
+    self-speculation (which offers drafts only once a request outgrows its window), the draft
+    model when one is given and the MLP speculator when one is trained for the model: the policy
+    decides per request which one pays."""
     if text is None:
-        return ("ngram", "model", "self") if has_draft_model else ("ngram", "self")
+        return ("ngram",) + (("model",) if has_draft_model else ()) + ("self",) + (("mlp",) if has_speculator else ())
     if text.strip() == "none":
         return ()
     return tuple(name.strip() for name in text.split(",") if name.strip())

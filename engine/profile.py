@@ -11,7 +11,9 @@ import time
 
 import torch
 
+from engine.drafters.base import DraftRequest
 from engine.drafters.draft_model import DraftModelDrafter
+from engine.drafters.mlp import MLPDrafter
 from engine.drafters.self_spec import SelfSpecDrafter
 from engine.model.transformer import AttentionWindow, ForwardBatch, SeqInput
 from engine.protocol import ProfileShape, StepSample
@@ -30,6 +32,10 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
         draft = runner.drafters.get(drafter)
         if isinstance(draft, DraftModelDrafter):
             model, kv_cache, allocator = draft.model, draft.kv_cache, draft.allocator
+        elif isinstance(draft, MLPDrafter):
+            # every batch size up to the largest: its cost model has a dozen features to fit
+            max_seqs = max((shape.num_seqs + shape.num_plain_seqs for shape in shapes), default=0)
+            return profile_heads(draft, list(range(1, max_seqs + 1)), repeats)
         elif isinstance(draft, SelfSpecDrafter):
             # The target's own forward over the window, one token per sequence: a shape's tokens
             # become as many one-token sequences (its forwards at that batch size), each with a
@@ -97,3 +103,27 @@ def synthetic_batch(
 def as_one_token_seqs(shape: ProfileShape, window: AttentionWindow) -> ProfileShape:
     num_seqs = shape.num_seqs * shape.num_query_tokens + shape.num_plain_seqs
     return ProfileShape(num_seqs, 1, window.num_tokens)
+
+
+def profile_heads(drafter: MLPDrafter, batch_sizes: list[int], repeats: int) -> list[StepSample]:
+    """An MLP speculator's heads at each batch size, one sample per head as the shapes it reports
+    (greedy: the sampled path adds a softmax per row, which the online refit sees)."""
+    hidden_size = drafter.model.config.emb_dim
+    device = drafter.token_ids.device
+    samples = []
+    for num_seqs in batch_sizes:
+        requests = [
+            DraftRequest(
+                f"__profile_{i}", [1 + i], drafter.num_heads, last_hidden=torch.randn(hidden_size, device=device)
+            )
+            for i in range(num_seqs)
+        ]
+        seconds = []
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            drafter.propose(requests)
+            if i:  # the first run only warms caches and allocators
+                seconds.append((time.perf_counter() - started) / drafter.num_heads)
+        shapes = drafter.take_forwards()
+        samples.append(StepSample(shapes[0], sorted(seconds)[len(seconds) // 2]))
+    return samples

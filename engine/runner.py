@@ -111,11 +111,13 @@ class ModelRunner:
         batch, emitted = None, []
         if works:
             batch = self._forward_batch(works)
-            logits = self.model.forward(batch, self.kv_cache)
+            hidden = self.model.hidden_states(batch, self.kv_cache)
+            logits = self.model.weights.lm_head(hidden)
             if logits.device.type == "cuda":
                 torch.cuda.synchronize(logits.device)  # so forward_s is the forward's own time
             forwarded = time.perf_counter()
             emitted = self._sample(works, logits)
+            self._keep_hidden(works, emitted, hidden)
         sampled = time.perf_counter()
         outputs += [self._advance(work, tokens) for work, tokens in zip(works, emitted, strict=True)]
         return StepResult(
@@ -168,6 +170,7 @@ class ModelRunner:
                     w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
                     w.seq.sampling,
                     w.seq.kv_start,
+                    w.seq.last_hidden,
                 )
                 for w in involved
             ]
@@ -212,6 +215,16 @@ class ModelRunner:
                     )
                 )
         return emitted
+
+    def _keep_hidden(self, works: list[_Work], emitted: list[list[int]], hidden: torch.Tensor) -> None:
+        """hidden: [N, hidden], the rows of every work in order. Each sequence that emitted keeps
+        the row that produced its last token: the one after its accepted drafts (a view; the step's
+        tensor is small)."""
+        row = 0
+        for work, tokens in zip(works, emitted, strict=True):
+            if tokens:
+                work.seq.last_hidden = hidden[row + len(tokens) - 1]
+            row += work.num_logits
 
     def _advance(self, work: _Work, emitted: list[int]) -> RequestOutput:
         """Commits a step's tokens to the sequence; rejected drafts roll back by not counting them."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from engine.kv_cache import Region
 from engine.protocol import SamplingParams
 
@@ -20,6 +22,9 @@ class Sequence:
     stop_token_ids: frozenset[int]
     region: Region  # its rows of the KV cache; compaction may move them, so read the start from here
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # [hidden]: the target's final-norm hidden state that produced the last token (an MLP
+    # speculator drafts from it); None until the first token is generated
+    last_hidden: torch.Tensor | None = None
 
     @property
     def kv_start(self) -> int:

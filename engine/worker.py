@@ -16,6 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.drafters import Drafter, make_drafter
 from engine.drafters.draft_model import DraftModelDrafter, check_compatible
+from engine.drafters.mlp import MLPDrafter
 from engine.drafters.self_spec import SelfSpecDrafter
 from engine.fetch import resolve_model
 from engine.kv_cache import KVCache
@@ -35,6 +36,7 @@ from engine.protocol import (
     StepPlan,
 )
 from engine.runner import ModelRunner
+from engine.speculator.store import load_trained
 
 log = logging.getLogger("goodspeed.engine")
 
@@ -98,6 +100,9 @@ def build_drafters(
             drafters.append(build_draft_model(config, target, target_path, show_progress))
         elif name == "self":
             drafters.append(SelfSpecDrafter(target, kv_cache, window))
+        elif name == "mlp":
+            speculator = load_trained(config.model, target.dtype, target.device)
+            drafters.append(MLPDrafter(speculator, target.spec.vocab_size, target.spec.hidden_size))
         else:
             drafters.append(make_drafter(name, config.ngram_min, config.ngram_max))
     return drafters

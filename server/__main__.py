@@ -9,6 +9,7 @@ import sys
 from api.speculation import LABELS, SpeculationMode
 from engine.catalog import DEFAULT_MODEL
 from engine.config import DRAFTERS, DTYPES, EngineConfig, parse_drafters
+from engine.speculator.location import find_trained, not_found_message
 from server.config import LOG_LEVELS, ServerConfig
 
 # The public contract names AUTO `goodput` on this flag; it stays a synonym of `auto`.
@@ -25,7 +26,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--drafters",
         help=f"who may propose draft tokens, comma-separated, from {', '.join(DRAFTERS)}, or none; the policy "
-        "picks one per request and step (default: ngram, and model too with --draft-model)",
+        "picks one per request and step (default: ngram and self, model too with --draft-model, mlp too "
+        "when `goodspeed speculator train` has trained one for the model)",
     )
     add("--draft-model", default="", help="a small model sharing the target's tokenizer: the model drafter")
     add(
@@ -142,13 +144,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    has_speculator = find_trained(args.model) is not None
+    drafters = parse_drafters(args.drafters, bool(args.draft_model), has_speculator)
+    if "mlp" in drafters and not has_speculator:
+        raise ValueError(not_found_message(args.model))
     engine = EngineConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens,
         max_draft_tokens=args.max_draft_tokens,
-        drafters=parse_drafters(args.drafters, bool(args.draft_model)),
+        drafters=drafters,
         draft_model=args.draft_model,
         self_spec_sink_tokens=args.self_spec_sinks,
         self_spec_window_tokens=args.self_spec_window,

@@ -75,3 +75,21 @@ def perturb_model(source: Path, path: Path, scale: float, seed: int = 0) -> None
         for tensor in model.parameters():
             tensor.add_(torch.randn_like(tensor) * scale * tensor.std().clamp(min=1e-3))
     model.save_pretrained(path)
+
+
+def make_tiny_markov_llama(path: Path, sharpness: float = 30.0) -> None:
+    """A tiny llama whose next token depends on the current token only: attention and MLP outputs
+    are zero, so each position's hidden state is its own token's embedding. A drafter can learn
+    such a model in seconds, which a test of speculative sampling needs (drafts must pass often
+    for a wrong q to show). sharpness scales the output layer: the larger, the more peaked."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    make_tiny_llama(path)
+    model = LlamaForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.mul_(sharpness)
+    model.save_pretrained(path)

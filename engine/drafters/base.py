@@ -31,6 +31,9 @@ class DraftRequest:
     num_visible: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     kv_start: int = 0  # the first row of its region in the target's KV cache (for a drafter that reads it)
+    # [hidden]: the target's final-norm hidden state that produced token_ids[-1] (for a drafter
+    # that drafts from it); None while prefilling
+    last_hidden: torch.Tensor | None = None
 
 
 class Drafter(ABC):

@@ -195,6 +195,11 @@ class Transformer:
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Runs the step's tokens through the model; returns logits [N, vocab] for `logit_rows`."""
+        return self.weights.lm_head(self.hidden_states(batch, kv_cache))
+
+    def hidden_states(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Runs the step's tokens through the model; returns the final-norm hidden states [N, hidden]
+        of `logit_rows` (what the output layer reads, and what an MLP speculator drafts from)."""
         spec, w = self.spec, self.weights
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
@@ -205,8 +210,7 @@ class Transformer:
             h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        h = rms_norm(x[batch.logit_rows], w.final_norm, spec.rms_norm_eps)
-        return w.lm_head(h)
+        return rms_norm(x[batch.logit_rows], w.final_norm, spec.rms_norm_eps)
 
     def _attention(
         self,

@@ -149,7 +149,7 @@ def test_a_draft_model_joins_the_drafters_by_default() -> None:
         parse("--drafters", "ngram,model")
     with pytest.raises(ValueError, match="a draft model needs the model drafter"):
         parse("--drafters", "ngram", "--draft-model", "qwen2.5-coder-0.5b")
-    with pytest.raises(ValueError, match="drafters must be among ngram, model, self, got 'medusa'"):
+    with pytest.raises(ValueError, match="drafters must be among ngram, model, self, mlp, got 'medusa'"):
         parse("--drafters", "ngram,medusa")
     with pytest.raises(ValueError, match="must not repeat"):
         parse("--drafters", "ngram,ngram")

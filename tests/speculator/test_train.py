@@ -1,0 +1,151 @@
+"""Speculator training on a tiny random model: the loss falls, the result round-trips through the
+cache, a run resumes, and the corpus keeps to third-party packages."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.cli import main as cli_main
+from engine.speculator import corpus
+from engine.speculator.data import IGNORE, mask_after_eos
+from engine.speculator.location import find_trained, not_found_message, speculator_dir
+from engine.speculator.store import load, load_trained
+from engine.speculator.train import Records, evaluate, learning_rate, to_classes, train_speculator, work_dir
+from tests.speculator.tiny import encode_bytes, make_corpus, tiny_config, train_tiny
+from tests.tiny_models import make_tiny_llama
+
+
+@pytest.fixture()
+def speculators(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GOODSPEED_SPECULATORS", str(tmp_path / "speculators"))
+    return tmp_path / "speculators"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("speculator")
+    make_tiny_llama(root / "model")
+    return root / "model", make_corpus(root)
+
+
+def test_training_lowers_the_loss_and_round_trips_through_the_cache(
+    tiny: tuple[Path, Path], speculators: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, source = tiny
+    assert find_trained(str(model)) is None
+    with pytest.raises(RuntimeError, match="goodspeed speculator train"):
+        load_trained(str(model), torch.float32, torch.device("cpu"))
+    manifest = train_tiny(model, source)
+    for stage in ("1", "2"):
+        first, final = manifest["stages"][stage]["first_loss_by_head"], manifest["stages"][stage]["final_loss_by_head"]
+        assert len(final) == 3 and sum(final) < 0.8 * sum(first), (stage, first, final)
+    assert manifest["cut_by_budget"] == [] and not work_dir(str(model)).exists()
+    held_out = manifest["corpus"]["held_out_packages"]
+    assert held_out and all(p.startswith("pkg") for p in held_out)
+
+    trained = load_trained(str(model), torch.float32, torch.device("cpu"))
+    assert find_trained(str(model)) == speculator_dir(str(model))
+    assert trained.manifest["held_out"] == manifest["held_out"] and len(trained.token_ids) == 48
+    # Same weights: the held-out figures computed again from the loaded copy are the saved ones.
+    code = trained.manifest["held_out"]["code"]
+    assert 0 < code["top1_by_head"][0] <= 1 and code["tokens_per_step_by_k"][0] == pytest.approx(
+        1 + code["top1_by_head"][0], abs=1e-3
+    )
+    assert cli_main(["models", "list"]) == 0
+    assert f"speculator for {model}: trained" in capsys.readouterr().out
+
+
+def test_saved_tied_weights_load_back_shared(tiny: tuple[Path, Path], speculators: Path) -> None:
+    from engine.speculator.model import MLPSpeculator, SpeculatorConfig
+    from engine.speculator.store import TrainedSpeculator, save
+
+    spec = MLPSpeculator(SpeculatorConfig(emb_dim=32, vocab_size=9, num_heads=3, tie_weights=True))
+    directory = speculators / "one"
+    save(directory, TrainedSpeculator(spec, torch.arange(8), {"model": "x"}))
+    loaded = load(directory)
+    assert loaded.model.head[0] is loaded.model.head[2]
+    for (name, a), (_, b) in zip(spec.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny: tuple[Path, Path], speculators: Path) -> None:
+    model, source = tiny
+    config = tiny_config(model, stage1_steps=50)
+    calls = {"n": 0}
+
+    def encode_then_stop(text: str) -> list[int]:
+        calls["n"] += 1
+        return encode_bytes(text)
+
+    # A first run that stops after stage 1's data and 25 steps (its checkpoint), as if killed.
+    import engine.speculator.train as train_module
+
+    real_stage = train_module.train_stage
+
+    def stage_then_stop(*args: object, **kwargs: object) -> dict[str, object]:
+        real_stage(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    train_module.train_stage = stage_then_stop  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_speculator(config, None, encode=encode_then_stop, source_dirs=[source])
+    finally:
+        train_module.train_stage = real_stage
+    assert (work_dir(str(model)) / "code.pt").is_file() and (work_dir(str(model)) / "checkpoint.pt").is_file()
+    encoded = calls["n"]
+    manifest = train_speculator(config, None, encode=encode_then_stop, source_dirs=[source])
+    assert calls["n"] == encoded  # the corpus was not read again
+    assert manifest["stages"]["1"]["steps"] == 50
+
+
+def test_the_corpus_never_reads_the_standard_library() -> None:
+    dirs = corpus.site_packages_dirs()
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert dirs and all("site-packages" in d.parts and d != stdlib for d in dirs)
+    files = corpus.source_files(dirs)
+    assert files and not any(stdlib in f.path.parents and "site-packages" not in f.path.parts for f in files)
+    training, held_out = corpus.split(files)
+    assert {f.package for f in training}.isdisjoint({f.package for f in held_out})
+    assert 0.05 < len(held_out) / len(files) < 0.2
+
+
+def test_helpers_mask_after_the_end_and_map_classes() -> None:
+    ids = torch.tensor([[5, 7, 127, 9, 9], [1, 2, 3, 4, 5]])
+    assert mask_after_eos(ids, {127}).tolist() == [[5, 7, 127, IGNORE, IGNORE], [1, 2, 3, 4, 5]]
+    classes = torch.tensor([2, 0, 1, 2])  # target id -> class; 2 is "other"
+    assert to_classes(torch.tensor([0, 1, IGNORE, 3]), classes).tolist() == [2, 0, IGNORE, 2]
+    assert learning_rate(0, 100, 1.0) < learning_rate(4, 100, 1.0) == pytest.approx(1.0)
+    assert learning_rate(99, 100, 1.0) == pytest.approx(0.1, abs=0.01)
+
+
+def test_evaluation_counts_the_right_prefix_of_heads() -> None:
+    from engine.speculator.model import MLPSpeculator, SpeculatorConfig
+
+    class Fixed(MLPSpeculator):
+        """Predicts class (t + i + 1) % 4 for head i at position t; position 1's head 1 is wrong."""
+
+        def forward(self, states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+            n = states.shape[1]
+            logits = torch.zeros(2, 1, n, 5)
+            for i in range(2):
+                for t in range(n):
+                    logits[i, 0, t, (t + i + 1 + (i == 1 and t == 1)) % 4] = 1.0
+            return logits
+
+    spec = Fixed(SpeculatorConfig(emb_dim=2, vocab_size=5, num_heads=2))
+    ids = torch.tensor([[0, 1, 2, 3]])  # the class read, and the one the target would write, after t is t
+    records = Records(torch.zeros(1, 4, 2), ids, ids)
+    result = evaluate(spec, records, torch.arange(5))
+    assert result["positions"] == 2
+    assert result["top1_by_head"] == [1.0, 0.5]
+    assert result["tokens_per_step_by_k"] == [2.0, 2.5]
+
+
+def test_the_missing_speculator_message_names_the_command() -> None:
+    message = not_found_message("smollm2-135m")
+    assert "goodspeed speculator train smollm2-135m" in message and "under an hour" in message
