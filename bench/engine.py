@@ -402,6 +402,6 @@ def margins_text(margins: list[float]) -> str:
 
 
 def print_batched(dtype: str, rows: dict[str, dict[str, Any]]) -> None:
-    print(f"\nbatched decode throughput, completion prompts, 64 new tokens, {dtype}, plain decoding")
+    print(f"\nbatched throughput, completion prompts, 64 new tokens, {dtype} (xN: plain, N admitted together)")
     for name, row in rows.items():
         print(f"{name:34} {row['tokens_per_s']:8.1f} tok/s")

@@ -222,7 +222,8 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         nargs="*",
         default=[1, 4, 16],
-        help="batch sizes for plain throughput; none (the flag alone) skips that part",
+        help="batch sizes for throughput (plain, and plain and AUTO through the scheduler); none (the flag "
+        "alone) skips that part",
     )
     engine.add_argument(
         "--workloads", nargs="+", default=["editing", "completion"], choices=WORKLOAD_KINDS, help="batch-1 workloads"

@@ -281,6 +281,8 @@ def train_speculator(
             "class_coverage_held_out": coverage(code["token_ids"], held_code.label_ids),
         },
         "phase_seconds": phase_s,
+        # positions read: code chunks x their length, generations x new tokens (EOS padding included)
+        "data_positions": {"code": positions(code_records), "generations": positions(gen_records)},
         "stages": {"1": stage1, "2": stage2},
         "held_out": held_out,
         "cut_by_budget": budget.cut,
@@ -365,26 +367,18 @@ def write_generations(
             out.append(records.next_ids[row, start : start + config.prompt_tokens].tolist())
         return out
 
-    deadline = budget.deadline("generations")
-    train = generated(
-        target,
-        prompts(code, config.num_prompts),
-        config.new_tokens,
-        eos_ids,
-        config.generation_batch,
-        deadline,
-        "generations",
-    )
-    held = generated(
-        target,
-        prompts(held_code, config.num_held_out_prompts),
-        config.new_tokens,
-        eos_ids,
-        config.generation_batch,
-        lambda: False,
-        "held-out generations",
-    )
+    def write(records: Records, count: int, deadline: Callable[[], bool], description: str) -> Records:
+        return generated(
+            target, prompts(records, count), config.new_tokens, eos_ids, config.generation_batch, deadline, description
+        )
+
+    train = write(code, config.num_prompts, budget.deadline("generations"), "generations")
+    held = write(held_code, config.num_held_out_prompts, lambda: False, "held-out generations")
     return {"train": train.as_dict(), "held_out": held.as_dict()}
+
+
+def positions(records: Records) -> int:
+    return records.states.shape[0] * records.states.shape[1]
 
 
 def coverage(token_ids: torch.Tensor, ids: torch.Tensor) -> float:

@@ -99,29 +99,9 @@ def test_a_draft_model_with_another_vocabulary_stops_the_server_with_the_reason(
 
 @pytest.fixture(scope="module")
 def self_drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    target, _ = pair
-    flags = f"--model {target} --drafters ngram,self --self-spec-sinks 2 --self-spec-window 14 --kv-cache-tokens 4096"
-    yield from serving(tmp_path_factory, "self-spec", flags)
-
-
-def test_the_server_self_speculates_over_a_window_and_the_output_stays_exact(self_drafting: RunningServer) -> None:
-    with Client(self_drafting.target) as client:
-        assert list(client.model_info().drafters) == ["ngram", "self"]
-        prompt = "def add(a, b):\n    return a + b\n\n" * 3 + "def sub(a, b):"  # longer than the window of 16
-        plain = client.generate(prompt, max_new_tokens=24, speculation="off")
-        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter="self")
-        assert drafted.token_ids == plain.token_ids
-        assert drafted.speculation.by_drafter["self"].drafted_tokens > 0
-        assert client.generate(prompt, max_new_tokens=24, speculation="auto").token_ids == plain.token_ids
-        stats = client.stats()
-        # profiled at start-up on the target's one-token forwards through the window
-        assert any(stats.drafters["self"].cost_model_ms.values()) and stats.drafters["self"].mean_draft_s > 0
-
-
-@pytest.fixture(scope="module")
-def mlp_drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """The tiny target with an untrained MLP speculator in a cache of the module's own: serving
-    finds it and adds the mlp drafter without a flag."""
+    """The tiny target self-speculating over a small window, with an untrained MLP speculator in
+    a speculator directory of the module's own: serving finds it and adds the mlp drafter without
+    a flag."""
     import torch
 
     from engine.speculator.location import speculator_dir
@@ -134,18 +114,23 @@ def mlp_drafting(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
         torch.manual_seed(0)
         heads = MLPSpeculator(SpeculatorConfig(emb_dim=32, vocab_size=4097, num_heads=3))
         save(speculator_dir(str(target)), TrainedSpeculator(heads, torch.arange(4096), {"model": str(target)}))
-        yield from serving(tmp_path_factory, "mlp", f"--model {target} --kv-cache-tokens 4096")
+        flags = f"--model {target} --self-spec-sinks 2 --self-spec-window 14 --kv-cache-tokens 4096"
+        yield from serving(tmp_path_factory, "self-spec", flags)
 
 
-def test_the_server_drafts_with_a_trained_speculator_found_in_the_cache(mlp_drafting: RunningServer) -> None:
-    with Client(mlp_drafting.target) as client:
+@pytest.mark.parametrize("drafter", ["self", "mlp"])
+def test_the_server_drafts_over_a_window_or_with_the_speculator_and_the_output_stays_exact(
+    self_drafting: RunningServer, drafter: str
+) -> None:
+    with Client(self_drafting.target) as client:
         assert list(client.model_info().drafters) == ["ngram", "self", "mlp"]
-        prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):"
+        prompt = "def add(a, b):\n    return a + b\n\n" * 3 + "def sub(a, b):"  # longer than the window of 16
         plain = client.generate(prompt, max_new_tokens=24, speculation="off")
-        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter="mlp")
+        drafted = client.generate(prompt, max_new_tokens=24, speculation="fixed", num_draft_tokens=3, drafter=drafter)
         assert drafted.token_ids == plain.token_ids
-        assert drafted.speculation.by_drafter["mlp"].drafted_tokens > 0
+        assert drafted.speculation.by_drafter[drafter].drafted_tokens > 0
         assert client.generate(prompt, max_new_tokens=24, speculation="auto").token_ids == plain.token_ids
         stats = client.stats()
-        # its heads were profiled at start-up and priced by a cost model of their own
-        assert any(stats.drafters["mlp"].cost_model_ms.values()) and stats.drafters["mlp"].mean_draft_s > 0
+        # profiled at start-up (self: the target's one-token forwards through the window; mlp: its
+        # heads) and priced by a cost model of its own
+        assert any(stats.drafters[drafter].cost_model_ms.values()) and stats.drafters[drafter].mean_draft_s > 0

@@ -44,6 +44,7 @@ def test_training_lowers_the_loss_and_round_trips_through_the_cache(
         first, final = manifest["stages"][stage]["first_loss_by_head"], manifest["stages"][stage]["final_loss_by_head"]
         assert len(final) == 3 and sum(final) < 0.8 * sum(first), (stage, first, final)
     assert manifest["cut_by_budget"] == [] and not work_dir(str(model)).exists()
+    assert manifest["data_positions"] == {"code": 64 * 64, "generations": 16 * 24}  # chunks x tokens, prompts x new
     held_out = manifest["corpus"]["held_out_packages"]
     assert held_out and all(p.startswith("pkg") for p in held_out)
 
