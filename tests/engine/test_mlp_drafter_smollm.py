@@ -23,7 +23,7 @@ from server.tokenizer import TextTokenizer
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-MAX_NEW = 40
+MAX_NEW = 24
 PROMPTS = (
     "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n",
     "class LRUCache:\n    def __init__(self, capacity: int) -> None:\n",
