@@ -3,9 +3,11 @@
 Phases, each resumable (its result is kept in a work directory beside the speculator's and a
 rerun skips what is there; training checkpoints every few steps):
 
-1. code states: the target reads chunks of third-party code (engine/speculator/corpus.py) and
-   its hidden states are kept (bfloat16), with the held-out packages' chunks for evaluation;
-2. stage 1: the heads learn the text's tokens t+2.. from those states (teacher forcing);
+1. code states: the target reads chunks of third-party code (engine/speculator/corpus.py); its
+   hidden states (bfloat16) and its own next-token choices are kept, with the held-out packages'
+   chunks for evaluation;
+2. stage 1: fed the text's tokens, the heads learn what the target would write 2, 3, ... tokens
+   on (teacher forcing; data.py says why its choices and not the text);
 3. generations: the target writes greedily from prompts cut from the training chunks, keeping
    the hidden state of each step it decodes (and from held-out prompts, for evaluation);
 4. stage 2: the heads learn what this model writes;
