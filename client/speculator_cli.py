@@ -32,6 +32,7 @@ def add_speculator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     add("--prompts", type=int, default=defaults.num_prompts, help=f"generations of {defaults.new_tokens} tokens")
     add("--stage1-steps", type=int, default=defaults.stage1_steps)
     add("--stage2-steps", type=int, default=defaults.stage2_steps)
+    add("--warm-start", action="store_true", help="start the heads from the model's embeddings (experimental)")
     add("--fresh", action="store_true", help="discard an interrupted run's data and checkpoint")
     add("--output", default="bench-results/speculator-train.json", help="the figures, as JSON")
 
@@ -54,6 +55,7 @@ def run_speculator(args: argparse.Namespace) -> int:
             stage2_steps=args.stage2_steps,
             seed=args.seed,
             time_budget_s=args.time_budget_min * 60,
+            warm_start=args.warm_start,
         )
     except ValueError as exc:
         print(f"goodspeed speculator train: error: {exc}", file=sys.stderr)

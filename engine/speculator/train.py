@@ -249,6 +249,8 @@ def train_speculator(
     spec = MLPSpeculator(
         SpeculatorConfig(target.spec.hidden_size, config.num_classes + 1, config.num_heads, config.inner_dim)
     )
+    if config.warm_start:
+        warm_start(spec, target.weights.embed.float().cpu(), code["token_ids"])
     checkpoint = work / "checkpoint.pt"
     if checkpoint.is_file():
         spec.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
@@ -298,6 +300,23 @@ def train_speculator(
         output.write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(work)
     return manifest
+
+
+@torch.no_grad()
+def warm_start(spec: MLPSpeculator, embed: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Starts the heads in the target's own space: every projection the identity (a head's state
+    begins as the target's hidden state), the embeddings and the output rows of the named tokens
+    the target's token embeddings (which SmolLM2 ties to its output layer), "other" at zero.
+    embed: [V, hidden]; token_ids: [C - 1], the target id of each class."""
+    if spec.config.width != spec.config.emb_dim:
+        raise ValueError("a warm start needs the heads as wide as the target's hidden state (inner_dim 0)")
+    named = embed[token_ids]  # [C - 1, hidden]
+    for proj in spec.proj:
+        proj.get_parameter("weight").copy_(torch.eye(spec.config.width))
+    for module in (*spec.emb, *spec.head):
+        weight = module.get_parameter("weight")
+        weight.zero_()
+        weight[: len(token_ids)] = named
 
 
 def phase(path: Path, phase_s: dict[str, float], name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ class TrainConfig:
     stage2_steps: int = 250
     batch_records: int = 8  # records per training step
     learning_rate: float = 1e-3
+    # start the heads from the target's embeddings and identity projections (experimental)
+    warm_start: bool = False
     seed: int = 0
     time_budget_s: float = 3600.0
 

@@ -150,3 +150,26 @@ def test_evaluation_counts_the_right_prefix_of_heads() -> None:
 def test_the_missing_speculator_message_names_the_command() -> None:
     message = not_found_message("smollm2-135m")
     assert "goodspeed speculator train smollm2-135m" in message and "under an hour" in message
+
+
+def test_a_warm_start_begins_in_the_targets_space_and_still_learns(tiny: tuple[Path, Path], speculators: Path) -> None:
+    model, source = tiny
+    manifest = train_tiny(model, source, warm_start=True, stage1_steps=20, stage2_steps=20)
+    for stage in ("1", "2"):
+        first, final = manifest["stages"][stage]["first_loss_by_head"], manifest["stages"][stage]["final_loss_by_head"]
+        assert sum(final) < sum(first), (stage, first, final)
+
+    from engine.speculator.model import MLPSpeculator, SpeculatorConfig
+    from engine.speculator.train import warm_start
+
+    spec = MLPSpeculator(SpeculatorConfig(emb_dim=4, vocab_size=3, num_heads=2))
+    embed = torch.arange(24, dtype=torch.float32).view(6, 4)
+    warm_start(spec, embed, torch.tensor([5, 1]))
+    assert torch.equal(spec.head[1].weight, torch.stack([embed[5], embed[1], torch.zeros(4)]))
+    assert torch.equal(spec.emb[0].weight, spec.head[0].weight) and torch.equal(spec.proj[1].weight, torch.eye(4))
+    with pytest.raises(ValueError, match="inner_dim 0"):
+        warm_start(
+            MLPSpeculator(SpeculatorConfig(emb_dim=4, vocab_size=3, num_heads=2, inner_dim=8)),
+            embed,
+            torch.tensor([5, 1]),
+        )
