@@ -52,6 +52,9 @@ class ScheduledRequest(_Wire, frozen=True):
     num_prompt_tokens: int = 0  # prompt tokens to prefill this step; 0 for a decode step
     num_draft_tokens: int = 0  # k: tokens the drafter may propose this decode step; 0 is plain decoding
     drafter: str = ""  # which of the engine's drafters proposes them; "" is its first
+    # Whether the control plane plans the request's next step from the drafters' offers (AUTO):
+    # when not, drafters that run a model to know their offer skip it.
+    wants_offers: bool = True
 
 
 def max_draft_len(
@@ -101,8 +104,9 @@ class Offer(_Wire, frozen=True):
     """What a drafter could propose for a request's next step, for the control plane's planning."""
 
     num_tokens: int = 0  # tokens in the proposal (at most the largest k the request may use)
-    # How many tokens of the sequence's end the proposal's source matched (n-gram lookup): a
-    # longer match is more often right. 0 for drafters without the notion.
+    # How sure the drafter is, as a bucket the policy learns a first-token pass rate for: how
+    # many tokens of the sequence's end the proposal's source matched (n-gram lookup: a longer
+    # match is more often right), or the MLP speculator's confidence bucket. 0: no notion.
     match_len: int = 0
     # Tokens of the request a draft model has yet to read before it can propose (those of the
     # steps it did not draft in): its next forward feeds them, and the policy prices that.

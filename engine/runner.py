@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from engine.drafters.base import Draft, Drafter, DraftRequest
@@ -119,7 +120,8 @@ class ModelRunner:
             emitted = self._sample(works, logits)
             self._keep_hidden(works, emitted, hidden)
         sampled = time.perf_counter()
-        outputs += [self._advance(work, tokens) for work, tokens in zip(works, emitted, strict=True)]
+        advanced = [self._advance(work, tokens) for work, tokens in zip(works, emitted, strict=True)]
+        outputs += self._with_offers(advanced, {s.req_id for s in plan.scheduled if s.wants_offers})
         return StepResult(
             step_id=plan.step_id,
             outputs=outputs,
@@ -248,10 +250,37 @@ class ModelRunner:
             work.drafter.observe(seq.req_id, num_drafted, num_accepted)
         if finish_reason != FinishReason.NONE:
             self.remove_request(seq.req_id)
-            return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason)
-        max_k = max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left)
-        offers = [
-            drafter.offer(seq.req_id, seq.token_ids, max_k) if emitted and max_k > 0 else Offer()
+        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason)
+
+    def _with_offers(self, outputs: list[RequestOutput], wanted: set[str]) -> list[RequestOutput]:
+        """Each continuing request's outputs with every drafter's offer for its next step, one call
+        per drafter over the batch; a request that emitted nothing (a prefill chunk), may not draft
+        any more, or whose plans do not want offers gets empty ones, a finished one none."""
+        asking = []
+        for out in outputs:
+            seq = self.seqs.get(out.req_id)
+            max_k = max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left) if seq else 0
+            is_asking = out.req_id in wanted and out.new_token_ids and out.finish_reason == FinishReason.NONE
+            if seq and max_k > 0 and is_asking:
+                num_visible = len(seq.token_ids)
+                asking.append(
+                    DraftRequest(
+                        seq.req_id,
+                        seq.token_ids,
+                        max_k,
+                        num_visible,
+                        seq.sampling,
+                        seq.kv_start,
+                        seq.last_hidden,
+                    )
+                )
+        offers_by_drafter = [
+            dict(zip([r.req_id for r in asking], drafter.offers(asking), strict=True)) if asking else {}
             for drafter in self.drafters.values()
         ]
-        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason, offers=offers)
+        return [
+            out
+            if out.finish_reason != FinishReason.NONE
+            else msgspec.structs.replace(out, offers=[offers.get(out.req_id, Offer()) for offers in offers_by_drafter])
+            for out in outputs
+        ]

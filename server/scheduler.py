@@ -205,10 +205,13 @@ class Scheduler:
             k = max_draft_len(k, state.num_new_tokens_left, step_budget=budget)
             budget -= k
             self.decoding[state.req_id] = drafter if k else ""
-            scheduled.append(ScheduledRequest(state.req_id, num_draft_tokens=k, drafter=self.decoding[state.req_id]))
+            drafter = self.decoding[state.req_id]
+            wants_offers = self.policy.plans_with_offers(state)
+            scheduled.append(ScheduledRequest(state.req_id, 0, k, drafter, wants_offers))
         for state, chunk in chunks:
             state.num_prompt_done += chunk
-            scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk))
+            wants_offers = self.policy.plans_with_offers(state)
+            scheduled.append(ScheduledRequest(state.req_id, num_prompt_tokens=chunk, wants_offers=wants_offers))
         if not (new or scheduled or self.finished_in_engine):
             return None
         self.step_id += 1

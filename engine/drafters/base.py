@@ -68,6 +68,12 @@ class Drafter(ABC):
         only when it finds a match."""
         return Offer(num_draft_tokens)
 
+    def offers(self, requests: list[DraftRequest]) -> list[Offer]:
+        """offer() for each request that has just emitted (num_draft_tokens: the most it may
+        draft next step), all at once: a drafter that must run a model to know what it offers
+        batches it here."""
+        return [self.offer(r.req_id, r.token_ids, r.num_draft_tokens) for r in requests]
+
 
 def pick_draft_tokens(
     logits: torch.Tensor, picks: list[tuple[SamplingParams, int]], noise_stream: int

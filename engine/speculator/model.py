@@ -124,6 +124,13 @@ class MLPSpeculator(nn.Module):
             logits.append(self.head[i](state))
         return torch.stack(logits)
 
+    def run_head(self, i: int, state: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head i at inference: state [B, emb_dim] (the target's hidden state, for head 0) or
+        [B, width] (head i - 1's), token_ids [B] the token after it -> the state head i + 1 reads
+        and head i's logits [B, vocab]."""
+        state = self._head_state(i, self._input(state) if i == 0 else state, token_ids)
+        return state, self.head[i](state)
+
     @torch.no_grad()
     def propose(
         self,
@@ -138,11 +145,11 @@ class MLPSpeculator(nn.Module):
         [B, num_tokens] and every head's logits [num_tokens, B, vocab]."""
         if not 1 <= num_tokens <= self.config.num_heads:
             raise ValueError(f"the speculator proposes 1 to {self.config.num_heads} tokens, got {num_tokens}")
-        state, token = self._input(states), token_ids
+        state, token = states, token_ids
         drafted, logits = [], []
         for i in range(num_tokens):
-            state = self._head_state(i, state, token)
-            logits.append(self.head[i](state))
-            token = pick(i, logits[-1])
+            state, head_logits = self.run_head(i, state, token)
+            logits.append(head_logits)
+            token = pick(i, head_logits)
             drafted.append(token)
         return torch.stack(drafted, dim=1), torch.stack(logits)

@@ -94,6 +94,11 @@ class SpeculationPolicy:
         for name in self.model_drafters:
             self.draft_cost_models.setdefault(name, StepCostModel())
 
+    def plans_with_offers(self, request: Decoding) -> bool:
+        """Whether the request's steps are chosen from its offers: under OFF and FIXED they are not,
+        so the engine's drafters need not work out what they would offer."""
+        return bool(self.drafters) and (request.speculation_mode or self.settings.mode) == SpeculationMode.AUTO
+
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, Assignment]:
         settings = self.settings
         chosen, auto = {}, []

@@ -13,10 +13,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.drafters.base import Draft, DraftRequest
-from engine.drafters.mlp import MLPDrafter
+from engine.drafters.mlp import MLPDrafter, confidence_bucket
 from engine.offline import Job, run_alone, run_jobs
 from engine.profile import profile_steps
-from engine.protocol import NewRequest, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
+from engine.protocol import NewRequest, Offer, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.speculator.store import SpeculatorNotFoundError
 from engine.worker import build_runner
@@ -98,11 +98,31 @@ def test_it_drafts_from_the_hidden_state_that_produced_the_last_token(model: Pat
         seq.last_hidden[None], drafter.classes[seq.token_ids[-1:]], 3, lambda _, logits: logits[:, :-1].argmax(-1)
     )
     assert draft.token_ids == drafter.token_ids[classes[0]].tolist() and draft.probs is None
-    assert [s.num_seqs for s in drafter.take_forwards()] == [1, 1, 1]
-    assert drafter.offer("q", seq.token_ids, 8).num_tokens == 3  # its number of heads
+    # head 0 ran when the step offered (for every request), so drafting ran heads 1 and 2
+    assert [s.num_seqs for s in drafter.take_forwards()] == [1, 1]
+    offer = drafter.offer("q", seq.token_ids, 8)
+    assert offer.num_tokens == 3  # its number of heads
+    with torch.inference_mode():
+        _, logits = drafter.model.run_head(0, seq.last_hidden[None], drafter.classes[seq.token_ids[-1:]])
+    top = float(logits[0].float().softmax(-1)[:-1].max())
+    assert offer.match_len == confidence_bucket(top) == 1 + min(int(top * 10), 9)
+    assert drafter.offer("q", [*seq.token_ids, 5], 8).match_len == 0  # a position it has not seen: no notion
+    # without offers first (outside a step) it runs head 0 itself, with the same drafts
+    fresh = MLPDrafter(drafter.speculator, 128, runner.model.spec.hidden_size)
+    assert fresh.propose([request]) == [draft] and len(fresh.take_forwards()) == 3
     assert drafter.propose([DraftRequest("r", ids, 2)]) == [Draft()]  # no hidden state yet: nothing
     with pytest.raises(ValueError, match="trained for another model: its hidden size 32 .* hidden size 64"):
         MLPDrafter(drafter.speculator, 128, 64)
+
+
+def test_offers_run_head_zero_only_for_requests_planned_from_them(model: Path) -> None:
+    runner = make_runner(model, ("ngram", "mlp"))
+    new = [NewRequest(name, prompts()[i], 40, stop_token_ids=[]) for i, name in enumerate(("auto", "off"))]
+    plan = StepPlan(0, new, [ScheduledRequest("auto", 64), ScheduledRequest("off", 64, wants_offers=False)])
+    outputs = {out.req_id: out for out in runner.step(plan).outputs}
+    assert list(drafter_of(runner).first_heads) == ["auto"]
+    assert outputs["off"].offers == [Offer(), Offer()]  # one per drafter, none worked out
+    assert outputs["auto"].offers[1].num_tokens == 3 and outputs["auto"].offers[1].match_len >= 1
 
 
 def test_sampled_drafts_come_with_their_distribution_and_stay_seeded(model: Path) -> None:

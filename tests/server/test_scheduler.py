@@ -48,11 +48,29 @@ def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused() -> None
         scheduler.add(make_state("b", 10))
 
 
+def test_only_requests_planned_from_offers_ask_the_engine_for_them() -> None:
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO)
+    scheduler.add(make_state("auto", 4))
+    scheduler.add(make_state("off", 4, mode=SpeculationMode.OFF))
+    scheduler.add(make_state("fixed", 4, mode=SpeculationMode.FIXED, k=2))
+    plan = scheduler.schedule()
+    assert plan is not None and {s.req_id: s.wants_offers for s in plan.scheduled} == {
+        "auto": True,
+        "off": False,
+        "fixed": False,
+    }
+    scheduler.policy.drafters = ()  # an engine without drafters has nothing to offer
+    scheduler.update(result(plan.step_id, *[(name, [65], 0, 0, NONE) for name in ("auto", "off", "fixed")]))
+    plan = scheduler.schedule()
+    assert plan is not None and not any(s.wants_offers for s in plan.scheduled)
+
+
 def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
     scheduler = make_scheduler(max_step_tokens=32, k=3)
     scheduler.add(make_state("short", 4, max_new_tokens=50))
     plan = scheduler.schedule()
-    assert plan is not None and plan.scheduled == [ScheduledRequest("short", num_prompt_tokens=4)]
+    # FIXED plans without offers, so the engine's drafters need not make them
+    assert plan is not None and plan.scheduled == [ScheduledRequest("short", num_prompt_tokens=4, wants_offers=False)]
     scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
     scheduler.add(make_state("long", 100))
     chunks, drafts = [], []
