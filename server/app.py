@@ -20,7 +20,6 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from api.pb import generation_pb2 as pb
 from api.pb import generation_pb2_grpc as pb_grpc
@@ -34,6 +33,7 @@ from server.interceptor import ErrorInterceptor
 from server.loop import ControlLoop
 from server.policy import PolicySettings, SpeculationPolicy
 from server.policy.profile import REPEATS, profile_shapes
+from server.reflection import enable_reflection
 from server.request import Limits
 from server.scheduler import SchedulerLimits
 from server.service import GenerationService, ServiceContext, Services
@@ -45,6 +45,7 @@ log = structlog.get_logger("goodspeed.server")
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_SERVICES = ("", GENERATION_SERVICE)
 
 
@@ -87,15 +88,7 @@ def build_grpc_server(config: ServerConfig, services: Services, admin_token: str
     )
     pb_grpc.add_GenerationServicer_to_server(GenerationService(services), server)  # type: ignore[no-untyped-call]
     pb_grpc.add_AdminServicer_to_server(AdminService(services, admin_token), server)  # type: ignore[no-untyped-call]
-    reflection.enable_server_reflection(
-        (
-            GENERATION_SERVICE,
-            ADMIN_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    enable_reflection(server, (GENERATION_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE))
     return server
 
 

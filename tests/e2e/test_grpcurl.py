@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,31 @@ def test_error_status(server: RunningServer) -> None:
     assert result.returncode != 0
     assert "Code: InvalidArgument" in result.stderr
     assert "top_p: must be in (0, 1]" in result.stderr
+
+
+def buf_curl(server: RunningServer, *args: str, method: str = "") -> subprocess.CompletedProcess[str]:
+    """buf's curl (the buf-bin package), made to use grpc.reflection.v1 only: grpcurl 1.8.6 asks
+    for v1alpha."""
+    buf = Path(sys.executable).parent / "buf"
+    flags = ["--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1"]
+    cmd = [str(buf), "curl", *flags, *args, f"http://{server.target}/{method}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_reflection_answers_as_v1_and_v1alpha(server: RunningServer) -> None:
+    listed = grpcurl(server, "list")  # v1alpha
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        listed.stdout.split()
+    )
+    services = buf_curl(server, "--list-services")
+    assert services.returncode == 0, services.stderr
+    assert {"goodspeed.v1.Generation", "goodspeed.v1.Admin", "grpc.reflection.v1.ServerReflection"} <= set(
+        services.stdout.split()
+    )
+    methods = buf_curl(server, "--list-methods")
+    assert "goodspeed.v1.Generation/GenerateStream" in methods.stdout.split(), methods.stderr
+    # a call whose request schema came over v1 reflection
+    data = json.dumps({"prompt": "def add(a, b):", "max_new_tokens": 4})
+    reply = buf_curl(server, "-d", data, method="goodspeed.v1.Generation/Generate")
+    assert reply.returncode == 0, reply.stderr
+    assert json.loads(reply.stdout)["usage"]["completionTokens"] == 4
