@@ -32,7 +32,11 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gen = sub.add_parser("generate", help="send one request to a running server")
     gen.add_argument("prompt", help="the prompt (raw text), or the user message with --chat")
-    gen.add_argument("--target", default="localhost:50051", help="server address")
+    gen.add_argument(
+        "--target",
+        default="localhost:50051",
+        help="server address; several replicas: host:port,host:port or dns:///name:port (round-robin over the healthy ones)",
+    )
     gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--json", action="store_true", help="print the response (or each chunk) as JSON")

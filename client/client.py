@@ -21,6 +21,7 @@ from api.metadata import AUTHORIZATION_HEADER, bearer
 from api.pb import generation_pb2 as pb
 from api.pb import generation_pb2_grpc as pb_grpc
 from api.speculation import SpeculationMode
+from client.balancing import channel_options, channel_target
 from client.tls import TlsFiles, open_aio_channel, open_channel
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
@@ -79,8 +80,10 @@ class AsyncClient:
         *,
         tls: TlsFiles | None = None,
     ) -> None:
-        """options: gRPC channel arguments; tls: the PEM files of a TLS server (None: plaintext)."""
-        self.channel = open_aio_channel(target, tls, options)
+        """target: host:port, a comma-separated list of them, or dns:///name:port (several
+        replicas: round-robin over the healthy ones, client/balancing.py); options: gRPC channel
+        arguments, after ours; tls: the PEM files of a TLS server (None: plaintext)."""
+        self.channel = open_aio_channel(channel_target(target), tls, [*channel_options(target), *options])
         self.stub = pb_grpc.GenerationStub(self.channel)  # type: ignore[no-untyped-call]
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -149,9 +152,14 @@ class Client:
     """The blocking twin of AsyncClient."""
 
     def __init__(
-        self, target: str = "localhost:50051", admin_token: str | None = None, *, tls: TlsFiles | None = None
+        self,
+        target: str = "localhost:50051",
+        admin_token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        *,
+        tls: TlsFiles | None = None,
     ) -> None:
-        self.channel = open_channel(target, tls)
+        self.channel = open_channel(channel_target(target), tls, [*channel_options(target), *options])
         self.stub = pb_grpc.GenerationStub(self.channel)  # type: ignore[no-untyped-call]
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
         self.health = health_pb2_grpc.HealthStub(self.channel)
