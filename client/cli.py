@@ -35,7 +35,7 @@ def add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gen.add_argument(
         "--target",
         default="localhost:50051",
-        help="server address; several replicas: host:port,host:port or dns:///name:port (round-robin over the healthy ones)",
+        help="server address; replicas: host:port,host:port or dns:///name:port (round-robin over the healthy)",
     )
     gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")

@@ -29,7 +29,7 @@ class Replica(pb_grpc.GenerationServicer):
     calls: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:  # noqa: N802
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         with self.lock:
             self.calls[request.prompt] += 1
         if self.refuse is not None:
