@@ -284,8 +284,8 @@ async def watch_signals(stop: anyio.Event) -> None:
 async def drain(
     config: ServerConfig, server: grpc.aio.Server, health: health_aio.HealthServicer, loop: ControlLoop
 ) -> None:
+    loop.drain()  # refuses new requests first, so none is admitted once health says NOT_SERVING
     await set_health(health, False)
-    loop.drain()
     with anyio.move_on_after(config.drain_grace_s) as scope:
         await loop.wait_idle()
     if scope.cancelled_caught:

@@ -7,10 +7,11 @@ loop takes every pending message, ends expired requests, asks the scheduler for 
 the engine and applies the result. With nothing to do it blocks on its inbox.
 
 The loop also supervises the engine. A death shows up mid-step (the result never comes) or, when
-idle, as a message from the process watcher. Either way health turns NOT_SERVING, the requests
-that had streamed output fail with UNAVAILABLE, and a restart task starts (supervisor.py) while
-the loop goes on taking messages: the other requests (waiting, or admitted with nothing sent
-yet) keep their place. Once the restart budget is spent the server stays up, NOT_SERVING,
+idle, as a message from the process watcher. Either way health turns NOT_SERVING, a restart task
+starts (supervisor.py) while the loop goes on taking messages, and the running requests go back
+to the head of the queue: those that had streamed output resume after it on the next engine
+(their streams pause), the others start over; a request requeued once before fails with
+UNAVAILABLE. Once the restart budget is spent the server stays up, NOT_SERVING,
 refusing requests with the reason, which GetStats also shows.
 """
 

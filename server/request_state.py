@@ -31,7 +31,12 @@ class RequestState:
     status: Status = Status.WAITING
     is_in_engine: bool = False  # the engine holds its KV; it must be told when the request ends
     num_prompt_done: int = 0  # prompt tokens prefilled so far
-    was_requeued: bool = False  # an engine died while it ran, before it had sent anything
+    # An engine died while it ran: it went back to the queue to start again on the next engine
+    # (once: a request that kills the engine must not kill every engine after it).
+    was_requeued: bool = False
+    # Output tokens the next engine reads as prompt: those sent before the engine died, so the
+    # stream resumes after them instead of failing.
+    num_resumed_ids: int = 0
     # What each drafter could propose for the next step, as of the last result
     offers: dict[str, Offer] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
@@ -68,18 +73,23 @@ class RequestState:
         return self.request.max_new_tokens - len(self.output_ids)
 
     @property
+    def num_engine_prompt_ids(self) -> int:
+        """What the engine prefills: the prompt, and on a resumed request the output it had sent."""
+        return len(self.prompt_ids) + self.num_resumed_ids
+
+    @property
     def is_prefilling(self) -> bool:
-        return self.num_prompt_done < len(self.prompt_ids)
+        return self.num_prompt_done < self.num_engine_prompt_ids
 
     @property
     def num_prompt_left(self) -> int:
-        return len(self.prompt_ids) - self.num_prompt_done
+        return self.num_engine_prompt_ids - self.num_prompt_done
 
     def new_request(self) -> NewRequest:
         return NewRequest(
             req_id=self.req_id,
-            prompt_token_ids=self.prompt_ids,
-            max_new_tokens=self.request.max_new_tokens,
+            prompt_token_ids=self.prompt_ids + self.output_ids[: self.num_resumed_ids],
+            max_new_tokens=self.request.max_new_tokens - self.num_resumed_ids,
             sampling=self.sampling,
             stop_token_ids=self.stop_token_ids,
         )

@@ -163,20 +163,22 @@ class Scheduler:
         return expired
 
     def release_running(self, error: Exception) -> None:
-        """The engine is gone with everything it held. A running request that has sent its client
-        nothing yet goes back to the head of the queue, in order, to start over on the next engine
-        (once: a request that kills the engine must not kill every engine after it); the others
-        fail with error. The waiting ones keep their place."""
+        """The engine is gone with everything it held. Each running request goes back to the head
+        of the queue, in order, to go on on the next engine: from the start, or, when it has sent
+        tokens, after them (the engine reads them as prompt), so its stream only pauses. Once only:
+        one that was requeued before fails with error (a request that kills the engine must not
+        kill every engine after it). The waiting ones keep their place."""
         now = time.monotonic()
         requeued = []
         for state in list(self.running.values()):
             state.is_in_engine = False
-            if state.output_ids or state.was_requeued:
+            if state.was_requeued:
                 self._finish(state, FinishReason.CANCELLED, now, error)
                 continue
             del self.running[state.req_id]
             self.num_reserved_tokens -= state.num_reserved_tokens
             state.status, state.num_prompt_done, state.was_requeued = Status.WAITING, 0, True
+            state.num_resumed_ids = len(state.output_ids)
             state.offers = {}  # the next engine's drafters have offered nothing yet
             self.policy.forget(state.req_id)
             requeued.append(state)

@@ -312,24 +312,29 @@ def test_a_request_that_cannot_start_before_its_deadline_is_refused_at_once() ->
     assert [s.req_id for s in scheduler.waiting] == ["patient", "hurried"]
 
 
-def test_an_engine_death_requeues_requests_that_sent_nothing_and_fails_the_rest() -> None:
-    scheduler = make_scheduler(max_running=2)
+def test_an_engine_death_requeues_running_requests_and_resumes_streams_after_what_they_sent() -> None:
+    scheduler = make_scheduler(max_running=3)
     streaming, admitted, waiting = make_state("streaming", 3), make_state("admitted", 3), make_state("waiting", 3)
     scheduler.add(streaming)
     plan = scheduler.schedule()
     assert plan is not None
-    scheduler.update(result(plan.step_id, ("streaming", [72], 0, 0, NONE)))
+    scheduler.update(result(plan.step_id, ("streaming", [72, 73], 0, 0, NONE)))
     scheduler.add(admitted)
-    scheduler.add(waiting)
     assert scheduler.schedule() is not None  # "admitted" is sent to the engine, which then dies
+    scheduler.add(waiting)
     scheduler.release_running(RuntimeError("engine died"))
-    assert isinstance(streaming.mailbox._chunks[-1].error, RuntimeError)
-    assert [s.req_id for s in scheduler.waiting] == ["admitted", "waiting"]
+    assert not streaming.mailbox._chunks[-1].error  # its stream only pauses
+    assert [s.req_id for s in scheduler.waiting] == ["streaming", "admitted", "waiting"]
     assert admitted.status == Status.WAITING and admitted.num_prompt_done == 0
     assert scheduler.num_reserved_tokens == 0 and not scheduler.running
     plan = scheduler.schedule()
-    assert plan is not None and [n.req_id for n in plan.new_requests] == ["admitted", "waiting"]
+    assert plan is not None and [n.req_id for n in plan.new_requests] == ["streaming", "admitted", "waiting"]
     assert not plan.finished_req_ids  # the new engine never knew the old requests
+    resumed = plan.new_requests[0]  # reads what it had sent as prompt, and may write the rest
+    assert resumed.prompt_token_ids == [1, 2, 3, 72, 73] and resumed.max_new_tokens == 16 - 2
+    assert [s.num_prompt_tokens for s in plan.scheduled if s.req_id == "streaming"] == [5]
+    scheduler.update(result(plan.step_id, ("streaming", [74], 0, 0, NONE)))
+    assert streaming.output_ids == [72, 73, 74] and streaming.num_new_tokens_left == 13
 
 
 def test_a_request_requeued_once_fails_if_the_next_engine_dies_under_it_too() -> None:

@@ -1,0 +1,109 @@
+"""Three replicas of the real server (the default model) behind our client's round-robin over a
+list of addresses: a load of streaming requests while one replica is drained by SIGTERM and
+another's engine is killed. Where requests went, and which failed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from client.client import Client
+from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+# one thread each: three replicas share the machine's cores
+FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-grace 60"
+NUM_REQUESTS = 36
+NUM_CONCURRENT = 12
+PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "def parse_csv(path):"]
+
+
+@pytest.fixture(scope="module")
+def replicas(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
+    with ThreadPoolExecutor(3) as pool:
+        running = list(
+            pool.map(lambda i: start_server(tmp_path_factory.mktemp(f"replica{i}"), *FLAGS.split()), range(3))
+        )
+    yield running
+    for r in running:
+        r.stop()
+
+
+@dataclass
+class Outcome:
+    num_tokens: int = 0
+    error: grpc.StatusCode | None = None
+
+
+def stream(client: Client, i: int) -> Outcome:
+    outcome = Outcome()
+    try:
+        for chunk in client.generate_stream(PROMPTS[i % len(PROMPTS)], max_new_tokens=24, timeout=300):
+            outcome.num_tokens += len(chunk.token_ids)
+    except grpc.RpcError as exc:
+        outcome.error = exc.code()
+    return outcome
+
+
+def num_admitted(replica: RunningServer) -> int:
+    with Client(replica.target) as client:
+        stats = client.stats()
+    return int(stats.requests_finished + stats.requests_running + stats.requests_waiting)
+
+
+def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer]) -> None:
+    drained, killed, steady = replicas
+    target = ",".join(r.target for r in replicas)
+    before = [num_admitted(r) for r in replicas]
+    with Client(target) as client, ThreadPoolExecutor(NUM_CONCURRENT) as pool:
+        futures = [pool.submit(stream, client, i) for i in range(NUM_REQUESTS)]
+
+        def num_done() -> int:
+            return sum(f.done() for f in futures)
+
+        wait_for(lambda: num_done() >= 6, timeout=300, what="the first requests")
+        drained.process.send_signal(signal.SIGTERM)
+        with Client(drained.target) as direct:
+            wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING")
+        time.sleep(0.5)  # requests it took just before (in its inbox until the step ends) are counted
+        at_flip = num_admitted(drained)
+        admitted_while_draining = [at_flip]
+        stop_polling = threading.Event()
+
+        def poll_drained() -> None:  # what it admits until it exits
+            while not stop_polling.is_set() and drained.process.poll() is None:
+                try:
+                    admitted_while_draining.append(num_admitted(drained))
+                except grpc.RpcError:
+                    return
+                time.sleep(0.1)
+
+        poller = threading.Thread(target=poll_drained)
+        poller.start()
+        wait_for(lambda: num_done() >= NUM_REQUESTS // 2, timeout=300, what="half of the requests")
+        os.kill(engine_pid(killed), signal.SIGKILL)
+        outcomes = [f.result(timeout=600) for f in futures]
+        stop_polling.set()
+        poller.join()
+    assert drained.process.wait(120) == 0, drained.log()
+    with Client(killed.target) as direct:
+        wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.SERVING, timeout=300, what="restarted")
+        assert direct.stats().engine_restarts == 1
+    # nothing failed: the drained replica finished what it had, the killed engine's replica
+    # resumed its streams on its next engine, and calls refused meanwhile went elsewhere
+    failed = [o for o in outcomes if o.error is not None]
+    assert not failed and all(o.num_tokens == 24 for o in outcomes)
+    assert max(admitted_while_draining) == at_flip  # no new request reached it after its health flipped
+    served = [num_admitted(r) - b for r, b in zip((killed, steady), before[1:], strict=True)]
+    print(f"\nserved: drained {at_flip - before[0]}, engine killed {served[0]}, steady {served[1]}")
+    assert at_flip - before[0] > 0 and all(n > 0 for n in served)
