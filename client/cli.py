@@ -321,6 +321,13 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hardening.add_argument("--target", help="a running server; by default one is started")
     hardening.add_argument("--hog-streams", type=int, default=1000, help="unread streams the greedy client opens")
     hardening.add_argument("--out", type=Path, default=Path("bench-results") / "hardening.json")
+    balancing = kinds.add_parser(
+        "balancing", help="replicas behind the client's round-robin: added latency, spread, throughput"
+    )
+    balancing.add_argument("--replicas", type=int, default=2, help="servers to start, one thread each")
+    balancing.add_argument("--requests", type=int, default=16, help="concurrent streams per throughput run")
+    balancing.add_argument("--max-new-tokens", type=int, default=64)
+    balancing.add_argument("--out", type=Path, default=Path("bench-results") / "balancing.json")
     workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
     workload.add_argument("workload_kind", choices=WORKLOAD_KINDS)
     workload.add_argument("--num-items", type=int, default=164)
@@ -358,6 +365,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.hardening import main as hardening_main
 
         return hardening_main(args.target, args.hog_streams, args.out)
+    if args.kind == "balancing":
+        from bench.balancing import main as balancing_main
+
+        return balancing_main(args.replicas, args.requests, args.max_new_tokens, args.out)
     if args.kind == "workload":
         from bench.workloads import build_workload, save_workload
 
