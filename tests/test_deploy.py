@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from client.balancing import GENERATION_SERVICE
 from client.cli import build_parser
 from server.__main__ import main as serve_main  # noqa: F401 - the serve entry point exists
 from server.config import ServerConfig
@@ -50,3 +53,55 @@ def test_dockerfile_runs_the_same_server() -> None:
     defaults = ServerConfig()
     assert f"EXPOSE {defaults.port} {defaults.metrics_port}" in dockerfile
     assert '"goodspeed", "serve"' in dockerfile and '"goodspeed", "health"' in dockerfile
+
+
+def kubernetes_objects() -> dict[str, dict[str, Any]]:
+    docs = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "goodspeed.yaml").read_text())
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def test_kubernetes_probes_ports_and_grace_agree_with_the_server() -> None:
+    objects = kubernetes_objects()
+    pod = objects["Deployment/goodspeed"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    build_parser().parse_args(args[1:])  # every flag exists
+    port = int(flag(args, "--port"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": port, "metrics": int(flag(args, "--metrics-port"))}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port  # native gRPC probes: grpc.health.v1
+    # readiness asks for the service the server reports NOT_SERVING while draining or restarting
+    assert container["readinessProbe"]["grpc"]["service"] == GENERATION_SERVICE
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60  # an engine restart is no reason to kill
+    assert pod["terminationGracePeriodSeconds"] > float(flag(args, "--drain-grace"))
+    assert container["env"] == [{"name": "GOODSPEED_CACHE", "value": "/cache"}]
+    assert container["volumeMounts"][0]["mountPath"] == "/cache"
+    memory_gib = float(container["resources"]["requests"]["memory"].removesuffix("Gi"))
+    assert memory_gib >= 3.7  # the default server with its KV cache full (measured 2.5 GiB resident, 3.7 full)
+    headless = objects["Service/goodspeed-headless"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["ports"][0]["targetPort"] == "grpc"
+    selector = objects["Deployment/goodspeed"]["spec"]["selector"]["matchLabels"]
+    assert (
+        headless["selector"] == selector == objects["PodDisruptionBudget/goodspeed"]["spec"]["selector"]["matchLabels"]
+    )
+    assert objects["PodDisruptionBudget/goodspeed"]["spec"]["maxUnavailable"] == 1
+
+
+def test_compose_replicas_sit_behind_nginx_that_reaches_each_one() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    replicas = {name: s for name, s in services.items() if name.startswith("goodspeed-")}
+    assert len(replicas) >= 2 and all(s["profiles"] == ["replicas"] for s in replicas.values())
+    nginx = (ROOT / "deploy" / "nginx-grpc.conf").read_text()
+    for name, service in replicas.items():
+        command = service["command"]
+        build_parser().parse_args(command[1:])
+        port = flag(command, "--port")
+        assert f"server {name}:{port} " in nginx
+        assert float(service["stop_grace_period"].rstrip("s")) > float(flag(command, "--drain-grace"))
+    proxy = services["proxy"]
+    assert proxy["profiles"] == ["replicas"] and set(proxy["depends_on"]) == set(replicas)
+    listen = re.search(r"listen (\d+) http2;", nginx)
+    assert listen is not None and any(p.endswith(f":{listen.group(1)}") for p in proxy["ports"])
+    assert any("nginx-grpc.conf:/etc/nginx/nginx.conf" in v for v in proxy["volumes"])

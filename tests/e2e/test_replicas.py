@@ -1,21 +1,29 @@
 """Three replicas of the real server (the default model) behind our client's round-robin over a
-list of addresses: a load of streaming requests while one replica is drained by SIGTERM and
-another's engine is killed. Where requests went, and which failed."""
+list of addresses, or behind nginx (deploy/nginx-grpc.conf) when it is installed: a load of
+streaming requests while one replica is drained by SIGTERM and another's engine is killed.
+Where requests went, and which failed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from bench.server_process import free_port
 from client.client import Client
 from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
 
@@ -25,10 +33,11 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-grace 60"
 NUM_REQUESTS = 36
 NUM_CONCURRENT = 12
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "def parse_csv(path):"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def replicas(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
     with ThreadPoolExecutor(3) as pool:
         running = list(
@@ -37,6 +46,37 @@ def replicas(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     yield running
     for r in running:
         r.stop()
+
+
+@contextlib.contextmanager
+def nginx_in_front(replicas: list[RunningServer], work_dir: Path) -> Iterator[str]:
+    """nginx with deploy/nginx-grpc.conf, its upstream pointed at the replicas; yields its address."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    shipped = (ROOT / "deploy" / "nginx-grpc.conf").read_text()
+    options = re.search(r"server goodspeed-1:50051 (.*);", shipped)
+    assert options is not None
+    upstream = "\n".join(f"        server {r.target} {options.group(1)};" for r in replicas)
+    port = free_port()
+    config = re.sub(r"(        server goodspeed-\d+:50051 .*;\n)+", upstream + "\n", shipped)
+    config = config.replace("listen 50051 http2;", f"listen 127.0.0.1:{port} http2;")
+    (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (work_dir / "nginx.conf").write_text(config)
+    flags = ["-p", str(work_dir), "-c", str(work_dir / "nginx.conf"), "-e", str(work_dir / "logs" / "error.log")]
+    process = subprocess.Popen([binary, *flags, "-g", f"daemon off; pid {work_dir / 'nginx.pid'};"])
+    try:
+        wait_for(lambda: port_is_open(port), timeout=30, what="nginx listening")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def port_is_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 @dataclass
@@ -61,9 +101,18 @@ def num_admitted(replica: RunningServer) -> int:
     return int(stats.requests_finished + stats.requests_running + stats.requests_waiting)
 
 
-def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer]) -> None:
+@pytest.mark.parametrize("route", ["client round-robin", "nginx"])
+def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer], route: str, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        if route == "nginx":
+            target = stack.enter_context(nginx_in_front(replicas, tmp_path / "nginx"))
+        else:
+            target = ",".join(r.target for r in replicas)
+        drain_and_kill_under_load(replicas, target)
+
+
+def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> None:
     drained, killed, steady = replicas
-    target = ",".join(r.target for r in replicas)
     before = [num_admitted(r) for r in replicas]
     with Client(target) as client, ThreadPoolExecutor(NUM_CONCURRENT) as pool:
         futures = [pool.submit(stream, client, i) for i in range(NUM_REQUESTS)]
