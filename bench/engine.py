@@ -13,7 +13,6 @@ prefill included, summed over prompts.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +25,14 @@ from tqdm import tqdm
 from api.speculation import SpeculationMode
 from bench.hf_process import HFProcess
 from bench.in_process import InProcessServer
-from bench.machine import cpu_model
+from bench.machine import machine_facts
 from bench.workloads import build_workload
 from engine.config import EngineConfig, parse_drafters
 from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.drafters.mlp import MLPDrafter
 from engine.drafters.ngram import NgramDrafter
 from engine.fetch import resolve_model
+from engine.model.spec import ModelSpec
 from engine.offline import Job, run_jobs
 from engine.protocol import EngineReady, Offer
 from engine.runner import ModelRunner
@@ -319,14 +319,21 @@ def measure(
     servers[SpeculationMode.FIXED].generate(warmup, 8, SpeculationMode.FIXED, 4)
     if hf is not None:
         hf.generate(warmup, 8)
+    machine = machine_facts()
+    roofline = roofline_tokens_per_s(runner.model.spec, runner.model.dtype, machine["memory_bandwidth_gbs"])
     report: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": machine["cpu_model"],
         "device": ready.device,
         "num_prompts": num_prompts,
-        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": machine,
+        "roofline_tokens_per_s": round(roofline, 1),
         "batch_one": {},
         "batched": {},
     }
+    print(
+        f"{machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), triad {machine['memory_bandwidth_gbs']} GB/s: "
+        f"reading the weights once per token bounds batch-1 decoding at {roofline:.1f} tok/s in {dtype}"
+    )
     mlp = runner.drafters.get("mlp")
     mlp_ks = list(range(1, mlp.num_heads + 1)) if isinstance(mlp, MLPDrafter) else []
     variants = our_variants(list(ready.drafters), ks, list(draft_ks), mlp_ks)
@@ -336,7 +343,11 @@ def measure(
         stats = batch_one(servers, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
         plain_tps = stats["ours plain"].tokens_per_s
         report["batch_one"][workload] = {
-            name: {**s.summary(), "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3)}
+            name: {
+                **s.summary(),
+                "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3),
+                "fraction_of_roofline": round(s.tokens_per_s / roofline, 3),
+            }
             for name, s in stats.items()
         }
         if hf is not None:
@@ -347,6 +358,7 @@ def measure(
                 round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)
             ]
         print_batch_one(f"{workload}, {dtype}, greedy, {report['cpu']}", report["batch_one"][workload])
+        print(f"ours plain: {plain_tps / roofline:.0%} of the memory roofline ({roofline:.1f} tok/s)")
     if not concurrency:
         return report
     batch_prompts = [item.token_ids(tokenizer) for item in build_workload("completion", max(concurrency))]
@@ -373,6 +385,16 @@ def measure(
         f"{tax['drafter_share_of_time']:.3%} of the run"
     )
     return report
+
+
+def roofline_tokens_per_s(spec: ModelSpec, dtype: torch.dtype, bandwidth_gbs: float) -> float:
+    """Batch-1 decoding if a step took only the time to read every weight matrix once (the layers'
+    projections and the output layer; embedding rows and norms are negligible) at bandwidth_gbs."""
+    attention = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    attention += spec.num_heads * spec.head_dim * spec.hidden_size
+    mlp = 3 * spec.hidden_size * spec.intermediate_size
+    num_params = spec.num_layers * (attention + mlp) + spec.vocab_size * spec.hidden_size
+    return bandwidth_gbs * 1e9 / (num_params * dtype.itemsize)
 
 
 def throughput_row(tokens: int, seconds: float) -> dict[str, float]:
