@@ -328,6 +328,12 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     balancing.add_argument("--requests", type=int, default=16, help="concurrent streams per throughput run")
     balancing.add_argument("--max-new-tokens", type=int, default=64)
     balancing.add_argument("--out", type=Path, default=Path("bench-results") / "balancing.json")
+    step_profile = kinds.add_parser("step-profile", help="where a plain decode step spends its time (torch profiler)")
+    step_profile.add_argument("--model", default="smollm2-135m")
+    step_profile.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    step_profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    step_profile.add_argument("--steps", type=int, default=20, help="profiled decode steps per batch size")
+    step_profile.add_argument("--out", type=Path, default=Path("bench-results") / "step-profile.json")
     workload = kinds.add_parser("workload", help="write a HumanEval workload file (JSON lines)")
     workload.add_argument("workload_kind", choices=WORKLOAD_KINDS)
     workload.add_argument("--num-items", type=int, default=164)
@@ -365,6 +371,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.hardening import main as hardening_main
 
         return hardening_main(args.target, args.hog_streams, args.out)
+    if args.kind == "step-profile":
+        from bench.step_profile import main as step_profile_main
+
+        return step_profile_main(args.model, args.dtypes, args.batch_sizes, args.steps, args.out)
     if args.kind == "balancing":
         from bench.balancing import main as balancing_main
 
