@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from api.pb import generation_pb2 as pb
 from api.pb import generation_pb2_grpc as pb_grpc
 from client.balancing import GENERATION_SERVICE, MAX_ATTEMPTS, channel_options, channel_target, service_config
-from client.client import Client
+from client.client import AsyncClient, Client
 
 
 @dataclass
@@ -139,3 +139,17 @@ def test_targets_and_service_config() -> None:
     retry = several["methodConfig"][0]["retryPolicy"]
     assert retry["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert json.loads(dict(channel_options("a:1,b:2"))["grpc.service_config"]) == several
+
+
+async def test_the_async_client_balances_and_retries_alike(replicas: list[Running]) -> None:
+    replicas[2].replica.refuse = grpc.StatusCode.UNAVAILABLE
+    async with AsyncClient(target_of(replicas)) as client:
+
+        async def served(num_calls: int) -> Counter[str]:
+            return Counter([(await client.generate("a", max_new_tokens=1, timeout=10)).text for _ in range(num_calls)])
+
+        deadline = time.monotonic() + 10
+        while len(await served(3)) < 2 or replicas[2].replica.calls["a"] == 0:
+            assert time.monotonic() < deadline, "the replicas never all connected"
+        spread = await served(20)  # r2 refused its share; each of those calls went on to another
+        assert set(spread) == {"r0", "r1"} and abs(spread["r0"] - spread["r1"]) <= 2
