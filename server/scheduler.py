@@ -64,6 +64,7 @@ class Scheduler:
         self.finished_in_engine: list[str] = []  # ended here; the next plan tells the engine
         # The requests the current plan decodes (the rest prefill), each with who drafts for it ("" for k = 0)
         self.decoding: dict[str, str] = {}
+        self.undrafted_shape = BatchShape()  # the last plan's step before drafts
         self.just_finished: list[RequestState] = []  # for stats and logs; see take_finished
         self.step_id = 0
         self.pace = Pace()
@@ -199,7 +200,9 @@ class Scheduler:
         budget = self.limits.max_step_tokens - len(decoding)
         chunks = self._prefill_chunks(decoding, budget)
         budget -= sum(n for _, n in chunks)
-        chosen = self.policy.choose(decoding, self._base(decoding, chunks, budget))
+        base = self._base(decoding, chunks, budget)
+        self.undrafted_shape = base.shape
+        chosen = self.policy.choose(decoding, base)
         scheduled = []
         self.decoding = {}
         for state in decoding:
@@ -316,7 +319,9 @@ class Scheduler:
         self.pace.observe_step(timings.step_s)
         if self.decoding and not any(run.forwards for run in result.draft_runs):  # no draft model's time in it
             predicted_s = self.policy.predict_step_s(result.shape)
-            self.prefill_cap.observe(predicted_s, timings.step_s, self.is_prefilling_beside_decodes)
+            undrafted_s = self.policy.predict_step_s(self.undrafted_shape)
+            draft_s = max(0.0, predicted_s - undrafted_s) if predicted_s and undrafted_s else 0.0
+            self.prefill_cap.observe(predicted_s, timings.step_s, self.is_prefilling_beside_decodes, draft_s)
         self.policy.observe_step(result.shape, timings.step_s, result.draft_runs)
 
     def _apply(self, state: RequestState, output: RequestOutput, now: float) -> str:

@@ -60,3 +60,12 @@ def test_decode_steps_made_long_by_drafts_still_pay_an_overrun_off() -> None:
     cap.observe(0.030, 0.030, is_prefilling=True)  # 10 ms over
     cap.observe(0.030, 0.030, is_prefilling=False)  # 3x the plain decode step: long drafts
     assert cap.overrun_s == pytest.approx(0.0)  # each step without prefill pays off a plain step's room
+
+
+def test_the_time_drafts_add_to_a_step_that_prefills_is_no_overrun() -> None:
+    cap = PrefillCap(2.0)
+    assert cap.max_step_s(lambda shape: 0.010, DECODE) == pytest.approx(0.020)
+    cap.observe(0.032, 0.032, is_prefilling=True, draft_s=0.012)  # prompt within the bound, drafts on top
+    assert not cap.is_overrun
+    cap.observe(0.032, 0.032, is_prefilling=True, draft_s=0.008)  # the prompt itself ran 4 ms over
+    assert cap.overrun_s == pytest.approx(0.004)

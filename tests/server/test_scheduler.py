@@ -152,6 +152,34 @@ def test_no_prompt_runs_beside_decodes_while_earlier_steps_are_over_the_bound() 
     assert plan is not None and {s.req_id: s.num_prompt_tokens for s in plan.scheduled}["long"] > 0
 
 
+def test_drafts_beside_a_prefill_do_not_hold_the_prompt_back() -> None:
+    # The prefill bound is on what the prompt adds to the decodes; the drafts' own time is the
+    # policy's to price. Counted as overrun, each step with drafts would stall the prompt a step.
+    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=2.0, k=3)
+    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 4, 9, 64) for c in (0, 100, 3000) for b in (1, 3)]
+    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
+    scheduler.add(make_state("short", 4, max_new_tokens=1000))
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler.add(make_state("long", 1500))
+    chunks, drafts = [], []
+    while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
+        short, done = scheduler.running["short"], scheduler.running.get("long")
+        num_done = done.num_prompt_done if done else 0
+        plan = scheduler.schedule()
+        assert plan is not None
+        by_id = {s.req_id: s for s in plan.scheduled}
+        k, chunk = by_id["short"].num_draft_tokens, by_id["long"].num_prompt_tokens if "long" in by_id else 0
+        chunks.append(chunk)
+        drafts.append(k)
+        shape = BatchShape.of([(1 + k, short.num_tokens + k), *([(chunk, num_done + chunk)] if chunk else [])])
+        scheduler.update(result(plan.step_id, ("short", [66], k, 0, NONE)))  # every draft rejected
+        scheduler.observe_step(StepResult(plan.step_id, timings=StepTimings(step_s=step_s(shape)), shape=shape))
+    assert all(k == 3 for k in drafts) and sum(chunks) == 1500
+    assert 0 not in chunks  # no step without a chunk: the drafts ran over nothing
+
+
 def test_per_request_modes_override_the_server_policy() -> None:
     scheduler = make_scheduler(mode=SpeculationMode.AUTO, k=3)
     scheduler.add(make_state("default", 2))
