@@ -92,15 +92,21 @@ def step_s(shape: BatchShape) -> float:
     return 0.010 + 0.0005 * shape.num_tokens + 0.002 * shape.num_attention_pairs / 1000
 
 
-def chunks_while_one_request_decodes(max_prefill_slowdown: float, prompt_len: int) -> list[tuple[int, float]]:
-    """The long prompt's chunk and the step's predicted time / the decode-only step's, per step."""
-    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=max_prefill_slowdown)
-    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 5, 9, 64, 512) for c in (0, 100, 3000) for b in (1, 3)]
+def decoding_one_request(max_prefill_slowdown: float, k: int = 3) -> Scheduler:
+    """A scheduler whose cost model knows step_s, with "short" decoding (FIXED k)."""
+    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=max_prefill_slowdown, k=k)
+    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 4, 5, 9, 64, 512) for c in (0, 100, 3000) for b in (1, 3)]
     scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
     scheduler.add(make_state("short", 4, max_new_tokens=1000))
     plan = scheduler.schedule()
     assert plan is not None
     scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    return scheduler
+
+
+def chunks_while_one_request_decodes(max_prefill_slowdown: float, prompt_len: int) -> list[tuple[int, float]]:
+    """The long prompt's chunk and the step's predicted time / the decode-only step's, per step."""
+    scheduler = decoding_one_request(max_prefill_slowdown)
     scheduler.add(make_state("long", prompt_len))
     steps = []
     while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
@@ -135,13 +141,7 @@ def test_a_chunk_too_costly_for_the_allowance_still_moves_by_one_token() -> None
 
 
 def test_no_prompt_runs_beside_decodes_while_earlier_steps_are_over_the_bound() -> None:
-    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=2.0)
-    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 9, 64) for c in (0, 100, 3000) for b in (1, 3)]
-    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
-    scheduler.add(make_state("short", 4, max_new_tokens=1000))
-    plan = scheduler.schedule()
-    assert plan is not None
-    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler = decoding_one_request(2.0)
     scheduler.add(make_state("long", 300))
     scheduler.prefill_cap.overrun_s = 0.005  # as if the last steps with prefill had run 5 ms over
     plan = scheduler.schedule()
@@ -155,13 +155,7 @@ def test_no_prompt_runs_beside_decodes_while_earlier_steps_are_over_the_bound() 
 def test_drafts_beside_a_prefill_do_not_hold_the_prompt_back() -> None:
     # The prefill bound is on what the prompt adds to the decodes; the drafts' own time is the
     # policy's to price. Counted as overrun, each step with drafts would stall the prompt a step.
-    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=2.0, k=3)
-    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 4, 9, 64) for c in (0, 100, 3000) for b in (1, 3)]
-    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
-    scheduler.add(make_state("short", 4, max_new_tokens=1000))
-    plan = scheduler.schedule()
-    assert plan is not None
-    scheduler.update(result(plan.step_id, ("short", [65], 0, 0, NONE)))
+    scheduler = decoding_one_request(2.0)
     scheduler.add(make_state("long", 1500))
     chunks, drafts = [], []
     while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
