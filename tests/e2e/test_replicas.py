@@ -101,17 +101,43 @@ def num_admitted(replica: RunningServer) -> int:
     return int(stats.requests_finished + stats.requests_running + stats.requests_waiting)
 
 
+@dataclass
+class LoadRun:
+    outcomes: list[Outcome]
+    admitted_before: list[int]  # per replica, before the load
+    admitted_at_flip: int  # by the drained replica, once its health said NOT_SERVING
+    admitted_while_draining: list[int]  # its count, sampled until it exited
+    admitted_after: list[int]  # by the other two, after the load
+
+
 @pytest.mark.parametrize("route", ["client round-robin", "nginx"])
 def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer], route: str, tmp_path: Path) -> None:
+    drained, killed, _ = replicas
     with contextlib.ExitStack() as stack:
         if route == "nginx":
             target = stack.enter_context(nginx_in_front(replicas, tmp_path / "nginx"))
         else:
             target = ",".join(r.target for r in replicas)
-        drain_and_kill_under_load(replicas, target)
+        run = drain_and_kill_under_load(replicas, target)
+    assert drained.process.wait(120) == 0, drained.log()  # its drain finished what it had
+    with Client(killed.target) as direct:
+        wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.SERVING, timeout=300, what="restarted")
+        assert direct.stats().engine_restarts == 1
+    # nothing failed: the drained replica finished what it had, the killed engine's replica
+    # resumed its streams on its next engine, and calls refused meanwhile went elsewhere
+    assert [o.error for o in run.outcomes] == [None] * NUM_REQUESTS
+    assert [o.num_tokens for o in run.outcomes] == [24] * NUM_REQUESTS
+    # no new request reached the drained replica after its health flipped (sampled while it drained)
+    assert len(run.admitted_while_draining) >= 2 and max(run.admitted_while_draining) == run.admitted_at_flip
+    served = [run.admitted_at_flip - run.admitted_before[0]]
+    served += [after - before for after, before in zip(run.admitted_after, run.admitted_before[1:], strict=True)]
+    print(f"\nserved: drained {served[0]}, engine killed {served[1]}, steady {served[2]}")
+    assert all(n > 0 for n in served)  # the load reached every replica
 
 
-def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> None:
+def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> LoadRun:
+    """The load through target; SIGTERM to the first replica after 6 requests finish, SIGKILL to
+    the second's engine at half. Returns once every request has ended."""
     drained, killed, steady = replicas
     before = [num_admitted(r) for r in replicas]
     with Client(target) as client, ThreadPoolExecutor(NUM_CONCURRENT) as pool:
@@ -144,15 +170,4 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Non
         outcomes = [f.result(timeout=600) for f in futures]
         stop_polling.set()
         poller.join()
-    assert drained.process.wait(120) == 0, drained.log()
-    with Client(killed.target) as direct:
-        wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.SERVING, timeout=300, what="restarted")
-        assert direct.stats().engine_restarts == 1
-    # nothing failed: the drained replica finished what it had, the killed engine's replica
-    # resumed its streams on its next engine, and calls refused meanwhile went elsewhere
-    failed = [o for o in outcomes if o.error is not None]
-    assert not failed and all(o.num_tokens == 24 for o in outcomes)
-    assert max(admitted_while_draining) == at_flip  # no new request reached it after its health flipped
-    served = [num_admitted(r) - b for r, b in zip((killed, steady), before[1:], strict=True)]
-    print(f"\nserved: drained {at_flip - before[0]}, engine killed {served[0]}, steady {served[1]}")
-    assert at_flip - before[0] > 0 and all(n > 0 for n in served)
+    return LoadRun(outcomes, before, at_flip, admitted_while_draining, [num_admitted(r) for r in (killed, steady)])
