@@ -165,15 +165,9 @@ class ModelRunner:
                 continue
             started = time.perf_counter()
             requests = [
-                DraftRequest(
-                    w.seq.req_id,
-                    w.seq.token_ids,
-                    0 if w.seq.is_prefilling else w.num_logits - 1,
-                    w.seq.num_computed_tokens + len(w.query_token_ids) if w.seq.is_prefilling else len(w.seq.token_ids),
-                    w.seq.sampling,
-                    w.seq.kv_start,
-                    w.seq.last_hidden,
-                )
+                draft_request(w.seq, 0, w.seq.num_computed_tokens + len(w.query_token_ids))
+                if w.seq.is_prefilling
+                else draft_request(w.seq, w.num_logits - 1, len(w.seq.token_ids))
                 for w in involved
             ]
             num_drafting = 0
@@ -262,18 +256,7 @@ class ModelRunner:
             max_k = max_draft_len(self.max_draft_tokens, seq.num_new_tokens_left) if seq else 0
             is_asking = out.req_id in wanted and out.new_token_ids and out.finish_reason == FinishReason.NONE
             if seq and max_k > 0 and is_asking:
-                num_visible = len(seq.token_ids)
-                asking.append(
-                    DraftRequest(
-                        seq.req_id,
-                        seq.token_ids,
-                        max_k,
-                        num_visible,
-                        seq.sampling,
-                        seq.kv_start,
-                        seq.last_hidden,
-                    )
-                )
+                asking.append(draft_request(seq, max_k, len(seq.token_ids)))
         offers_by_drafter = [
             dict(zip([r.req_id for r in asking], drafter.offers(asking), strict=True)) if asking else {}
             for drafter in self.drafters.values()
@@ -284,3 +267,10 @@ class ModelRunner:
             else msgspec.structs.replace(out, offers=[offers.get(out.req_id, Offer()) for offers in offers_by_drafter])
             for out in outputs
         ]
+
+
+def draft_request(seq: Sequence, num_draft_tokens: int, num_visible: int) -> DraftRequest:
+    """The sequence as a drafter sees it (DraftRequest says what each field means)."""
+    return DraftRequest(
+        seq.req_id, seq.token_ids, num_draft_tokens, num_visible, seq.sampling, seq.kv_start, seq.last_hidden
+    )

@@ -210,9 +210,11 @@ class Scheduler:
             k = max_draft_len(k, state.num_new_tokens_left, step_budget=budget)
             budget -= k
             self.decoding[state.req_id] = drafter if k else ""
-            drafter = self.decoding[state.req_id]
             wants_offers = self.policy.plans_with_offers(state)
-            scheduled.append(ScheduledRequest(state.req_id, 0, k, drafter, wants_offers))
+            drafter = self.decoding[state.req_id]
+            scheduled.append(
+                ScheduledRequest(state.req_id, num_draft_tokens=k, drafter=drafter, wants_offers=wants_offers)
+            )
         for state, chunk in chunks:
             state.num_prompt_done += chunk
             wants_offers = self.policy.plans_with_offers(state)

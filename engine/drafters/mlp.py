@@ -108,12 +108,9 @@ class MLPDrafter(Drafter):
                     probs[row].append(p)
             return self.classes[torch.tensor([token_id for token_id, _ in chosen], device=logits.device)]
 
-        state = torch.stack([f.state for f in firsts])  # [B, width]
-        classes = [pick(0, torch.stack([f.logits for f in firsts]))]
-        for head in range(1, num_tokens):
-            state, logits = self.model.run_head(head, state, classes[-1])
-            classes.append(pick(head, logits))
-        drafted = self.token_ids[torch.stack(classes, dim=1)].tolist()  # [B, num_tokens]
+        state, logits = torch.stack([f.state for f in firsts]), torch.stack([f.logits for f in firsts])
+        classes, _ = self.model.propose_after_head_0(state, logits, num_tokens, pick)
+        drafted = self.token_ids[classes].tolist()  # [B, num_tokens]
         self.forwards += [BatchShape.of([(1, 1)] * len(drafting))] * (num_tokens - 1)
         by_req = {
             r.req_id: Draft(ids[: r.num_draft_tokens], torch.stack(p[: r.num_draft_tokens]) if p else None)

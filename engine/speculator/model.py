@@ -143,13 +143,26 @@ class MLPSpeculator(nn.Module):
         one. states: [B, emb_dim], the hidden state that produced token_ids: [B]; pick(i, logits
         [B, vocab]) -> [B] chooses head i's tokens (argmax, or a sample). Returns the drafted ids
         [B, num_tokens] and every head's logits [num_tokens, B, vocab]."""
+        state, logits = self.run_head(0, states, token_ids)
+        return self.propose_after_head_0(state, logits, num_tokens, pick)
+
+    @torch.no_grad()
+    def propose_after_head_0(
+        self,
+        state: torch.Tensor,
+        logits: torch.Tensor,
+        num_tokens: int,
+        pick: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """propose(), once head 0 has run (a drafter runs it early, to offer with its confidence):
+        state [B, width] is what head 1 reads, logits [B, vocab] head 0's."""
         if not 1 <= num_tokens <= self.config.num_heads:
             raise ValueError(f"the speculator proposes 1 to {self.config.num_heads} tokens, got {num_tokens}")
-        state, token = states, token_ids
-        drafted, logits = [], []
-        for i in range(num_tokens):
+        token = pick(0, logits)
+        drafted, all_logits = [token], [logits]
+        for i in range(1, num_tokens):
             state, head_logits = self.run_head(i, state, token)
-            logits.append(head_logits)
+            all_logits.append(head_logits)
             token = pick(i, head_logits)
             drafted.append(token)
-        return torch.stack(drafted, dim=1), torch.stack(logits)
+        return torch.stack(drafted, dim=1), torch.stack(all_logits)

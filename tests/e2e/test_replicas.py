@@ -23,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from bench.balancing import PROMPTS, num_admitted
 from bench.server_process import free_port
 from client.client import Client
 from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
@@ -34,7 +35,6 @@ FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-gra
 NUM_REQUESTS = 36
 NUM_CONCURRENT = 12
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "def parse_csv(path):"]
 
 
 @pytest.fixture
@@ -95,12 +95,6 @@ def stream(client: Client, i: int) -> Outcome:
     return outcome
 
 
-def num_admitted(replica: RunningServer) -> int:
-    with Client(replica.target) as client:
-        stats = client.stats()
-    return int(stats.requests_finished + stats.requests_running + stats.requests_waiting)
-
-
 @dataclass
 class LoadRun:
     outcomes: list[Outcome]
@@ -139,7 +133,7 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
     """The load through target; SIGTERM to the first replica after 6 requests finish, SIGKILL to
     the second's engine at half. Returns once every request has ended."""
     drained, killed, steady = replicas
-    before = [num_admitted(r) for r in replicas]
+    before = [num_admitted(r.target) for r in replicas]
     with Client(target) as client, ThreadPoolExecutor(NUM_CONCURRENT) as pool:
         futures = [pool.submit(stream, client, i) for i in range(NUM_REQUESTS)]
 
@@ -151,14 +145,14 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
         with Client(drained.target) as direct:
             wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING")
         time.sleep(0.5)  # requests it took just before (in its inbox until the step ends) are counted
-        at_flip = num_admitted(drained)
+        at_flip = num_admitted(drained.target)
         admitted_while_draining = [at_flip]
         stop_polling = threading.Event()
 
         def poll_drained() -> None:  # what it admits until it exits
             while not stop_polling.is_set() and drained.process.poll() is None:
                 try:
-                    admitted_while_draining.append(num_admitted(drained))
+                    admitted_while_draining.append(num_admitted(drained.target))
                 except grpc.RpcError:
                     return
                 time.sleep(0.1)
@@ -170,4 +164,6 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
         outcomes = [f.result(timeout=600) for f in futures]
         stop_polling.set()
         poller.join()
-    return LoadRun(outcomes, before, at_flip, admitted_while_draining, [num_admitted(r) for r in (killed, steady)])
+    return LoadRun(
+        outcomes, before, at_flip, admitted_while_draining, [num_admitted(r.target) for r in (killed, steady)]
+    )
