@@ -20,6 +20,7 @@ from api.pb import generation_pb2 as pb
 from api.pb import generation_pb2_grpc as pb_grpc
 from client.balancing import GENERATION_SERVICE, MAX_ATTEMPTS, channel_options, channel_target, service_config
 from client.client import AsyncClient, Client
+from tests.e2e.conftest import wait_for
 
 
 @dataclass
@@ -74,36 +75,28 @@ def served_by(client: Client, num_calls: int, prompt: str = "p") -> Counter[str]
     return Counter(client.generate(prompt, max_new_tokens=1, timeout=10).text for _ in range(num_calls))
 
 
-def wait_until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def test_a_list_of_replicas_is_balanced_round_robin(replicas: list[Running]) -> None:
     with Client(target_of(replicas)) as client:
-        wait_until(lambda: len(served_by(client, 3)) == 3)  # every replica connected
+        wait_for(lambda: len(served_by(client, 3)) == 3)  # every replica connected
         spread = served_by(client, 30)
     assert spread == {"r0": 10, "r1": 10, "r2": 10}
 
 
 def test_a_replica_that_stops_serving_gets_no_new_calls_until_it_serves_again(replicas: list[Running]) -> None:
     with Client(target_of(replicas)) as client:
-        wait_until(lambda: len(served_by(client, 3)) == 3)
+        wait_for(lambda: len(served_by(client, 3)) == 3)
         replicas[1].set_serving(False)  # as a draining or restarting server does
-        wait_until(lambda: "r1" not in served_by(client, 6))
+        wait_for(lambda: "r1" not in served_by(client, 6))
         assert set(served_by(client, 30)) == {"r0", "r2"}
         replicas[1].set_serving(True)
-        wait_until(lambda: "r1" in served_by(client, 6))
+        wait_for(lambda: "r1" in served_by(client, 6))
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
 def test_a_call_a_replica_refused_is_retried_on_another(replicas: list[Running], code: grpc.StatusCode) -> None:
     replicas[0].replica.refuse = code
     with Client(target_of(replicas)) as client:
-        wait_until(lambda: len(served_by(client, 3)) == 2 and replicas[0].replica.calls["p"] > 0)
+        wait_for(lambda: len(served_by(client, 3)) == 2 and replicas[0].replica.calls["p"] > 0)
         assert set(served_by(client, 20, "q")) == {"r1", "r2"}  # none failed
     assert replicas[0].replica.calls["q"] > 0  # it was asked, refused, and the call went on
 
