@@ -28,22 +28,28 @@ class Region:
         return self.start + self.num_tokens
 
 
-def kv_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """float32 on the CPU, where bfloat16 attention kernels are slow for short query blocks."""
-    return torch.float32 if device.type == "cpu" else model_dtype
-
-
 class KVCache:
-    """K and V for every layer: [layers, Hkv, capacity, D], head-major so a region is a strided view."""
+    """K and V for every layer, in the model's dtype: [layers, Hkv, capacity, D], head-major so a
+    region is a strided view.
+
+    On the CPU K is stored transposed ([layers, Hkv, D, capacity]; `k` is a view that hides it), so
+    attention's q . K^T is a product of row-major operands: MKL runs the other layout single-threaded
+    in float32 and far from bandwidth in bfloat16 (2.2x slower at 7,680 tokens, docs/decode-profile.md).
+    On CUDA, SDPA wants D innermost.
+    """
 
     def __init__(self, spec: ModelSpec, capacity_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
         if capacity_tokens <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity_tokens}")
-        shape = (spec.num_layers, spec.num_kv_heads, capacity_tokens, spec.head_dim)
-        self.dtype = kv_dtype(dtype, device)
+        layers_heads = (spec.num_layers, spec.num_kv_heads)
+        self.dtype = dtype
         # empty, not zeros: rows are always written before they are read.
-        self.k = torch.empty(shape, dtype=self.dtype, device=device)
-        self.v = torch.empty(shape, dtype=self.dtype, device=device)
+        if device.type == "cpu":
+            k_t = torch.empty((*layers_heads, spec.head_dim, capacity_tokens), dtype=dtype, device=device)
+            self.k = k_t.transpose(2, 3)
+        else:
+            self.k = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
+        self.v = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
         self.capacity_tokens = capacity_tokens
 
     def write(
@@ -51,8 +57,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # slot_ids: [T]; k_new, v_new: [T, Hkv, D]. Returns this layer's [Hkv, capacity, D] caches.
         k_layer, v_layer = self.k[layer], self.v[layer]
-        k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1).to(self.dtype))
-        v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1).to(self.dtype))
+        k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1))
+        v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1))
         return k_layer, v_layer
 
     def move(self, src_start: int, dst_start: int, num_tokens: int) -> None:

@@ -147,24 +147,24 @@ def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torc
     return mask.repeat(num_groups, 1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
+def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
     """Grouped-query attention of one sequence, written into `out`.
 
-    q: [n, H, D], already scaled, in the cache dtype; k, v: [Hkv, L, D] (views into the cache);
+    q: [n, H, D], already scaled; k_t: [Hkv, D, L] and v: [Hkv, L, D] (views into the cache);
     mask: [G * n, L] or None; out: [n, H * D]. The G query heads that share a KV head are folded
     into rows, so no K/V is repeated. A decode step (n = 1) needs no reshuffling at all.
     """
     n, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[0]
+    num_kv_heads = k_t.shape[0]
     groups = num_heads // num_kv_heads
     if n == 1:
         qg = q.view(num_kv_heads, groups, head_dim)
     else:
         qg = q.view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, groups * n, head_dim)
-    if k.device.type == "cpu":
-        # On the CPU the cache is float32, where matmul-softmax-matmul beats SDPA's kernels for
-        # short query blocks.
-        scores = torch.bmm(qg, k.transpose(1, 2))  # [Hkv, G*n, L]
+    if k_t.device.type == "cpu":
+        # matmul-softmax-matmul beats SDPA's CPU kernels for short query blocks. The CPU softmax
+        # computes in float32 for bfloat16 input, as transformers' eager attention asks for.
+        scores = torch.bmm(qg, k_t)  # [Hkv, G*n, L]
         if mask is not None:
             scores += mask
         probs = torch.softmax(scores, dim=-1)
@@ -173,7 +173,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             return
         o = torch.bmm(probs, v)
     else:
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=1.0)
+        o = F.scaled_dot_product_attention(qg, k_t.transpose(1, 2), v, attn_mask=mask, scale=1.0)
     out.copy_(o.view(num_kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim))
 
 
@@ -204,7 +204,7 @@ class Transformer:
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
-        masks = [causal_mask(seq, groups, kv_cache.dtype, x.device) for seq in batch.seqs]
+        masks = [causal_mask(seq, groups, x.dtype, x.device) for seq in batch.seqs]
         for layer_idx, layer in enumerate(w.layers):
             x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, masks)
             h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
@@ -232,8 +232,8 @@ class Transformer:
         q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
         v_new = qkv[:, num_qk:]
         k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
-        q = (q * self.scale).to(kv_cache.dtype)
-        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
+        q = q * self.scale
+        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=x.dtype, device=x.device)
         for seq, mask in zip(batch.seqs, masks, strict=True):
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
             if batch.window is None:
@@ -241,9 +241,9 @@ class Transformer:
             else:
                 kv_rows = batch.window.kv_rows(seq)
             if len(kv_rows) == 1:
-                k, v = k_cache[:, kv_rows[0]], v_cache[:, kv_rows[0]]
+                k_t, v = k_cache[:, kv_rows[0]].transpose(1, 2), v_cache[:, kv_rows[0]]
             else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
-                k = torch.cat([k_cache[:, rows] for rows in kv_rows], dim=1)
+                k_t = torch.cat([k_cache[:, rows].transpose(1, 2) for rows in kv_rows], dim=2)
                 v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
-            attend(q[q_rows], k, v, mask, attn[q_rows])
-        return layer.o_proj(attn.to(x.dtype))
+            attend(q[q_rows], k_t, v, mask, attn[q_rows])
+        return layer.o_proj(attn)

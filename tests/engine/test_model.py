@@ -15,6 +15,7 @@ from tests.tiny_models import make_tiny_qwen2
 
 # float32 logits agree to ~1e-4 here (different summation order); 2e-3 leaves room for other CPUs.
 ATOL = 2e-3
+NUM_GROWN = 12  # tokens each sequence gains after its prompt (the growth steps below add up to it)
 
 
 def reference_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
@@ -38,18 +39,22 @@ def run_step(model: Transformer, cache: KVCache, chunks: list[tuple[int, int, li
     return list(logits.split([len(c[2]) for c in chunks]))
 
 
-def check_ragged_batches(model: Transformer, hf_model, vocab_size: int) -> None:
+def ragged_sequences(vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 30)]
+    return [p + torch.randint(3, vocab_size, (NUM_GROWN,), generator=gen).tolist() for p in prompts]
+
+
+def check_ragged_batches(model: Transformer, hf_model, vocab_size: int, atol: float = ATOL) -> None:
     """Prefill three prompts of different lengths in one step, then grow them by steps of
     1 token (decode) and 1 + 3 tokens (verify), each step mixing sequences, and compare every
     logit row with transformers run on the whole sequence."""
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 30)]
-    full = [p + torch.randint(3, vocab_size, (12,), generator=gen).tolist() for p in prompts]
+    full = ragged_sequences(vocab_size)
     cache = KVCache(model.spec, 256, model.dtype, model.device)
     allocator = RegionAllocator(256)
     starts = [allocator.allocate(f"r{i}", len(seq)).start for i, seq in enumerate(full)]
     num_cached = [0, 0, 0]
-    growth = [[len(p) for p in prompts], [1, 4, 1], [4, 1, 4], [1, 1, 1], [4, 4, 4]]
+    growth = [[len(seq) - NUM_GROWN for seq in full], [1, 4, 1], [4, 1, 4], [1, 1, 1], [4, 4, 4]]
     for step in growth:
         chunks = []
         for i, n in enumerate(step):
@@ -57,7 +62,7 @@ def check_ragged_batches(model: Transformer, hf_model, vocab_size: int) -> None:
         logits = run_step(model, cache, chunks)
         for i, n in enumerate(step):
             expected = reference_logits(hf_model, full[i][: num_cached[i] + n])[num_cached[i] :]
-            torch.testing.assert_close(logits[i], expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(logits[i], expected, atol=atol, rtol=0)
             num_cached[i] += n
 
 
@@ -68,6 +73,25 @@ def test_smollm2_logits_match_transformers(smollm2_path: str) -> None:
     model = load_transformer(smollm2_path, torch.float32, torch.device("cpu"))
     hf_model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     check_ragged_batches(model, hf_model, model.spec.vocab_size)
+
+
+@pytest.mark.model
+def test_smollm2_bfloat16_errs_no_more_than_transformers_bfloat16(smollm2_path: str) -> None:
+    """The bfloat16 forward (weights, activations and KV cache in bfloat16) against transformers
+    in float32: no further off than transformers' own bfloat16 model is, with a 1.5x margin for
+    a different rounding order. A float32 step hidden somewhere would not fail this; a wrongly
+    laid out or truncated bfloat16 KV would (logits off by whole units)."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_transformer(smollm2_path, torch.bfloat16, torch.device("cpu"))
+    hf_float32 = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    hf_bfloat16 = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16)
+    hf_error = max(
+        (reference_logits(hf_bfloat16, seq) - reference_logits(hf_float32, seq)).abs().max().item()
+        for seq in ragged_sequences(model.spec.vocab_size)
+    )
+    assert 0 < hf_error < 2.0
+    check_ragged_batches(model, hf_float32, model.spec.vocab_size, atol=1.5 * hf_error)
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False], ids=["tied", "untied"])
