@@ -33,8 +33,9 @@ class KVCache:
     region is a strided view.
 
     On the CPU K is stored transposed ([layers, Hkv, D, capacity]; `k` is a view that hides it), so
-    attention's q . K^T is a product of row-major operands: MKL runs the other layout single-threaded
-    in float32 and far from bandwidth in bfloat16 (2.2x slower at 7,680 tokens, docs/decode-profile.md).
+    attention's q . K^T is a product of row-major operands: MKL runs the other layout on one thread in
+    float32 and far from bandwidth in bfloat16 (one attention at 7,680 tokens 2.8x slower there,
+    docs/decode-profile.md).
     On CUDA, SDPA wants D innermost.
     """
 
