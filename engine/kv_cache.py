@@ -43,7 +43,6 @@ class KVCache:
         if capacity_tokens <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity_tokens}")
         layers_heads = (spec.num_layers, spec.num_kv_heads)
-        self.dtype = dtype
         # empty, not zeros: rows are always written before they are read.
         if device.type == "cpu":
             k_t = torch.empty((*layers_heads, spec.head_dim, capacity_tokens), dtype=dtype, device=device)
