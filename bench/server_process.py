@@ -47,7 +47,24 @@ class ServerProcess:
 
 def start_server(log_dir: Path, *flags: str, ready_timeout: float = 600, tls: TlsFiles | None = None) -> ServerProcess:
     """`python -m server` with the given flags on free ports; returns once health says SERVING.
-    For a server started with --tls-cert, tls holds the files its clients use (the readiness check too)."""
+    For a server started with --tls-cert, tls holds the files its clients use (the readiness check too).
+    A port free when picked can be taken before the server binds it (another process's ephemeral
+    port): a server that could not listen is started again on other ports, a few times."""
+    for _ in range(NUM_BIND_TRIES - 1):
+        try:
+            return start_server_once(log_dir, *flags, ready_timeout=ready_timeout, tls=tls)
+        except RuntimeError as error:
+            if not any(sign in str(error) for sign in BIND_FAILED):
+                raise
+    return start_server_once(log_dir, *flags, ready_timeout=ready_timeout, tls=tls)
+
+
+NUM_BIND_TRIES = 3
+# server/app.py's message when the gRPC port cannot be bound; the OS's when the metrics port cannot
+BIND_FAILED = ("the address is taken or not local", "Address already in use")
+
+
+def start_server_once(log_dir: Path, *flags: str, ready_timeout: float, tls: TlsFiles | None) -> ServerProcess:
     port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
 from api.pb import generation_pb2 as pb
+from bench import server_process
+from bench.server_process import free_port as pick_free_port
 from client.client import Client
 from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
 
@@ -96,3 +100,24 @@ def test_sigterm_drains_running_requests_then_exits(fragile_server: RunningServe
     assert chunks[-1].finish_reason in (pb.LENGTH, pb.EOS)
     assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens
     assert fragile_server.process.wait(60) == 0
+
+
+def test_a_port_taken_before_the_server_binds_it_is_replaced_by_another(
+    smollm2_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port's port is free when picked, but another process can take it before the server
+    binds it (CI saw it): start_server starts again on other ports."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = int(taken.getsockname()[1])
+        picks = iter([taken_port])
+        monkeypatch.setattr(server_process, "free_port", lambda: next(picks, None) or pick_free_port())
+        running = start_server(tmp_path, "--max-running-requests", "1")
+        try:
+            assert running.port != taken_port
+            with Client(running.target) as client:
+                assert client.generate("def f(x):", max_new_tokens=2).usage.completion_tokens == 2
+        finally:
+            assert running.stop() == 0, running.log()
+    assert len(list(tmp_path.glob("server-*.log"))) == 2  # the failed try's log is kept
