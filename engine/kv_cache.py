@@ -28,9 +28,17 @@ class Region:
         return self.start + self.num_tokens
 
 
+def kv_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """float32 on the CPU: there a bfloat16 attention product costs tens of microseconds however
+    small it is (oneDNN), and a decode step runs two per sequence and layer. A bfloat16 cache made
+    bfloat16 decoding 1.6-1.8x slower at batch 16 over short prompts, for 1.4x faster attention at
+    7,680 tokens (docs/decode-profile.md)."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 class KVCache:
-    """K and V for every layer, in the model's dtype: [layers, Hkv, capacity, D], head-major so a
-    region is a strided view.
+    """K and V for every layer (float32 on the CPU, see kv_dtype): [layers, Hkv, capacity, D],
+    head-major so a region is a strided view.
 
     On the CPU K is stored transposed ([layers, Hkv, D, capacity]; `k` is a view that hides it), so
     attention's q . K^T is a product of row-major operands: MKL runs the other layout on one thread in
@@ -43,6 +51,7 @@ class KVCache:
         if capacity_tokens <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity_tokens}")
         layers_heads = (spec.num_layers, spec.num_kv_heads)
+        self.dtype = dtype = kv_dtype(dtype, device)
         # empty, not zeros: rows are always written before they are read.
         if device.type == "cpu":
             k_t = torch.empty((*layers_heads, spec.head_dim, capacity_tokens), dtype=dtype, device=device)
@@ -57,8 +66,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # slot_ids: [T]; k_new, v_new: [T, Hkv, D]. Returns this layer's [Hkv, capacity, D] caches.
         k_layer, v_layer = self.k[layer], self.v[layer]
-        k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1))
-        v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1))
+        k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1).to(self.dtype))
+        v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1).to(self.dtype))
         return k_layer, v_layer
 
     def move(self, src_start: int, dst_start: int, num_tokens: int) -> None:

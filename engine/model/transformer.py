@@ -150,7 +150,7 @@ def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torc
 def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
     """Grouped-query attention of one sequence, written into `out`.
 
-    q: [n, H, D], already scaled; k_t: [Hkv, D, L] and v: [Hkv, L, D] (views into the cache);
+    q: [n, H, D], already scaled, in the cache dtype; k_t: [Hkv, D, L] and v: [Hkv, L, D] (views into the cache);
     mask: [G * n, L] or None; out: [n, H * D]. The G query heads that share a KV head are folded
     into rows, so no K/V is repeated. A decode step (n = 1) needs no reshuffling at all.
     """
@@ -162,8 +162,8 @@ def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         qg = q.view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, groups * n, head_dim)
     if k_t.device.type == "cpu":
-        # matmul-softmax-matmul beats SDPA's CPU kernels for short query blocks. The CPU softmax
-        # computes in float32 for bfloat16 input, as transformers' eager attention asks for.
+        # On the CPU the cache is float32, where matmul-softmax-matmul beats SDPA's kernels for
+        # short query blocks.
         scores = torch.bmm(qg, k_t)  # [Hkv, G*n, L]
         if mask is not None:
             scores += mask
@@ -204,7 +204,7 @@ class Transformer:
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
-        masks = [causal_mask(seq, groups, x.dtype, x.device) for seq in batch.seqs]
+        masks = [causal_mask(seq, groups, kv_cache.dtype, x.device) for seq in batch.seqs]
         for layer_idx, layer in enumerate(w.layers):
             x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, masks)
             h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
@@ -232,8 +232,8 @@ class Transformer:
         q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
         v_new = qkv[:, num_qk:]
         k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
-        q = q * self.scale
-        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=x.dtype, device=x.device)
+        q = (q * self.scale).to(kv_cache.dtype)
+        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
         for seq, mask in zip(batch.seqs, masks, strict=True):
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
             if batch.window is None:
@@ -246,4 +246,4 @@ class Transformer:
                 k_t = torch.cat([k_cache[:, rows].transpose(1, 2) for rows in kv_rows], dim=2)
                 v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
             attend(q[q_rows], k_t, v, mask, attn[q_rows])
-        return layer.o_proj(attn)
+        return layer.o_proj(attn.to(x.dtype))

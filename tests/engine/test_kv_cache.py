@@ -53,16 +53,17 @@ def test_fragmented_free_rows_are_compacted_and_data_moves_along() -> None:
     assert torch.all(cache.k[:, :, 25:50] == 7.0)
 
 
-def test_keys_and_values_keep_the_model_dtype_and_cpu_keys_are_stored_transposed() -> None:
-    """Attention reads K as [Hkv, D, L] (q . K^T as a product of row-major operands); what is
-    written through `write` reads back through the [layers, Hkv, capacity, D] views."""
+def test_cpu_keys_and_values_are_float32_and_keys_are_stored_transposed() -> None:
+    """On the CPU a bfloat16 model's cache is float32 (kv_dtype) and attention reads K as
+    [Hkv, D, L] (q . K^T as a product of row-major operands); what is written through `write`
+    reads back through the [layers, Hkv, capacity, D] views."""
     cache = KVCache(SPEC, 10, torch.bfloat16, torch.device("cpu"))
-    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert cache.dtype == cache.k.dtype == cache.v.dtype == torch.float32
     slot_ids = torch.tensor([2, 5, 6])
     k_new = torch.randn(3, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
     v_new = torch.randn(3, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
     k_layer, v_layer = cache.write(1, slot_ids, k_new, v_new)
     assert k_layer[:, 2:7].transpose(1, 2).stride(-1) == 1
     assert v_layer[:, 2:7].stride(-1) == 1
-    assert torch.equal(cache.k[1][:, slot_ids], k_new.transpose(0, 1))
-    assert torch.equal(cache.v[1][:, slot_ids], v_new.transpose(0, 1))
+    assert torch.equal(cache.k[1][:, slot_ids], k_new.transpose(0, 1).float())
+    assert torch.equal(cache.v[1][:, slot_ids], v_new.transpose(0, 1).float())
