@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.model.cpu_attention import HEAD_DIMS, MAX_QUERY_TOKENS, KernelSeqs, ragged_attention
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
 from engine.protocol import BatchShape
@@ -184,6 +185,8 @@ class Transformer:
         self.spec = spec
         self.weights = weights
         self.scale = spec.head_dim**-0.5
+        on_cpu = weights.embed.device.type == "cpu"
+        self.kernel = ragged_attention() if on_cpu and spec.head_dim in HEAD_DIMS else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -204,13 +207,31 @@ class Transformer:
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
-        masks = [causal_mask(seq, groups, kv_cache.dtype, x.device) for seq in batch.seqs]
+        kernel_seqs, looped = self._split(batch, kv_cache)
+        masks = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped]
         for layer_idx, layer in enumerate(w.layers):
-            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, masks)
+            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, kernel_seqs, masks)
             h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return rms_norm(x[batch.logit_rows], w.final_norm, spec.rms_norm_eps)
+
+    def _split(self, batch: ForwardBatch, kv_cache: KVCache) -> tuple[KernelSeqs | None, list[SeqSlice]]:
+        """The step's sequences the CPU kernel attends (all in one call per layer) and those the
+        per-sequence loop does (cpu_attention.py says which and why)."""
+        if self.kernel is None or kv_cache.dtype != torch.float32:
+            return None, batch.seqs
+        window = batch.window
+        chosen = [
+            (s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens)
+            for s in batch.seqs
+            if s.num_query_tokens <= MAX_QUERY_TOKENS
+        ]
+        if not chosen:
+            return None, batch.seqs
+        sinks, recent = (window.num_sink_tokens, window.num_recent_tokens) if window else (0, 0)
+        seqs = torch.tensor(chosen, dtype=torch.long)
+        return KernelSeqs(seqs, sinks, recent), [s for s in batch.seqs if s.num_query_tokens > MAX_QUERY_TOKENS]
 
     def _attention(
         self,
@@ -221,7 +242,8 @@ class Transformer:
         kv_cache: KVCache,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        masks: list[torch.Tensor | None],
+        kernel_seqs: KernelSeqs | None,
+        looped: list[tuple[SeqSlice, torch.Tensor | None]],
     ) -> torch.Tensor:
         spec = self.spec
         num_tokens = x.shape[0]
@@ -232,9 +254,20 @@ class Transformer:
         q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
         v_new = qkv[:, num_qk:]
         k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
-        q = (q * self.scale).to(kv_cache.dtype)
-        attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
-        for seq, mask in zip(batch.seqs, masks, strict=True):
+        q = (q * self.scale).to(kv_cache.dtype).contiguous()
+        if kernel_seqs is not None and self.kernel is not None:
+            # rows of the looped sequences are left for the loop below to fill
+            attn = self.kernel(
+                q,
+                k_cache.transpose(1, 2),  # the cache's own [Hkv, D, capacity] layout
+                v_cache,
+                kernel_seqs.seqs,
+                kernel_seqs.num_sink_tokens,
+                kernel_seqs.num_recent_tokens,
+            )
+        else:
+            attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
+        for seq, mask in looped:
             q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
             if batch.window is None:
                 kv_rows = [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)]

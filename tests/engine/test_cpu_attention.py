@@ -1,0 +1,94 @@
+"""The CPU attention kernel against the per-sequence loop it replaces, and the property that keeps
+greedy speculation exact: a token's attention is the same computed alone or among drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.cpu_attention import ragged_attention
+from engine.model.transformer import AttentionWindow, SeqSlice, attend, causal_mask
+
+NUM_KV_HEADS, GROUPS, CAPACITY = 3, 3, 12_000
+
+
+@pytest.fixture(scope="module")
+def kernel() -> object:
+    built = ragged_attention()
+    if built is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    return built
+
+
+def cache(head_dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's float32 cache as the engine lays it out: K as [Hkv, D, capacity], V as [Hkv, capacity, D]."""
+    generator = torch.Generator().manual_seed(seed)
+    k_t = torch.randn(NUM_KV_HEADS, head_dim, CAPACITY, generator=generator)
+    v = torch.randn(NUM_KV_HEADS, CAPACITY, head_dim, generator=generator)
+    return k_t, v
+
+
+def ragged(query_counts: list[int], kv_counts: list[int]) -> list[SeqSlice]:
+    """Sequences with these query and KV token counts, their regions apart in the cache."""
+    seqs, query_start, kv_start = [], 0, 5
+    for num_query, num_kv in zip(query_counts, kv_counts, strict=True):
+        seqs.append(SeqSlice(query_start, num_query, kv_start, num_kv - num_query))
+        query_start += num_query
+        kv_start += num_kv + 37
+    return seqs
+
+
+def seq_rows(seqs: list[SeqSlice]) -> torch.Tensor:
+    return torch.tensor([[s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens] for s in seqs])
+
+
+def loop_attention(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, seqs: list[SeqSlice], window: AttentionWindow | None = None
+) -> torch.Tensor:
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2])
+    for seq in seqs:
+        rows = window.kv_rows(seq) if window else [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)]
+        seq_k_t = torch.cat([k_t[:, :, r] for r in rows], dim=2)
+        seq_v = torch.cat([v[:, r] for r in rows], dim=1)
+        mask = causal_mask(seq, GROUPS, torch.float32, torch.device("cpu"))
+        q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
+        attend(q[q_rows], seq_k_t, seq_v, mask, out[q_rows])
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_mixed_step_matches_the_per_sequence_loop(kernel: object, head_dim: int) -> None:
+    """Decodes, verifications of 1-8 drafts and lengths that are and are not multiples of the
+    kernel's 16-key vectors, from 1 key to several blocks of keys."""
+    k_t, v = cache(head_dim)
+    seqs = ragged([1, 1, 5, 9, 1, 2, 1], [1, 17, 150, 1023, 2500, 64, 3000])
+    q = torch.randn(seqs[-1].query_start + 1, NUM_KV_HEADS * GROUPS, head_dim) * head_dim**-0.5
+    got = torch.ops.goodspeed.ragged_attention(q, k_t, v, seq_rows(seqs), 0, 0)
+    torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_reads_the_sinks_and_recent_keys_in_place(kernel: object) -> None:
+    k_t, v = cache(64, seed=1)
+    window = AttentionWindow(num_sink_tokens=4, num_recent_tokens=60)
+    seqs = ragged([1, 1, 1], [30, 64, 700])  # shorter than the window, exactly it, longer
+    q = torch.randn(3, NUM_KV_HEADS * GROUPS, 64) * 0.125
+    got = torch.ops.goodspeed.ragged_attention(q, k_t, v, seq_rows(seqs), 4, 60)
+    torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv", [16, 300, 4097])
+def test_a_token_attends_bit_identically_alone_and_among_drafts(kernel: object, num_kv: int) -> None:
+    """Plain decoding attends token t over keys 0..t; verification attends the same token as one
+    of 1 + k query tokens over more keys, masked. In float32 the outputs must be equal, bit for
+    bit, so greedy speculation reproduces plain decoding."""
+    k_t, v = cache(64, seed=2)
+    num_drafts = 4
+    q_verify = torch.randn(1 + num_drafts, NUM_KV_HEADS * GROUPS, 64) * 0.125
+    verified = torch.ops.goodspeed.ragged_attention(
+        q_verify, k_t, v, seq_rows(ragged([1 + num_drafts], [num_kv + num_drafts])), 0, 0
+    )
+    for i in range(1 + num_drafts):  # token i of the verification is the decode over num_kv + i keys
+        alone = torch.ops.goodspeed.ragged_attention(
+            q_verify[i : i + 1].contiguous(), k_t, v, seq_rows(ragged([1], [num_kv + i])), 0, 0
+        )
+        assert torch.equal(alone[0], verified[i]), f"query token {i} differs"
