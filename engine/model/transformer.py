@@ -207,10 +207,10 @@ class Transformer:
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
-        kernel_seqs, looped = self._split(batch, kv_cache)
-        masks = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped]
+        kernel_seqs, looped_seqs = self._split(batch, kv_cache)
+        looped = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped_seqs]
         for layer_idx, layer in enumerate(w.layers):
-            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, kernel_seqs, masks)
+            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, kernel_seqs, looped)
             h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)

@@ -19,8 +19,6 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;   // partial sums of the softmax denominator, combined in a fixed order
-
 typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one cache line, one AVX-512 register
 constexpr int64_t kWidth = 16;
 constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in registers
@@ -190,16 +188,22 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
   std::vector<float> inv_sum(rows);
   for (int64_t r = 0; r < rows; ++r) {
     float* s = s_rows[r];
+    const int64_t vector_end = visible[r] / kWidth * kWidth;
+    Lanes peaks = Lanes{} - std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < vector_end; j += kWidth) {
+      const Lanes x = load(s + j);
+      peaks = x > peaks ? x : peaks;
+    }
     float peak = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < visible[r]; ++j) peak = std::max(peak, s[j]);
+    for (int64_t l = 0; l < kWidth; ++l) peak = std::max(peak, peaks[l]);
+    for (int64_t j = vector_end; j < visible[r]; ++j) peak = std::max(peak, s[j]);
     for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, exp_nonpositive(load(s + j) - peak));
-    float lanes[kLanes] = {0.0f};
-    int64_t j = 0;
-    for (; j + kLanes <= visible[r]; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += s[j + l];
+    // the denominator: 16 partial sums, then the tail, in a fixed order for a given length
+    Lanes sums = {};
+    for (int64_t j = 0; j < vector_end; j += kWidth) sums += load(s + j);
     float total = 0.0f;
-    for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-    for (; j < visible[r]; ++j) total += s[j];
+    for (int64_t l = 0; l < kWidth; ++l) total += sums[l];
+    for (int64_t j = vector_end; j < visible[r]; ++j) total += s[j];
     inv_sum[r] = 1.0f / total;
   }
 
