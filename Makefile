@@ -12,6 +12,8 @@ setup:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)")
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the CPU attention kernel, compiled for this machine now rather than at the first start (~10 s)
+	$(BIN)/python -c "from engine.model.cpu_attention import ragged_attention; ragged_attention()"
 
 serve:
 	$(BIN)/goodspeed serve

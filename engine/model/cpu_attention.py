@@ -14,9 +14,9 @@ a 512-token window of 7,680, and 0.9x at batch 8 over 7,680 (where both are boun
 One code path for decoding and verification also makes a decoded token's attention bit-identical
 to the same token's when verified (see the source).
 
-It is compiled on first use, for the CPU at hand (-march=native), with torch's extension builder,
-and cached under ~/.cache/torch_extensions per CPU model and flags (about 10 s, once). Without a
-C++ compiler, or on CUDA, everything runs the loop.
+It is compiled for the CPU at hand (-march=native) with torch's extension builder by `make setup`,
+or else on first use, and cached under ~/.cache/torch_extensions per CPU model and flags (about
+10 s, once). Without a C++ compiler, or on CUDA, everything runs the loop.
 """
 
 from __future__ import annotations
