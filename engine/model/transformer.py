@@ -178,6 +178,28 @@ def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     out.copy_(o.view(num_kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim))
 
 
+def attend_each(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqs: list[tuple[SeqSlice, torch.Tensor | None]],
+    window: AttentionWindow | None,
+    out: torch.Tensor,
+) -> None:
+    """Attention one sequence at a time (`attend`), for the sequences the CPU kernel does not take
+    and wherever it is not built. q: [T, H, D]; k_cache, v_cache: one layer's [Hkv, capacity, D]
+    views; seqs: each with its causal mask; writes their rows of out [T, H * D]."""
+    for seq, mask in seqs:
+        q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
+        kv_rows = [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)] if window is None else window.kv_rows(seq)
+        if len(kv_rows) == 1:
+            k_t, v = k_cache[:, kv_rows[0]].transpose(1, 2), v_cache[:, kv_rows[0]]
+        else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
+            k_t = torch.cat([k_cache[:, rows].transpose(1, 2) for rows in kv_rows], dim=2)
+            v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
+        attend(q[q_rows], k_t, v, mask, out[q_rows])
+
+
 class Transformer:
     """Stateless apart from its weights: the KV cache is passed in by the caller."""
 
@@ -222,15 +244,11 @@ class Transformer:
         if self.kernel is None or kv_cache.dtype != torch.float32:
             return None, batch.seqs
         window = batch.window
-        chosen = [
-            (s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens)
-            for s in batch.seqs
-            if s.num_query_tokens <= MAX_QUERY_TOKENS
-        ]
-        if not chosen:
+        taken = [s for s in batch.seqs if s.num_query_tokens <= MAX_QUERY_TOKENS]
+        if not taken:
             return None, batch.seqs
         sinks, recent = (window.num_sink_tokens, window.num_recent_tokens) if window else (0, 0)
-        seqs = torch.tensor(chosen, dtype=torch.long)
+        seqs = torch.tensor([(s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens) for s in taken])
         return KernelSeqs(seqs, sinks, recent), [s for s in batch.seqs if s.num_query_tokens > MAX_QUERY_TOKENS]
 
     def _attention(
@@ -267,16 +285,5 @@ class Transformer:
             )
         else:
             attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
-        for seq, mask in looped:
-            q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
-            if batch.window is None:
-                kv_rows = [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)]
-            else:
-                kv_rows = batch.window.kv_rows(seq)
-            if len(kv_rows) == 1:
-                k_t, v = k_cache[:, kv_rows[0]].transpose(1, 2), v_cache[:, kv_rows[0]]
-            else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
-                k_t = torch.cat([k_cache[:, rows].transpose(1, 2) for rows in kv_rows], dim=2)
-                v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
-            attend(q[q_rows], k_t, v, mask, attn[q_rows])
+        attend_each(q, k_cache, v_cache, looped, batch.window, attn)
         return layer.o_proj(attn.to(x.dtype))

@@ -145,10 +145,28 @@ void values(const float* const* p_rows, int64_t rows, const int64_t* visible, co
   }
 }
 
+// A thread's buffers, sized for the largest item it has seen: no allocation per item and layer.
+struct Workspace {
+  std::vector<float> scores, inv_sum;
+  std::vector<const float*> q_rows;
+  std::vector<float*> s_rows, s_at, o_rows;
+  std::vector<int64_t> visible;
+
+  void fit(int64_t rows, int64_t row_stride) {
+    scores.resize(rows * row_stride);  // every score read is written first; the padding is never summed
+    inv_sum.resize(rows);
+    q_rows.resize(rows);
+    s_rows.resize(rows);
+    s_at.resize(rows);
+    o_rows.resize(rows);
+    visible.resize(rows);
+  }
+};
+
 // One sequence and one KV head: its n query tokens x G heads as R = n * G rows.
 void attend_one(const float* q, const float* k_t, const float* v, float* out, int64_t n, int64_t groups,
                 int64_t num_heads, int64_t head_dim, int64_t capacity, int64_t kv_head, int64_t query_start,
-                int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, std::vector<float>& scores) {
+                int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, Workspace& work) {
   // The keys it attends to, as up to two runs of cache positions: all of them, or a window's
   // sinks and recent tokens (one query token per sequence then).
   int64_t run_start[2] = {0, 0}, run_len[2] = {num_kv, 0};
@@ -162,15 +180,16 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
   // Rows of scores: whole vectors (exp runs on them), one vector more so that rows do not start a
   // multiple of 4 KB apart (a few such rows would evict each other from L1).
   const int64_t row_stride = (num_keys + kWidth - 1) / kWidth * kWidth + kWidth;
-  scores.assign(rows * row_stride, 0.0f);
-  std::vector<const float*> q_rows(rows), v_runs(2);
-  std::vector<float*> s_rows(rows), o_rows(rows);
-  std::vector<int64_t> visible(rows);
+  work.fit(rows, row_stride);
+  auto& q_rows = work.q_rows;
+  auto& visible = work.visible;
+  auto &s_rows = work.s_rows, &s_at = work.s_at, &o_rows = work.o_rows;
+  const float* v_runs[2];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = query_start + r / groups, head = kv_head * groups + r % groups;
     q_rows[r] = q + (token * num_heads + head) * head_dim;
     o_rows[r] = out + (token * num_heads + head) * head_dim;
-    s_rows[r] = scores.data() + r * row_stride;
+    s_rows[r] = work.scores.data() + r * row_stride;
     visible[r] = num_keys - (n - 1 - r / groups);  // query token i sees all but the n - 1 - i after it
   }
   const float* k_head = k_t + kv_head * head_dim * capacity + kv_start;
@@ -179,13 +198,12 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
   int64_t offset = 0;
   for (int run = 0; run < 2; ++run) {
     if (run_len[run] == 0) continue;
-    std::vector<float*> s_at(rows);
     for (int64_t r = 0; r < rows; ++r) s_at[r] = s_rows[r] + offset;
     score_run(q_rows.data(), rows, k_head + run_start[run], capacity, head_dim, run_len[run], s_at.data());
     offset += run_len[run];
   }
 
-  std::vector<float> inv_sum(rows);
+  auto& inv_sum = work.inv_sum;
   for (int64_t r = 0; r < rows; ++r) {
     float* s = s_rows[r];
     const int64_t vector_end = visible[r] / kWidth * kWidth;
@@ -208,8 +226,8 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
   }
 
   const float* const* p_rows = const_cast<const float* const*>(s_rows.data());
-  if (head_dim == 64) values<4>(p_rows, rows, visible.data(), v_runs.data(), run_len, o_rows.data());
-  else values<8>(p_rows, rows, visible.data(), v_runs.data(), run_len, o_rows.data());
+  if (head_dim == 64) values<4>(p_rows, rows, visible.data(), v_runs, run_len, o_rows.data());
+  else values<8>(p_rows, rows, visible.data(), v_runs, run_len, o_rows.data());
   for (int64_t r2 = 0; r2 < rows; ++r2)
     for (int64_t d = 0; d < head_dim; ++d) o_rows[r2][d] *= inv_sum[r2];
 }
@@ -230,11 +248,11 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
   const float *q_data = q.data_ptr<float>(), *k_data = k_t.data_ptr<float>(), *v_data = v.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    Workspace work;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t* seq = info + (item / num_kv_heads) * 4;
       attend_one(q_data, k_data, v_data, out_data, seq[1], groups, num_heads, head_dim, capacity,
-                 item % num_kv_heads, seq[0], seq[2], seq[3], num_sink, num_recent, scores);
+                 item % num_kv_heads, seq[0], seq[2], seq[3], num_sink, num_recent, work);
     }
   });
   return out;
