@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.model.linear import Linear, dense_is_faster_at_one_row, prepack_works
+from engine.model.linear import Linear, fastest_single_row_form, prepack_works, single_row_forms
 from engine.model.spec import ModelSpec
 
 
@@ -43,24 +43,19 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
-    # Products in other dtypes than float32 are repacked on every F.linear call, so only float32
-    # may keep the plain form for single rows. lm_head, the largest product, stands for all: the
-    # packed form's advantage at one row is a property of the machine's kernels.
-    lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, keep_dense=True)
-    keep_dense = not prepack or (dtype == torch.float32 and dense_is_faster_at_one_row(lm_head))
-    if not keep_dense:
-        lm_head.drop_dense()
-    # The two forms round differently in float32: say which one this load took.
-    if not prepack:
-        forms = "plain (no prepacked kernels)"
-    else:
-        forms = "plain for single rows, prepacked for more" if keep_dense else "prepacked for all rows"
-    logging.getLogger("goodspeed.engine").info("linear products: %s", forms)
+    # lm_head, the largest product, stands for all: which form is fastest at one row is a property
+    # of the machine's kernels. The forms round differently in float32: the log says which one won.
+    lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, single_row="dense")
+    single_row = fastest_single_row_form(lm_head, single_row_forms(dtype, device, prepack))
+    lm_head.use_single_row(single_row)
+    logging.getLogger("goodspeed.engine").info(
+        "linear products: %s for single rows, %s for more", single_row, "packed" if prepack else "dense"
+    )
 
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))
         bias = take(torch.cat([p.bias for p in bias_parts])) if bias_parts else None
-        return Linear(weight, bias, prepack, keep_dense)
+        return Linear(weight, bias, prepack, single_row)
 
     body = hf_model.model
     layers = []
