@@ -1,7 +1,7 @@
 """The engine's C++ CPU kernels (csrc/), built as one extension for the CPU at hand.
 
 - `ragged_attention` (cpu_attention.py): one attention call per layer for a step's short sequences.
-- `row_linear` (linear.py): a single row's matrix product, at the memory's speed.
+- `few_rows_linear` (linear.py): products of 1 to 9 rows (decoding, verifying), at the memory's speed.
 
 They are compiled with -march=native by torch's extension builder: by `make setup`, or else on
 first use (about 15 s, once), and cached under ~/.cache/torch_extensions per CPU model and flags.

@@ -1,24 +1,24 @@
-"""Linear layers, with weights prepacked for oneDNN on the CPU, and a kernel of our own for a
-single row.
+"""Linear layers: a kernel of our own for a few rows, oneDNN's prepacked product for more.
 
-On a CPU, `F.linear` repacks a bfloat16 weight on every call, and float32 products of a few rows
-run at a fraction of the machine's speed. For the skinny products of verification and batched
-decoding (2 to 17 rows) a prepacked weight fixes both: bfloat16 at one row gets about 1.5x faster,
-and float32 with 9 rows costs about 1.3x one row instead of 2.3x. That is what makes verifying k
-draft tokens cheap enough to pay off.
+Decoding and verifying multiply a few rows (1 to 17 at batch 1, one per sequence in a batch) by
+every weight, so a step is bound by reading the weights once. On the CPUs measured, MKL's plain
+product (`F.linear`) reads them at a third of the memory's speed and repacks a bfloat16 weight on
+every call, and oneDNN's prepacked one at a half to two thirds. The engine's own kernel
+(csrc/cpu_linear.cpp), over the weight stored in blocks of 64 outputs, reads it at about the
+memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and from 1 to 5 in
+bfloat16, where oneDNN's bfloat16 dot products win beyond. The CPU decides, so the loader times
+the two on the output layer, the largest product, at 1, 2, 4 and 9 rows (`kernel_row_limit`) and
+gives the kernel every count up to the last one it wins without a break.
 
-A single row (a batch-1 decode step) is a matrix-vector product, bound by reading the weight.
-There the engine's own kernel (csrc/cpu_linear.cpp) streams each weight row in order and reached
-1.2-1.8x oneDNN's packed product and 1.5-3x MKL's plain one on an AMD EPYC (float32 and bfloat16,
-the default model's shapes). Which form is fastest at one row depends on the CPU, so the loader
-times the three once (`fastest_single_row_form`) and keeps what it needs for the winner.
+The kernel computes each row the same way however many rows come with it, so a decoded token's
+products are bit-identical to the same token's when verified, as long as both are within the limit.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,65 +27,70 @@ from engine.model.cpu_kernels import cpu_kernels_built
 
 # The number of rows oneDNN picks its packed layout for; the layout serves other row counts too.
 PACK_FOR_NUM_ROWS = 16
+BLOCK = 64  # outputs per block of the kernel's weight layout
+# Up to 9: verifying 8 drafts (the default most) at batch 1. Beyond that oneDNN was as fast or
+# faster in a whole batch-16 step, where the kernel merely tied it on one layer.
+TIMED_ROW_COUNTS = (1, 2, 4, 9)
 
-SingleRowForm = Literal["kernel", "dense", "packed"]
-RowProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+FewRowsProduct = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 
 
-def row_linear() -> RowProduct | None:
-    """The single-row kernel (torch.ops.goodspeed.row_linear), or None where it cannot be built."""
+def few_rows_linear() -> FewRowsProduct | None:
+    """The kernel (torch.ops.goodspeed.few_rows_linear), or None where it cannot be built."""
     if not cpu_kernels_built():
         return None
-    kernel: RowProduct = torch.ops.goodspeed.row_linear
+    kernel: FewRowsProduct = torch.ops.goodspeed.few_rows_linear
     return kernel
+
+
+def weight_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 64), K, 64], the kernel's layout (the last block padded with zeros)."""
+    num_out, num_in = weight.shape
+    padded = F.pad(weight, (0, 0, 0, -num_out % BLOCK))
+    return padded.view(-1, BLOCK, num_in).transpose(1, 2).contiguous()
+
+
+def kernel_fits(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and few_rows_linear() is not None
 
 
 class Linear:
     """y = x @ weight.T + bias over [T, in] -> [T, out]."""
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        prepack: bool = False,
-        single_row: SingleRowForm = "dense",
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False, max_kernel_rows: int = 0
     ) -> None:
-        # weight: [out, in]; bias: [out] or None. single_row: the form for one row (the packed
-        # one needs prepack); the plain weight is kept unless it is "packed".
+        # weight: [out, in]; bias: [out] or None. max_kernel_rows: products of up to this many
+        # rows run in the kernel (0: none); the rest in the prepacked form, or F.linear without one.
         self.bias = bias
-        self.packed: torch.Tensor | None = None
-        self.dense: torch.Tensor | None = weight
-        self.row_product: RowProduct | None = None
-        if prepack:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_NUM_ROWS)
-        self.use_single_row(single_row)
-
-    def use_single_row(self, form: SingleRowForm) -> None:
-        """Products of one row run in this form from now on; "packed" drops the plain weight."""
-        if form == "packed":
-            if self.packed is None:
-                raise ValueError("this layer has no prepacked form")
-            self.dense = None
-        elif self.dense is None:
-            raise ValueError("this layer no longer holds the plain weight")
-        self.row_product = row_linear() if form == "kernel" else None
-        if form == "kernel" and self.row_product is None:
+        self.num_out = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_NUM_ROWS) if prepack else None
+        self.dense = None if prepack else weight
+        self.kernel = few_rows_linear() if max_kernel_rows else None
+        if max_kernel_rows and self.kernel is None:
             raise ValueError("the CPU kernels are not built here")
-        self.single_row = form
+        self.blocks = weight_blocks(weight) if max_kernel_rows else None
+        self.max_kernel_rows = max_kernel_rows
+
+    def limit_kernel_rows(self, max_rows: int) -> None:
+        """Lowers the kernel's row limit (0 frees its copy of the weight)."""
+        self.max_kernel_rows = min(self.max_kernel_rows, max_rows)
+        if not self.max_kernel_rows:
+            self.kernel = self.blocks = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and (self.single_row == "packed" or x.shape[0] > 1):
-            return self.packed_product(x)
-        assert self.dense is not None  # kept for every form but "packed"
-        if x.shape[0] == 1 and self.row_product is not None:
-            return self.row_product(x, self.dense, self.bias)
-        return F.linear(x, self.dense, self.bias)
+        if x.shape[0] <= self.max_kernel_rows:
+            assert self.kernel is not None and self.blocks is not None  # there while max_kernel_rows > 0
+            return self.kernel(x, self.blocks, self.num_out, self.bias)
+        return self.fallback(x)
 
-    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            raise ValueError("this layer has no prepacked form")
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return out
+    def fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """The product without the kernel: oneDNN's prepacked one, or F.linear without it."""
+        if self.packed is not None:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return out
+        assert self.dense is not None  # kept when there is no packed form
+        return F.linear(x, self.dense, self.bias)
 
 
 def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
@@ -101,40 +106,33 @@ def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
     return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
 
 
-def single_row_forms(dtype: torch.dtype, device: torch.device, prepack: bool) -> list[SingleRowForm]:
-    """The forms worth timing for one row: F.linear repacks a bfloat16 weight on every call."""
-    forms: list[SingleRowForm] = []
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and row_linear() is not None:
-        forms.append("kernel")
-    if dtype == torch.float32 or not prepack:
-        forms.append("dense")
-    if prepack:
-        forms.append("packed")
-    return forms
-
-
-def fastest_single_row_form(layer: Linear, forms: Sequence[SingleRowForm], repeats: int = 9) -> SingleRowForm:
-    """Times one row (a decode step's shape) through each form of a layer that holds the plain
-    weight (and the packed one, if "packed" is among the forms); the fastest by median."""
-    weight = layer.dense
-    if weight is None:
-        raise ValueError("fastest_single_row_form needs a layer that holds the plain weight")
-    x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    products: dict[SingleRowForm, Callable[[], torch.Tensor]] = {
-        "kernel": lambda: torch.ops.goodspeed.row_linear(x, weight, layer.bias),
-        "dense": lambda: F.linear(x, weight, layer.bias),
-        "packed": lambda: layer.packed_product(x),
-    }
-
-    if len(forms) == 1:
-        return forms[0]
-    times: dict[SingleRowForm, list[float]] = {form: [] for form in forms}
+def kernel_row_limit(layer: Linear, repeats: int = 9) -> int:
+    """Times the layer's kernel against its fallback at each of TIMED_ROW_COUNTS rows: the largest
+    count up to which the kernel was never slower (0 if it lost at one row)."""
+    if layer.kernel is None or layer.blocks is None:
+        raise ValueError("kernel_row_limit needs a layer built with max_kernel_rows > 0")
+    kernel, blocks = layer.kernel, layer.blocks
+    generator = torch.Generator().manual_seed(0)
+    limit = 0
     with torch.inference_mode():
-        for form in forms:
-            products[form]()  # warm-up
-        for _ in range(repeats):  # taking turns, so a slow spell of the machine hits every form
-            for form in forms:
-                started = time.perf_counter()
-                products[form]()
-                times[form].append(time.perf_counter() - started)
-    return min(forms, key=lambda form: sorted(times[form])[repeats // 2])
+        for num_rows in TIMED_ROW_COUNTS:
+            x = torch.randn(num_rows, blocks.shape[1], generator=generator).to(blocks.dtype)
+            in_kernel = functools.partial(kernel, x, blocks, layer.num_out, layer.bias)
+            kernel_s, fallback_s = median_times([in_kernel, functools.partial(layer.fallback, x)], repeats)
+            if kernel_s > fallback_s:
+                break
+            limit = num_rows
+    return limit
+
+
+def median_times(products: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:
+    """Each product's median time, the products taking turns (a slow spell of the machine hits all)."""
+    for product in products:
+        product()  # warm-up
+    times: list[list[float]] = [[] for _ in products]
+    for _ in range(repeats):
+        for product, seconds in zip(products, times, strict=True):
+            started = time.perf_counter()
+            product()
+            seconds.append(time.perf_counter() - started)
+    return [sorted(seconds)[repeats // 2] for seconds in times]

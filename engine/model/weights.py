@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.model.linear import Linear, fastest_single_row_form, prepack_works, single_row_forms
+from engine.model.linear import TIMED_ROW_COUNTS, Linear, kernel_fits, kernel_row_limit, prepack_works
 from engine.model.spec import ModelSpec
 
 
@@ -43,19 +43,21 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
-    # lm_head, the largest product, stands for all: which form is fastest at one row is a property
-    # of the machine's kernels. The forms round differently in float32: the log says which one won.
-    lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, single_row="dense")
-    single_row = fastest_single_row_form(lm_head, single_row_forms(dtype, device, prepack))
-    lm_head.use_single_row(single_row)
+    # lm_head, the largest product, stands for all: up to how many rows our kernel beats oneDNN is
+    # a property of the machine. Products of different kernels round differently: the log says.
+    max_rows = max(TIMED_ROW_COUNTS) if kernel_fits(dtype, device) else 0
+    lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, max_rows)
+    if max_rows:
+        lm_head.limit_kernel_rows(kernel_row_limit(lm_head))
+    max_rows = lm_head.max_kernel_rows
     logging.getLogger("goodspeed.engine").info(
-        "linear products: %s for single rows, %s for more", single_row, "packed" if prepack else "dense"
+        "linear products: our kernel up to %d rows, %s beyond", max_rows, "oneDNN" if prepack else "F.linear"
     )
 
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))
         bias = take(torch.cat([p.bias for p in bias_parts])) if bias_parts else None
-        return Linear(weight, bias, prepack, single_row)
+        return Linear(weight, bias, prepack, max_rows)
 
     body = hf_model.model
     layers = []

@@ -1,12 +1,15 @@
 // y = x @ w.T (+ bias) for a few rows of x, on the CPU, float32 or bfloat16 weights
 // (engine/model/linear.py says when it is used and why).
 //
-// A decode step's products are matrix-vector products: bound by reading the weight once. This
-// reads each weight row as one contiguous stream (one row after another through the matrix),
-// which the hardware prefetcher follows at the memory's speed; MKL's and oneDNN's single-row
-// products reach about half of it on the CPUs measured. Every output is computed the same way
-// whatever the number of rows: four partial sums over K, lane by lane in order, added in a fixed
-// tree, then the tail of K, then the bias.
+// Decoding and verifying multiply a few rows by each weight: the product is bound by reading the
+// weight once. The weight is stored in blocks of 64 outputs, [ceil(N / 64), K, 64], so a block is
+// one contiguous stream that the hardware prefetcher follows at the memory's speed. For each k the
+// kernel loads the block's 64 weights (4 vectors) once and multiplies them by x[r, k] broadcast,
+// for up to 6 rows at a time; 24 accumulators stay in registers.
+//
+// Every output is computed the same way whatever the number of rows: one sum over k in order,
+// a fused multiply-add per k, then the bias. So a token decoded alone and the same token verified
+// among drafts get bit-identical products, which keeps greedy speculation exact in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,14 +23,12 @@
 namespace {
 
 typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-typedef float Lanes8 __attribute__((vector_size(32)));
-typedef float Lanes4 __attribute__((vector_size(16)));
 typedef uint16_t HalfLanes __attribute__((vector_size(32)));
 typedef uint32_t WordLanes __attribute__((vector_size(64)));
 constexpr int64_t kWidth = 16;
-constexpr int kParts = 4;     // partial sums per output: independent chains for the FMA units
-constexpr int kMaxRows = 4;   // rows of x per pass over a weight row (their accumulators fill the registers)
-constexpr int64_t kGrain = 64;  // weight rows per parallel task
+constexpr int64_t kBlock = 64;  // outputs per block: 4 vectors
+constexpr int kVectors = kBlock / kWidth;
+constexpr int kMaxRows = 6;  // rows of x per pass over a block: 6 x 4 accumulators
 
 inline Lanes load(const float* p) {
   Lanes x;
@@ -40,86 +41,85 @@ inline Lanes load(const c10::BFloat16* p) {
   std::memcpy(&half, p, sizeof(half));
   return reinterpret_cast<Lanes>(__builtin_convertvector(half, WordLanes) << 16);
 }
+inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
-inline float sum_lanes(Lanes v) {
-  const Lanes8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Lanes4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
-
-// out[r] = x_r . w for R rows of x (float32, K apart) and one weight row.
+// out[r, 0..64) = x_r . block for R rows of x (float32, K apart) and one block [K, 64].
 template <int R, typename W>
-void dot_rows(const float* x, int64_t K, const W* w, float* out) {
-  Lanes acc[R][kParts] = {};
-  int64_t k = 0;
-  for (; k + kParts * kWidth <= K; k += kParts * kWidth) {
-    Lanes wv[kParts];
-    for (int p = 0; p < kParts; ++p) wv[p] = load(w + k + p * kWidth);
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < kParts; ++p) acc[r][p] += load(x + r * K + k + p * kWidth) * wv[p];
+void block_rows(const float* x, int64_t K, const W* block, float* out) {
+  Lanes acc[R][kVectors] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    Lanes w[kVectors];
+    for (int v = 0; v < kVectors; ++v) w[v] = load(block + k * kBlock + v * kWidth);
+    for (int r = 0; r < R; ++r) {
+      const float xk = x[r * K + k];
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += xk * w[v];
+    }
   }
-  for (int p = 0; k + kWidth <= K; k += kWidth, ++p) {
-    const Lanes wv = load(w + k);
-    for (int r = 0; r < R; ++r) acc[r][p] += load(x + r * K + k) * wv;
-  }
-  for (int r = 0; r < R; ++r) {
-    float sum = sum_lanes((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
-    for (int64_t t = k; t < K; ++t) sum += x[r * K + t] * static_cast<float>(w[t]);
-    out[r] = sum;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVectors; ++v) store(out + r * kBlock + v * kWidth, acc[r][v]);
 }
 
 template <typename W>
-void dot_rows(int num_rows, const float* x, int64_t K, const W* w, float* out) {
+void block_rows(int num_rows, const float* x, int64_t K, const W* block, float* out) {
   switch (num_rows) {
-    case 1: return dot_rows<1>(x, K, w, out);
-    case 2: return dot_rows<2>(x, K, w, out);
-    case 3: return dot_rows<3>(x, K, w, out);
-    default: return dot_rows<4>(x, K, w, out);
+    case 1: return block_rows<1>(x, K, block, out);
+    case 2: return block_rows<2>(x, K, block, out);
+    case 3: return block_rows<3>(x, K, block, out);
+    case 4: return block_rows<4>(x, K, block, out);
+    case 5: return block_rows<5>(x, K, block, out);
+    default: return block_rows<6>(x, K, block, out);
   }
 }
 
 template <typename T>
-void row_linear(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
-  std::vector<float> xf(x, x + M * K);  // float32 rows, read once per weight row
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    float out[kMaxRows];
-    for (int64_t n = begin; n < end; ++n) {
-      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
+void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+  const std::vector<float> xf(x, x + M * K);  // float32 rows, read from cache for every block
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows * kBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * kBlock, num_out = std::min(kBlock, N - first);
       for (int64_t m = 0; m < M; m += kMaxRows) {
         const int num_rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
-        dot_rows(num_rows, xf.data() + m * K, K, w + n * K, out);
-        for (int r = 0; r < num_rows; ++r) y[(m + r) * N + n] = static_cast<T>(out[r] + b);
+        block_rows(num_rows, xf.data() + m * K, K, blocks + b * K * kBlock, out);
+        for (int r = 0; r < num_rows; ++r)
+          for (int64_t j = 0; j < num_out; ++j) {
+            const float sum = out[r * kBlock + j];
+            y[(m + r) * N + first + j] = static_cast<T>(bias ? sum + static_cast<float>(bias[first + j]) : sum);
+          }
       }
     }
   });
 }
 
-at::Tensor row_linear_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "row_linear: x [M, K] and w [N, K]");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "row_linear: x and w of one dtype");
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+at::Tensor few_rows_linear_op(const at::Tensor& x, const at::Tensor& blocks, int64_t num_out,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && blocks.dim() == 3 && blocks.size(2) == kBlock && x.size(1) == blocks.size(1),
+              "few_rows_linear: x [M, K] and blocks [ceil(N / 64), K, 64]");
+  TORCH_CHECK(num_out > 0 && (num_out + kBlock - 1) / kBlock == blocks.size(0), "few_rows_linear: N fits the blocks");
+  TORCH_CHECK(x.scalar_type() == blocks.scalar_type(), "few_rows_linear: x and the weight of one dtype");
+  const at::Tensor xc = x.contiguous(), wc = blocks.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(!bc.defined() || (bc.numel() == w.size(0) && bc.scalar_type() == w.scalar_type()),
-              "row_linear: bias [N] of w's dtype");
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  TORCH_CHECK(!bc.defined() || (bc.numel() == num_out && bc.scalar_type() == x.scalar_type()),
+              "few_rows_linear: bias [N] of the weight's dtype");
+  const int64_t M = xc.size(0), K = xc.size(1);
+  at::Tensor y = at::empty({M, num_out}, x.options());
   if (x.scalar_type() == at::kFloat) {
-    row_linear(xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
-               y.data_ptr<float>(), M, K, N);
+    few_rows_linear(xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
+                    y.data_ptr<float>(), M, K, num_out);
   } else if (x.scalar_type() == at::kBFloat16) {
     using BF16 = c10::BFloat16;
-    row_linear(xc.data_ptr<BF16>(), wc.data_ptr<BF16>(), bc.defined() ? bc.data_ptr<BF16>() : nullptr,
-               y.data_ptr<BF16>(), M, K, N);
+    few_rows_linear(xc.data_ptr<BF16>(), wc.data_ptr<BF16>(), bc.defined() ? bc.data_ptr<BF16>() : nullptr,
+                    y.data_ptr<BF16>(), M, K, num_out);
   } else {
-    TORCH_CHECK(false, "row_linear: float32 or bfloat16, not ", x.scalar_type());
+    TORCH_CHECK(false, "few_rows_linear: float32 or bfloat16, not ", x.scalar_type());
   }
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(goodspeed, m) { m.def("row_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(goodspeed, m) {
+  m.def("few_rows_linear(Tensor x, Tensor blocks, int num_out, Tensor? bias) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("row_linear", &row_linear_op); }
+TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("few_rows_linear", &few_rows_linear_op); }
