@@ -128,6 +128,11 @@ class RequestOutput(_Wire, frozen=True):
     offers: list[Offer] = []
 
 
+# Sequences of up to this many query tokens (decoding, verifying) attend in one kernel call per
+# layer on the CPU; longer ones (prefill chunks) one at a time, at several times the cost per pair.
+MAX_SHORT_QUERY_TOKENS = 16
+
+
 class BatchShape(_Wire, frozen=True):
     """What a forward pass's time depends on; the control plane fits its step-cost model on it."""
 
@@ -135,7 +140,9 @@ class BatchShape(_Wire, frozen=True):
     num_seqs: int = 0
     num_context_tokens: int = 0  # KV tokens attended to, summed over sequences, the step's own included
     num_multi_token_seqs: int = 0  # sequences with more than one query token (verifying or prefilling)
-    num_attention_pairs: int = 0  # query-key pairs scored: query tokens x KV tokens, summed over sequences
+    # query-key pairs scored (query tokens x KV tokens) by sequences of up to MAX_SHORT_QUERY_TOKENS ...
+    num_attention_pairs: int = 0
+    num_long_query_pairs: int = 0  # ... and by longer ones
 
     @classmethod
     def of(cls, seqs: list[tuple[int, int]]) -> BatchShape:
@@ -145,7 +152,8 @@ class BatchShape(_Wire, frozen=True):
             num_seqs=len(seqs),
             num_context_tokens=sum(kv for _, kv in seqs),
             num_multi_token_seqs=sum(n > 1 for n, _ in seqs),
-            num_attention_pairs=sum(n * kv for n, kv in seqs),
+            num_attention_pairs=sum(n * kv for n, kv in seqs if n <= MAX_SHORT_QUERY_TOKENS),
+            num_long_query_pairs=sum(n * kv for n, kv in seqs if n > MAX_SHORT_QUERY_TOKENS),
         )
 
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.model.cpu_kernels import cpu_kernels_built
+from engine.protocol import MAX_SHORT_QUERY_TOKENS
 
-MAX_QUERY_TOKENS = 16
+MAX_QUERY_TOKENS = MAX_SHORT_QUERY_TOKENS
 HEAD_DIMS = (64, 128)  # the kernel's register tiles are written for these
 
 RaggedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]

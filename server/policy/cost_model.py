@@ -1,11 +1,12 @@
 """How long an engine step takes, as a function of its shape: fitted, not assumed.
 
-T = f(N) + a B + b C / 1000 + v V + p P / 1000
+T = f(N) + a B + b C / 1000 + v V + p P / 1000 + l L / 1000
 
 N: query tokens in the step (1 per plain decode, 1 + k to verify k drafts, prefill chunks);
 B: sequences; C: KV tokens attended, summed over sequences; V: sequences with more than one query
 token (verifying or prefilling: they need a causal mask and reshuffled attention inputs); P:
-query-key pairs scored (query tokens x KV tokens, summed over sequences). f is
+query-key pairs scored (query tokens x KV tokens, summed over sequences) by sequences of up to 16
+query tokens (decoding, verifying); L: the same for longer ones (prefill chunks). f is
 piecewise linear in N with knots at 1, 2, 4, ..., 64 (a "ramp" feature per segment) and linear
 beyond: the cost of a matrix product is flat while it is memory-bound and grows once it is
 compute-bound, and kernels change with the row count, so f is left free apart from being
@@ -16,6 +17,12 @@ tokens), a model in N, B and C alone priced a plain decode step of 16 sequences 
 against a measured 74-90, because it had to explain the verification steps' attention with N:
 it made speculation under load look cheaper than it is. With V and P the same fit is within a
 few percent there (mean error 6.5% against 7.2% over all shapes).
+
+Why L apart from P: on the CPU the two attend by different code (one kernel call per layer for
+the short ones, a loop of matrix products for prefill chunks) at different costs per pair. With
+one P, the start-up profile's prefill chunks set its price: at 7,680 tokens of context it
+predicted verifying 4 drafts at batch 1 at 1.70x a plain step, and 8 drafts at 2.47x, against
+1.24x and 1.68x measured, and AUTO drafted short there (1.87x plain against n-gram k = 4's 3.0x).
 
 The model starts from a profile of synthetic steps run at start-up and is refitted online, by
 least squares, on the latest steps.
@@ -48,6 +55,7 @@ FEATURES = (
     "context_ktokens",
     "multi_token_seqs",
     "attention_kpairs",
+    "long_query_kpairs",
 )
 NUM_TOKEN_FEATURES = len(RAMPS) + 1
 # Features whose coefficient may have either sign; the rest are slopes, kept >= 0.
@@ -86,6 +94,7 @@ def other_features(shape: BatchShape) -> list[float]:
         shape.num_context_tokens / 1000,
         shape.num_multi_token_seqs,
         shape.num_attention_pairs / 1000,
+        shape.num_long_query_pairs / 1000,
     ]
 
 
@@ -149,10 +158,14 @@ class StepCostModel:
 
     def refit(self) -> None:
         rows = self.profile + list(self.recent)
-        if len(rows) < len(FEATURES):
+        if not rows:
             return
         x = np.array([r[0] for r in rows])
         y = np.array([r[1] for r in rows])
+        # at least as many rows as features they use (a feature always 0, such as a drafter's
+        # prefill pairs, is left at 0 by the fit)
+        if len(rows) < np.count_nonzero(np.abs(x).sum(axis=0)):
+            return
         self.coef = nonnegative_lstsq(x, y, self._signed)
         self._coef_list = self.coef.tolist()
         self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, self.coef, strict=True)})
@@ -184,7 +197,7 @@ class StepCostModel:
         return times
 
     def draft_costs(self) -> DraftCosts:
-        _, context_ktokens, multi_token_seqs, attention_kpairs = self.coef[1 + NUM_TOKEN_FEATURES :]
+        _, context_ktokens, multi_token_seqs, attention_kpairs, _ = self.coef[1 + NUM_TOKEN_FEATURES :]
         return DraftCosts(float(context_ktokens) / 1000, float(multi_token_seqs), float(attention_kpairs) / 1000)
 
     def coefficients(self) -> Mapping[str, float]:

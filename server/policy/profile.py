@@ -34,7 +34,8 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
     # 512 tokens, so without these the model under-prices verifying and prefilling there (a
     # prefill chunk beside a decode at 8K tokens took longer than its predicted time). Skipped
     # where the KV cache cannot hold them.
-    for num_seqs, num_query in ((1, 1), (4, 1), (1, 4), (1, 64)):
+    # Verifications of several lengths there too: they tell a query-key pair's cost from a KV token's.
+    for num_seqs, num_query in ((1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4), (1, 64)):
         if num_seqs <= max_seqs and (num_query <= max_draft_tokens + 1 or num_query == 64):
             shapes.append(ProfileShape(num_seqs, num_query, LONG_CONTEXT_TOKENS))
     return shapes

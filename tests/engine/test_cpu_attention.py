@@ -3,23 +3,21 @@ greedy speculation exact: a token's attention is the same computed alone or amon
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from engine.model.cpu_attention import RaggedAttention, ragged_attention
 from engine.model.transformer import AttentionWindow, SeqSlice, attend_each, causal_mask
+from tests.engine.cpu_kernels import require_cpu_kernels
 
 NUM_KV_HEADS, GROUPS, CAPACITY = 3, 3, 12_000
 
 
 @pytest.fixture(scope="module")
 def kernel() -> RaggedAttention:
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler here: the engine attends one sequence at a time")
+    require_cpu_kernels()
     built = ragged_attention()
-    assert built is not None, "a C++ compiler is here but the kernel did not build (see the warning logged)"
+    assert built is not None
     return built
 
 

@@ -89,7 +89,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
 
 def step_s(shape: BatchShape) -> float:
     """A step-cost law like a small CPU's: 10 ms a forward, 0.5 ms a token, 2 ms per 1000 query-key pairs."""
-    return 0.010 + 0.0005 * shape.num_tokens + 0.002 * shape.num_attention_pairs / 1000
+    return 0.010 + 0.0005 * shape.num_tokens + 0.002 * (shape.num_attention_pairs + shape.num_long_query_pairs) / 1000
 
 
 def decoding_one_request(max_prefill_slowdown: float, k: int = 3) -> Scheduler:
