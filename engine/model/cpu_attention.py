@@ -6,7 +6,7 @@ at batch 16 over short prompts that is 1,440 operator calls a step, nearly all p
 parallel, reading K as the cache stores it ([Hkv, D, capacity]) and a self-speculation window's
 sinks and recent rows in place (the loop copies them into one block first).
 
-It is used for every sequence of up to MAX_QUERY_TOKENS query tokens (decoding, verification,
+It is used for every sequence of up to MAX_SHORT_QUERY_TOKENS (engine/protocol.py) query tokens (decoding, verification,
 drafting over a window); prefill chunks, matrix products at heart, stay with the loop. Against the
 loop (one layer, 2 threads, AMD EPYC, interleaved scratch timings, the kernel still built without
 OpenMP and so on one thread): 2.3-3.7x at batch 1 and 16 over 150-300 tokens, 1.5-1.9x verifying
@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model.cpu_kernels import cpu_kernels_built
-from engine.protocol import MAX_SHORT_QUERY_TOKENS
 
-MAX_QUERY_TOKENS = MAX_SHORT_QUERY_TOKENS
 HEAD_DIMS = (64, 128)  # the kernel's register tiles are written for these
 
 RaggedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
-from engine.model.cpu_attention import HEAD_DIMS, MAX_QUERY_TOKENS, KernelSeqs, ragged_attention
+from engine.model.cpu_attention import HEAD_DIMS, KernelSeqs, ragged_attention
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
-from engine.protocol import BatchShape
+from engine.protocol import MAX_SHORT_QUERY_TOKENS, BatchShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,12 +244,12 @@ class Transformer:
         if self.kernel is None or kv_cache.dtype != torch.float32:
             return None, batch.seqs
         window = batch.window
-        taken = [s for s in batch.seqs if s.num_query_tokens <= MAX_QUERY_TOKENS]
+        taken = [s for s in batch.seqs if s.num_query_tokens <= MAX_SHORT_QUERY_TOKENS]
         if not taken:
             return None, batch.seqs
         sinks, recent = (window.num_sink_tokens, window.num_recent_tokens) if window else (0, 0)
         seqs = torch.tensor([(s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens) for s in taken])
-        return KernelSeqs(seqs, sinks, recent), [s for s in batch.seqs if s.num_query_tokens > MAX_QUERY_TOKENS]
+        return KernelSeqs(seqs, sinks, recent), [s for s in batch.seqs if s.num_query_tokens > MAX_SHORT_QUERY_TOKENS]
 
     def _attention(
         self,
