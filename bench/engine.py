@@ -172,6 +172,29 @@ def divergence_margins(
     ]
 
 
+def summarize(stats: dict[str, VariantStats], roofline: float) -> dict[str, dict[str, Any]]:
+    """Each variant's figures, with its speedup over ours plain and its share of the roofline."""
+    plain_tps = stats["ours plain"].tokens_per_s
+    return {
+        name: {
+            **s.summary(),
+            "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3),
+            "fraction_of_roofline": round(s.tokens_per_s / roofline, 3),
+        }
+        for name, s in stats.items()
+    }
+
+
+def versus_transformers(hf: HFProcess, prompts: list[list[int]], stats: dict[str, VariantStats]) -> dict[str, Any]:
+    """How many of ours plain outputs differ from transformers' plain ones, and the logit margins
+    where they part."""
+    ours, theirs = stats["ours plain"].outputs, stats["transformers plain"].outputs
+    return {
+        "diverged_from_transformers_plain": sum(a != b for a, b in zip(ours, theirs, strict=True)),
+        "transformers_divergence_logit_margins": [round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)],
+    }
+
+
 def common_prefix(a: list[int], b: list[int]) -> list[int]:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -342,21 +365,9 @@ def measure(
         prompts = [item.token_ids(tokenizer) for item in items]
         stats = batch_one(servers, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
         plain_tps = stats["ours plain"].tokens_per_s
-        report["batch_one"][workload] = {
-            name: {
-                **s.summary(),
-                "speedup_vs_ours_plain": round(s.tokens_per_s / plain_tps, 3),
-                "fraction_of_roofline": round(s.tokens_per_s / roofline, 3),
-            }
-            for name, s in stats.items()
-        }
+        report["batch_one"][workload] = summarize(stats, roofline)
         if hf is not None:
-            ours, theirs = stats["ours plain"].outputs, stats["transformers plain"].outputs
-            row = report["batch_one"][workload]["ours plain"]
-            row["diverged_from_transformers_plain"] = sum(a != b for a, b in zip(ours, theirs, strict=True))
-            row["transformers_divergence_logit_margins"] = [
-                round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)
-            ]
+            report["batch_one"][workload]["ours plain"].update(versus_transformers(hf, prompts, stats))
         print_batch_one(f"{workload}, {dtype}, greedy, {report['cpu']}", report["batch_one"][workload])
         print(f"ours plain: {plain_tps / roofline:.0%} of the memory roofline ({roofline:.1f} tok/s)")
     if not concurrency:

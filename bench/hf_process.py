@@ -2,18 +2,18 @@
 
 The benchmark interleaves it with goodspeed prompt by prompt; in its own process it keeps its
 own allocator, threads and caches, as a user running it would, and cannot warm or slow ours.
-Calls are sent over a pipe and block until the reply: only one of the two computes at a time.
-Timing happens in the reference process, around `generate` only.
+Calls are sent over a pipe and block until the reply (bench/reference_process.py): only one of
+the two computes at a time. Timing happens in the reference process, around `generate` only.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
+
+from bench.reference_process import ReferenceProcess
 
 
 class HFReference:
@@ -29,6 +29,9 @@ class HFReference:
             AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch_dtype) if draft_path else None
         )
         self.eos_ids = eos_ids
+
+    def has_assistant(self) -> bool:
+        return self.assistant is not None
 
     @torch.inference_mode()
     def generate(
@@ -83,61 +86,22 @@ def trim_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
     return token_ids
 
 
-def serve(conn: Connection, model_path: str, dtype: str, eos_ids: list[int], draft_path: str) -> None:
-    """The reference process: load, say so, then answer (method, args) calls until None."""
-    try:
-        reference = HFReference(model_path, dtype, eos_ids, draft_path)
-    except Exception as exc:  # reported to the parent, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready", reference.assistant is not None))
-    while (call := conn.recv()) is not None:
-        method, args = call
-        try:
-            conn.send(("ok", getattr(reference, method)(*args)))
-        except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-
-
-class HFProcess:
+class HFProcess(ReferenceProcess):
     """HFReference's methods, run in a spawned process."""
 
     def __init__(self, model_path: str, dtype: str, eos_ids: list[int], draft_path: str = "") -> None:
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(
-            target=serve, args=(child, model_path, dtype, eos_ids, draft_path), name="hf-reference", daemon=True
-        )
-        self.process.start()
-        child.close()
-        self.has_assistant = bool(self._reply())
-
-    def _reply(self) -> Any:
-        status, value = self.conn.recv()
-        if status != "ok" and status != "ready":
-            raise RuntimeError(f"the transformers reference failed: {value}")
-        return value
-
-    def _call(self, method: str, *args: Any) -> Any:
-        self.conn.send((method, args))
-        return self._reply()
+        super().__init__("hf-reference", HFReference, model_path, dtype, eos_ids, draft_path)
+        self.has_assistant = bool(self.call("has_assistant"))
 
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int, prompt_lookup: int = 0, is_assisted: bool = False
     ) -> tuple[list[int], float]:
-        output, seconds = self._call("generate", prompt_ids, max_new_tokens, prompt_lookup, is_assisted)
+        output, seconds = self.call("generate", prompt_ids, max_new_tokens, prompt_lookup, is_assisted)
         return list(output), float(seconds)
 
     def top2_margin(self, token_ids: list[int]) -> float:
-        return float(self._call("top2_margin", token_ids))
+        return float(self.call("top2_margin", token_ids))
 
     def static_batch(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[int, float]:
-        tokens, seconds = self._call("static_batch", prompts, max_new_tokens)
+        tokens, seconds = self.call("static_batch", prompts, max_new_tokens)
         return int(tokens), float(seconds)
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self.conn.send(None)
-            self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()

