@@ -2,6 +2,7 @@
 
 - `ragged_attention` (cpu_attention.py): one attention call per layer for a step's short sequences.
 - `few_rows_linear` (linear.py): products of 1 to 9 rows (decoding, verifying), at the memory's speed.
+- `add_rms_norm`, `silu_mul`, `rope_write_kv` (layer_ops.py): a layer's element-wise groups, one call each.
 
 They are compiled with -march=native by torch's extension builder: by `make setup`, or else on
 first use (about 15 s, once), and cached under ~/.cache/torch_extensions per CPU model and flags.
@@ -19,7 +20,9 @@ import structlog
 
 log = structlog.get_logger("goodspeed.engine")
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_linear.cpp"))
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_linear.cpp", "cpu_fused.cpp")
+)
 
 
 def cpu_fingerprint() -> str:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
 from engine.model.cpu_attention import HEAD_DIMS, KernelSeqs, ragged_attention
+from engine.model.layer_ops import layer_ops, rms_norm
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
 from engine.protocol import MAX_SHORT_QUERY_TOKENS, BatchShape
@@ -115,12 +116,6 @@ class ForwardBatch:
         return BatchShape.of([(seq.num_query_tokens, n) for seq, n in zip(self.seqs, num_kv, strict=True)])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [T, hidden]. Normalise in float32 and scale in the model dtype, as transformers does.
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * normed.to(x.dtype)
-
-
 def rope_tables(
     positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +124,6 @@ def rope_tables(
     cos = (freqs.cos() * scale).to(dtype)
     sin = (freqs.sin() * scale).to(dtype)
     return cos[:, None, :], sin[:, None, :]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; rotates the two halves of each head (transformers' rotate_half layout).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -209,6 +198,7 @@ class Transformer:
         self.scale = spec.head_dim**-0.5
         on_cpu = weights.embed.device.type == "cpu"
         self.kernel = ragged_attention() if on_cpu and spec.head_dim in HEAD_DIMS else None
+        self.ops = layer_ops(weights.embed.dtype, weights.embed.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -231,12 +221,16 @@ class Transformer:
         groups = spec.num_heads // spec.num_kv_heads
         kernel_seqs, looped_seqs = self._split(batch, kv_cache)
         looped = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped_seqs]
+        ops, eps = self.ops, spec.rms_norm_eps
+        mlp_out = None  # each layer's MLP output joins the residual stream in the next layer's norm
         for layer_idx, layer in enumerate(w.layers):
-            x = x + self._attention(layer_idx, layer, x, batch, kv_cache, cos, sin, kernel_seqs, looped)
-            h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        return rms_norm(x[batch.logit_rows], w.final_norm, spec.rms_norm_eps)
+            h = ops.add_rms_norm(x, mlp_out, layer.input_norm, eps)
+            attn_out = self._attention(layer_idx, layer, h, batch, kv_cache, cos, sin, kernel_seqs, looped)
+            h = ops.add_rms_norm(x, attn_out, layer.post_norm, eps)
+            mlp_out = layer.down(ops.silu_mul(layer.gate_up(h)))
+        assert mlp_out is not None  # a model has layers
+        x.add_(mlp_out)
+        return rms_norm(x[batch.logit_rows], w.final_norm, eps)
 
     def _split(self, batch: ForwardBatch, kv_cache: KVCache) -> tuple[KernelSeqs | None, list[SeqSlice]]:
         """The step's sequences the CPU kernel attends (all in one call per layer) and those the
@@ -255,7 +249,7 @@ class Transformer:
         self,
         layer_idx: int,
         layer: LayerWeights,
-        x: torch.Tensor,
+        h: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: KVCache,
         cos: torch.Tensor,
@@ -263,16 +257,12 @@ class Transformer:
         kernel_seqs: KernelSeqs | None,
         looped: list[tuple[SeqSlice, torch.Tensor | None]],
     ) -> torch.Tensor:
+        # h: the input norm of the residual stream, [T, hidden]
         spec = self.spec
-        num_tokens = x.shape[0]
-        h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+        num_tokens = h.shape[0]
         qkv = layer.qkv(h).view(num_tokens, -1, spec.head_dim)
-        num_qk = spec.num_heads + spec.num_kv_heads
-        qk = apply_rope(qkv[:, :num_qk], cos, sin)  # [T, H + Hkv, D]
-        q, k_new = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
-        v_new = qkv[:, num_qk:]
-        k_cache, v_cache = kv_cache.write(layer_idx, batch.slot_ids, k_new, v_new)
-        q = (q * self.scale).to(kv_cache.dtype).contiguous()
+        q = self.ops.rope_write_kv(qkv, cos, sin, kv_cache, layer_idx, batch.slot_ids, spec.num_heads, self.scale)
+        k_cache, v_cache = kv_cache.k[layer_idx], kv_cache.v[layer_idx]
         if kernel_seqs is not None and self.kernel is not None:
             # rows of the looped sequences are left for the loop below to fill
             attn = self.kernel(
@@ -284,6 +274,6 @@ class Transformer:
                 kernel_seqs.num_recent_tokens,
             )
         else:
-            attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=x.device)
+            attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=h.device)
         attend_each(q, k_cache, v_cache, looped, batch.window, attn)
-        return layer.o_proj(attn.to(x.dtype))
+        return layer.o_proj(attn.to(h.dtype))

@@ -1,0 +1,104 @@
+"""The element-wise parts of a decoder layer: the residual sum and norm, rotary embedding with the
+KV write, and the MLP's SiLU gate.
+
+`LayerOps` runs them as torch operators (any device). On the CPU, `FusedLayerOps` runs each group
+as one call of a C++ kernel (csrc/cpu_fused.cpp): a batch-1 decode step of the default model was
+about 400 operator calls of these, a third of the step's time in dispatch and tiny kernels
+(docs/decode-profile.md). Both round to the model's dtype at the same points, so they agree to
+within the order of a float32 sum; a server runs one of them for every step, so a decoded token
+and the same token verified among drafts go through the same one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import KVCache
+from engine.model.cpu_kernels import cpu_kernels_built
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, hidden]. Normalise in float32 and scale in the model dtype, as transformers does.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D/2]; rotates the two halves of each head (transformers'
+    # rotate_half layout).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LayerOps:
+    """torch operators."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """x += delta in place (when given), then the norm of x: [T, hidden]."""
+        if delta is not None:
+            x.add_(delta)
+        return rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: [T, 2I] -> [T, I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_write_kv(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        layer_idx: int,
+        slot_ids: torch.Tensor,
+        num_heads: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """qkv: [T, H + 2 Hkv, D]; rotates q and k, writes k and v to the cache at slot_ids; returns
+        q * scale in the cache's dtype, [T, H, D]."""
+        num_kv_heads = (qkv.shape[1] - num_heads) // 2
+        qk = apply_rope(qkv[:, : num_heads + num_kv_heads], cos, sin)  # [T, H + Hkv, D]
+        kv_cache.write(layer_idx, slot_ids, qk[:, num_heads:], qkv[:, num_heads + num_kv_heads :])
+        return (qk[:, :num_heads] * scale).to(kv_cache.dtype).contiguous()
+
+
+class FusedLayerOps(LayerOps):
+    """One C++ call per group (csrc/cpu_fused.cpp); CPU only, float32 or bfloat16, with the CPU's
+    float32 KV cache."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.goodspeed.add_rms_norm(x, delta, weight, eps)
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.goodspeed.silu_mul(gate_up)
+        return out
+
+    def rope_write_kv(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        layer_idx: int,
+        slot_ids: torch.Tensor,
+        num_heads: int,
+        scale: float,
+    ) -> torch.Tensor:
+        k_t = kv_cache.k[layer_idx].transpose(1, 2)  # the cache's own [Hkv, D, capacity] layout
+        q: torch.Tensor = torch.ops.goodspeed.rope_write_kv(
+            qkv, cos, sin, k_t, kv_cache.v[layer_idx], slot_ids, num_heads, scale
+        )
+        return q
+
+
+def layer_ops(dtype: torch.dtype, device: torch.device) -> LayerOps:
+    """The fused kernels where they apply and are built, torch's operators elsewhere."""
+    is_fusable = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    return FusedLayerOps() if is_fusable and cpu_kernels_built() else LayerOps()

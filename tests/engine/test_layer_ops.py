@@ -1,0 +1,126 @@
+"""The fused element-wise kernels against the torch operators they replace (engine/model/layer_ops.py):
+the same values to within float32 rounding, the same rounding to bfloat16, and each row computed
+alone as among other rows (what keeps greedy speculation exact)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv_cache import KVCache
+from engine.model.layer_ops import FusedLayerOps, LayerOps
+from engine.model.spec import ModelSpec
+from engine.model.transformer import rope_tables
+from tests.engine.cpu_kernels import require_cpu_kernels
+
+HIDDEN, INTERMEDIATE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
+SPEC = ModelSpec(
+    model_type="llama",
+    vocab_size=100,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_layers=2,
+    num_heads=NUM_HEADS,
+    num_kv_heads=NUM_KV_HEADS,
+    head_dim=HEAD_DIM,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+    has_qkv_bias=False,
+    tie_word_embeddings=True,
+)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    require_cpu_kernels()
+
+
+def rand(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: a few float32 ulps. bfloat16: most values equal, the rest one bfloat16 step apart
+    (a float32 sum in another order can land on the other side of a rounding boundary)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    diff = (got.float() - want.float()).abs()
+    step = want.float().abs().clamp_min(1e-3) * 2**-7
+    assert bool((diff <= step).all()), f"off by more than one bfloat16 step: {float((diff / step).max()):.2f}"
+    assert float((diff > 0).float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 5, 40])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, num_rows: int) -> None:
+    x, delta = rand(num_rows, HIDDEN, dtype=dtype, seed=0), rand(num_rows, HIDDEN, dtype=dtype, seed=1)
+    weight = rand(HIDDEN, dtype=dtype, seed=2, scale=0.3) + 1
+    x_torch, x_fused = x.clone(), x.clone()
+    want = LayerOps().add_rms_norm(x_torch, delta, weight, 1e-5)
+    got = FusedLayerOps().add_rms_norm(x_fused, delta, weight, 1e-5)
+    assert torch.equal(x_fused, x_torch)  # the residual sum, in place, rounded alike
+    assert_close(got, want, dtype)
+    assert_close(
+        FusedLayerOps().add_rms_norm(x.clone(), None, weight, 1e-5),
+        LayerOps().add_rms_norm(x, None, weight, 1e-5),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+    gate_up = rand(7, 2 * INTERMEDIATE, dtype=dtype, seed=3, scale=3.0)
+    assert_close(FusedLayerOps().silu_mul(gate_up), LayerOps().silu_mul(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_matches_torch(dtype: torch.dtype) -> None:
+    """q, and the K and V rows written to the cache (K in its transposed layout), at scattered
+    slots and positions; other rows untouched."""
+    num_tokens = 6
+    qkv = rand(num_tokens, NUM_HEADS + 2 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, seed=4)
+    positions = torch.tensor([0, 1, 17, 300, 301, 4000])
+    slot_ids = torch.tensor([3, 4, 20, 100, 101, 7])
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    cos, sin = rope_tables(positions, inv_freq, 1.0, dtype)
+    caches = []
+    for ops in (LayerOps(), FusedLayerOps()):
+        cache = KVCache(SPEC, 128, dtype, torch.device("cpu"))
+        cache.k.fill_(0.5)
+        cache.v.fill_(0.5)
+        q = ops.rope_write_kv(qkv, cos, sin, cache, 1, slot_ids, NUM_HEADS, HEAD_DIM**-0.5)
+        caches.append((q, cache))
+    (q_torch, torch_cache), (q_fused, fused_cache) = caches
+    assert q_fused.dtype == torch.float32 and q_fused.shape == (num_tokens, NUM_HEADS, HEAD_DIM)
+    # float32 products may be fused into one multiply-add here: equal to within rounding
+    assert_close(q_fused, q_torch, dtype)
+    assert_close(fused_cache.k, torch_cache.k, dtype)
+    assert torch.equal(fused_cache.v, torch_cache.v)
+
+
+def test_rows_are_computed_alike_alone_and_among_others() -> None:
+    x = rand(9, HIDDEN, dtype=torch.float32, seed=5)
+    delta = rand(9, HIDDEN, dtype=torch.float32, seed=6)
+    weight = rand(HIDDEN, dtype=torch.float32, seed=7)
+    ops = FusedLayerOps()
+    together = ops.add_rms_norm(x.clone(), delta, weight, 1e-5)
+    alone = ops.add_rms_norm(x[:1].clone(), delta[:1], weight, 1e-5)
+    assert torch.equal(together[:1], alone)
+    gate_up = rand(9, 2 * INTERMEDIATE, dtype=torch.float32, seed=8)
+    assert torch.equal(ops.silu_mul(gate_up)[:1], ops.silu_mul(gate_up[:1].contiguous()))
+
+
+def test_bad_shapes_are_refused() -> None:
+    ops = FusedLayerOps()
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.add_rms_norm(rand(2, HIDDEN, dtype=torch.float32, seed=0), None, torch.ones(HIDDEN + 1), 1e-5)
+    with pytest.raises(RuntimeError, match="gate_up"):
+        ops.silu_mul(torch.ones(2, 3))
+    cache = KVCache(SPEC, 16, torch.float32, torch.device("cpu"))
+    qkv = rand(1, NUM_HEADS + 2 * NUM_KV_HEADS, HEAD_DIM, dtype=torch.float32, seed=0)
+    cos, sin = torch.ones(1, 1, HEAD_DIM // 2), torch.zeros(1, 1, HEAD_DIM // 2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rope_write_kv(qkv, cos, sin, cache, 0, torch.tensor([16]), NUM_HEADS, 1.0)
