@@ -21,7 +21,8 @@ import structlog
 log = structlog.get_logger("goodspeed.engine")
 
 SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_linear.cpp", "cpu_fused.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_attention.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_layer.cpp")
 )
 
 

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.model.cpu_attention import KernelSeqs
 from engine.model.cpu_kernels import cpu_kernels_built
+from engine.model.weights import LayerWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,6 +98,61 @@ class FusedLayerOps(LayerOps):
             qkv, cos, sin, k_t, kv_cache.v[layer_idx], slot_ids, num_heads, scale
         )
         return q
+
+    def decoder_layer(
+        self,
+        x: torch.Tensor,
+        layer: LayerWeights,
+        eps: float,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        layer_idx: int,
+        slot_ids: torch.Tensor,
+        num_heads: int,
+        scale: float,
+        kernel_seqs: KernelSeqs,
+    ) -> None:
+        """The whole layer in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for a
+        step whose products all run in the few-rows kernel (`takes_whole_layers`) and whose
+        sequences the attention kernel all takes. The same kernels in the same order as the
+        per-operator path, without the Python between them."""
+        products = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        qkv_blocks, o_blocks, gate_up_blocks, down_blocks = (product.blocks for product in products)
+        torch.ops.goodspeed.decoder_layer(
+            x,
+            layer.input_norm,
+            layer.post_norm,
+            eps,
+            qkv_blocks,
+            layer.qkv.num_out,
+            layer.qkv.bias,
+            o_blocks,
+            gate_up_blocks,
+            layer.gate_up.num_out,
+            down_blocks,
+            cos,
+            sin,
+            kv_cache.k[layer_idx].transpose(1, 2),
+            kv_cache.v[layer_idx],
+            slot_ids,
+            num_heads,
+            scale,
+            kernel_seqs.seqs,
+            kernel_seqs.num_sink_tokens,
+            kernel_seqs.num_recent_tokens,
+        )
+
+
+def whole_layer_rows(ops: LayerOps, layers: list[LayerWeights]) -> int:
+    """The most rows `FusedLayerOps.decoder_layer` takes: those every product of every layer runs
+    in the few-rows kernel (0: none; also where a product other than QKV has a bias)."""
+    if not isinstance(ops, FusedLayerOps):
+        return 0
+    products = [product for layer in layers for product in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+    if any(product.bias is not None for layer in layers for product in (layer.o_proj, layer.gate_up, layer.down)):
+        return 0
+    return min(product.max_kernel_rows if product.blocks is not None else 0 for product in products)
 
 
 def layer_ops(dtype: torch.dtype, device: torch.device) -> LayerOps:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
 from engine.model.cpu_attention import HEAD_DIMS, KernelSeqs, ragged_attention
-from engine.model.layer_ops import layer_ops, rms_norm
+from engine.model.layer_ops import FusedLayerOps, layer_ops, rms_norm, whole_layer_rows
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
 from engine.protocol import MAX_SHORT_QUERY_TOKENS, BatchShape
@@ -199,6 +199,8 @@ class Transformer:
         on_cpu = weights.embed.device.type == "cpu"
         self.kernel = ragged_attention() if on_cpu and spec.head_dim in HEAD_DIMS else None
         self.ops = layer_ops(weights.embed.dtype, weights.embed.device)
+        # steps of up to this many tokens run a layer per call where the attention kernel takes them all
+        self.whole_layer_rows = whole_layer_rows(self.ops, weights.layers) if self.kernel is not None else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,6 +224,27 @@ class Transformer:
         kernel_seqs, looped_seqs = self._split(batch, kv_cache)
         looped = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped_seqs]
         ops, eps = self.ops, spec.rms_norm_eps
+        if (
+            isinstance(ops, FusedLayerOps)
+            and kernel_seqs is not None
+            and not looped
+            and len(x) <= self.whole_layer_rows
+        ):
+            for layer_idx, layer in enumerate(w.layers):
+                ops.decoder_layer(
+                    x,
+                    layer,
+                    eps,
+                    cos,
+                    sin,
+                    kv_cache,
+                    layer_idx,
+                    batch.slot_ids,
+                    spec.num_heads,
+                    self.scale,
+                    kernel_seqs,
+                )
+            return rms_norm(x[batch.logit_rows], w.final_norm, eps)
         mlp_out = None  # each layer's MLP output joins the residual stream in the next layer's norm
         for layer_idx, layer in enumerate(w.layers):
             h = ops.add_rms_norm(x, mlp_out, layer.input_norm, eps)

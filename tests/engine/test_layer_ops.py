@@ -1,17 +1,22 @@
 """The fused element-wise kernels against the torch operators they replace (engine/model/layer_ops.py):
 the same values to within float32 rounding, the same rounding to bfloat16, and each row computed
-alone as among other rows (what keeps greedy speculation exact)."""
+alone as among other rows (what keeps greedy speculation exact); the whole-layer call against the
+per-operator calls of the same kernels."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine.kv_cache import KVCache
 from engine.model.layer_ops import FusedLayerOps, LayerOps
+from engine.model.loader import load_transformer
 from engine.model.spec import ModelSpec
-from engine.model.transformer import rope_tables
+from engine.model.transformer import ForwardBatch, SeqInput, rope_tables
 from tests.engine.cpu_kernels import require_cpu_kernels
+from tests.tiny_models import make_tiny_qwen2
 
 HIDDEN, INTERMEDIATE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
 SPEC = ModelSpec(
@@ -124,3 +129,44 @@ def test_bad_shapes_are_refused() -> None:
     cos, sin = torch.ones(1, 1, HEAD_DIM // 2), torch.zeros(1, 1, HEAD_DIM // 2)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.rope_write_kv(qkv, cos, sin, cache, 0, torch.tensor([16]), NUM_HEADS, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_whole_layer_call_equals_the_per_operator_path(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A step the kernels take whole runs each layer in one C++ call: the same logits and cache
+    contents, bit for bit, as the per-operator calls of the same kernels (a qwen2 with q/k/v biases
+    and head_dim 64, decoding and verifying three sequences after prefilling them). Its output layer
+    is large enough for the load-time timing to find the kernel faster than oneDNN, as on the real
+    model."""
+    make_tiny_qwen2(
+        tmp_path,
+        seed=2,
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=384,
+        max_position_embeddings=256,
+        qkv_bias_std=0.5,
+    )
+    model = load_transformer(tmp_path, dtype, torch.device("cpu"))
+    rows = model.whole_layer_rows
+    assert rows >= 1 and model.spec.head_dim == 64
+    prompts = [[5 + i, 17, 200 + i, 33, 7] * (i + 2) for i in range(3)]
+    step = [[11], [12, 13, 14][: max(1, rows - 2)], [15]][: max(1, min(3, rows))]
+    results = []
+    for whole in (rows, 0):
+        model.whole_layer_rows = whole
+        cache = KVCache(model.spec, 256, dtype, torch.device("cpu"))
+        cache.k.zero_()  # rows never written compare too
+        cache.v.zero_()
+        inputs = [SeqInput(p, kv_start=80 * i, num_cached_tokens=0, num_logits=1) for i, p in enumerate(prompts)]
+        with torch.inference_mode():
+            model.forward(ForwardBatch.of(inputs, torch.device("cpu")), cache)  # prefill: per operator either way
+            decode = [
+                SeqInput(ids, kv_start=80 * i, num_cached_tokens=len(prompts[i]), num_logits=len(ids))
+                for i, ids in enumerate(step)
+            ]
+            logits = model.forward(ForwardBatch.of(decode, torch.device("cpu")), cache)
+        results.append((logits, cache))
+    (whole_logits, whole_cache), (per_op_logits, per_op_cache) = results
+    assert torch.equal(whole_logits, per_op_logits)
+    assert torch.equal(whole_cache.k, per_op_cache.k) and torch.equal(whole_cache.v, per_op_cache.v)

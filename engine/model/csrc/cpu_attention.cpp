@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -232,6 +234,10 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
     for (int64_t d = 0; d < head_dim; ++d) o_rows[r2][d] *= inv_sum[r2];
 }
 
+}  // namespace
+
+namespace goodspeed {
+
 // q: [T, H, D] float32, scaled; k_t: [Hkv, D, capacity] and v: [Hkv, capacity, D], one layer's
 // float32 cache; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
 // num_sink + num_recent keys when num_recent > 0. Returns [T, H * D].
@@ -258,10 +264,10 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
   return out;
 }
 
-}  // namespace
+}  // namespace goodspeed
 
 TORCH_LIBRARY(goodspeed, m) {
   m.def("ragged_attention(Tensor q, Tensor k_t, Tensor v, Tensor seqs, int num_sink, int num_recent) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("ragged_attention", &ragged_attention); }
+TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("ragged_attention", &goodspeed::ragged_attention); }

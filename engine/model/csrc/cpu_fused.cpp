@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -108,6 +110,10 @@ void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, ": float32 or bfloat16");
 }
 
+}  // namespace
+
+namespace goodspeed {
+
 at::Tensor add_rms_norm_op(at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                            double eps) {
   check_rows(x, "add_rms_norm: x");
@@ -165,7 +171,7 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
   return q;
 }
 
-}  // namespace
+}  // namespace goodspeed
 
 TORCH_LIBRARY_FRAGMENT(goodspeed, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps) -> Tensor");
@@ -176,7 +182,7 @@ TORCH_LIBRARY_FRAGMENT(goodspeed, m) {
 }
 
 TORCH_LIBRARY_IMPL(goodspeed, CPU, m) {
-  m.impl("add_rms_norm", &add_rms_norm_op);
-  m.impl("silu_mul", &silu_mul_op);
-  m.impl("rope_write_kv", &rope_write_kv_op);
+  m.impl("add_rms_norm", &goodspeed::add_rms_norm_op);
+  m.impl("silu_mul", &goodspeed::silu_mul_op);
+  m.impl("rope_write_kv", &goodspeed::rope_write_kv_op);
 }

@@ -15,6 +15,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -91,6 +93,10 @@ void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M
   });
 }
 
+}  // namespace
+
+namespace goodspeed {
+
 at::Tensor few_rows_linear_op(const at::Tensor& x, const at::Tensor& blocks, int64_t num_out,
                               const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && blocks.dim() == 3 && blocks.size(2) == kBlock && x.size(1) == blocks.size(1),
@@ -116,10 +122,10 @@ at::Tensor few_rows_linear_op(const at::Tensor& x, const at::Tensor& blocks, int
   return y;
 }
 
-}  // namespace
+}  // namespace goodspeed
 
 TORCH_LIBRARY_FRAGMENT(goodspeed, m) {
   m.def("few_rows_linear(Tensor x, Tensor blocks, int num_out, Tensor? bias) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("few_rows_linear", &few_rows_linear_op); }
+TORCH_LIBRARY_IMPL(goodspeed, CPU, m) { m.impl("few_rows_linear", &goodspeed::few_rows_linear_op); }
