@@ -25,7 +25,7 @@ from engine.runner import ModelRunner
 from engine.worker import build_runner
 from server.tokenizer import TextTokenizer
 
-ATTENTION_OPS = ("bmm", "_softmax", "softmax", "_scaled_dot_product_flash_attention_for_cpu")
+ATTENTION_OPS = ("bmm", "_softmax", "softmax", "_scaled_dot_product_flash_attention_for_cpu", "ragged_attention")
 COPY_OPS = ("copy_", "_to_copy", "index", "index_copy_", "index_put_", "cat", "stack", "empty", "empty_strided")
 VIEW_OPS = ("slice", "select", "as_strided", "view", "reshape", "permute", "transpose", "unsqueeze", "expand")
 
@@ -33,8 +33,10 @@ VIEW_OPS = ("slice", "select", "as_strided", "view", "reshape", "permute", "tran
 def category(op_name: str) -> str:
     """The profiler's operator name -> what it does in a decode step."""
     name = op_name.split("::")[-1]
+    if name == "decoder_layer":
+        return "whole layers in one C++ call (products, attention, norms)"
     if name in ATTENTION_OPS:
-        return "attention (bmm, softmax)"
+        return "attention"
     if "linear" in name or name in ("mm", "addmm", "matmul"):
         return "matrix products (projections, MLP, output layer)"
     if name in COPY_OPS:
