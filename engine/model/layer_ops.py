@@ -99,53 +99,50 @@ class FusedLayerOps(LayerOps):
         )
         return q
 
-    def decoder_layer(
+    def decoder_layers(
         self,
         x: torch.Tensor,
-        layer: LayerWeights,
+        layers: list[LayerWeights],
         eps: float,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
-        layer_idx: int,
         slot_ids: torch.Tensor,
         num_heads: int,
         scale: float,
         kernel_seqs: KernelSeqs,
     ) -> None:
-        """The whole layer in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for a
-        step whose products all run in the few-rows kernel (`takes_whole_layers`) and whose
-        sequences the attention kernel all takes. The same kernels in the same order as the
-        per-operator path, without the Python between them."""
-        products = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
-        qkv_blocks, o_blocks, gate_up_blocks, down_blocks = (product.blocks for product in products)
-        torch.ops.goodspeed.decoder_layer(
-            x,
-            layer.input_norm,
-            layer.post_norm,
-            eps,
-            qkv_blocks,
-            layer.qkv.num_out,
-            layer.qkv.bias,
-            o_blocks,
-            gate_up_blocks,
-            layer.gate_up.num_out,
-            down_blocks,
-            cos,
-            sin,
-            kv_cache.k[layer_idx].transpose(1, 2),
-            kv_cache.v[layer_idx],
-            slot_ids,
-            num_heads,
-            scale,
-            kernel_seqs.seqs,
-            kernel_seqs.num_sink_tokens,
-            kernel_seqs.num_recent_tokens,
-        )
+        """Every layer, each in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for
+        a step of at most `whole_layer_rows` tokens whose sequences the attention kernel all takes.
+        The same kernels in the same order as the per-operator path, without the Python between."""
+        for layer_idx, layer in enumerate(layers):
+            torch.ops.goodspeed.decoder_layer(
+                x,
+                layer.input_norm,
+                layer.post_norm,
+                eps,
+                layer.qkv.blocks,
+                layer.qkv.num_out,
+                layer.qkv.bias,
+                layer.o_proj.blocks,
+                layer.gate_up.blocks,
+                layer.gate_up.num_out,
+                layer.down.blocks,
+                cos,
+                sin,
+                kv_cache.k[layer_idx].transpose(1, 2),
+                kv_cache.v[layer_idx],
+                slot_ids,
+                num_heads,
+                scale,
+                kernel_seqs.seqs,
+                kernel_seqs.num_sink_tokens,
+                kernel_seqs.num_recent_tokens,
+            )
 
 
 def whole_layer_rows(ops: LayerOps, layers: list[LayerWeights]) -> int:
-    """The most rows `FusedLayerOps.decoder_layer` takes: those every product of every layer runs
+    """The most rows `FusedLayerOps.decoder_layers` takes: those every product of every layer runs
     in the few-rows kernel (0: none; also where a product other than QKV has a bias)."""
     if not isinstance(ops, FusedLayerOps):
         return 0

@@ -224,26 +224,11 @@ class Transformer:
         kernel_seqs, looped_seqs = self._split(batch, kv_cache)
         looped = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped_seqs]
         ops, eps = self.ops, spec.rms_norm_eps
-        if (
-            isinstance(ops, FusedLayerOps)
-            and kernel_seqs is not None
-            and not looped
-            and len(x) <= self.whole_layer_rows
-        ):
-            for layer_idx, layer in enumerate(w.layers):
-                ops.decoder_layer(
-                    x,
-                    layer,
-                    eps,
-                    cos,
-                    sin,
-                    kv_cache,
-                    layer_idx,
-                    batch.slot_ids,
-                    spec.num_heads,
-                    self.scale,
-                    kernel_seqs,
-                )
+        if isinstance(ops, FusedLayerOps) and not looped and len(x) <= self.whole_layer_rows:
+            assert kernel_seqs is not None  # the kernel takes every sequence when none is looped
+            ops.decoder_layers(
+                x, w.layers, eps, cos, sin, kv_cache, batch.slot_ids, spec.num_heads, self.scale, kernel_seqs
+            )
             return rms_norm(x[batch.logit_rows], w.final_norm, eps)
         mlp_out = None  # each layer's MLP output joins the residual stream in the next layer's norm
         for layer_idx, layer in enumerate(w.layers):
