@@ -6,9 +6,9 @@ product (`F.linear`) reads them at a third of the memory's speed and repacks a b
 every call, and oneDNN's prepacked one at a half to two thirds. The engine's own kernel
 (csrc/cpu_linear.cpp), over the weight stored in blocks of 64 outputs, reads it at about the
 memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and from 1 to 5 in
-bfloat16, where oneDNN's bfloat16 dot products win beyond. The CPU decides, so the loader times
-the two on the output layer, the largest product, at 1, 2, 4 and 9 rows (`kernel_row_limit`) and
-gives the kernel every count up to the last one it wins without a break.
+bfloat16, where oneDNN's bfloat16 dot products win beyond on one product; in a whole step, where
+the kernel also lets a layer run in one call, it wins up to 9 in both. The CPU decides, so the
+loader times whole forward passes both ways (engine/model/row_limit.py).
 
 The kernel computes each row the same way however many rows come with it, so a decoded token's
 products are bit-identical to the same token's when verified, as long as both are within the limit.
@@ -16,7 +16,6 @@ products are bit-identical to the same token's when verified, as long as both ar
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ PACK_FOR_NUM_ROWS = 16
 BLOCK = 64  # outputs per block of the kernel's weight layout
 # Up to 9: verifying 8 drafts (the default most) at batch 1. Beyond that oneDNN was as fast or
 # faster in a whole batch-16 step, where the kernel merely tied it on one layer.
-TIMED_ROW_COUNTS = (1, 2, 4, 9)
+MAX_KERNEL_ROWS = 9
 
 FewRowsProduct = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 
@@ -72,11 +71,16 @@ class Linear:
         self.blocks = weight_blocks(weight) if max_kernel_rows else None
         self.max_kernel_rows = max_kernel_rows
 
-    def limit_kernel_rows(self, max_rows: int) -> None:
-        """Lowers the kernel's row limit (0 frees its copy of the weight)."""
-        self.max_kernel_rows = min(self.max_kernel_rows, max_rows)
-        if not self.max_kernel_rows:
-            self.kernel = self.blocks = None
+    def set_kernel_rows(self, max_rows: int) -> None:
+        """Products of up to max_rows rows run in the kernel (0: none), while its copy of the weight is kept."""
+        if max_rows and self.blocks is None:
+            raise ValueError("this layer's kernel copy of the weight was freed or never made")
+        self.max_kernel_rows = max_rows
+
+    def free_kernel(self) -> None:
+        """No product runs in the kernel any more; its copy of the weight is freed."""
+        self.max_kernel_rows = 0
+        self.kernel = self.blocks = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.max_kernel_rows:
@@ -104,25 +108,6 @@ def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
     except (RuntimeError, AttributeError):
         return False
     return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
-
-
-def kernel_row_limit(layer: Linear, repeats: int = 9) -> int:
-    """Times the layer's kernel against its fallback at each of TIMED_ROW_COUNTS rows: the largest
-    count up to which the kernel was never slower (0 if it lost at one row)."""
-    if layer.kernel is None or layer.blocks is None:
-        raise ValueError("kernel_row_limit needs a layer built with max_kernel_rows > 0")
-    kernel, blocks = layer.kernel, layer.blocks
-    generator = torch.Generator().manual_seed(0)
-    limit = 0
-    with torch.inference_mode():
-        for num_rows in TIMED_ROW_COUNTS:
-            x = torch.randn(num_rows, blocks.shape[1], generator=generator).to(blocks.dtype)
-            in_kernel = functools.partial(kernel, x, blocks, layer.num_out, layer.bias)
-            kernel_s, fallback_s = median_times([in_kernel, functools.partial(layer.fallback, x)], repeats)
-            if kernel_s > fallback_s:
-                break
-            limit = num_rows
-    return limit
 
 
 def median_times(products: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.model.row_limit import fit_kernel_row_limit
 from engine.model.spec import ModelSpec
 from engine.model.transformer import Transformer
 from engine.model.weights import from_hf_model
@@ -32,4 +33,6 @@ def load_transformer(
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     weights = from_hf_model(hf_model, spec, dtype, device)
     del hf_model
-    return Transformer(spec, weights)
+    model = Transformer(spec, weights)
+    fit_kernel_row_limit(model)
+    return model

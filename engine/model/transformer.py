@@ -199,8 +199,27 @@ class Transformer:
         on_cpu = weights.embed.device.type == "cpu"
         self.kernel = ragged_attention() if on_cpu and spec.head_dim in HEAD_DIMS else None
         self.ops = layer_ops(weights.embed.dtype, weights.embed.device)
+        self.whole_layer_rows = 0
+        self._refresh_whole_layer_rows()
+
+    def _refresh_whole_layer_rows(self) -> None:
         # steps of up to this many tokens run a layer per call where the attention kernel takes them all
-        self.whole_layer_rows = whole_layer_rows(self.ops, weights.layers) if self.kernel is not None else 0
+        self.whole_layer_rows = whole_layer_rows(self.ops, self.weights.layers) if self.kernel is not None else 0
+
+    @property
+    def has_kernel_products(self) -> bool:
+        return all(product.blocks is not None for product in self.weights.products())
+
+    def set_kernel_rows(self, max_rows: int, free_unused: bool = False) -> None:
+        """Products of up to max_rows rows run in the few-rows kernel, the rest in oneDNN (row_limit.py
+        times which is faster); with free_unused, a limit of 0 also frees the kernel's copies of
+        the weights."""
+        for product in self.weights.products():
+            if max_rows == 0 and free_unused:
+                product.free_kernel()
+            else:
+                product.set_kernel_rows(max_rows)
+        self._refresh_whole_layer_rows()
 
     @property
     def dtype(self) -> torch.dtype:

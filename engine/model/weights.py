@@ -6,13 +6,12 @@ matrix products over the step's tokens instead of seven.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.model.linear import TIMED_ROW_COUNTS, Linear, kernel_fits, kernel_row_limit, prepack_works
+from engine.model.linear import MAX_KERNEL_ROWS, Linear, kernel_fits, prepack_works
 from engine.model.spec import ModelSpec
 
 
@@ -35,6 +34,11 @@ class ModelWeights:
     inv_freq: torch.Tensor  # [D / 2], float32
     rope_scale: float  # transformers' attention_scaling, 1.0 for default rope
 
+    def products(self) -> list[Linear]:
+        return [
+            product for layer in self.layers for product in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        ] + [self.lm_head]
+
 
 def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ModelWeights:
     """Takes the tensors out of a transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`."""
@@ -43,16 +47,9 @@ def from_hf_model(hf_model: Any, spec: ModelSpec, dtype: torch.dtype, device: to
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype).contiguous()
 
-    # lm_head, the largest product, stands for all: up to how many rows our kernel beats oneDNN is
-    # a property of the machine. Products of different kernels round differently: the log says.
-    max_rows = max(TIMED_ROW_COUNTS) if kernel_fits(dtype, device) else 0
+    # Up to how many rows the kernel runs is timed on the whole model once it is built (row_limit.py).
+    max_rows = MAX_KERNEL_ROWS if kernel_fits(dtype, device) else 0
     lm_head = Linear(take(hf_model.lm_head.weight), None, prepack, max_rows)
-    if max_rows:
-        lm_head.limit_kernel_rows(kernel_row_limit(lm_head))
-    max_rows = lm_head.max_kernel_rows
-    logging.getLogger("goodspeed.engine").info(
-        "linear products: our kernel up to %d rows, %s beyond", max_rows, "oneDNN" if prepack else "F.linear"
-    )
 
     def linear(*parts: Any, bias_parts: tuple[Any, ...] = ()) -> Linear:
         weight = take(torch.cat([p.weight for p in parts]))

@@ -13,6 +13,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.model.layer_ops import FusedLayerOps, LayerOps
 from engine.model.loader import load_transformer
+from engine.model.row_limit import TIMED_ROW_COUNTS, fit_kernel_row_limit
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, rope_tables
 from tests.engine.cpu_kernels import require_cpu_kernels
@@ -170,3 +171,15 @@ def test_a_whole_layer_call_equals_the_per_operator_path(tmp_path: Path, dtype: 
     (whole_logits, whole_cache), (per_op_logits, per_op_cache) = results
     assert torch.equal(whole_logits, per_op_logits)
     assert torch.equal(whole_cache.k, per_op_cache.k) and torch.equal(whole_cache.v, per_op_cache.v)
+
+
+def test_the_row_limit_is_timed_on_whole_passes_and_kept_by_every_product(tmp_path: Path) -> None:
+    make_tiny_qwen2(
+        tmp_path, seed=3, vocab_size=8192, hidden_size=256, intermediate_size=384, max_position_embeddings=64
+    )
+    model = load_transformer(tmp_path, torch.float32, torch.device("cpu"))  # times the limit
+    limit = fit_kernel_row_limit(model, repeats=3)  # and again, here
+    assert limit in (0, *TIMED_ROW_COUNTS)
+    assert {product.max_kernel_rows for product in model.weights.products()} == {limit}
+    assert model.whole_layer_rows == limit
+    assert all((product.blocks is None) == (limit == 0) for product in model.weights.products())

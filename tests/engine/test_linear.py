@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.linear import (
-    TIMED_ROW_COUNTS,
+    MAX_KERNEL_ROWS,
     FewRowsProduct,
     Linear,
     few_rows_linear,
-    kernel_row_limit,
     prepack_works,
     weight_blocks,
 )
@@ -88,15 +87,16 @@ def test_the_kernel_rejects_mismatched_inputs(kernel: FewRowsProduct) -> None:
 
 
 @needs_prepack
-def test_the_timing_picks_a_row_limit_the_layer_keeps(kernel: FewRowsProduct) -> None:
+def test_a_row_limit_the_layer_keeps_and_frees(kernel: FewRowsProduct) -> None:
     weight, _, _ = weight_bias_x(1, num_out=256)
-    layer = Linear(weight, prepack=True, max_kernel_rows=max(TIMED_ROW_COUNTS))
-    limit = kernel_row_limit(layer)
-    assert limit in (0, *TIMED_ROW_COUNTS)
-    layer.limit_kernel_rows(limit)
-    assert layer.max_kernel_rows == limit and (layer.blocks is None) == (limit == 0)
-    x = weight[:2, :64]
+    layer = Linear(weight, prepack=True, max_kernel_rows=MAX_KERNEL_ROWS)
+    x = weight[:4, :64]
+    for limit in (4, 2, 0, MAX_KERNEL_ROWS):  # raised again while the kernel's copy is kept
+        layer.set_kernel_rows(limit)
+        assert layer.max_kernel_rows == limit
+        torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    layer.free_kernel()
+    assert layer.blocks is None and layer.max_kernel_rows == 0
     torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-4, atol=1e-4)
-    layer.limit_kernel_rows(0)
-    with pytest.raises(ValueError, match="max_kernel_rows > 0"):
-        kernel_row_limit(layer)
+    with pytest.raises(ValueError, match="freed"):
+        layer.set_kernel_rows(1)

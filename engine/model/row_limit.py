@@ -1,0 +1,52 @@
+"""Up to how many rows a step's products run in the engine's own kernel, timed on the whole model.
+
+The kernel (csrc/cpu_linear.cpp) reads a weight at the memory's speed for a few rows; oneDNN's
+denser dot products catch up as the rows grow, sooner in bfloat16, and where depends on the CPU.
+One product is the wrong unit to time: within the kernel's limit a step also runs each layer in
+one call (layer_ops.py), which steps with oneDNN's products cannot. On an AMD EPYC in bfloat16,
+oneDNN won the output layer's product alone at 4 rows and more, while whole steps of 5 and 9 rows
+were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6 and
+9 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
+against the same pass with the limit found so far, taking turns, and keeps the largest count up
+to which the kernel was never slower (about 2 s at start-up).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import structlog
+import torch
+
+from engine.kv_cache import KVCache
+from engine.model.linear import median_times
+from engine.model.transformer import ForwardBatch, SeqInput, Transformer
+
+TIMED_ROW_COUNTS = (1, 2, 4, 6, 9)
+
+log = structlog.get_logger("goodspeed.engine")
+
+
+def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
+    """Times the model's forward passes as above, sets the limit on every product and returns it
+    (0: every product through oneDNN, the kernel's copies of the weights freed)."""
+    if not model.has_kernel_products:
+        return 0
+    cache = KVCache(model.spec, max(TIMED_ROW_COUNTS), model.dtype, model.device)
+
+    def forward_with(batch: ForwardBatch, max_rows: int) -> torch.Tensor:
+        model.set_kernel_rows(max_rows)
+        return model.forward(batch, cache)
+
+    limit = 0
+    with torch.inference_mode():
+        for num_rows in TIMED_ROW_COUNTS:
+            batch = ForwardBatch.of([SeqInput(list(range(num_rows)), 0, 0, num_rows)], model.device)
+            in_kernel, so_far = (functools.partial(forward_with, batch, rows) for rows in (num_rows, limit))
+            kernel_s, fallback_s = median_times([in_kernel, so_far], repeats)
+            if kernel_s > fallback_s:
+                break
+            limit = num_rows
+    model.set_kernel_rows(limit, free_unused=True)
+    log.info("linear products: our kernel up to a row limit, oneDNN beyond", max_kernel_rows=limit)
+    return limit
