@@ -1,0 +1,64 @@
+"""llama.cpp's reference files: the catalog's GGUF with its matrices dequantised to float32 or
+bfloat16 keeps every metadata field and the weights' values (bench/llamacpp_process.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from bench.llamacpp_process import write_dequantized
+
+
+def quantised_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A small GGUF in Q8_0 (a matrix) and float32 (a norm), as the catalog's files mix them;
+    returns each tensor's values as float32."""
+    rng = np.random.default_rng(0)
+    matrix, norm = rng.standard_normal((8, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    q8 = gguf.quants.quantize(matrix, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.ffn_down.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {
+        "blk.0.ffn_down.weight": gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0),
+        "blk.0.attn_norm.weight": norm,
+    }
+
+
+@pytest.mark.parametrize(
+    ("weight_type", "matrix_type", "file_type"),
+    [
+        ("float32", gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        ("bfloat16", gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    ],
+)
+def test_dequantised_file_keeps_metadata_and_values(
+    tmp_path: Path, weight_type: str, matrix_type: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType
+) -> None:
+    values = quantised_gguf(tmp_path / "q8.gguf")
+    write_dequantized(tmp_path / "q8.gguf", tmp_path / "out.gguf", weight_type)
+
+    reader = gguf.GGUFReader(tmp_path / "out.gguf")
+    assert reader.fields["llama.block_count"].contents() == 1
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
+    assert reader.fields[gguf.Keys.General.FILE_TYPE].contents() == file_type
+    tensors = {t.name: t for t in reader.tensors}
+    matrix, norm = tensors["blk.0.ffn_down.weight"], tensors["blk.0.attn_norm.weight"]
+    assert matrix.tensor_type == matrix_type and norm.tensor_type == gguf.GGMLQuantizationType.F32
+    got = gguf.quants.dequantize(matrix.data, matrix.tensor_type).reshape(8, 64)
+    want = values["blk.0.ffn_down.weight"].reshape(8, 64)
+    if weight_type == "float32":
+        np.testing.assert_array_equal(got, want)
+    else:  # rounded once, to the nearest bfloat16
+        np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
+    np.testing.assert_array_equal(norm.data, values["blk.0.attn_norm.weight"])
+    assert not (tmp_path / "out.partial").exists()
