@@ -46,18 +46,17 @@ OURS = {"ours plain": "off", "ours auto": "auto"}
 
 def generate(client: Client, item: WorkloadItem, speculation: str) -> tuple[list[int], float, int, int, int]:
     """One unary Generate -> (token ids, seconds at this client, steps, drafted, accepted)."""
-    messages = [(m["role"], m["content"]) for m in item.messages] if item.messages else None
     started = time.perf_counter()
-    reply = client.generate(item.prompt, messages=messages, max_new_tokens=item.max_new_tokens, speculation=speculation)
+    reply = client.generate(
+        item.prompt, messages=item.messages, max_new_tokens=item.max_new_tokens, speculation=speculation
+    )
     seconds = time.perf_counter() - started
     spec = reply.speculation
     return list(reply.token_ids), seconds, spec.steps + 1, spec.drafted_tokens, spec.accepted_tokens
 
 
 def prompt_ids(client: Client, item: WorkloadItem) -> list[int]:
-    if item.messages:
-        return client.tokenize(messages=[(m["role"], m["content"]) for m in item.messages])
-    return client.tokenize(item.prompt or "")
+    return client.tokenize(item.prompt or "", messages=item.messages)
 
 
 Reference = Callable[[list[int], int], tuple[list[int], float]]  # (prompt ids, max new tokens) -> (output, seconds)
