@@ -60,12 +60,16 @@ class KVCache:
             self.k = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
         self.v = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
         self.capacity_tokens = capacity_tokens
+        # Each layer's views, made once: a step would otherwise index and transpose them per layer.
+        # k_t_layers is K as the CPU stores it ([Hkv, D, capacity]), what the CPU kernels read.
+        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
+        self.k_t_layers = [k.transpose(1, 2) for k in self.k_layers]
 
     def write(
         self, layer: int, slot_ids: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # slot_ids: [T]; k_new, v_new: [T, Hkv, D]. Returns this layer's [Hkv, capacity, D] caches.
-        k_layer, v_layer = self.k[layer], self.v[layer]
+        k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
         k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1).to(self.dtype))
         v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1).to(self.dtype))
         return k_layer, v_layer

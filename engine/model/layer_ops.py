@@ -94,10 +94,8 @@ class FusedLayerOps(LayerOps):
         num_heads: int,
         scale: float,
     ) -> torch.Tensor:
-        k_t = kv_cache.k[layer_idx].transpose(1, 2)  # the cache's own [Hkv, D, capacity] layout
-        q: torch.Tensor = torch.ops.goodspeed.rope_write_kv(
-            qkv, cos, sin, k_t, kv_cache.v[layer_idx], slot_ids, num_heads, scale
-        )
+        k_t, v = kv_cache.k_t_layers[layer_idx], kv_cache.v_layers[layer_idx]
+        q: torch.Tensor = torch.ops.goodspeed.rope_write_kv(qkv, cos, sin, k_t, v, slot_ids, num_heads, scale)
         return q
 
     def decoder_layers(
@@ -131,8 +129,8 @@ class FusedLayerOps(LayerOps):
                 layer.down.blocks,
                 cos,
                 sin,
-                kv_cache.k[layer_idx].transpose(1, 2),
-                kv_cache.v[layer_idx],
+                kv_cache.k_t_layers[layer_idx],
+                kv_cache.v_layers[layer_idx],
                 slot_ids,
                 num_heads,
                 scale,
@@ -150,7 +148,7 @@ def whole_layer_rows(ops: LayerOps, layers: list[LayerWeights]) -> int:
     products = [product for layer in layers for product in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
     if any(product.bias is not None for layer in layers for product in (layer.o_proj, layer.gate_up, layer.down)):
         return 0
-    return min(product.max_kernel_rows if product.blocks is not None else 0 for product in products)
+    return min(product.max_kernel_rows for product in products)  # 0 wherever the kernel's copy is gone
 
 
 def layer_ops(dtype: torch.dtype, device: torch.device) -> LayerOps:

@@ -16,7 +16,6 @@ products are bit-identical to the same token's when verified, as long as both ar
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -108,16 +107,3 @@ def prepack_works(dtype: torch.dtype, device: torch.device) -> bool:
     except (RuntimeError, AttributeError):
         return False
     return bool(torch.allclose(got, F.linear(x, weight).float(), rtol=2e-2, atol=2e-2))
-
-
-def median_times(products: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:
-    """Each product's median time, the products taking turns (a slow spell of the machine hits all)."""
-    for product in products:
-        product()  # warm-up
-    times: list[list[float]] = [[] for _ in products]
-    for _ in range(repeats):
-        for product, seconds in zip(products, times, strict=True):
-            started = time.perf_counter()
-            product()
-            seconds.append(time.perf_counter() - started)
-    return [sorted(seconds)[repeats // 2] for seconds in times]

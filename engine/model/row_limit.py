@@ -14,12 +14,13 @@ to which the kernel was never slower (about 2 s at start-up).
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 
 import structlog
 import torch
 
 from engine.kv_cache import KVCache
-from engine.model.linear import median_times
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
 TIMED_ROW_COUNTS = (1, 2, 4, 6, 9)
@@ -50,3 +51,16 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
     model.set_kernel_rows(limit, free_unused=True)
     log.info("linear products: our kernel up to a row limit, oneDNN beyond", max_kernel_rows=limit)
     return limit
+
+
+def median_times(runs: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:
+    """Each run's median time, the runs taking turns (a slow spell of the machine hits all)."""
+    for run in runs:
+        run()  # warm-up
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, seconds in zip(runs, times, strict=True):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+    return [sorted(seconds)[repeats // 2] for seconds in times]

@@ -289,12 +289,12 @@ class Transformer:
         num_tokens = h.shape[0]
         qkv = layer.qkv(h).view(num_tokens, -1, spec.head_dim)
         q = self.ops.rope_write_kv(qkv, cos, sin, kv_cache, layer_idx, batch.slot_ids, spec.num_heads, self.scale)
-        k_cache, v_cache = kv_cache.k[layer_idx], kv_cache.v[layer_idx]
+        k_cache, v_cache = kv_cache.k_layers[layer_idx], kv_cache.v_layers[layer_idx]
         if kernel_seqs is not None and self.kernel is not None:
             # rows of the looped sequences are left for the loop below to fill
             attn = self.kernel(
                 q,
-                k_cache.transpose(1, 2),  # the cache's own [Hkv, D, capacity] layout
+                kv_cache.k_t_layers[layer_idx],  # the cache's own [Hkv, D, capacity] layout
                 v_cache,
                 kernel_seqs.seqs,
                 kernel_seqs.num_sink_tokens,
