@@ -6,8 +6,9 @@ at batch 16 over short prompts that is 1,440 operator calls a step, nearly all p
 parallel, reading K as the cache stores it ([Hkv, D, capacity]) and a self-speculation window's
 sinks and recent rows in place (the loop copies them into one block first).
 
-It is used for every sequence of up to MAX_SHORT_QUERY_TOKENS (engine/protocol.py) query tokens (decoding, verification,
-drafting over a window); prefill chunks, matrix products at heart, stay with the loop. Against the
+It is used for every sequence of up to MAX_SHORT_QUERY_TOKENS (engine/protocol.py) query tokens
+(decoding, verification, drafting over a window); prefill chunks, matrix products at heart, stay
+with the loop. Against the
 loop (one layer, 2 threads, AMD EPYC, interleaved scratch timings, the kernel still built without
 OpenMP and so on one thread): 2.3-3.7x at batch 1 and 16 over 150-300 tokens, 1.5-1.9x verifying
 4 drafts, 1.6x at batch 1 over 7,680 tokens, 2.8-3x over a 512-token window of 7,680, and 0.9x at
