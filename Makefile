@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 # The CPU build of torch; on a CUDA machine install the torch build you want first and set TORCH=.
 TORCH ?= torch==2.13.0
-# setup also compiles the CPU kernels for this machine (~15 s), rather than a server's first start.
+# setup also compiles the CPU kernels for this machine (about a minute), rather than a server's first start.
 
 .PHONY: setup serve test lint proto
 
@@ -13,7 +13,7 @@ setup:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)")
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "from engine.model.cpu_kernels import cpu_kernels_built; cpu_kernels_built()"
+	$(BIN)/python -m engine.model.cpu_kernels
 
 serve:
 	$(BIN)/goodspeed serve

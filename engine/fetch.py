@@ -80,7 +80,7 @@ def pull(entry: CatalogModel, show_progress: bool = True, force: bool = False, v
 
     A damaged entry is converted again; `verify` also checks every file's sha256 first."""
     target = model_dir(entry.name)
-    with _lock(entry.name):
+    with cache_lock(entry.name):
         if not force:
             state = entry_state(entry.name, is_deep=verify, show_progress=show_progress)
             if state.is_ok:
@@ -134,8 +134,9 @@ def _check_headers(directory: Path) -> None:
 
 
 @contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """Serialises pulls of one model across processes (two servers starting at once)."""
+def cache_lock(name: str) -> Iterator[None]:
+    """Serialises work on one cache entry across processes (two servers starting at once); the
+    OS drops the lock of a process that dies holding it."""
     lock_dir = cache_root() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{name}.lock", "w") as handle:

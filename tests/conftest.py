@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 
+def pytest_report_header() -> str:
+    from bench.machine import cpu_flags, cpu_model
+
+    return f"cpu: {cpu_model()} ({' '.join(cpu_flags())})"  # the CPU kernels are built for it
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from engine.catalog import DEFAULT_MODEL, find_model

@@ -9,10 +9,10 @@ sinks and recent rows in place (the loop copies them into one block first).
 It is used for every sequence of up to MAX_SHORT_QUERY_TOKENS (engine/protocol.py) query tokens
 (decoding, verification, drafting over a window); prefill chunks, matrix products at heart, stay
 with the loop. Against the loop (one layer, 2 threads, AMD EPYC, interleaved scratch timings, the
-kernel still built without OpenMP and so on one thread): 2.3-3.7x at batch 1 and 16 over 150-300 tokens, 1.5-1.9x verifying
-4 drafts, 1.6x at batch 1 over 7,680 tokens, 2.8-3x over a 512-token window of 7,680, and 0.9x at
-batch 8 over 7,680 (where both are bound by memory). On two threads it is about twice as fast
-again at batch 16 (docs/decode-profile.md). One code path for decoding and verification also
+kernel still built without OpenMP and so on one thread): 2.3-3.7x at batch 1 and 16 over 150-300
+tokens, 1.5-1.9x verifying 4 drafts, 1.6x at batch 1 over 7,680 tokens, 2.8-3x over a 512-token
+window of 7,680, and 0.9x at batch 8 over 7,680 (where both are bound by memory). On two threads
+it is about twice as fast again at batch 16 (docs/decode-profile.md). One code path for decoding and verification also
 makes a decoded token's attention bit-identical to the same token's when verified (see the source).
 
 It is built with the engine's other CPU kernels (cpu_kernels.py). Without them everything runs
