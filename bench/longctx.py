@@ -40,7 +40,7 @@ from engine.worker import build_runner
 from server.app import configure_logging
 from server.tokenizer import TextTokenizer
 
-REPEATS = 3
+REPEATS = 11  # medians: this kind of machine is noisy for seconds at a time
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -63,6 +63,24 @@ def step_costs(runner: ModelRunner, contexts: list[int], batches: list[int], ks:
         row["verify_ms"] = {k: 1e3 * time_step(runner, ProfileShape(batch, k + 1, context)) for k in ks}
         rows.append(row)
     return rows
+
+
+def add_kv_read_times(runner: ModelRunner, rows: list[dict[str, Any]], bandwidth_gbs: float) -> None:
+    """Each longer context's plain step against the shortest at its batch: the extra time, and the
+    time to read the extra K and V once at the measured bandwidth (what the extra cannot be under)."""
+    spec = runner.model.spec
+    kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * runner.kv_cache.dtype.itemsize
+    for row in rows:
+        base = min((r for r in rows if r["batch"] == row["batch"]), key=lambda r: r["context"])
+        if row is base:
+            continue
+        extra_bytes = row["batch"] * (row["context"] - base["context"]) * kv_bytes_per_token
+        row["over_shortest"] = {
+            "context": base["context"],
+            "extra_ms": row["plain_ms"] - base["plain_ms"],
+            "kv_read_ms": 1e3 * extra_bytes / (bandwidth_gbs * 1e9),
+            "extra_kv_mb": extra_bytes / 1e6,
+        }
 
 
 def speedups(row: dict[str, Any], acceptance: float) -> dict[int, float]:
@@ -217,6 +235,7 @@ def run_longctx_bench(
     }
     if "step-costs" in parts:
         rows = step_costs(runner, contexts, batches, ks)
+        add_kv_read_times(runner, rows, report["machine"]["memory_bandwidth_gbs"])
         for row in rows:
             row["predicted_speedup"] = {k: round(v, 3) for k, v in speedups(row, acceptance).items()}
         report |= {"acceptance_for_prediction": acceptance, "repeats": REPEATS, "step_costs": rows}
@@ -265,6 +284,14 @@ def print_step_costs(report: dict[str, Any]) -> None:
             f"{verify}  {speed}"
         )
     print(f"x k: MagicDec's predicted speedup over plain at acceptance {report['acceptance_for_prediction']}")
+    bandwidth = report["machine"]["memory_bandwidth_gbs"]
+    for row in rows:
+        if over := row.get("over_shortest"):
+            print(
+                f"context {row['context']}, batch {row['batch']}: {over['extra_ms']:.1f} ms more than at "
+                f"{over['context']}; its extra KV ({over['extra_kv_mb']:.0f} MB) read once at {bandwidth} GB/s "
+                f"(triad): {over['kv_read_ms']:.1f} ms, {over['extra_ms'] / over['kv_read_ms']:.2f}x that"
+            )
 
 
 def print_end_to_end(report: dict[str, Any]) -> None:

@@ -56,10 +56,11 @@ def loop_attention(
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_a_mixed_step_matches_the_per_sequence_loop(kernel: RaggedAttention, head_dim: int) -> None:
     """Decodes, verifications of 1-8 drafts and lengths that are and are not multiples of the
-    kernel's 16-key vectors, from 1 key to several blocks of keys."""
+    kernel's 16-key vectors, from 1 key to several chunks of keys (some rows of a verification
+    ending in one chunk, some in the next)."""
     k_t, v = cache(head_dim)
-    seqs = ragged([1, 1, 5, 9, 1, 2, 1], [1, 17, 150, 1023, 2500, 64, 3000])
-    q = torch.randn(seqs[-1].query_start + 1, NUM_KV_HEADS * GROUPS, head_dim) * head_dim**-0.5
+    seqs = ragged([1, 1, 5, 9, 1, 2, 1, 6], [1, 17, 150, 1023, 2500, 64, 3000, 1027])
+    q = torch.randn(seqs[-1].query_start + 6, NUM_KV_HEADS * GROUPS, head_dim) * head_dim**-0.5
     got = kernel(q, k_t, v, seq_rows(seqs), 0, 0)
     torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs), rtol=1e-5, atol=1e-5)
 
@@ -73,7 +74,7 @@ def test_a_window_reads_the_sinks_and_recent_keys_in_place(kernel: RaggedAttenti
     torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs, window), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_kv", [16, 300, 4097])
+@pytest.mark.parametrize("num_kv", [16, 300, 1022, 2047, 4097])  # 1022 and 2047: drafts cross a chunk's end
 def test_a_token_attends_bit_identically_alone_and_among_drafts(kernel: RaggedAttention, num_kv: int) -> None:
     """Plain decoding attends token t over keys 0..t; verification attends the same token as one
     of 1 + k query tokens over more keys, masked. In float32 the outputs must be equal, bit for

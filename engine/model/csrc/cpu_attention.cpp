@@ -5,6 +5,10 @@
 // head dimension in order, its softmax and its value sum run over its own visible keys in order.
 // So a token decoded alone and the same token verified among k drafts get bit-identical outputs,
 // which keeps greedy speculation exact in float32.
+//
+// A long sequence's keys are split into chunks of kChunk at fixed positions (0, kChunk, ...), each
+// one work item, merged in order: a few KV heads of one long sequence then fill every thread. A
+// row's chunks depend only on its own visible keys, so the identity above holds across the split.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +28,9 @@ namespace {
 typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one cache line, one AVX-512 register
 constexpr int64_t kWidth = 16;
 constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in registers
+constexpr int kVectorsPerPass = 4;  // keys per pass of the scores over the head dimension, in vectors
+constexpr int64_t kKeysPerPass = kVectorsPerPass * kWidth;
+constexpr int64_t kPrefetchPasses = 2;  // how far ahead K's lines are asked for
 
 typedef int32_t IntLanes __attribute__((vector_size(64)));
 
@@ -59,12 +66,25 @@ template <int R>
 void score_tile(const float* const* q_rows, const float* k_run, int64_t capacity, int64_t head_dim, int64_t first,
                 int64_t end, float* const* s_rows) {
   int64_t j = first;
+  // K's rows are capacity apart: each pass reads a few lines from each of head_dim rows, a pattern
+  // the hardware prefetcher does not follow, so the lines a pass ahead are asked for here; four
+  // vectors of keys a pass, so that each row is read in runs of four lines
+  for (; j + kKeysPerPass <= end; j += kKeysPerPass) {
+    Lanes acc[R][kVectorsPerPass] = {};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float* k_row = k_run + d * capacity + j;
+      for (int c = 0; c < kVectorsPerPass; ++c) __builtin_prefetch(k_row + kKeysPerPass * kPrefetchPasses + c * kWidth);
+      Lanes k[kVectorsPerPass];
+      for (int c = 0; c < kVectorsPerPass; ++c) k[c] = load(k_row + c * kWidth);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < kVectorsPerPass; ++c) acc[r][c] += q_rows[r][d] * k[c];
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kVectorsPerPass; ++c) store(s_rows[r] + j + c * kWidth, acc[r][c]);
+  }
   for (; j + kWidth <= end; j += kWidth) {
     Lanes acc[R] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      // K's rows are capacity apart: each chunk reads one line from each of head_dim rows, a pattern
-      // the hardware prefetcher does not follow, so the lines a few chunks ahead are asked for here
-      __builtin_prefetch(k_run + d * capacity + j + 4 * kWidth);
       const Lanes k = load(k_run + d * capacity + j);
       for (int r = 0; r < R; ++r) acc[r] += q_rows[r][d] * k;
     }
@@ -149,52 +169,85 @@ void values(const float* const* p_rows, int64_t rows, const int64_t* visible, co
 
 // A thread's buffers, sized for the largest item it has seen: no allocation per item and layer.
 struct Workspace {
-  std::vector<float> scores, inv_sum;
+  std::vector<float> scores, stats;
   std::vector<const float*> q_rows;
   std::vector<float*> s_rows, s_at, o_rows;
   std::vector<int64_t> visible;
 
   void fit(int64_t rows, int64_t row_stride) {
     scores.resize(rows * row_stride);  // every score read is written first; the padding is never summed
-    inv_sum.resize(rows);
     q_rows.resize(rows);
     s_rows.resize(rows);
     s_at.resize(rows);
-    o_rows.resize(rows);
     visible.resize(rows);
   }
 };
 
-// One sequence and one KV head: its n query tokens x G heads as R = n * G rows.
-void attend_one(const float* q, const float* k_t, const float* v, float* out, int64_t n, int64_t groups,
-                int64_t num_heads, int64_t head_dim, int64_t capacity, int64_t kv_head, int64_t query_start,
-                int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, Workspace& work) {
-  // The keys it attends to, as up to two runs of cache positions: all of them, or a window's
-  // sinks and recent tokens (one query token per sequence then).
-  int64_t run_start[2] = {0, 0}, run_len[2] = {num_kv, 0};
+// The rows' softmax numerators over their visible keys, in place; each row's peak and the sum of
+// its numerators (16 partial sums, then the tail, in a fixed order for a given length).
+void softmax_numerators(float* const* s_rows, int64_t rows, const int64_t* visible, float* peak, float* total) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = s_rows[r];
+    const int64_t vector_end = visible[r] / kWidth * kWidth;
+    Lanes peaks = Lanes{} - std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < vector_end; j += kWidth) {
+      const Lanes x = load(s + j);
+      peaks = x > peaks ? x : peaks;
+    }
+    float row_peak = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < kWidth; ++l) row_peak = std::max(row_peak, peaks[l]);
+    for (int64_t j = vector_end; j < visible[r]; ++j) row_peak = std::max(row_peak, s[j]);
+    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, exp_nonpositive(load(s + j) - row_peak));
+    Lanes sums = {};
+    for (int64_t j = 0; j < vector_end; j += kWidth) sums += load(s + j);
+    float row_total = 0.0f;
+    for (int64_t l = 0; l < kWidth; ++l) row_total += sums[l];
+    for (int64_t j = vector_end; j < visible[r]; ++j) row_total += s[j];
+    peak[r] = row_peak;
+    total[r] = row_total;
+  }
+}
+
+// The rows of one sequence and one KV head: its n query tokens x G heads as R = n * G rows.
+struct Rows {
+  const float* q;  // [T, H, D]
+  int64_t n, groups, num_heads, head_dim, query_start;
+  int64_t row_token(int64_t r) const { return query_start + r / groups; }
+  int64_t row_head(int64_t kv_head, int64_t r) const { return kv_head * groups + r % groups; }
+};
+
+// One sequence, one KV head and the keys first .. end of its plain run (or the whole window):
+// each row's unnormalised value sum into o_rows[r] (head_dim floats), its peak and its total.
+void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capacity, int64_t kv_head,
+                 int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, int64_t first, int64_t end,
+                 float* const* o_rows, float* peak, float* total, Workspace& work) {
+  // The keys it attends to, as up to two runs of cache positions: keys first .. end, or a
+  // window's sinks and recent tokens (one query token per sequence then, never chunked).
+  int64_t run_start[2] = {first, 0}, run_len[2] = {end - first, 0};
   if (num_recent > 0 && num_kv > num_sink + num_recent) {
     run_len[0] = num_sink;
     run_start[1] = num_kv - num_recent;
     run_len[1] = num_recent;
   }
-  const int64_t num_keys = run_len[0] + run_len[1];
-  const int64_t rows = n * groups;
+  const int64_t num_keys = run_len[0] + run_len[1], head_dim = seq.head_dim;
+  const int64_t rows = seq.n * seq.groups;
   // Rows of scores: whole vectors (exp runs on them), one vector more so that rows do not start a
   // multiple of 4 KB apart (a few such rows would evict each other from L1).
   const int64_t row_stride = (num_keys + kWidth - 1) / kWidth * kWidth + kWidth;
   work.fit(rows, row_stride);
   auto& q_rows = work.q_rows;
   auto& visible = work.visible;
-  auto &s_rows = work.s_rows, &s_at = work.s_at, &o_rows = work.o_rows;
-  const float* v_runs[2];
+  auto &s_rows = work.s_rows, &s_at = work.s_at;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t token = query_start + r / groups, head = kv_head * groups + r % groups;
-    q_rows[r] = q + (token * num_heads + head) * head_dim;
-    o_rows[r] = out + (token * num_heads + head) * head_dim;
+    q_rows[r] = seq.q + (seq.row_token(r) * seq.num_heads + seq.row_head(kv_head, r)) * head_dim;
     s_rows[r] = work.scores.data() + r * row_stride;
-    visible[r] = num_keys - (n - 1 - r / groups);  // query token i sees all but the n - 1 - i after it
+    // query token i sees all of the sequence's keys but the n - 1 - i after it; of this chunk's,
+    // those before its own end
+    const int64_t sees = num_kv - (seq.n - 1 - r / seq.groups);
+    visible[r] = run_len[1] > 0 ? num_keys : std::clamp(sees - first, int64_t{0}, num_keys);
   }
   const float* k_head = k_t + kv_head * head_dim * capacity + kv_start;
+  const float* v_runs[2];
   for (int run = 0; run < 2; ++run) v_runs[run] = v + (kv_head * capacity + kv_start + run_start[run]) * head_dim;
 
   int64_t offset = 0;
@@ -204,35 +257,19 @@ void attend_one(const float* q, const float* k_t, const float* v, float* out, in
     score_run(q_rows.data(), rows, k_head + run_start[run], capacity, head_dim, run_len[run], s_at.data());
     offset += run_len[run];
   }
-
-  auto& inv_sum = work.inv_sum;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = s_rows[r];
-    const int64_t vector_end = visible[r] / kWidth * kWidth;
-    Lanes peaks = Lanes{} - std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < vector_end; j += kWidth) {
-      const Lanes x = load(s + j);
-      peaks = x > peaks ? x : peaks;
-    }
-    float peak = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < kWidth; ++l) peak = std::max(peak, peaks[l]);
-    for (int64_t j = vector_end; j < visible[r]; ++j) peak = std::max(peak, s[j]);
-    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, exp_nonpositive(load(s + j) - peak));
-    // the denominator: 16 partial sums, then the tail, in a fixed order for a given length
-    Lanes sums = {};
-    for (int64_t j = 0; j < vector_end; j += kWidth) sums += load(s + j);
-    float total = 0.0f;
-    for (int64_t l = 0; l < kWidth; ++l) total += sums[l];
-    for (int64_t j = vector_end; j < visible[r]; ++j) total += s[j];
-    inv_sum[r] = 1.0f / total;
-  }
-
+  softmax_numerators(s_rows.data(), rows, visible.data(), peak, total);
   const float* const* p_rows = const_cast<const float* const*>(s_rows.data());
-  if (head_dim == 64) values<4>(p_rows, rows, visible.data(), v_runs, run_len, o_rows.data());
-  else values<8>(p_rows, rows, visible.data(), v_runs, run_len, o_rows.data());
-  for (int64_t r2 = 0; r2 < rows; ++r2)
-    for (int64_t d = 0; d < head_dim; ++d) o_rows[r2][d] *= inv_sum[r2];
+  if (head_dim == 64) values<4>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
+  else values<8>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
 }
+
+constexpr int64_t kChunk = 1024;  // keys per work item of a long sequence
+
+// A work item: one sequence, one KV head, one chunk of its keys; partial >= 0 where the sequence
+// has several chunks (its rows' partial results start there), else -1 (straight to the output).
+struct Item {
+  int64_t seq, kv_head, chunk, partial;
+};
 
 }  // namespace
 
@@ -250,15 +287,86 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
   const int64_t num_kv_heads = k_t.size(0), capacity = k_t.size(2), groups = num_heads / num_kv_heads;
   at::Tensor out = at::empty({num_tokens, num_heads * head_dim}, q.options());
   const int64_t* info = seqs.data_ptr<int64_t>();
-  const int64_t num_items = seqs.size(0) * num_kv_heads;
   const float *q_data = q.data_ptr<float>(), *k_data = k_t.data_ptr<float>(), *v_data = v.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  const bool windowed = num_recent > 0;
+  auto num_chunks = [&](const int64_t* seq) {
+    const bool is_window = windowed && seq[3] > num_sink + num_recent;
+    return is_window ? int64_t{1} : std::max<int64_t>(1, (seq[3] + kChunk - 1) / kChunk);
+  };
+  // Partial results, [rows, head_dim + 2] (value sums, peak, total) per item of a chunked sequence.
+  std::vector<Item> items;
+  int64_t partial_floats = 0;
+  for (int64_t s = 0; s < seqs.size(0); ++s) {
+    const int64_t* seq = info + s * 4;
+    const int64_t chunks = num_chunks(seq), rows = seq[1] * groups;
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t c = 0; c < chunks; ++c) {
+        items.push_back({s, h, c, chunks > 1 ? partial_floats : -1});
+        if (chunks > 1) partial_floats += rows * (head_dim + 2);
+      }
+  }
+  std::vector<float> partials(partial_floats);
+  auto rows_of = [&](const int64_t* seq) { return Rows{q_data, seq[1], groups, num_heads, head_dim, seq[0]}; };
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     Workspace work;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t* seq = info + (item / num_kv_heads) * 4;
-      attend_one(q_data, k_data, v_data, out_data, seq[1], groups, num_heads, head_dim, capacity,
-                 item % num_kv_heads, seq[0], seq[2], seq[3], num_sink, num_recent, work);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const int64_t* seq = info + item.seq * 4;
+      const Rows rows = rows_of(seq);
+      const int64_t num_rows = rows.n * groups;
+      std::vector<float*>& o_rows = work.o_rows;
+      o_rows.resize(num_rows);
+      float* peak;
+      if (item.partial >= 0) {
+        float* base = partials.data() + item.partial;
+        for (int64_t r = 0; r < num_rows; ++r) o_rows[r] = base + r * head_dim;
+        peak = base + num_rows * head_dim;
+      } else {
+        for (int64_t r = 0; r < num_rows; ++r)
+          o_rows[r] = out_data + (rows.row_token(r) * num_heads + rows.row_head(item.kv_head, r)) * head_dim;
+        work.stats.resize(2 * num_rows);
+        peak = work.stats.data();
+      }
+      float* total = peak + num_rows;
+      const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
+      attend_keys(rows, k_data, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
+                  o_rows.data(), peak, total, work);
+      if (item.partial < 0)
+        for (int64_t r = 0; r < num_rows; ++r) {
+          const float inv_total = 1.0f / total[r];
+          for (int64_t d = 0; d < head_dim; ++d) o_rows[r][d] *= inv_total;
+        }
+    }
+  });
+  // A chunked sequence's rows: its chunks' value sums rescaled to the largest peak, in order.
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      if (item.partial < 0 || item.chunk > 0) continue;
+      const int64_t* seq = info + item.seq * 4;
+      const Rows rows = rows_of(seq);
+      const int64_t num_rows = rows.n * groups, chunks = num_chunks(seq), chunk_floats = num_rows * (head_dim + 2);
+      for (int64_t r = 0; r < num_rows; ++r) {
+        float* o = out_data + (rows.row_token(r) * num_heads + rows.row_head(item.kv_head, r)) * head_dim;
+        auto chunk_peak = [&](int64_t c) { return partials[item.partial + c * chunk_floats + num_rows * head_dim + r]; };
+        auto chunk_total = [&](int64_t c) { return partials[item.partial + c * chunk_floats + num_rows * (head_dim + 1) + r]; };
+        float peak = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < chunks; ++c)
+          if (chunk_total(c) > 0.0f) peak = std::max(peak, chunk_peak(c));  // a chunk past the row's keys has none
+        std::fill_n(o, head_dim, 0.0f);
+        float total = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          if (chunk_total(c) == 0.0f) continue;
+          const float scale = std::exp(chunk_peak(c) - peak);  // 1 exactly for the peak's chunk
+          const float* chunk_o = partials.data() + item.partial + c * chunk_floats + r * head_dim;
+          total += scale * chunk_total(c);
+          for (int64_t d = 0; d < head_dim; ++d) o[d] += scale * chunk_o[d];
+        }
+        const float inv_total = 1.0f / total;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv_total;
+      }
     }
   });
   return out;
