@@ -212,9 +212,48 @@ void softmax_numerators(float* const* s_rows, int64_t rows, const int64_t* visib
 struct Rows {
   const float* q;  // [T, H, D]
   int64_t n, groups, num_heads, head_dim, query_start;
-  int64_t row_token(int64_t r) const { return query_start + r / groups; }
-  int64_t row_head(int64_t kv_head, int64_t r) const { return kv_head * groups + r % groups; }
+  int64_t num_rows() const { return n * groups; }
+  // row r's [head_dim] slot of a [T, H, D] tensor
+  int64_t row_offset(int64_t kv_head, int64_t r) const {
+    return ((query_start + r / groups) * num_heads + kv_head * groups + r % groups) * head_dim;
+  }
 };
+
+// One chunk's results for R rows: unnormalised value sums [R, D], then peaks [R], then totals [R].
+struct Partial {
+  float* base;
+  int64_t num_rows, head_dim;
+  static int64_t num_floats(int64_t num_rows, int64_t head_dim) { return num_rows * (head_dim + 2); }
+  float* o(int64_t r) const { return base + r * head_dim; }
+  float* peaks() const { return base + num_rows * head_dim; }
+  float* totals() const { return peaks() + num_rows; }
+};
+
+inline void normalize(float* o, int64_t head_dim, float total) {
+  const float inv_total = 1.0f / total;
+  for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv_total;
+}
+
+// Row r's output from its chunks' partial results: each rescaled to the largest peak, summed in
+// chunk order. A chunk wholly after the row's visible keys has a total of 0 and is skipped; the
+// peak's chunk is scaled by exactly 1, so a row whose keys all lie in one chunk gets what one
+// unchunked item gives it.
+void merge_chunks(const Partial* chunks, int64_t num_chunks, int64_t r, float* o) {
+  const int64_t head_dim = chunks[0].head_dim;
+  float peak = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < num_chunks; ++c)
+    if (chunks[c].totals()[r] > 0.0f) peak = std::max(peak, chunks[c].peaks()[r]);
+  std::fill_n(o, head_dim, 0.0f);
+  float total = 0.0f;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    if (chunks[c].totals()[r] == 0.0f) continue;
+    const float scale = std::exp(chunks[c].peaks()[r] - peak);
+    const float* chunk_o = chunks[c].o(r);
+    total += scale * chunks[c].totals()[r];
+    for (int64_t d = 0; d < head_dim; ++d) o[d] += scale * chunk_o[d];
+  }
+  normalize(o, head_dim, total);
+}
 
 // One sequence, one KV head and the keys first .. end of its plain run (or the whole window):
 // each row's unnormalised value sum into o_rows[r] (head_dim floats), its peak and its total.
@@ -230,7 +269,7 @@ void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capa
     run_len[1] = num_recent;
   }
   const int64_t num_keys = run_len[0] + run_len[1], head_dim = seq.head_dim;
-  const int64_t rows = seq.n * seq.groups;
+  const int64_t rows = seq.num_rows();
   // Rows of scores: whole vectors (exp runs on them), one vector more so that rows do not start a
   // multiple of 4 KB apart (a few such rows would evict each other from L1).
   const int64_t row_stride = (num_keys + kWidth - 1) / kWidth * kWidth + kWidth;
@@ -239,7 +278,7 @@ void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capa
   auto& visible = work.visible;
   auto &s_rows = work.s_rows, &s_at = work.s_at;
   for (int64_t r = 0; r < rows; ++r) {
-    q_rows[r] = seq.q + (seq.row_token(r) * seq.num_heads + seq.row_head(kv_head, r)) * head_dim;
+    q_rows[r] = seq.q + seq.row_offset(kv_head, r);
     s_rows[r] = work.scores.data() + r * row_stride;
     // query token i sees all of the sequence's keys but the n - 1 - i after it; of this chunk's,
     // those before its own end
@@ -282,7 +321,8 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
                             int64_t num_sink, int64_t num_recent) {
   TORCH_CHECK(q.dtype() == at::kFloat && k_t.dtype() == at::kFloat && v.dtype() == at::kFloat, "float32 only");
   TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "head dimension 64 or 128 only");
-  TORCH_CHECK(q.is_contiguous() && k_t.is_contiguous() && v.is_contiguous() && seqs.is_contiguous(), "contiguous inputs only");
+  TORCH_CHECK(q.is_contiguous() && k_t.is_contiguous() && v.is_contiguous() && seqs.is_contiguous(),
+              "contiguous inputs only");
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_t.size(0), capacity = k_t.size(2), groups = num_heads / num_kv_heads;
   at::Tensor out = at::empty({num_tokens, num_heads * head_dim}, q.options());
@@ -294,79 +334,66 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
     const bool is_window = windowed && seq[3] > num_sink + num_recent;
     return is_window ? int64_t{1} : std::max<int64_t>(1, (seq[3] + kChunk - 1) / kChunk);
   };
-  // Partial results, [rows, head_dim + 2] (value sums, peak, total) per item of a chunked sequence.
+  // Partial results, one Partial per item of a chunked sequence, its chunks' one after another.
   std::vector<Item> items;
   int64_t partial_floats = 0;
   for (int64_t s = 0; s < seqs.size(0); ++s) {
     const int64_t* seq = info + s * 4;
-    const int64_t chunks = num_chunks(seq), rows = seq[1] * groups;
+    const int64_t chunks = num_chunks(seq);
     for (int64_t h = 0; h < num_kv_heads; ++h)
       for (int64_t c = 0; c < chunks; ++c) {
         items.push_back({s, h, c, chunks > 1 ? partial_floats : -1});
-        if (chunks > 1) partial_floats += rows * (head_dim + 2);
+        if (chunks > 1) partial_floats += Partial::num_floats(seq[1] * groups, head_dim);
       }
   }
   std::vector<float> partials(partial_floats);
-  auto rows_of = [&](const int64_t* seq) { return Rows{q_data, seq[1], groups, num_heads, head_dim, seq[0]}; };
+  auto rows_of = [&](const Item& item) {
+    const int64_t* seq = info + item.seq * 4;
+    return Rows{q_data, seq[1], groups, num_heads, head_dim, seq[0]};
+  };
+  auto partial_of = [&](const Item& item, int64_t chunk) {
+    const int64_t num_rows = rows_of(item).num_rows();
+    const int64_t offset = item.partial + chunk * Partial::num_floats(num_rows, head_dim);
+    return Partial{partials.data() + offset, num_rows, head_dim};
+  };
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     Workspace work;
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const int64_t* seq = info + item.seq * 4;
-      const Rows rows = rows_of(seq);
-      const int64_t num_rows = rows.n * groups;
-      std::vector<float*>& o_rows = work.o_rows;
-      o_rows.resize(num_rows);
-      float* peak;
-      if (item.partial >= 0) {
-        float* base = partials.data() + item.partial;
-        for (int64_t r = 0; r < num_rows; ++r) o_rows[r] = base + r * head_dim;
-        peak = base + num_rows * head_dim;
-      } else {
-        for (int64_t r = 0; r < num_rows; ++r)
-          o_rows[r] = out_data + (rows.row_token(r) * num_heads + rows.row_head(item.kv_head, r)) * head_dim;
+      const Rows rows = rows_of(item);
+      const int64_t num_rows = rows.num_rows();
+      work.o_rows.resize(num_rows);
+      float* peaks;  // then the totals
+      if (item.partial >= 0) {  // a chunk: into its Partial
+        const Partial result = partial_of(item, 0);
+        for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = result.o(r);
+        peaks = result.peaks();
+      } else {  // a whole sequence: straight into the output
+        for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = out_data + rows.row_offset(item.kv_head, r);
         work.stats.resize(2 * num_rows);
-        peak = work.stats.data();
+        peaks = work.stats.data();
       }
-      float* total = peak + num_rows;
       const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
       attend_keys(rows, k_data, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
-                  o_rows.data(), peak, total, work);
+                  work.o_rows.data(), peaks, peaks + num_rows, work);
       if (item.partial < 0)
-        for (int64_t r = 0; r < num_rows; ++r) {
-          const float inv_total = 1.0f / total[r];
-          for (int64_t d = 0; d < head_dim; ++d) o_rows[r][d] *= inv_total;
-        }
+        for (int64_t r = 0; r < num_rows; ++r) normalize(work.o_rows[r], head_dim, peaks[num_rows + r]);
     }
   });
-  // A chunked sequence's rows: its chunks' value sums rescaled to the largest peak, in order.
+  // each chunked sequence's rows from its chunks, once all are done
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Partial> chunks;
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       if (item.partial < 0 || item.chunk > 0) continue;
-      const int64_t* seq = info + item.seq * 4;
-      const Rows rows = rows_of(seq);
-      const int64_t num_rows = rows.n * groups, chunks = num_chunks(seq), chunk_floats = num_rows * (head_dim + 2);
-      for (int64_t r = 0; r < num_rows; ++r) {
-        float* o = out_data + (rows.row_token(r) * num_heads + rows.row_head(item.kv_head, r)) * head_dim;
-        auto chunk_peak = [&](int64_t c) { return partials[item.partial + c * chunk_floats + num_rows * head_dim + r]; };
-        auto chunk_total = [&](int64_t c) { return partials[item.partial + c * chunk_floats + num_rows * (head_dim + 1) + r]; };
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < chunks; ++c)
-          if (chunk_total(c) > 0.0f) peak = std::max(peak, chunk_peak(c));  // a chunk past the row's keys has none
-        std::fill_n(o, head_dim, 0.0f);
-        float total = 0.0f;
-        for (int64_t c = 0; c < chunks; ++c) {
-          if (chunk_total(c) == 0.0f) continue;
-          const float scale = std::exp(chunk_peak(c) - peak);  // 1 exactly for the peak's chunk
-          const float* chunk_o = partials.data() + item.partial + c * chunk_floats + r * head_dim;
-          total += scale * chunk_total(c);
-          for (int64_t d = 0; d < head_dim; ++d) o[d] += scale * chunk_o[d];
-        }
-        const float inv_total = 1.0f / total;
-        for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv_total;
-      }
+      const Rows rows = rows_of(item);
+      chunks.clear();
+      for (int64_t c = 0; c < num_chunks(info + item.seq * 4); ++c) chunks.push_back(partial_of(item, c));
+      const int64_t num_chunks_done = static_cast<int64_t>(chunks.size());
+      for (int64_t r = 0; r < rows.num_rows(); ++r)
+        merge_chunks(chunks.data(), num_chunks_done, r, out_data + rows.row_offset(item.kv_head, r));
     }
   });
   return out;
