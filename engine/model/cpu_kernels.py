@@ -85,9 +85,16 @@ def compile_into(directory: Path, verbose: bool = False) -> None:
 
 
 def compile_logged(directory: str) -> None:
-    """The child's side of `build_in_child`: torch's builder says each step, ninja each command."""
+    """The child's side of `build_in_child`: torch's builder says each step, ninja each command.
+    BUILT is written as soon as the extension has compiled and loaded, so a build whose process
+    then fails to exit still counts."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.INFO)  # it has its own handler
     compile_into(Path(directory), verbose=True)
+    (Path(directory) / BUILT).write_text(f"{cpu_name()}\ntorch {torch.__version__}\n")
+
+
+def cpu_name() -> str:
+    return cpu_description().split("\n")[0].partition(":")[2].strip()
 
 
 def stop_group(child: subprocess.Popen[bytes]) -> None:
@@ -123,35 +130,49 @@ def build_in_child(directory: Path) -> bool:
             stop_group(child)
             returncode = None
     seconds = round(time.monotonic() - started, 1)
-    cpu = cpu_description().split("\n")[0].partition(":")[2].strip()
-    if returncode == 0:
-        (directory / BUILT).write_text(f"{cpu}\n{seconds} s\n")
-        log.info("CPU kernels built", cpu=cpu, seconds=seconds, directory=str(directory))
+    tail = build_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    if (directory / BUILT).exists():
+        stuck = {} if returncode == 0 else {"note": f"its process did not end (exit {returncode}); stopped"}
+        log.info("CPU kernels built", cpu=cpu_name(), seconds=seconds, directory=str(directory), **stuck)
         return True
     reason = f"timed out after {BUILD_TIMEOUT_S} s" if returncode is None else f"the build exited with {returncode}"
-    tail = build_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     (directory / FAILED).write_text("\n".join([reason, *tail]) + "\n")
-    log.warning("CPU kernels did not build", cpu=cpu, reason=reason, log=str(build_log), last_lines="\n".join(tail))
+    log.warning(
+        "CPU kernels did not build", cpu=cpu_name(), reason=reason, log=str(build_log), last_lines="\n".join(tail)
+    )
     return False
 
 
-@functools.cache
-def cpu_kernels_built(retry_failed: bool = False) -> bool:
-    """Loads the kernels into torch.ops.goodspeed, building them first if no process has; False
-    where they cannot be built (a warning says why), or a recorded failure unless `retry_failed`."""
+def ensure_built(directory: Path, retry_failed: bool) -> bool:
+    """Builds in a child unless a process has; False after a failure (recorded now, or earlier
+    unless retry_failed). The caller holds the folder's lock."""
+    if (directory / BUILT).exists():
+        return True
+    failure = directory / FAILED
+    if failure.exists() and not retry_failed:
+        reason = failure.read_text(errors="replace").split("\n")[0]
+        log.warning(
+            "CPU kernels unavailable; running torch's operators instead",
+            reason=reason,
+            retry=f"make setup, or delete {directory}",
+        )
+        return False
+    return build_in_child(directory)
+
+
+def locked_build_dir() -> contextlib.AbstractContextManager[None]:
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with cache_lock(f"kernels-{directory.name}"):
-        failure = directory / FAILED
-        if failure.exists() and not retry_failed:
-            reason = failure.read_text(errors="replace").split("\n")[0]
-            log.warning(
-                "CPU kernels unavailable; running torch's operators instead",
-                reason=reason,
-                retry=f"make setup, or delete {directory}",
-            )
-            return False
-        if not (directory / BUILT).exists() and not build_in_child(directory):
+    return cache_lock(f"kernels-{directory.name}")
+
+
+@functools.cache
+def cpu_kernels_built() -> bool:
+    """Loads the kernels into torch.ops.goodspeed, building them first if no process has; False
+    where they cannot be built or a build failed before (a warning says why)."""
+    directory = build_dir()
+    with locked_build_dir():
+        if not ensure_built(directory, retry_failed=False):
             return False
         try:
             compile_into(directory)
@@ -161,6 +182,12 @@ def cpu_kernels_built(retry_failed: bool = False) -> bool:
     return True
 
 
-if __name__ == "__main__":  # make setup: build now, trying again after a recorded failure
+def build_for_setup() -> bool:
+    """make setup: builds now (in a child, as always), trying again after a recorded failure."""
+    with locked_build_dir():
+        return ensure_built(build_dir(), retry_failed=True)
+
+
+if __name__ == "__main__":
     # no exit status: without the kernels the engine still runs (torch's operators)
-    cpu_kernels_built(retry_failed=True)
+    build_for_setup()
