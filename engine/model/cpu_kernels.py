@@ -1,7 +1,7 @@
 """The engine's C++ CPU kernels (csrc/), built as one extension for the CPU at hand.
 
 - `ragged_attention` (cpu_attention.py): one attention call per layer for a step's short sequences.
-- `few_rows_linear` (linear.py): products of 1 to 9 rows (decoding, verifying), at the memory's speed.
+- `few_rows_linear` (linear.py): products of a few rows (decoding, verifying), at the memory's speed.
 - `add_rms_norm`, `silu_mul`, `rope_write_kv`, `decoder_layer` (layer_ops.py): a layer's
   element-wise groups, one call each, and a whole decoder layer in one call.
 

@@ -7,8 +7,9 @@ every call, and oneDNN's prepacked one at a half to two thirds. The engine's own
 (csrc/cpu_linear.cpp), over the weight stored in blocks of 64 outputs, reads it at about the
 memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and from 1 to 5 in
 bfloat16, where oneDNN's bfloat16 dot products win beyond on one product; in a whole step, where
-the kernel also lets a layer run in one call, it wins up to 9 in both. The CPU decides, so the
-loader times whole forward passes both ways (engine/model/row_limit.py).
+the kernel also lets a layer run in one call, it wins up to 16 in float32 and to 6-9 in
+bfloat16. The CPU decides, so the loader times whole forward passes both ways
+(engine/model/row_limit.py).
 
 The kernel computes each row the same way however many rows come with it, so a decoded token's
 products are bit-identical to the same token's when verified, as long as both are within the limit.
@@ -26,9 +27,10 @@ from engine.model.cpu_kernels import cpu_kernels_built
 # The number of rows oneDNN picks its packed layout for; the layout serves other row counts too.
 PACK_FOR_NUM_ROWS = 16
 BLOCK = 64  # outputs per block of the kernel's weight layout
-# Up to 9: verifying 8 drafts (the default most) at batch 1. Beyond that oneDNN was as fast or
-# faster in a whole batch-16 step, where the kernel merely tied it on one layer.
-MAX_KERNEL_ROWS = 9
+# Up to 16, a batch of 16 decoding: the loader times whole steps up to here (row_limit.py). In
+# float32 16 rows in the kernel (whole layers in one call) were 1.11x faster than oneDNN's; a limit
+# of 9 made the 10th row of a step cost 9 ms where the 9th cost 2 ms (batch 8 at 1,024 tokens).
+MAX_KERNEL_ROWS = 16
 
 FewRowsProduct = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 

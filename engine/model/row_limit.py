@@ -5,10 +5,11 @@ denser dot products catch up as the rows grow, sooner in bfloat16, and where dep
 One product is the wrong unit to time: within the kernel's limit a step also runs each layer in
 one call (layer_ops.py), which steps with oneDNN's products cannot. On an AMD EPYC in bfloat16,
 oneDNN won the output layer's product alone at 4 rows and more, while whole steps of 5 and 9 rows
-were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6 and
-9 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
+were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9,
+12 and 16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
 against the same pass with the limit found so far, taking turns, and keeps the largest count up
-to which the kernel was never slower (about 2 s at start-up).
+to which the kernel was never slower (about 3 s at start-up). Here float32 reached 16 and
+bfloat16 stopped at 6 or 9 (converting bfloat16 weights costs more as the rows grow).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
-TIMED_ROW_COUNTS = (1, 2, 4, 6, 9)
+TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16)
 
 log = structlog.get_logger("goodspeed.engine")
 
