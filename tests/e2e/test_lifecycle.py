@@ -47,8 +47,14 @@ def test_kv_budget_and_full_queue_give_resource_exhausted(small_server: RunningS
             client.generate("hi", max_new_tokens=600)
         assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "needs 601 KV tokens" in excinfo.value.details()
+        # plain decoding: drafted, this poem's 400 tokens took under 2 s, and the request could end
+        # before the third one below arrived
         running = client.stub.GenerateStream(
-            pb.GenerateRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in POEM], max_new_tokens=400)
+            pb.GenerateRequest(
+                messages=[pb.ChatMessage(role=r, content=c) for r, c in POEM],
+                max_new_tokens=400,
+                speculation=pb.Speculation(mode="OFF"),
+            )
         )
         assert next(running).token_ids
         waiting = client.stub.GenerateStream(pb.GenerateRequest(prompt="def f(x):", max_new_tokens=8))
