@@ -12,8 +12,10 @@ with the loop. Against the loop (one layer, 2 threads, AMD EPYC, interleaved scr
 kernel still built without OpenMP and so on one thread): 2.3-3.7x at batch 1 and 16 over 150-300
 tokens, 1.5-1.9x verifying 4 drafts, 1.6x at batch 1 over 7,680 tokens, 2.8-3x over a 512-token
 window of 7,680, and 0.9x at batch 8 over 7,680 (where both are bound by memory). On two threads
-it is about twice as fast again at batch 16 (docs/decode-profile.md). One code path for decoding and verification also
-makes a decoded token's attention bit-identical to the same token's when verified (see the source).
+it is about twice as fast again at batch 16 (docs/decode-profile.md). One code path for decoding
+and verification also makes a decoded token's attention bit-identical to the same token's when
+verified (see the source). A long sequence's keys are split into chunks so that its few KV heads
+still fill every thread.
 
 It is built with the engine's other CPU kernels (cpu_kernels.py). Without them everything runs
 the loop.

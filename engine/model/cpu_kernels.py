@@ -130,12 +130,12 @@ def build_in_child(directory: Path) -> bool:
             stop_group(child)
             returncode = None
     seconds = round(time.monotonic() - started, 1)
-    tail = build_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     if (directory / BUILT).exists():
         stuck = {} if returncode == 0 else {"note": f"its process did not end (exit {returncode}); stopped"}
         log.info("CPU kernels built", cpu=cpu_name(), seconds=seconds, directory=str(directory), **stuck)
         return True
     reason = f"timed out after {BUILD_TIMEOUT_S} s" if returncode is None else f"the build exited with {returncode}"
+    tail = build_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     (directory / FAILED).write_text("\n".join([reason, *tail]) + "\n")
     log.warning(
         "CPU kernels did not build", cpu=cpu_name(), reason=reason, log=str(build_log), last_lines="\n".join(tail)
@@ -160,8 +160,7 @@ def ensure_built(directory: Path, retry_failed: bool) -> bool:
     return build_in_child(directory)
 
 
-def locked_build_dir() -> contextlib.AbstractContextManager[None]:
-    directory = build_dir()
+def build_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     directory.mkdir(parents=True, exist_ok=True)
     return cache_lock(f"kernels-{directory.name}")
 
@@ -171,7 +170,7 @@ def cpu_kernels_built() -> bool:
     """Loads the kernels into torch.ops.goodspeed, building them first if no process has; False
     where they cannot be built or a build failed before (a warning says why)."""
     directory = build_dir()
-    with locked_build_dir():
+    with build_lock(directory):
         if not ensure_built(directory, retry_failed=False):
             return False
         try:
@@ -184,8 +183,9 @@ def cpu_kernels_built() -> bool:
 
 def build_for_setup() -> bool:
     """make setup: builds now (in a child, as always), trying again after a recorded failure."""
-    with locked_build_dir():
-        return ensure_built(build_dir(), retry_failed=True)
+    directory = build_dir()
+    with build_lock(directory):
+        return ensure_built(directory, retry_failed=True)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,7 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
         for (int64_t r = 0; r < num_rows; ++r) normalize(work.o_rows[r], head_dim, peaks[num_rows + r]);
     }
   });
+  if (partial_floats == 0) return out;  // no sequence was chunked: nothing to merge
   // each chunked sequence's rows from its chunks, once all are done
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<Partial> chunks;
