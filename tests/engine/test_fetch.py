@@ -329,4 +329,10 @@ def test_truncated_real_entry_is_named_and_converted_again(
         assert resolve_model(DEFAULT_MODEL, show_progress=False) == str(entry)
     assert "model.safetensors is" in caplog.text and "converting it again" in caplog.text
     assert entry_state(DEFAULT_MODEL, is_deep=True).is_ok
-    assert json.loads((entry / MANIFEST).read_text())["files"] == expected_files
+    files = json.loads((entry / MANIFEST).read_text())["files"]
+    # the same files again; the JSON ones carry the converting transformers' version, which may
+    # be newer than the one that filled the shared cache, so they are compared by size
+    assert files.keys() == expected_files.keys()
+    for name, file in files.items():
+        compared = ("num_bytes",) if name.endswith(".json") else ("num_bytes", "sha256")
+        assert {key: file[key] for key in compared} == {key: expected_files[name][key] for key in compared}, name
