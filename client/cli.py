@@ -262,7 +262,9 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     longctx.add_argument("--ngram-k", type=int, default=4, help="k of the n-gram variant")
     longctx.add_argument("--max-new-tokens", type=int, default=64, help="decoded per request and variant")
-    longctx.add_argument("--repeats", type=int, default=2, help="end-to-end runs per variant, taking turns")
+    longctx.add_argument(
+        "--repeats", type=int, default=3, help="end-to-end runs per variant, taking turns (medians reported)"
+    )
     longctx.add_argument(
         "--parts",
         nargs="+",
