@@ -111,7 +111,7 @@ def variants(ks: list[int], ngram_k: int) -> list[Variant]:
 
 @dataclass
 class VariantTotals:
-    """One variant's runs at a (context, batch) point, summed over repeats."""
+    """One variant's runs at a (context, batch) point: its speed per run, its counts summed."""
 
     max_new_tokens: int
     decode_tok_s: list[float] = field(default_factory=list)  # per run: tokens after each request's first
