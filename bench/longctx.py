@@ -142,7 +142,7 @@ class VariantTotals:
         # Medians over runs: a run at short context lasts under a second, so one slow spell of the
         # machine would move a sum by 10-30%. Each run's speedup is over the plain run of its turn.
         runs = zip(self.decode_tok_s, plain.decode_tok_s, strict=True)
-        speedups = [tok_s / plain_tok_s for tok_s, plain_tok_s in runs]
+        speedups = [tok_s / plain_tok_s if plain_tok_s else 0.0 for tok_s, plain_tok_s in runs]
         reference = plain.outputs[0]
         return {
             "decode_tok_s": statistics.median(self.decode_tok_s),
