@@ -84,7 +84,9 @@ class Linear:
         self.kernel = self.blocks = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.max_kernel_rows:
+        # `0 <` too: a step can ask for no rows (prefill chunks that end no prompt), and with a
+        # limit of 0 (oneDNN wins from one row on some CPUs) the kernel's copy is gone.
+        if 0 < x.shape[0] <= self.max_kernel_rows:
             assert self.kernel is not None and self.blocks is not None  # there while max_kernel_rows > 0
             return self.kernel(x, self.blocks, self.num_out, self.bias)
         return self.fallback(x)

@@ -39,11 +39,20 @@ def weight_bias_x(num_rows: int, num_out: int = 96, num_in: int = 64, seed: int 
 
 @needs_prepack
 @pytest.mark.parametrize("max_kernel_rows", [0, 4])
-@pytest.mark.parametrize("num_rows", [1, 3, 17])
+@pytest.mark.parametrize("num_rows", [0, 1, 3, 17])
 def test_every_path_gives_the_same_product(kernel: FewRowsProduct, max_kernel_rows: int, num_rows: int) -> None:
     weight, bias, x = weight_bias_x(num_rows)
     layer = Linear(weight, bias, prepack=True, max_kernel_rows=max_kernel_rows)
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prepack", [False, pytest.param(True, marks=needs_prepack)])
+def test_no_rows_give_an_empty_product_without_the_kernel(prepack: bool) -> None:
+    """A step whose prefill chunks end no prompt asks the output layer for no rows. Where oneDNN
+    won from one row (an AMD EPYC with AVX2 only), the limit is 0 and the kernel's copy is gone."""
+    weight, bias, x = weight_bias_x(0)
+    layer = Linear(weight, bias, prepack=prepack)
+    assert layer(x).shape == (0, 96)
 
 
 @pytest.mark.parametrize("num_out", [64, 200, 49])  # whole blocks, a padded last block, less than one
