@@ -37,7 +37,7 @@ log = structlog.get_logger("goodspeed.engine")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("cpu_attention.cpp", "cpu_linear.cpp", "cpu_fused.cpp", "cpu_layer.cpp"))
-HEADERS = (CSRC / "kernels.h",)  # not in torch's own source hash, so in ours
+HEADERS = (CSRC / "kernels.h", CSRC / "lanes.h")  # not in torch's own source hash, so in ours
 # -fopenmp: without it at::parallel_for compiles to a serial loop
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "lanes.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,16 +26,17 @@
 
 namespace {
 
-typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one cache line, one AVX-512 register
-constexpr int64_t kWidth = 16;
+using goodspeed::IntLanes;
+using goodspeed::kWidth;
+using goodspeed::Lanes;
+using goodspeed::load;
+using goodspeed::store;
 constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in registers
 constexpr int kVectorsPerPass = 4;  // keys per pass of the scores over the head dimension, in vectors
 constexpr int64_t kKeysPerPass = kVectorsPerPass * kWidth;
 constexpr int64_t kPrefetchPasses = 2;  // how far ahead K's lines are asked for
 
-typedef int32_t IntLanes __attribute__((vector_size(64)));
-
-// exp(x) for x <= 0, 16 at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
+// exp(x) for x <= 0, a vector at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
 // degree-6 polynomial of the fraction. Relative error about 2e-7, like float32's own exp.
 inline Lanes exp_nonpositive(Lanes x) {
   const Lanes lowest = Lanes{} - 87.0f;
@@ -52,13 +54,6 @@ inline Lanes exp_nonpositive(Lanes x) {
   p = p * f + 1.0f;
   return p * reinterpret_cast<Lanes>((whole + 127) << 23);
 }
-
-inline Lanes load(const float* p) {
-  Lanes x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
 // scores[r, j] = q_r . k_j for R rows over keys first .. end of one run, summed over d in order
 // (a fused multiply-add per d, from 0: the same arithmetic whatever the tile).
@@ -298,8 +293,8 @@ void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capa
   }
   softmax_numerators(s_rows.data(), rows, visible.data(), peak, total);
   const float* const* p_rows = const_cast<const float* const*>(s_rows.data());
-  if (head_dim == 64) values<4>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
-  else values<8>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
+  if (head_dim == 64) values<64 / kWidth>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
+  else values<128 / kWidth>(p_rows, rows, visible.data(), v_runs, run_len, o_rows);
 }
 
 constexpr int64_t kChunk = 1024;  // keys per work item of a long sequence

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "lanes.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -24,41 +25,34 @@
 
 namespace {
 
-typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-typedef uint16_t HalfLanes __attribute__((vector_size(32)));
-typedef uint32_t WordLanes __attribute__((vector_size(64)));
-constexpr int64_t kWidth = 16;
-constexpr int64_t kBlock = 64;  // outputs per block: 4 vectors
-constexpr int kVectors = kBlock / kWidth;
-constexpr int kMaxRows = 6;  // rows of x per pass over a block: 6 x 4 accumulators
-
-inline Lanes load(const float* p) {
-  Lanes x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-// bfloat16 is the top half of a float32: widen and shift
-inline Lanes load(const c10::BFloat16* p) {
-  HalfLanes half;
-  std::memcpy(&half, p, sizeof(half));
-  return reinterpret_cast<Lanes>(__builtin_convertvector(half, WordLanes) << 16);
-}
-inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
+using goodspeed::kWidth;
+using goodspeed::Lanes;
+using goodspeed::load;
+using goodspeed::store;
+constexpr int64_t kBlock = 64;  // outputs per block
+constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
+// A pass over k covers 4 vectors of a block's outputs for up to kMaxRows rows, so that the R x 4
+// accumulators and the rows' broadcasts stay in registers: AVX-512 has 32 and takes the block in
+// one pass of 6 rows, AVX2 has 16 and takes it in two of 3 (the second reads the block from L2).
+constexpr int kVectorsPerPass = 4;
+constexpr int kMaxRows = kVectors == kVectorsPerPass ? 6 : 3;
 
 // out[r, 0..64) = x_r . block for R rows of x (float32, K apart) and one block [K, 64].
 template <int R, typename W>
 void block_rows(const float* x, int64_t K, const W* block, float* out) {
-  Lanes acc[R][kVectors] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    Lanes w[kVectors];
-    for (int v = 0; v < kVectors; ++v) w[v] = load(block + k * kBlock + v * kWidth);
-    for (int r = 0; r < R; ++r) {
-      const float xk = x[r * K + k];
-      for (int v = 0; v < kVectors; ++v) acc[r][v] += xk * w[v];
+  for (int first = 0; first < kVectors; first += kVectorsPerPass) {
+    Lanes acc[R][kVectorsPerPass] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      Lanes w[kVectorsPerPass];
+      for (int v = 0; v < kVectorsPerPass; ++v) w[v] = load(block + k * kBlock + (first + v) * kWidth);
+      for (int r = 0; r < R; ++r) {
+        const float xk = x[r * K + k];
+        for (int v = 0; v < kVectorsPerPass; ++v) acc[r][v] += xk * w[v];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kVectorsPerPass; ++v) store(out + r * kBlock + (first + v) * kWidth, acc[r][v]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kVectors; ++v) store(out + r * kBlock + v * kWidth, acc[r][v]);
 }
 
 template <typename W>
@@ -69,7 +63,7 @@ void block_rows(int num_rows, const float* x, int64_t K, const W* block, float* 
     case 3: return block_rows<3>(x, K, block, out);
     case 4: return block_rows<4>(x, K, block, out);
     case 5: return block_rows<5>(x, K, block, out);
-    default: return block_rows<6>(x, K, block, out);
+    default: return block_rows<kMaxRows>(x, K, block, out);  // the caller passes at most kMaxRows
   }
 }
 
