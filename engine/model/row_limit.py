@@ -7,9 +7,12 @@ one call (layer_ops.py), which steps with oneDNN's products cannot. On an AMD EP
 oneDNN won the output layer's product alone at 4 rows and more, while whole steps of 5 and 9 rows
 were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9,
 12 and 16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
-against the same pass with the limit found so far, taking turns, and keeps the largest count up
-to which the kernel was never slower (about 3 s at start-up). Here float32 reached 16 and
-bfloat16 stopped at 6 or 9 (converting bfloat16 weights costs more as the rows grow).
+against every product in oneDNN, taking turns, and keeps the limit that saves the most time over
+one pass of each count (about 3 s at start-up). A near tie at one count does not stop it there: on
+an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.6-3.2x from 2 to 16
+rows (this torch's oneDNN packs bfloat16 weights only with AVX-512 or AVX-NE-CONVERT). On an AMD
+EPYC with AVX-512, float32 reached 16 and bfloat16 stopped at 6 or 9 (converting bfloat16 weights
+costs more as the rows grow).
 """
 
 from __future__ import annotations
@@ -40,18 +43,23 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
         model.set_kernel_rows(max_rows)
         return model.forward(batch, cache)
 
-    limit = 0
+    saved, seconds_saved = 0.0, {0: 0.0}  # by each limit, over one pass of each timed count
     with torch.inference_mode():
         for num_rows in TIMED_ROW_COUNTS:
             batch = ForwardBatch.of([SeqInput(list(range(num_rows)), 0, 0, num_rows)], model.device)
-            in_kernel, so_far = (functools.partial(forward_with, batch, rows) for rows in (num_rows, limit))
-            kernel_s, fallback_s = median_times([in_kernel, so_far], repeats)
-            if kernel_s > fallback_s:
-                break
-            limit = num_rows
+            in_kernel, in_onednn = (functools.partial(forward_with, batch, rows) for rows in (num_rows, 0))
+            kernel_s, onednn_s = median_times([in_kernel, in_onednn], repeats)
+            saved += onednn_s - kernel_s
+            seconds_saved[num_rows] = saved
+    limit = best_limit(seconds_saved)
     model.set_kernel_rows(limit, free_unused=True)
     log.info("linear products: our kernel up to a row limit, oneDNN beyond", max_kernel_rows=limit)
     return limit
+
+
+def best_limit(seconds_saved: dict[int, float]) -> int:
+    """The limit that saves the most time; the smaller of two that save as much."""
+    return max(seconds_saved, key=lambda limit: (seconds_saved[limit], -limit))
 
 
 def median_times(runs: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:

@@ -15,7 +15,7 @@ from engine.model import loader
 from engine.model.layer_ops import FusedLayerOps, LayerOps
 from engine.model.linear import MAX_KERNEL_ROWS
 from engine.model.loader import load_transformer
-from engine.model.row_limit import TIMED_ROW_COUNTS, fit_kernel_row_limit
+from engine.model.row_limit import TIMED_ROW_COUNTS, best_limit, fit_kernel_row_limit
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, rope_tables
 from tests.engine.cpu_kernels import require_cpu_kernels
@@ -187,3 +187,10 @@ def test_the_row_limit_is_timed_on_whole_passes_and_kept_by_every_product(tmp_pa
     assert {product.max_kernel_rows for product in model.weights.products()} == {limit}
     assert model.whole_layer_rows == limit
     assert all((product.blocks is None) == (limit == 0) for product in model.weights.products())
+
+
+def test_the_limit_saves_the_most_time_over_the_timed_counts() -> None:
+    # a near tie at one row, then large wins (bfloat16 on an AVX2-only CPU): not stopped at 1
+    assert best_limit({0: 0.0, 1: -0.0005, 2: 0.015, 4: 0.05, 6: 0.04}) == 4
+    assert best_limit({0: 0.0, 1: -0.002, 2: -0.004}) == 0  # oneDNN wins throughout
+    assert best_limit({0: 0.0, 1: 0.003, 2: 0.003}) == 1  # the smaller of two that save as much
