@@ -8,8 +8,8 @@ oneDNN won the output layer's product alone at 4 rows and more, while whole step
 were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9,
 12 and 16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
 against every product in oneDNN, taking turns, and keeps the limit that saves the most time over
-one pass of each count (about 3 s at start-up). A near tie at one count does not stop it there: on
-an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.6-3.2x from 2 to 16
+one pass of each count (a few seconds at start-up). A near tie at one count does not stop it there: on
+an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.5-3.6x from 2 to 16
 rows (this torch's oneDNN packs bfloat16 weights only with AVX-512 or AVX-NE-CONVERT). On an AMD
 EPYC with AVX-512, float32 reached 16 and bfloat16 stopped at 6 or 9 (converting bfloat16 weights
 costs more as the rows grow).

@@ -72,9 +72,10 @@ def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct) -> None:
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=5e-2)
 
 
-def test_a_row_is_bit_identical_whatever_rows_come_with_it(kernel: FewRowsProduct) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 weights load in pairs of vectors
+def test_a_row_is_bit_identical_whatever_rows_come_with_it(kernel: FewRowsProduct, dtype: torch.dtype) -> None:
     """What keeps greedy speculation exact: a decode step's row and the same row among drafts."""
-    weight, bias, x = weight_bias_x(16, num_out=130, num_in=600)
+    weight, bias, x = (t.to(dtype) for t in weight_bias_x(16, num_out=130, num_in=600))
     blocks = weight_blocks(weight)
     together = kernel(x, blocks, 130, bias)
     for i in range(16):

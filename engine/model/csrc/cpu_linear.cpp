@@ -6,7 +6,8 @@
 // one contiguous stream that the hardware prefetcher follows at the memory's speed. For each k the
 // kernel loads the block's 64 weights (4 AVX-512 vectors) once and multiplies them by x[r, k]
 // broadcast, for up to 6 rows at a time; 24 accumulators stay in registers. With AVX2 (16
-// registers of 8 floats) it takes a block in two passes of 32 outputs, 3 rows at a time.
+// registers of 8 floats) it takes a block in two passes of 32 outputs, 3 rows at a time, or in
+// one pass for a single row.
 //
 // Every output is computed the same way whatever the number of rows: one sum over k in order,
 // a fused multiply-add per k, then the bias. So a token decoded alone and the same token verified
