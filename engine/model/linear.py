@@ -9,8 +9,9 @@ memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and f
 bfloat16, where oneDNN's bfloat16 dot products win beyond on one product; in a whole step, where
 the kernel also lets a layer run in one call, it wins up to 16 in float32 and to 6-9 in
 bfloat16. On an AMD EPYC with AVX2 only, whole passes of 1 to 16 tokens ran 1.05-1.45x faster in
-the kernel in float32 and 1.7-3.6x in bfloat16 (no packed bfloat16 product there: F.linear). The
-CPU decides, so the loader times whole forward passes both ways (engine/model/row_limit.py).
+the kernel in float32 and 1.7-3.6x in bfloat16 (no packed bfloat16 product there: F.linear, on
+a weight widened to float32 beyond the limit). The CPU decides, so the loader times whole forward
+passes both ways (engine/model/row_limit.py).
 
 The kernel computes each row the same way however many rows come with it, so a decoded token's
 products are bit-identical to the same token's when verified, as long as both are within the limit.
@@ -67,6 +68,11 @@ class Linear:
         self.num_out = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_NUM_ROWS) if prepack else None
         self.dense = None if prepack else weight
+        # Without a packed form, torch's bfloat16 product on a CPU without AVX-512 ran 2.5x (17 rows)
+        # to 8x (512 rows) slower than widening the weight to float32 on each call and using
+        # float32's product; float32 sums exactly what bfloat16 inputs hold, so only the rounding
+        # of the output to bfloat16 remains.
+        self.is_widened = not prepack and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
         self.kernel = few_rows_linear() if max_kernel_rows else None
         if max_kernel_rows and self.kernel is None:
             raise ValueError("the CPU kernels are not built here")
@@ -98,6 +104,9 @@ class Linear:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return out
         assert self.dense is not None  # kept when there is no packed form
+        if self.is_widened:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.dense.float(), bias).to(x.dtype)
         return F.linear(x, self.dense, self.bias)
 
 
