@@ -31,6 +31,7 @@ from server.tokenizer import TextTokenizer
 class Outcome:
     output_ids: list[int]
     seconds: float  # arrival to last token
+    first_token_s: float  # arrival to first token (the prefill, mostly)
     speculation: SpeculationSummary  # the request's, as its response would report it
 
 
@@ -147,14 +148,18 @@ class InProcessServer:
             for ids in prompts
         ]
         started = time.perf_counter()
-        decode_started = None
+        first_token_s: dict[str, float] = {}
         for state in states:
             self.scheduler.add(state)
         while any(state.status != Status.FINISHED for state in states):
             self.step()
-            if decode_started is None and all(state.output_ids for state in states):
-                decode_started = time.perf_counter()
-        ended = time.perf_counter()
+            now = time.perf_counter() - started
+            for state in states:
+                if state.output_ids:
+                    first_token_s.setdefault(state.req_id, now)
+        ended = time.perf_counter() - started
         self.release_finished()
-        outcomes = [Outcome(list(s.output_ids), ended - started, s.speculation) for s in states]
-        return outcomes, ended - (decode_started or ended)
+        outcomes = [
+            Outcome(list(s.output_ids), ended, first_token_s.get(s.req_id, ended), s.speculation) for s in states
+        ]
+        return outcomes, ended - max(first_token_s.values(), default=ended)

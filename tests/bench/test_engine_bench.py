@@ -1,8 +1,10 @@
-"""The engine benchmark's drafter timer: it passes every call through and counts the time."""
+"""The engine benchmark's drafter timer (it passes every call through and counts the time) and its tallies."""
 
 from __future__ import annotations
 
-from bench.engine import TimedDrafter
+import pytest
+
+from bench.engine import TimedDrafter, VariantStats, record
 from engine.drafters.base import DraftRequest
 from engine.drafters.ngram import NgramDrafter
 
@@ -21,3 +23,16 @@ def test_timed_drafter_passes_calls_through_and_adds_up_their_time() -> None:
     assert timed.name == "ngram" and timed.seconds > 0.0
     timed.remove_request("a")
     assert "a" not in inner.indexes
+
+
+def test_decoding_is_timed_after_each_first_token() -> None:
+    """The roofline is about decoding: prefill (until the first token) stays out of decode tok/s."""
+    stats = VariantStats("ours plain")
+    record(stats, [1, 2, 3, 4, 5], 1.0, 5, 0, 0, first_token_s=0.6)  # 4 tokens in the last 0.4 s
+    record(stats, [6, 7, 8], 0.5, 3, 0, 0, first_token_s=0.1)  # 2 tokens in 0.4 s
+    record(stats, [9], 0.2, 1, 0, 0, first_token_s=0.2)  # one token: nothing decoded after it
+    assert stats.tokens_per_s == pytest.approx(9 / 1.7)
+    assert stats.decode_tokens_per_s == pytest.approx(6 / 0.8)
+    reference = VariantStats("transformers plain")
+    record(reference, [1, 2], 1.0, 0, 0, 0)  # no first-token time: no decode rate
+    assert reference.summary()["decode_tokens_per_s"] is None
