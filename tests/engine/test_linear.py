@@ -74,8 +74,9 @@ def test_the_kernel_matches_torch_in_float32(kernel: FewRowsProduct, num_out: in
     torch.testing.assert_close(kernel(x, blocks, num_out, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
-def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct) -> None:
-    weight, bias, x = (t.bfloat16() for t in weight_bias_x(3, num_out=300, num_in=576))
+@pytest.mark.parametrize("num_rows", [3, 13])  # with AVX2: passes of 4 vectors; groups of 6 in passes of 2
+def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct, num_rows: int) -> None:
+    weight, bias, x = (t.bfloat16() for t in weight_bias_x(num_rows, num_out=300, num_in=576))
     expected = F.linear(x.float(), weight.float(), bias.float())  # what bfloat16 inputs give in float32
     got = kernel(x, weight_blocks(weight), 300, bias)
     assert got.dtype == torch.bfloat16
@@ -91,6 +92,8 @@ def test_a_row_is_bit_identical_whatever_rows_come_with_it(kernel: FewRowsProduc
     for i in range(16):
         assert torch.equal(kernel(x[i : i + 1], blocks, 130, bias), together[i : i + 1])
     assert torch.equal(kernel(x[3:12], blocks, 130, bias), together[3:12])
+    for n in range(2, 16):  # groups of 6 rows and every rest, each taking the block in its own passes
+        assert torch.equal(kernel(x[:n], blocks, 130, bias), together[:n])
 
 
 def test_the_kernel_rejects_mismatched_inputs(kernel: FewRowsProduct) -> None:

@@ -6,8 +6,8 @@
 // one contiguous stream that the hardware prefetcher follows at the memory's speed. For each k the
 // kernel loads the block's 64 weights (4 AVX-512 vectors) once and multiplies them by x[r, k]
 // broadcast, for up to 6 rows at a time; 24 accumulators stay in registers. With AVX2 (16
-// registers of 8 floats) it takes a block in two passes of 32 outputs, 3 rows at a time, or in
-// one pass for a single row.
+// registers of 8 floats) it takes a block in passes of fewer outputs (below), and the passes ask
+// for the next block's lines so that memory keeps streaming while they run.
 //
 // Every output is computed the same way whatever the number of rows: one sum over k in order,
 // a fused multiply-add per k, then the bias. So a token decoded alone and the same token verified
@@ -35,11 +35,21 @@ using goodspeed::store;
 using goodspeed::WordLanes;
 constexpr int64_t kBlock = 64;  // outputs per block
 constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
-// A pass over k covers 4 vectors of a block's outputs for up to kMaxRows rows, so that the R x 4
-// accumulators and the rows' broadcasts stay in registers: AVX-512 has 32 and takes the block in
-// one pass of 6 rows, AVX2 has 16 and takes it in two of 3 (the second reads the block from L2).
-constexpr int kVectorsPerPass = 4;
-constexpr int kMaxRows = kVectors == kVectorsPerPass ? 6 : 3;
+// A pass over k covers a few vectors of a block's outputs for up to kMaxRows rows, so that the
+// accumulators, the pass's weights and a broadcast stay in registers. AVX-512 has 32 and takes
+// a block in one pass of 4 vectors. AVX2 has 16: one row takes the block in one pass of 8
+// vectors, 2 or 3 rows in two passes of 4 (weights as memory operands), 4 to 6 rows in four
+// passes of 2 (12 accumulators, 2 weights, a broadcast), the later passes reading the block from
+// L2. Passes of 4 vectors for more rows ran at half the FMA units' rate (12 loads of weights for
+// 12 multiply-adds a k; bfloat16 spilled an accumulator to the stack), passes of 2 for fewer
+// rows wait on the multiply-adds' latency.
+constexpr int kMaxRows = 6;
+
+template <int R>
+constexpr int vectors_per_pass() {
+  if (R == 1 || kVectors == 4) return kVectors;  // one row, or AVX-512: the whole block
+  return R <= 3 ? 4 : 2;
+}
 
 // The pass's vectors of weights at one k.
 template <int V>
@@ -59,14 +69,22 @@ inline void load_pass(const c10::BFloat16* p, Lanes* w) {
   }
 }
 
+// Lines of the next block to ask for while this one is computed, at a steady rate per k.
+struct Prefetch {
+  const char* next;  // the next line to ask for
+  const char* end;   // the end of the next block (next == end: nothing to ask for)
+  int per_k;         // lines per k of every pass
+};
+
 // out[r, 0..64) = x_r . block for R rows of x (float32, K apart) and one block [K, 64].
 template <int R, typename W>
-void block_rows(const float* x, int64_t K, const W* block, float* out) {
+void block_rows(const float* x, int64_t K, const W* block, float* out, Prefetch& ahead) {
   constexpr bool is_paired = std::is_same_v<W, c10::BFloat16>;  // vectors of even and odd outputs
-  constexpr int V = R == 1 ? kVectors : kVectorsPerPass;  // one row's accumulators fit a whole block
+  constexpr int V = vectors_per_pass<R>();
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
     for (int64_t k = 0; k < K; ++k) {
+      for (int i = 0; i < ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
       Lanes w[V];
       load_pass<V>(block + k * kBlock + first * kWidth, w);
       for (int r = 0; r < R; ++r) {
@@ -88,27 +106,45 @@ void block_rows(const float* x, int64_t K, const W* block, float* out) {
 }
 
 template <typename W>
-void block_rows(int num_rows, const float* x, int64_t K, const W* block, float* out) {
+void block_rows(int num_rows, const float* x, int64_t K, const W* block, float* out, Prefetch& ahead) {
   switch (num_rows) {
-    case 1: return block_rows<1>(x, K, block, out);
-    case 2: return block_rows<2>(x, K, block, out);
-    case 3: return block_rows<3>(x, K, block, out);
-    case 4: return block_rows<4>(x, K, block, out);
-    case 5: return block_rows<5>(x, K, block, out);
-    default: return block_rows<kMaxRows>(x, K, block, out);  // the caller passes at most kMaxRows
+    case 1: return block_rows<1>(x, K, block, out, ahead);
+    case 2: return block_rows<2>(x, K, block, out, ahead);
+    case 3: return block_rows<3>(x, K, block, out, ahead);
+    case 4: return block_rows<4>(x, K, block, out, ahead);
+    case 5: return block_rows<5>(x, K, block, out, ahead);
+    default: return block_rows<kMaxRows>(x, K, block, out, ahead);  // the caller passes at most kMaxRows
   }
+}
+
+// Passes over k that a block takes for M rows, in groups of kMaxRows and the rest.
+int64_t passes_per_block(int64_t M) {
+  constexpr int kPasses[kMaxRows + 1] = {0,
+                                         kVectors / vectors_per_pass<1>(),
+                                         kVectors / vectors_per_pass<2>(),
+                                         kVectors / vectors_per_pass<3>(),
+                                         kVectors / vectors_per_pass<4>(),
+                                         kVectors / vectors_per_pass<5>(),
+                                         kVectors / vectors_per_pass<6>()};
+  return M / kMaxRows * kPasses[kMaxRows] + kPasses[M % kMaxRows];
 }
 
 template <typename T>
 void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
   const std::vector<float> xf(x, x + M * K);  // float32 rows, read from cache for every block
+  // With one pass a block streams from memory at its speed. With several, the later ones read it
+  // from L2 while memory would sit idle, so the passes ask for the next block's lines as they go.
+  const int64_t block_bytes = K * kBlock * static_cast<int64_t>(sizeof(T)), passes = passes_per_block(M);
+  const int per_k = passes > 1 ? static_cast<int>((block_bytes / 64 + passes * K - 1) / (passes * K)) : 0;
   at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
     float out[kMaxRows * kBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock, num_out = std::min(kBlock, N - first);
+      const char* next = reinterpret_cast<const char*>(blocks + (b + 1) * K * kBlock);
+      Prefetch ahead{next, b + 1 < end && per_k ? next + block_bytes : next, per_k};
       for (int64_t m = 0; m < M; m += kMaxRows) {
         const int num_rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
-        block_rows(num_rows, xf.data() + m * K, K, blocks + b * K * kBlock, out);
+        block_rows(num_rows, xf.data() + m * K, K, blocks + b * K * kBlock, out, ahead);
         for (int r = 0; r < num_rows; ++r)
           for (int64_t j = 0; j < num_out; ++j) {
             const float sum = out[r * kBlock + j];
