@@ -263,9 +263,7 @@ class Scheduler:
         # prefilled so far plus itself.
         prefill = tuple((n, s.num_prompt_done + n) for s, n in chunks)
         kv_tokens = [(1, s.num_tokens) for s in decoding] + list(prefill)
-        num_prompt_left = sum(s.num_prompt_left for s in self.running.values() if s.is_prefilling)
-        is_backlogged = num_prompt_left > sum(n for _, n in chunks)
-        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, len(self.waiting), prefill, is_backlogged)
+        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, len(self.waiting), prefill)
 
     def _admit(self) -> list[NewRequest]:
         num_free_slots = self.limits.max_running - len(self.running)

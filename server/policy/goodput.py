@@ -78,8 +78,6 @@ class StepBase:
     num_waiting: int = 0  # requests queued for a slot (logged)
     # (query, KV tokens) of each prefill chunk: a draft model prefills them in its first forward
     prefill_seqs: tuple[tuple[int, int], ...] = ()
-    # prompt tokens of running requests left for later steps: the prefill is cut to fit (choose_prefix)
-    is_prefill_backlogged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,15 +325,7 @@ def choose_prefix(prefixes: Sequence[tuple[float, float]], time_value: float = 0
     tokens - time_value x seconds, wins (Dinkelbach's form; at time_value = the best goodput the two
     agree). A step that prefills is long whatever it drafts, so its own goodput is low and would
     buy an expensive draft (a draft model's k forwards) that yields fewer tokens per second than
-    the same time spent on decoding steps.
-
-    time_value = inf: no draft is worth a second. So it is in a step that prefills while prompt
-    tokens are left for later steps: the prefill's chunks are cut to a time bound, so a second of
-    drafts there delays every prompt still to come, and when prompts keep arriving their prefill
-    bounds the throughput, not the decodes (16 concurrent completions: AUTO 0.88x OFF drafting
-    there, 1.06x not; docs/goodput-policy.md)."""
-    if math.isinf(time_value):
-        return 0
+    the same time spent on decoding steps."""
     best = max(range(len(prefixes)), key=lambda i: (goodput(*prefixes[i]), -i))
     if time_value <= goodput(*prefixes[best]):
         return best

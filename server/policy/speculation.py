@@ -14,7 +14,6 @@ or after a longer wait), so a stale low estimate can recover.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -148,9 +147,7 @@ class SpeculationPolicy:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
         draft_models = {name: model for name, model in self.draft_cost_models.items() if model.is_fitted}
         num_decoding = round(base.num_generated)
-        time_value = 0.0
-        if base.prefill_seqs:
-            time_value = math.inf if base.is_prefill_backlogged else self._decode_goodput_near(num_decoding)
+        time_value = self._decode_goodput_near(num_decoding) if base.prefill_seqs else 0.0
         choice = choose(
             candidates, base, times, self.cost_model.draft_costs(), draft_models, time_value, self.prefill_drafters
         )
@@ -162,10 +159,6 @@ class SpeculationPolicy:
             req_id: Assignment(choice.drafters[req_id], k) if k else NO_DRAFT
             for req_id, k in choice.draft_tokens.items()
         }
-        if math.isinf(time_value):  # no draft is worth a second here, so no step counts as one at zero
-            if log.is_enabled_for(logging.DEBUG):
-                log_choice(candidates, base, choice, chosen, time_value)
-            return chosen
         self.steps_since_probe += 1
         # A probe should cost one draft token: a draft model's turn waits for a step that runs its
         # forward anyway (another request drafts with it, or it prefills), or for a long wait.

@@ -3,7 +3,6 @@ cost models (no model, no engine)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -251,7 +250,6 @@ def test_choose_prefix_takes_the_best_goodput_unless_time_is_worth_more() -> Non
     assert choose_prefix(prefixes, 3.0) == 1  # 3 - 4.5 = -1.5 beats 1 - 3 = -2 and 4 - 6 = -2
     assert choose_prefix(prefixes, 5.0) == 0  # 1 - 5 = -4 beats 3 - 7.5 = -4.5
     assert choose_prefix([(2.0, 1.0)], 5.0) == 0
-    assert choose_prefix(prefixes, math.inf) == 0  # a step that prefills while prompt is left: no draft
 
 
 def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,47 +174,6 @@ def test_drafts_beside_a_prefill_do_not_hold_the_prompt_back() -> None:
     assert 0 not in chunks  # no step without a chunk: the drafts ran over nothing
 
 
-def test_auto_drafts_nothing_beside_a_prefill_that_leaves_prompt_for_later_steps() -> None:
-    # A second of drafts in a step whose prefill is cut to a bound delays every prompt to come;
-    # with prompts arriving all the time, their prefill bounds the throughput (16 concurrent
-    # completions on 2 cores: AUTO 0.88x OFF drafting there, 1.06x not).
-    scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=2.0, mode=SpeculationMode.AUTO)
-    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 4, 5, 9, 64, 512) for c in (0, 100, 3000) for b in (1, 3)]
-    scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
-    scheduler.add(make_state("short", 4, max_new_tokens=1000))
-    sure = Offer(8, 8)  # an 8-token proposal from an 8-token match, every draft of which passes
-
-    def step(num_draft_tokens: int = 0) -> None:
-        output = RequestOutput(
-            "short", [66] * (num_draft_tokens + 1), num_draft_tokens, num_draft_tokens, offers=[sure]
-        )
-        scheduler.update(StepResult(plan.step_id, [output]))
-
-    plan = scheduler.schedule()
-    assert plan is not None
-    step()
-    drafts_alone = []
-    for _ in range(5):
-        plan = scheduler.schedule()
-        assert plan is not None
-        drafts_alone.append(plan.scheduled[0].num_draft_tokens)
-        step(drafts_alone[-1])
-    assert drafts_alone[-1] > 0  # the policy drafts these when nothing prefills
-    scheduler.add(make_state("long", 600))
-    steps = []  # (chunk, whether it ends the prompt, k of "short")
-    while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
-        plan = scheduler.schedule()
-        assert plan is not None
-        by_id = {s.req_id: s for s in plan.scheduled}
-        chunk = by_id["long"].num_prompt_tokens if "long" in by_id else 0
-        ends_prompt = chunk > 0 and not scheduler.running["long"].is_prefilling
-        steps.append((chunk, ends_prompt, by_id["short"].num_draft_tokens))
-        step(steps[-1][2])
-    cut = [k for chunk, is_last, k in steps if chunk and not is_last]
-    assert len(cut) >= 2 and not any(cut)
-    assert [k for chunk, is_last, k in steps if is_last] != [0]  # the last chunk leaves nothing waiting
-
-
 def test_per_request_modes_override_the_server_policy() -> None:
     scheduler = make_scheduler(mode=SpeculationMode.AUTO, k=3)
     scheduler.add(make_state("default", 2))
