@@ -26,7 +26,6 @@
 
 namespace {
 
-using goodspeed::IntLanes;
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load;
@@ -35,25 +34,6 @@ constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in
 constexpr int kVectorsPerPass = 4;  // keys per pass of the scores over the head dimension, in vectors
 constexpr int64_t kKeysPerPass = kVectorsPerPass * kWidth;
 constexpr int64_t kPrefetchPasses = 2;  // how far ahead K's lines are asked for
-
-// exp(x) for x <= 0, a vector at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
-// degree-6 polynomial of the fraction. Relative error about 2e-7, like float32's own exp.
-inline Lanes exp_nonpositive(Lanes x) {
-  const Lanes lowest = Lanes{} - 87.0f;
-  x = x < lowest ? lowest : x;
-  const Lanes t = x * 1.4426950408889634f;
-  IntLanes whole = __builtin_convertvector(t, IntLanes);  // rounds towards zero ...
-  whole += (__builtin_convertvector(whole, Lanes) > t);   // ... so one less where that was up (true is -1)
-  const Lanes f = t - __builtin_convertvector(whole, Lanes);
-  Lanes p = Lanes{} + 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184375e-3f;
-  p = p * f + 5.5503324e-2f;
-  p = p * f + 2.4022648e-1f;
-  p = p * f + 6.9314720e-1f;
-  p = p * f + 1.0f;
-  return p * reinterpret_cast<Lanes>((whole + 127) << 23);
-}
 
 // scores[r, j] = q_r . k_j for R rows over keys first .. end of one run, summed over d in order
 // (a fused multiply-add per d, from 0: the same arithmetic whatever the tile).
@@ -192,7 +172,7 @@ void softmax_numerators(float* const* s_rows, int64_t rows, const int64_t* visib
     float row_peak = -std::numeric_limits<float>::infinity();
     for (int64_t l = 0; l < kWidth; ++l) row_peak = std::max(row_peak, peaks[l]);
     for (int64_t j = vector_end; j < visible[r]; ++j) row_peak = std::max(row_peak, s[j]);
-    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, exp_nonpositive(load(s + j) - row_peak));
+    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, goodspeed::exp_lanes(load(s + j) - row_peak));
     Lanes sums = {};
     for (int64_t j = 0; j < vector_end; j += kWidth) sums += load(s + j);
     float row_total = 0.0f;

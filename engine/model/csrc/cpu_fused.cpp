@@ -12,12 +12,19 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "lanes.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
+using goodspeed::exp_lanes;
+using goodspeed::kWidth;
+using goodspeed::Lanes;
+using goodspeed::load;
+using goodspeed::store;
 constexpr int64_t kRowsPerTask = 8;  // a decode step's few rows stay on one thread
 
 // v rounded to T, as a torch operator with a T output rounds it
@@ -46,17 +53,22 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t num_row
   });
 }
 
-// out = round(silu(gate)) * up, gate and up the two halves of each row of gate_up.
+// out = round(silu(gate)) * up, gate and up the two halves of each row of gate_up; silu's exp a
+// vector at a time (exp_lanes: scalar expf made this most of a decode step's element-wise time).
 template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t num_rows, int64_t dim) {
   at::parallel_for(0, num_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    float gate_f[kWidth], silu[kWidth];
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * dim;
       const T* up = gate + dim;
       T* o = out + r * dim;
-      for (int64_t i = 0; i < dim; ++i) {
-        const float g = static_cast<float>(gate[i]);
-        o[i] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * static_cast<float>(up[i]));
+      for (int64_t i = 0; i < dim; i += kWidth) {
+        const int64_t n = std::min(kWidth, dim - i);
+        for (int64_t j = 0; j < n; ++j) gate_f[j] = static_cast<float>(gate[i + j]);
+        const Lanes g = load(gate_f);
+        store(silu, g / (1.f + exp_lanes(-g)));
+        for (int64_t j = 0; j < n; ++j) o[i + j] = static_cast<T>(round_to<T>(silu[j]) * static_cast<float>(up[i + j]));
       }
     }
   });

@@ -28,4 +28,25 @@ inline Lanes load(const float* p) {
 }
 inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
+// exp(x), a vector at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
+// degree-6 polynomial of the fraction. Relative error about 2e-7, like float32's own exp; x is
+// clamped to [-87, 88], where both the power and the result stay normal floats.
+inline Lanes exp_lanes(Lanes x) {
+  const Lanes lowest = Lanes{} - 87.0f, highest = Lanes{} + 88.0f;
+  x = x < lowest ? lowest : x;
+  x = x > highest ? highest : x;
+  const Lanes t = x * 1.4426950408889634f;
+  IntLanes whole = __builtin_convertvector(t, IntLanes);  // rounds towards zero ...
+  whole += (__builtin_convertvector(whole, Lanes) > t);   // ... so one less where that was up (true is -1)
+  const Lanes f = t - __builtin_convertvector(whole, Lanes);
+  Lanes p = Lanes{} + 1.5353362e-4f;
+  p = p * f + 1.3398874e-3f;
+  p = p * f + 9.6184375e-3f;
+  p = p * f + 5.5503324e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.0f;
+  return p * reinterpret_cast<Lanes>((whole + 127) << 23);
+}
+
 }  // namespace goodspeed
