@@ -14,6 +14,7 @@ request's first over the time after it), the figure the memory roofline bounds.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ from server.app import configure_logging
 from server.tokenizer import TextTokenizer
 
 T = TypeVar("T")
+PLAIN = "ours plain"
+# Triads around each plain request: a shared host's bandwidth moved between 18 and 27 GB/s
+# within one workload's two minutes, so one reading at the start is a poor denominator.
+TRIAD_REPEATS = 2
 
 
 @dataclass
@@ -61,6 +66,9 @@ class VariantStats:
     # after each request's first token (ours only: transformers' generate reports no first token)
     num_decode_tokens: int = 0
     decode_seconds: float = 0.0
+    request_decode_tokens_per_s: list[float] = field(default_factory=list)
+    # ours plain only: the triad around each request (one just before, one just after, their mean)
+    triads_gbs: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,6 +113,7 @@ def record(
     if first_token_s is not None and len(output) > 1:
         stats.num_decode_tokens += len(output) - 1
         stats.decode_seconds += seconds - first_token_s
+        stats.request_decode_tokens_per_s.append((len(output) - 1) / (seconds - first_token_s))
     stats.num_steps += steps
     stats.num_drafted += drafted
     stats.num_accepted += accepted
@@ -140,7 +149,11 @@ def batch_one(
     stats.update({name: VariantStats(name) for name in hf_variants})
     for ids in tqdm(prompts, desc="prompts", unit="prompt"):
         for name, v in variants.items():
+            is_plain = name == PLAIN
+            triad_before = memory_bandwidth_gbs(TRIAD_REPEATS) if is_plain else 0.0
             outcome = servers[v.mode].generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
+            if is_plain:
+                stats[name].triads_gbs.append((triad_before + memory_bandwidth_gbs(TRIAD_REPEATS)) / 2)
             spec = outcome.speculation
             # steps that made tokens: the decoding ones and the one that ended the prefill
             record(
@@ -159,7 +172,7 @@ def batch_one(
             assert hf is not None
             output, seconds = hf.generate(ids, max_new_tokens, lookup, is_assisted)
             record(stats[name], output, seconds, 0, 0, 0)
-    plain = stats["ours plain"].outputs
+    plain = stats[PLAIN].outputs
     for name, variant in stats.items():
         reference = stats["transformers plain"].outputs if name.startswith("transformers") else plain
         variant.num_diverged = sum(a != b for a, b in zip(variant.outputs, reference, strict=True))
@@ -170,7 +183,7 @@ def batch_one(
 
 def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int], mlp_ks: list[int]) -> dict[str, Variant]:
     fixed = SpeculationMode.FIXED
-    variants = {"ours plain": Variant(SpeculationMode.OFF)}
+    variants = {PLAIN: Variant(SpeculationMode.OFF)}
     if "ngram" in drafters:
         variants.update({f"ours ngram k={k}": Variant(fixed, k, "ngram") for k in ks})
     if "model" in drafters:
@@ -196,7 +209,7 @@ def divergence_margins(
 
 def summarize(stats: dict[str, VariantStats], roofline: float) -> dict[str, dict[str, Any]]:
     """Each variant's figures, with its speedup over ours plain and its share of the roofline."""
-    plain_tps = stats["ours plain"].tokens_per_s
+    plain_tps = stats[PLAIN].tokens_per_s
     return {
         name: {
             **s.summary(),
@@ -211,7 +224,7 @@ def summarize(stats: dict[str, VariantStats], roofline: float) -> dict[str, dict
 def versus_transformers(hf: HFProcess, prompts: list[list[int]], stats: dict[str, VariantStats]) -> dict[str, Any]:
     """How many of ours plain outputs differ from transformers' plain ones, and the logit margins
     where they part."""
-    ours, theirs = stats["ours plain"].outputs, stats["transformers plain"].outputs
+    ours, theirs = stats[PLAIN].outputs, stats["transformers plain"].outputs
     return {
         "diverged_from_transformers_plain": sum(a != b for a, b in zip(ours, theirs, strict=True)),
         "transformers_divergence_logit_margins": [round(m, 4) for m in divergence_margins(hf, prompts, ours, theirs)],
@@ -388,22 +401,28 @@ def measure(
         items = build_workload(workload, num_prompts)
         prompts = [item.token_ids(tokenizer) for item in items]
         stats = batch_one(servers, hf, prompts, items[0].max_new_tokens, variants, hf_lookup)
-        plain_tps = stats["ours plain"].tokens_per_s
+        plain_tps = stats[PLAIN].tokens_per_s
         report["batch_one"][workload] = summarize(stats, roofline)
         if hf is not None:
-            report["batch_one"][workload]["ours plain"].update(versus_transformers(hf, prompts, stats))
+            report["batch_one"][workload][PLAIN].update(versus_transformers(hf, prompts, stats))
         print_batch_one(f"{workload}, {dtype}, greedy, {report['cpu']}", report["batch_one"][workload])
-        plain = stats["ours plain"]
+        plain = stats[PLAIN]
         # The triad moves from run to run on a shared host (28-44 GB/s on one machine in a day):
         # taken again after the workload, it shows how far the share rests on the first reading.
         triad_after = round(memory_bandwidth_gbs(), 1)
         report["triad_gbs_after"][workload] = triad_after
         roofline_after = roofline_tokens_per_s(runner.model.spec, runner.model.dtype, triad_after)
+        beside = shares_beside_triads(plain, runner.model.spec, runner.model.dtype)
+        report["batch_one"][workload][PLAIN]["decode_fraction_of_roofline_beside_triads"] = beside
         print(
             f"ours plain: decoding at {plain.decode_tokens_per_s:.1f} tok/s after the first token, "
             f"{plain.decode_tokens_per_s / roofline:.0%} of the memory roofline ({roofline:.1f} tok/s); "
             f"{plain_tps / roofline:.0%} over whole requests, prefill included; with the triad taken "
-            f"after this workload ({triad_after} GB/s) decoding is at {plain.decode_tokens_per_s / roofline_after:.0%}"
+            f"after this workload ({triad_after} GB/s) decoding is at "
+            f"{plain.decode_tokens_per_s / roofline_after:.0%}\n"
+            f"ours plain, each request against the triad around it ({min(plain.triads_gbs):.1f}-"
+            f"{max(plain.triads_gbs):.1f} GB/s): decoding at {beside['median']:.0%} of the roofline, median of "
+            f"{len(beside['shares'])} ({beside['min']:.0%}-{beside['max']:.0%})"
         )
     if not concurrency:
         return report
@@ -426,6 +445,21 @@ def measure(
         f"{tax['drafter_share_of_time']:.3%} of the run"
     )
     return report
+
+
+def shares_beside_triads(plain: VariantStats, spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
+    """Each plain request's decoding against the roofline of the triad taken around it."""
+    shares = [
+        tps / roofline_tokens_per_s(spec, dtype, triad)
+        for tps, triad in zip(plain.request_decode_tokens_per_s, plain.triads_gbs, strict=True)
+    ]
+    return {
+        "median": round(statistics.median(shares), 3),
+        "min": round(min(shares), 3),
+        "max": round(max(shares), 3),
+        "shares": [round(share, 3) for share in shares],
+        "triads_gbs": [round(triad, 1) for triad in plain.triads_gbs],
+    }
 
 
 def roofline_tokens_per_s(spec: ModelSpec, dtype: torch.dtype, bandwidth_gbs: float) -> float:
@@ -477,8 +511,8 @@ def print_batch_one(title: str, rows: dict[str, dict[str, Any]]) -> None:
             f"{name:34} {row['tokens_per_s']:8.1f} {row['speedup_vs_ours_plain']:7.2f}x {mal_text:>14} "
             f"{row['diverged_outputs']:>9}" + margins_text(row["divergence_logit_margins"])
         )
-    if "diverged_from_transformers_plain" in rows["ours plain"]:
-        ours = rows["ours plain"]
+    if "diverged_from_transformers_plain" in rows[PLAIN]:
+        ours = rows[PLAIN]
         print(
             f"ours plain vs transformers plain: {ours['diverged_from_transformers_plain']} outputs differ"
             + margins_text(ours["transformers_divergence_logit_margins"])

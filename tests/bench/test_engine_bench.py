@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from bench.engine import TimedDrafter, VariantStats, record
+from bench.engine import PLAIN, TimedDrafter, VariantStats, record, roofline_tokens_per_s, shares_beside_triads
 from engine.drafters.base import DraftRequest
 from engine.drafters.ngram import NgramDrafter
+from engine.model.spec import ModelSpec
+
+SMOLLM2_135M = ModelSpec("llama", 49152, 576, 1536, 30, 9, 3, 64, 1e-5, 8192, False, True)
 
 
 def test_timed_drafter_passes_calls_through_and_adds_up_their_time() -> None:
@@ -27,7 +31,7 @@ def test_timed_drafter_passes_calls_through_and_adds_up_their_time() -> None:
 
 def test_decoding_is_timed_after_each_first_token() -> None:
     """The roofline is about decoding: prefill (until the first token) stays out of decode tok/s."""
-    stats = VariantStats("ours plain")
+    stats = VariantStats(PLAIN)
     record(stats, [1, 2, 3, 4, 5], 1.0, 5, 0, 0, first_token_s=0.6)  # 4 tokens in the last 0.4 s
     record(stats, [6, 7, 8], 0.5, 3, 0, 0, first_token_s=0.1)  # 2 tokens in 0.4 s
     record(stats, [9], 0.2, 1, 0, 0, first_token_s=0.2)  # one token: nothing decoded after it
@@ -36,3 +40,16 @@ def test_decoding_is_timed_after_each_first_token() -> None:
     reference = VariantStats("transformers plain")
     record(reference, [1, 2], 1.0, 0, 0, 0)  # no first-token time: no decode rate
     assert reference.summary()["decode_tokens_per_s"] is None
+
+
+def test_each_request_is_set_against_the_triad_taken_around_it() -> None:
+    """Shares per request, each over the roofline of its own triad, not one reading for all."""
+    stats = VariantStats(PLAIN)
+    record(stats, [1, 2, 3, 4, 5], 1.0, 5, 0, 0, first_token_s=0.6)  # 10 tok/s after the first token
+    record(stats, [6, 7, 8], 0.5, 3, 0, 0, first_token_s=0.1)  # 5 tok/s
+    stats.triads_gbs += [20.0, 40.0]
+    bound_at_20 = roofline_tokens_per_s(SMOLLM2_135M, torch.float32, 20.0)
+    beside = shares_beside_triads(stats, SMOLLM2_135M, torch.float32)
+    assert beside["shares"] == [round(10 / bound_at_20, 3), round(5 / (2 * bound_at_20), 3)]
+    assert beside["median"] == pytest.approx((10 / bound_at_20 + 5 / (2 * bound_at_20)) / 2, abs=1e-3)
+    assert beside["triads_gbs"] == [20.0, 40.0]
