@@ -17,7 +17,8 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.machine import machine_facts
+from bench.engine import TRIAD_REPEATS, roofline_tokens_per_s
+from bench.machine import machine_facts, memory_bandwidth_gbs
 from bench.workloads import build_workload
 from engine.config import EngineConfig
 from engine.protocol import NewRequest, ScheduledRequest, StepPlan
@@ -102,6 +103,29 @@ def profile_batch(runner: ModelRunner, prompts: list[list[int]], num_steps: int)
     }
 
 
+ROOFLINE_ROUNDS, STEPS_PER_ROUND = 10, 10
+
+
+def roofline_share(runner: ModelRunner, prompt: list[int]) -> dict[str, Any]:
+    """Batch-1 plain decoding against the memory roofline, a triad between rounds of steps: a shared
+    host's bandwidth moves within seconds, so each round is set against the triads on either side."""
+    batch = DecodingBatch(runner, [prompt], ROOFLINE_ROUNDS * STEPS_PER_ROUND + 4, "roofline")
+    batch.decode(4)  # warm-up
+    triads, shares = [memory_bandwidth_gbs(TRIAD_REPEATS)], []
+    for _ in range(ROOFLINE_ROUNDS):
+        step_s = statistics.median(batch.decode(STEPS_PER_ROUND))
+        triads.append(memory_bandwidth_gbs(TRIAD_REPEATS))
+        bound = roofline_tokens_per_s(runner.model.spec, runner.model.dtype, (triads[-2] + triads[-1]) / 2)
+        shares.append(1 / step_s / bound)
+    batch.release()
+    return {
+        "median": round(statistics.median(shares), 3),
+        "min": round(min(shares), 3),
+        "max": round(max(shares), 3),
+        "triads_gbs": [round(t, 1) for t in triads],
+    }
+
+
 def main(model: str, dtypes: list[str], batch_sizes: list[int], num_steps: int, out: Path) -> int:
     machine = machine_facts()
     report: dict[str, Any] = {"model": model, "machine": machine, "num_steps": num_steps, "profiles": []}
@@ -112,6 +136,8 @@ def main(model: str, dtypes: list[str], batch_sizes: list[int], num_steps: int, 
         prompts = [item.token_ids(tokenizer) for item in items]
         for batch_size in batch_sizes:
             row = {"dtype": dtype, **profile_batch(runner, prompts[:batch_size], num_steps)}
+            if batch_size == 1:
+                row["roofline_share"] = roofline_share(runner, prompts[0])
             report["profiles"].append(row)
             print_profile(machine["cpu_model"], row)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +151,13 @@ def print_profile(cpu: str, row: dict[str, Any]) -> None:
         f"\n{row['dtype']}, batch {row['batch']}, {cpu}: a decode step {row['step_ms']} ms "
         f"({row['step_ms_profiled']} ms under the profiler, {row['operator_calls']} operator calls)"
     )
+    if "roofline_share" in row:
+        roofline = row["roofline_share"]
+        print(
+            f"  against the memory roofline, a triad between every {STEPS_PER_ROUND} steps "
+            f"({min(roofline['triads_gbs'])}-{max(roofline['triads_gbs'])} GB/s): {roofline['median']:.0%}, "
+            f"median of {ROOFLINE_ROUNDS} rounds ({roofline['min']:.0%}-{roofline['max']:.0%})"
+        )
     for label, share in row["shares"].items():
         print(f"  {label:52} {share:6.1%}")
     print("  top operators (self time per step):")
