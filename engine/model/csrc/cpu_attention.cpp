@@ -26,6 +26,7 @@
 
 namespace {
 
+using goodspeed::exp_lanes;
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load;
@@ -172,7 +173,7 @@ void softmax_numerators(float* const* s_rows, int64_t rows, const int64_t* visib
     float row_peak = -std::numeric_limits<float>::infinity();
     for (int64_t l = 0; l < kWidth; ++l) row_peak = std::max(row_peak, peaks[l]);
     for (int64_t j = vector_end; j < visible[r]; ++j) row_peak = std::max(row_peak, s[j]);
-    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, goodspeed::exp_lanes(load(s + j) - row_peak));
+    for (int64_t j = 0; j < visible[r]; j += kWidth) store(s + j, exp_lanes(load(s + j) - row_peak));
     Lanes sums = {};
     for (int64_t j = 0; j < vector_end; j += kWidth) sums += load(s + j);
     float row_total = 0.0f;

@@ -54,7 +54,7 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t num_row
 }
 
 // out = round(silu(gate)) * up, gate and up the two halves of each row of gate_up; silu's exp a
-// vector at a time (exp_lanes: scalar expf made this most of a decode step's element-wise time).
+// vector at a time (exp_lanes: with expf a value at a time, a row of 1536 took about twice as long).
 template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t num_rows, int64_t dim) {
   at::parallel_for(0, num_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
