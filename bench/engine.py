@@ -454,12 +454,15 @@ def shares_beside_triads(plain: VariantStats, spec: ModelSpec, dtype: torch.dtyp
         for tps, triad in zip(plain.request_decode_tokens_per_s, plain.triads_gbs, strict=True)
     ]
     return {
-        "median": round(statistics.median(shares), 3),
-        "min": round(min(shares), 3),
-        "max": round(max(shares), 3),
+        **spread(shares),
         "shares": [round(share, 3) for share in shares],
         "triads_gbs": [round(triad, 1) for triad in plain.triads_gbs],
     }
+
+
+def spread(shares: list[float]) -> dict[str, float]:
+    """Median, least and most of some shares of the roofline, rounded for a report."""
+    return {"median": round(statistics.median(shares), 3), "min": round(min(shares), 3), "max": round(max(shares), 3)}
 
 
 def roofline_tokens_per_s(spec: ModelSpec, dtype: torch.dtype, bandwidth_gbs: float) -> float:

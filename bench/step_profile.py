@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.engine import TRIAD_REPEATS, roofline_tokens_per_s
+from bench.engine import TRIAD_REPEATS, roofline_tokens_per_s, spread
 from bench.machine import machine_facts, memory_bandwidth_gbs
 from bench.workloads import build_workload
 from engine.config import EngineConfig
@@ -118,12 +118,7 @@ def roofline_share(runner: ModelRunner, prompt: list[int]) -> dict[str, Any]:
         bound = roofline_tokens_per_s(runner.model.spec, runner.model.dtype, (triads[-2] + triads[-1]) / 2)
         shares.append(1 / step_s / bound)
     batch.release()
-    return {
-        "median": round(statistics.median(shares), 3),
-        "min": round(min(shares), 3),
-        "max": round(max(shares), 3),
-        "triads_gbs": [round(t, 1) for t in triads],
-    }
+    return {**spread(shares), "triads_gbs": [round(t, 1) for t in triads]}
 
 
 def main(model: str, dtypes: list[str], batch_sizes: list[int], num_steps: int, out: Path) -> int:
