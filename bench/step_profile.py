@@ -34,7 +34,7 @@ VIEW_OPS = ("slice", "select", "as_strided", "view", "reshape", "permute", "tran
 def category(op_name: str) -> str:
     """The profiler's operator name -> what it does in a decode step."""
     name = op_name.split("::")[-1]
-    if name == "decoder_layer":
+    if name == "decoder_layers":
         return "whole layers in one C++ call (products, attention, norms)"
     if name in ATTENTION_OPS:
         return "attention"

@@ -2,8 +2,8 @@
 
 - `ragged_attention` (cpu_attention.py): one attention call per layer for a step's short sequences.
 - `few_rows_linear` (linear.py): products of a few rows (decoding, verifying), at the memory's speed.
-- `add_rms_norm`, `silu_mul`, `rope_write_kv`, `decoder_layer` (layer_ops.py): a layer's
-  element-wise groups, one call each, and a whole decoder layer in one call.
+- `add_rms_norm`, `silu_mul`, `rope_write_kv`, `decoder_layers` (layer_ops.py): a layer's
+  element-wise groups, one call each, and all decoder layers in one call.
 
 torch's extension builder compiles them with -march=native, in a child process with a time limit:
 a compiler that stalls must cost one build, never a server's start or a test run. `make setup`

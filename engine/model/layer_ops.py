@@ -2,8 +2,8 @@
 KV write, and the MLP's SiLU gate.
 
 `LayerOps` runs them as torch operators (any device). On the CPU, `FusedLayerOps` runs each group
-as one call of a C++ kernel (csrc/cpu_fused.cpp), and for a step the kernels take whole each
-layer as one call (`decoder_layers`, csrc/cpu_layer.cpp): a batch-1 decode step of the default
+as one call of a C++ kernel (csrc/cpu_fused.cpp), and for a step the kernels take whole all
+layers in one call (`decoder_layers`, csrc/cpu_layer.cpp): a batch-1 decode step of the default
 model was some 3,800 operator calls, a third of its time in dispatch and tiny kernels
 (docs/decode-profile.md). Both forms round to the model's dtype at the same points, so they agree
 to within the order of a float32 sum; a server runs one of them for every step, so a decoded
@@ -111,33 +111,32 @@ class FusedLayerOps(LayerOps):
         scale: float,
         kernel_seqs: KernelSeqs,
     ) -> None:
-        """Every layer, each in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for
-        a step of at most `whole_layer_rows` tokens whose sequences the attention kernel all takes.
+        """Every layer in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for a
+        step of at most `whole_layer_rows` tokens whose sequences the attention kernel all takes.
         The same kernels in the same order as the per-operator path, without the Python between."""
-        for layer_idx, layer in enumerate(layers):
-            torch.ops.goodspeed.decoder_layer(
-                x,
-                layer.input_norm,
-                layer.post_norm,
-                eps,
-                layer.qkv.blocks,
-                layer.qkv.num_out,
-                layer.qkv.bias,
-                layer.o_proj.blocks,
-                layer.gate_up.blocks,
-                layer.gate_up.num_out,
-                layer.down.blocks,
-                cos,
-                sin,
-                kv_cache.k_t_layers[layer_idx],
-                kv_cache.v_layers[layer_idx],
-                slot_ids,
-                num_heads,
-                scale,
-                kernel_seqs.seqs,
-                kernel_seqs.num_sink_tokens,
-                kernel_seqs.num_recent_tokens,
-            )
+        torch.ops.goodspeed.decoder_layers(
+            x,
+            [layer.input_norm for layer in layers],
+            [layer.post_norm for layer in layers],
+            eps,
+            [layer.qkv.blocks for layer in layers],
+            layers[0].qkv.num_out,
+            [layer.qkv.bias for layer in layers],
+            [layer.o_proj.blocks for layer in layers],
+            [layer.gate_up.blocks for layer in layers],
+            layers[0].gate_up.num_out,
+            [layer.down.blocks for layer in layers],
+            cos,
+            sin,
+            kv_cache.k_t_layers,
+            kv_cache.v_layers,
+            slot_ids,
+            num_heads,
+            scale,
+            kernel_seqs.seqs,
+            kernel_seqs.num_sink_tokens,
+            kernel_seqs.num_recent_tokens,
+        )
 
 
 def whole_layer_rows(ops: LayerOps, layers: list[LayerWeights]) -> int:
