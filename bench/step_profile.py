@@ -35,7 +35,7 @@ def category(op_name: str) -> str:
     """The profiler's operator name -> what it does in a decode step."""
     name = op_name.split("::")[-1]
     if name == "decoder_layers":
-        return "whole layers in one C++ call (products, attention, norms)"
+        return "all decoder layers in one C++ call (products, attention, norms)"
     if name in ATTENTION_OPS:
         return "attention"
     if "linear" in name or name in ("mm", "addmm", "matmul"):

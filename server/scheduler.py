@@ -263,7 +263,9 @@ class Scheduler:
         # prefilled so far plus itself.
         prefill = tuple((n, s.num_prompt_done + n) for s, n in chunks)
         kv_tokens = [(1, s.num_tokens) for s in decoding] + list(prefill)
-        return StepBase(BatchShape.of(kv_tokens), float(len(decoding)), room, len(self.waiting), prefill)
+        num_prefilling = sum(s.is_prefilling for s in self.running.values())
+        shape = BatchShape.of(kv_tokens)
+        return StepBase(shape, float(len(decoding)), room, len(self.waiting), prefill, num_prefilling)
 
     def _admit(self) -> list[NewRequest]:
         num_free_slots = self.limits.max_running - len(self.running)

@@ -75,9 +75,10 @@ class StepBase:
     shape: BatchShape  # one token per decoding request plus the prefill chunks
     num_generated: float  # tokens it yields: one per decoding request
     max_extra_tokens: int  # room left in the step's token budget
-    num_waiting: int = 0  # requests queued for a slot (logged)
+    num_waiting: int = 0  # requests queued for a slot
     # (query, KV tokens) of each prefill chunk: a draft model prefills them in its first forward
     prefill_seqs: tuple[tuple[int, int], ...] = ()
+    num_prefilling: int = 0  # requests admitted whose prompt is not all run yet (this step's chunks included)
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,12 +147,12 @@ class SpeculationPolicy:
         times = self.cost_model.step_times(base.shape, max_tokens_needed(base, candidates))
         draft_models = {name: model for name, model in self.draft_cost_models.items() if model.is_fitted}
         num_decoding = round(base.num_generated)
-        time_value = self._decode_goodput_near(num_decoding) if base.prefill_seqs else 0.0
+        time_value = self._time_value(base, num_decoding)
         choice = choose(
             candidates, base, times, self.cost_model.draft_costs(), draft_models, time_value, self.prefill_drafters
         )
         self.last_choice = choice
-        if not base.prefill_seqs:
+        if not base.prefill_seqs and not time_value:  # what a decode-only step buys when time is not priced
             last = self.decode_goodput.get(num_decoding, choice.goodput)
             self.decode_goodput[num_decoding] = last + DECODE_GOODPUT_DECAY * (choice.goodput - last)
         chosen = {
@@ -183,6 +183,19 @@ class SpeculationPolicy:
         if log.is_enabled_for(logging.DEBUG):
             log_choice(candidates, base, choice, chosen, time_value)
         return chosen
+
+    def _time_value(self, base: StepBase, num_decoding: int) -> float:
+        """Tokens per second a second of this step must buy (0: none) while prompts wait. A second
+        of drafts delays every request in flight, not only the decoders: those waiting for their
+        prompt to run (their prefill comes in this step or a later one, under the prefill cap) and
+        those queued for a slot. So it is priced at what decode-only steps buy per request, times
+        all of them. Priced at the decoders' goodput alone, and only in steps that prefill, 16
+        concurrent completions (a closed loop bound by prefill) ran at 0.83x OFF's throughput
+        (docs/goodput-policy.md)."""
+        num_behind = base.num_prefilling + base.num_waiting
+        if not num_behind or not num_decoding:
+            return 0.0
+        return self._decode_goodput_near(num_decoding) * (num_decoding + num_behind) / num_decoding
 
     def _decode_goodput_near(self, num_decoding: int) -> float:
         """The recent goodput of decode-only steps with num_decoding requests, or with the nearest

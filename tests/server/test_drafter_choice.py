@@ -114,7 +114,7 @@ def test_a_draft_model_prefilling_anyway_makes_its_first_forward_cheap() -> None
     weak = [candidate("r", (0.5, 0), (0.45, 1))]
     draft = FakeDraftCost(fixed=0.050)
     idle = choose(weak, base(1), TARGET_TIMES, NO_COSTS, {"model": draft})  # type: ignore[dict-item]
-    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),), num_prefilling=1)
     busy = choose(weak, prefilling, TARGET_TIMES, NO_COSTS, {"model": draft}, prefilling={"model"})  # type: ignore[dict-item]
     assert idle.draft_tokens["r"] == 0 and busy.draft_tokens["r"] == 1
     prefill_forward_s = 0.050 + 0.001 + 0.0005 * 64
@@ -210,7 +210,7 @@ def test_a_draft_model_is_probed_only_in_a_step_that_runs_it_anyway() -> None:
     request = FakeRequest("r")
     idle = [policy.choose([request], base(1))["r"] for _ in range(2 * PROBE_AFTER_STEPS)]
     assert idle == [Assignment("", 0)] * (2 * PROBE_AFTER_STEPS)
-    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),), num_prefilling=1)
     assert policy.choose([request], prefilling)["r"] == Assignment("model", 1)
     assert policy.num_probes == 1
     # with no step to ride on, a much longer wait buys a probe that runs the forward alone
@@ -225,7 +225,7 @@ def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -
     # on the forward that prefills anyway (and is worth more than n-gram's two).
     candidates = [candidate("r", (0.5, 2), (0.95, 8))]
     long_times = [1.0 + 0.002 * n for n in range(300)]
-    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),), num_prefilling=1)
     draft = FakeDraftCost(fixed=0.100)
 
     def pick_at(time_value: float) -> tuple[str, int]:
@@ -264,7 +264,7 @@ def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypa
     policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
     for _ in range(20):
         policy.acceptance["model"].observe("r", 0, num_drafted=4, num_accepted=4)
-    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),))
+    prefilling = StepBase(BatchShape(65, 2, 164, 1, 2180), 1.0, 256, prefill_seqs=((64, 64),), num_prefilling=1)
     policy.choose([FakeRequest("r")], prefilling)
     assert prices == [0.0]  # no decode-only step yet: no price
     goodputs = []
@@ -275,13 +275,19 @@ def test_decode_only_steps_set_the_price_of_time_for_steps_that_prefill(monkeypa
     assert goodputs[1] < goodputs[0] and prices[1:] == [0.0, 0.0]  # decode-only steps are not priced
     learned = goodputs[0] + speculation.DECODE_GOODPUT_DECAY * (goodputs[1] - goodputs[0])
     assert policy.decode_goodput == {1: pytest.approx(learned)}
-    # a step that prefills with 3 decoding requests is priced at the nearest count seen, 1
+    # a step that prefills with 3 decoding requests is priced at the nearest count seen, 1, per
+    # request in flight: the 3 decoding and the 1 prefilling
     policy.choose([FakeRequest(f"r{i}") for i in range(3)], StepBase(*astuple_of(prefilling, 3.0)))
-    assert prices[-1] == pytest.approx(learned) and policy.decode_goodput == {1: pytest.approx(learned)}
+    assert prices[-1] == pytest.approx(learned * 4 / 3) and policy.decode_goodput == {1: pytest.approx(learned)}
+    # a step with no chunk is priced too while prompts wait for theirs (the prefill cap held them
+    # back) or for a slot: its drafts delay them as much
+    held_back = StepBase(BatchShape(1, 1, 100, 0, 100), 1.0, 256, num_waiting=2, num_prefilling=1)
+    policy.choose([FakeRequest("r")], held_back)
+    assert prices[-1] == pytest.approx(learned * 4) and policy.decode_goodput == {1: pytest.approx(learned)}
 
 
 def astuple_of(step: StepBase, num_generated: float) -> tuple[object, ...]:
-    return (step.shape, num_generated, step.max_extra_tokens, step.num_waiting, step.prefill_seqs)
+    return (step.shape, num_generated, step.max_extra_tokens, step.num_waiting, step.prefill_seqs, step.num_prefilling)
 
 
 def test_a_draft_model_only_ever_drafted_one_deep_is_still_drafted_deeper() -> None:
