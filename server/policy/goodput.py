@@ -34,8 +34,8 @@ request needs the forward; the first forward runs anyway while prompts prefill).
 option worth most at the plain step's goodput (tokens minus goodput times seconds, the Dinkelbach
 view of a ratio); when that puts a draft model's requests on it, the same walk with those requests
 on their best model-free option is priced too, and the better plan wins: at batch 1 that compares
-the two drafters exactly. In a step that prefills, a second is priced at what decode-only steps buy
-with it (choose_prefix).
+the two drafters exactly. While prompts wait (prefilling, or queued for a slot), a second of any
+step is priced at what decode-only steps buy with it (choose_prefix).
 """
 
 from __future__ import annotations

@@ -185,17 +185,15 @@ class SpeculationPolicy:
         return chosen
 
     def _time_value(self, base: StepBase, num_decoding: int) -> float:
-        """Tokens per second a second of this step must buy (0: none) while prompts wait. A second
-        of drafts delays every request in flight, not only the decoders: those waiting for their
-        prompt to run (their prefill comes in this step or a later one, under the prefill cap) and
-        those queued for a slot. So it is priced at what decode-only steps buy per request, times
-        all of them. Priced at the decoders' goodput alone, and only in steps that prefill, 16
-        concurrent completions (a closed loop bound by prefill) ran at 0.83x OFF's throughput
-        (docs/goodput-policy.md)."""
-        num_behind = base.num_prefilling + base.num_waiting
-        if not num_behind or not num_decoding:
+        """Tokens per second a second of this step must buy (0: none): while prompts wait, in
+        every step, what decode-only steps buy with it. A second of drafts delays the requests
+        waiting for their prompt to run (in this step's chunk, or in a later step that the prefill
+        cap holds it back to) and those queued for a slot. Priced only in steps with a chunk, the
+        steps between them drafted at any price, and 16 concurrent completions (a closed loop
+        bound by prefill) ran at 0.83x OFF's throughput (docs/goodput-policy.md)."""
+        if not (base.num_prefilling or base.num_waiting) or not num_decoding:
             return 0.0
-        return self._decode_goodput_near(num_decoding) * (num_decoding + num_behind) / num_decoding
+        return self._decode_goodput_near(num_decoding)
 
     def _decode_goodput_near(self, num_decoding: int) -> float:
         """The recent goodput of decode-only steps with num_decoding requests, or with the nearest
