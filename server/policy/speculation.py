@@ -84,8 +84,8 @@ class SpeculationPolicy:
     num_probes_of: dict[str, int] = field(default_factory=dict)  # per request, to take its drafters in turn
     steps_since_probe: int = 0
     num_probes: int = 0
-    # recent chosen goodput of AUTO steps without prefill, by their number of decoding requests:
-    # what a second of decoding buys, the price of time in a step that prefills
+    # recent chosen goodput of AUTO decode-only steps with nothing waiting, by their number of
+    # decoding requests: what a second of decoding buys, the price of time while prompts wait
     decode_goodput: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -299,5 +299,5 @@ def log_choice(
         plain_ms=round(choice.plain_step_s * 1e3, 2),
         predicted_ms=round(choice.step_s * 1e3, 2),
         draft_ms=round(choice.draft_s * 1e3, 2),
-        time_value=round(time_value, 1),  # tokens/s a second must buy (steps that prefill; else 0)
+        time_value=round(time_value, 1),  # tokens/s a second must buy (while prompts wait; else 0)
     )
