@@ -14,7 +14,6 @@ request's first over the time after it), the figure the memory roofline bounds.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from api.speculation import SpeculationMode
 from bench.hf_process import HFProcess
 from bench.in_process import InProcessServer
 from bench.machine import machine_facts, memory_bandwidth_gbs
+from bench.roofline import TRIAD_REPEATS, roofline_tokens_per_s, spread
 from bench.workloads import build_workload
 from engine.config import EngineConfig, parse_drafters
 from engine.drafters.base import Draft, Drafter, DraftRequest
@@ -45,9 +45,6 @@ from server.tokenizer import TextTokenizer
 
 T = TypeVar("T")
 PLAIN = "ours plain"
-# Triads around each plain request: a shared host's bandwidth moved between 18 and 27 GB/s
-# within one workload's two minutes, so one reading at the start is a poor denominator.
-TRIAD_REPEATS = 2
 
 
 @dataclass
@@ -458,21 +455,6 @@ def shares_beside_triads(plain: VariantStats, spec: ModelSpec, dtype: torch.dtyp
         "shares": [round(share, 3) for share in shares],
         "triads_gbs": [round(triad, 1) for triad in plain.triads_gbs],
     }
-
-
-def spread(shares: list[float]) -> dict[str, float]:
-    """Median, least and most of some shares of the roofline, rounded for a report."""
-    return {"median": round(statistics.median(shares), 3), "min": round(min(shares), 3), "max": round(max(shares), 3)}
-
-
-def roofline_tokens_per_s(spec: ModelSpec, dtype: torch.dtype, bandwidth_gbs: float) -> float:
-    """Batch-1 decoding if a step took only the time to read every weight matrix once (the layers'
-    projections and the output layer; embedding rows and norms are negligible) at bandwidth_gbs."""
-    attention = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-    attention += spec.num_heads * spec.head_dim * spec.hidden_size
-    mlp = 3 * spec.hidden_size * spec.intermediate_size
-    num_params = spec.num_layers * (attention + mlp) + spec.vocab_size * spec.hidden_size
-    return bandwidth_gbs * 1e9 / (num_params * dtype.itemsize)
 
 
 BURST_ROUNDS = 3

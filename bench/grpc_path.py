@@ -29,12 +29,12 @@ from bench.engine import (
     divergence_margins,
     print_batch_one,
     record,
-    roofline_tokens_per_s,
     summarize,
     versus_transformers,
 )
 from bench.hf_process import HFProcess
 from bench.machine import machine_facts
+from bench.roofline import roofline_tokens_per_s
 from bench.server_process import start_server
 from bench.workloads import WorkloadItem, build_workload
 from client.client import Client

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.engine import TRIAD_REPEATS, roofline_tokens_per_s, spread
 from bench.machine import machine_facts, memory_bandwidth_gbs
+from bench.roofline import TRIAD_REPEATS, roofline_tokens_per_s, spread
 from bench.workloads import build_workload
 from engine.config import EngineConfig
 from engine.protocol import NewRequest, ScheduledRequest, StepPlan

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.engine import PLAIN, TimedDrafter, VariantStats, record, roofline_tokens_per_s, shares_beside_triads
+from bench.engine import PLAIN, TimedDrafter, VariantStats, record, shares_beside_triads
+from bench.roofline import roofline_tokens_per_s
 from engine.drafters.base import DraftRequest
 from engine.drafters.ngram import NgramDrafter
 from engine.model.spec import ModelSpec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.engine import roofline_tokens_per_s
 from bench.machine import KERNEL_FLAGS, machine_facts
+from bench.roofline import roofline_tokens_per_s
 from engine.model.spec import ModelSpec
 
 
