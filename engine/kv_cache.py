@@ -50,9 +50,9 @@ class KVCache:
     (MKL runs the other layout on one thread in float32). Paged, the attention kernel's pass over a
     page's keys reads one contiguous 8 KB block (head_dim 64) in order, and a region's pages follow
     one another; stored whole, the pass read a few lines from each of D rows 256 KB apart, which
-    the hardware prefetcher does not follow (1.04x at batch 1 over 125 tokens, 1.2x at 4,000 or at
-    batch 8 over 1,000, docs/decode-profile.md). On CUDA, K is [layers, Hkv, capacity, D], as
-    SDPA wants it.
+    the hardware prefetcher does not follow (bfloat16: 1.00-1.04x at batch 1 over 125 tokens,
+    1.16-1.24x over 4,000, 1.19x at batch 8 over 1,000; docs/decode-profile.md). On CUDA, K is
+    [layers, Hkv, capacity, D], as SDPA wants it.
 
     Read and write K's rows through `k_rows`, `set_k_rows` and `k_t_span`: on the CPU there is no view of it.
     """
@@ -77,7 +77,8 @@ class KVCache:
         self.k_t_layers, self.v_layers = list(self.k_store.unbind(0)), list(self.v.unbind(0))
 
     def k_t_span(self, layer: int, rows: slice) -> torch.Tensor:
-        """One layer's K rows transposed, [Hkv, D, n], to read (a copy on the CPU, row-major)."""
+        """One layer's K rows transposed, [Hkv, D, n], to read (on the CPU row-major: a copy, or a
+        view within one page)."""
         return self._k_t_rows(self.k_t_layers[layer], rows)
 
     def k_rows(self, rows: slice) -> torch.Tensor:

@@ -77,8 +77,8 @@ void score_tile(const float* const* q_rows, const float* k_seg, int64_t page_tok
 // A block of keys at a time, every tile of rows over it, so that K is read from memory once.
 constexpr int64_t kBlock = 1024;
 
-// K as the cache stores one KV head of it: [pages, D, page_tokens], each page's keys transposed,
-// so that a pass over a few keys reads lines a page's row apart, not the whole cache's.
+// K as the cache stores one KV head of it: [pages, D, page_tokens], each page's keys transposed
+// and contiguous, a sequence's pages one after another.
 struct PagedK {
   const float* head;
   int64_t page_tokens, head_dim;
