@@ -72,7 +72,7 @@ class PrefilledRunner(ModelRunner):
         if saved is not None:
             seq = self.seqs[new.req_id]
             rows = slice(seq.kv_start, seq.kv_start + saved[0].shape[2])
-            self.kv_cache.k[:, :, rows] = saved[0]
+            self.kv_cache.set_k_rows(rows, saved[0])
             self.kv_cache.v[:, :, rows] = saved[1]
             seq.num_computed_tokens = saved[0].shape[2]
 
@@ -81,5 +81,5 @@ class PrefilledRunner(ModelRunner):
         if self.is_saving and seq is not None and not seq.is_prefilling:
             rows = slice(seq.kv_start, seq.kv_start + seq.num_prompt_tokens - 1)
             key = tuple(seq.token_ids[: seq.num_prompt_tokens])
-            self.saved[key] = (self.kv_cache.k[:, :, rows].clone(), self.kv_cache.v[:, :, rows].clone())
+            self.saved[key] = (self.kv_cache.k_rows(rows).clone(), self.kv_cache.v[:, :, rows].clone())
         super().remove_request(req_id)

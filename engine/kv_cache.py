@@ -36,15 +36,25 @@ def kv_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else model_dtype
 
 
-class KVCache:
-    """K and V for every layer (float32 on the CPU, see kv_dtype): [layers, Hkv, capacity, D],
-    head-major so a region is a strided view.
+# On the CPU, K is stored transposed a page of this many tokens at a time (see KVCache): the
+# attention kernel's keys per pass (csrc/cpu_attention.cpp kKeysPerPass).
+K_PAGE_TOKENS = 32
 
-    On the CPU K is stored transposed ([layers, Hkv, D, capacity]; `k` is a view that hides it), so
-    attention's q . K^T is a product of row-major operands: MKL runs the other layout on one thread in
-    float32 and far from bandwidth in bfloat16 (one attention at 7,680 tokens 2.8x slower there,
-    docs/decode-profile.md).
-    On CUDA, SDPA wants D innermost.
+
+class KVCache:
+    """K and V for every layer (float32 on the CPU, see kv_dtype). V is [layers, Hkv, capacity, D],
+    head-major so that a region is a strided view.
+
+    On the CPU K is stored transposed, a page of K_PAGE_TOKENS tokens at a time:
+    [layers, Hkv, pages, D, K_PAGE_TOKENS]. Transposed, q . K^T is a product of row-major operands
+    (MKL runs the other layout on one thread in float32). Paged, the attention kernel's pass over a
+    page's keys reads one contiguous 8 KB block (head_dim 64) in order, and a region's pages follow
+    one another; stored whole, the pass read a few lines from each of D rows 256 KB apart, which
+    the hardware prefetcher does not follow (bfloat16: 1.00-1.04x at batch 1 over 125 tokens,
+    1.16-1.24x over 4,000, 1.19x at batch 8 over 1,000; docs/decode-profile.md). On CUDA, K is
+    [layers, Hkv, capacity, D], as SDPA wants it.
+
+    Read and write K's rows through `k_rows`, `set_k_rows` and `k_t_span`: on the CPU there is no view of it.
     """
 
     def __init__(self, spec: ModelSpec, capacity_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -52,34 +62,64 @@ class KVCache:
             raise ValueError(f"KV cache capacity must be positive, got {capacity_tokens}")
         layers_heads = (spec.num_layers, spec.num_kv_heads)
         self.dtype = dtype = kv_dtype(dtype, device)
+        self.is_paged = device.type == "cpu"
         # empty, not zeros: rows are always written before they are read.
-        if device.type == "cpu":
-            k_t = torch.empty((*layers_heads, spec.head_dim, capacity_tokens), dtype=dtype, device=device)
-            self.k = k_t.transpose(2, 3)
+        self.page_tokens = page = K_PAGE_TOKENS
+        if self.is_paged:
+            k_shape: tuple[int, ...] = (*layers_heads, -(-capacity_tokens // page), spec.head_dim, page)
         else:
-            self.k = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
+            k_shape = (*layers_heads, capacity_tokens, spec.head_dim)
+        self.k_store = torch.empty(k_shape, dtype=dtype, device=device)
         self.v = torch.empty((*layers_heads, capacity_tokens, spec.head_dim), dtype=dtype, device=device)
         self.capacity_tokens = capacity_tokens
-        # Each layer's views, made once: a step would otherwise index and transpose them per layer.
-        # k_t_layers is K as the CPU stores it ([Hkv, D, capacity]), what the CPU kernels read.
-        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
-        self.k_t_layers = [k.transpose(1, 2) for k in self.k_layers]
+        # Each layer's views, made once: a step would otherwise index them per layer. On the CPU
+        # k_t_layers ([Hkv, pages, D, K_PAGE_TOKENS]) is what the kernels read.
+        self.k_t_layers, self.v_layers = list(self.k_store.unbind(0)), list(self.v.unbind(0))
 
-    def write(
-        self, layer: int, slot_ids: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # slot_ids: [T]; k_new, v_new: [T, Hkv, D]. Returns this layer's [Hkv, capacity, D] caches.
-        k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
-        k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1).to(self.dtype))
+    def k_t_span(self, layer: int, rows: slice) -> torch.Tensor:
+        """One layer's K rows transposed, [Hkv, D, n], to read (on the CPU row-major: a copy, or a
+        view within one page)."""
+        return self._k_t_rows(self.k_t_layers[layer], rows)
+
+    def k_rows(self, rows: slice) -> torch.Tensor:
+        """Every layer's K rows, [layers, Hkv, n, D], to read (a copy or a view)."""
+        return self._k_t_rows(self.k_store, rows).transpose(-1, -2)
+
+    def set_k_rows(self, rows: slice, k: torch.Tensor) -> None:
+        """Writes every layer's K rows from k [layers, Hkv, n, D]."""
+        if not self.is_paged:
+            self.k_store[:, :, rows] = k
+            return
+        slot_ids = torch.arange(rows.start, rows.stop, device=k.device)
+        pages, offsets = slot_ids // self.page_tokens, slot_ids % self.page_tokens
+        # indices on two dims a slice apart put their own dim first: [n, layers, Hkv, D]
+        self.k_store[:, :, pages, :, offsets] = k.permute(2, 0, 1, 3).to(self.dtype)
+
+    def write(self, layer: int, slot_ids: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        # slot_ids: [T]; k_new, v_new: [T, Hkv, D]
+        k_layer, v_layer = self.k_t_layers[layer], self.v_layers[layer]
+        if self.is_paged:
+            k_layer[:, slot_ids // self.page_tokens, :, slot_ids % self.page_tokens] = k_new.to(self.dtype)
+        else:
+            k_layer.index_copy_(1, slot_ids, k_new.transpose(0, 1).to(self.dtype))
         v_layer.index_copy_(1, slot_ids, v_new.transpose(0, 1).to(self.dtype))
-        return k_layer, v_layer
 
     def move(self, src_start: int, dst_start: int, num_tokens: int) -> None:
         """Copies rows down to a lower start (compaction); regions may overlap."""
         src = slice(src_start, src_start + num_tokens)
         dst = slice(dst_start, dst_start + num_tokens)
-        self.k[:, :, dst] = self.k[:, :, src].clone()
+        self.set_k_rows(dst, self.k_rows(src).clone())
         self.v[:, :, dst] = self.v[:, :, src].clone()
+
+    def _k_t_rows(self, k: torch.Tensor, rows: slice) -> torch.Tensor:
+        # k: the store of one layer or all, [..., capacity, D] or paged [..., pages, D, K_PAGE_TOKENS]
+        if not self.is_paged:
+            return k[..., rows, :].transpose(-1, -2)
+        first_page = rows.start // self.page_tokens
+        last_page = max(first_page, (rows.stop - 1) // self.page_tokens) + 1
+        spanned = k[..., first_page:last_page, :, :].transpose(-3, -2).flatten(-2, -1)  # [..., D, pages * P]
+        offset = rows.start - first_page * self.page_tokens
+        return spanned[..., offset : offset + rows.stop - rows.start]
 
 
 class RegionAllocator:

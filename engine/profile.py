@@ -60,8 +60,9 @@ def profile_steps(runner: ModelRunner, shapes: list[ProfileShape], repeats: int,
         ]
         try:
             for region in regions:
-                kv_cache.k[:, :, region.start : region.end].zero_()
-                kv_cache.v[:, :, region.start : region.end].zero_()
+                rows = slice(region.start, region.end)
+                kv_cache.v[:, :, rows].zero_()
+                kv_cache.set_k_rows(rows, kv_cache.v[:, :, rows])
             is_verify = not drafter and shape.num_query_tokens <= runner.max_draft_tokens + 1
             starts = [r.start for r in regions]
             batch = synthetic_batch(

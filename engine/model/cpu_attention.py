@@ -3,8 +3,9 @@
 Attending one sequence at a time costs two matrix products and a softmax per sequence and layer:
 at batch 16 over short prompts that is 1,440 operator calls a step, nearly all per-call overhead
 (docs/decode-profile.md). The kernel runs every sequence and KV head of a step in one call, in
-parallel, reading K as the cache stores it ([Hkv, D, capacity]) and a self-speculation window's
-sinks and recent rows in place (the loop copies them into one block first).
+parallel, reading K as the cache stores it (paged and transposed, engine/kv_cache.py) and a
+self-speculation window's sinks and recent rows in place (the loop copies them into one block
+first).
 
 It is used for every sequence of up to MAX_SHORT_QUERY_TOKENS (engine/protocol.py) query tokens
 (decoding, verification, drafting over a window); prefill chunks, matrix products at heart, stay

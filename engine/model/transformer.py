@@ -140,7 +140,7 @@ def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torc
 def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
     """Grouped-query attention of one sequence, written into `out`.
 
-    q: [n, H, D], already scaled, in the cache dtype; k_t: [Hkv, D, L] and v: [Hkv, L, D] (views into the cache);
+    q: [n, H, D], already scaled, in the cache dtype; k_t: [Hkv, D, L] and v: [Hkv, L, D] (from the cache);
     mask: [G * n, L] or None; out: [n, H * D]. The G query heads that share a KV head are folded
     into rows, so no K/V is repeated. A decode step (n = 1) needs no reshuffling at all.
     """
@@ -169,22 +169,23 @@ def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tens
 
 def attend_each(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: KVCache,
+    layer_idx: int,
     seqs: list[tuple[SeqSlice, torch.Tensor | None]],
     window: AttentionWindow | None,
     out: torch.Tensor,
 ) -> None:
     """Attention one sequence at a time (`attend`), for the sequences the CPU kernel does not take
-    and wherever it is not built. q: [T, H, D]; k_cache, v_cache: one layer's [Hkv, capacity, D]
-    views; seqs: each with its causal mask; writes their rows of out [T, H * D]."""
+    and wherever it is not built. q: [T, H, D]; seqs: each with its causal mask; writes their rows
+    of out [T, H * D]."""
+    v_cache = kv_cache.v_layers[layer_idx]
     for seq, mask in seqs:
         q_rows = slice(seq.query_start, seq.query_start + seq.num_query_tokens)
         kv_rows = [slice(seq.kv_start, seq.kv_start + seq.num_kv_tokens)] if window is None else window.kv_rows(seq)
         if len(kv_rows) == 1:
-            k_t, v = k_cache[:, kv_rows[0]].transpose(1, 2), v_cache[:, kv_rows[0]]
+            k_t, v = kv_cache.k_t_span(layer_idx, kv_rows[0]), v_cache[:, kv_rows[0]]
         else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
-            k_t = torch.cat([k_cache[:, rows].transpose(1, 2) for rows in kv_rows], dim=2)
+            k_t = torch.cat([kv_cache.k_t_span(layer_idx, rows) for rows in kv_rows], dim=2)
             v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
         attend(q[q_rows], k_t, v, mask, out[q_rows])
 
@@ -289,18 +290,17 @@ class Transformer:
         num_tokens = h.shape[0]
         qkv = layer.qkv(h).view(num_tokens, -1, spec.head_dim)
         q = self.ops.rope_write_kv(qkv, cos, sin, kv_cache, layer_idx, batch.slot_ids, spec.num_heads, self.scale)
-        k_cache, v_cache = kv_cache.k_layers[layer_idx], kv_cache.v_layers[layer_idx]
         if kernel_seqs is not None and self.kernel is not None:
             # rows of the looped sequences are left for the loop below to fill
             attn = self.kernel(
                 q,
-                kv_cache.k_t_layers[layer_idx],  # the cache's own [Hkv, D, capacity] layout
-                v_cache,
+                kv_cache.k_t_layers[layer_idx],  # the cache's own paged layout
+                kv_cache.v_layers[layer_idx],
                 kernel_seqs.seqs,
                 kernel_seqs.num_sink_tokens,
                 kernel_seqs.num_recent_tokens,
             )
         else:
             attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=h.device)
-        attend_each(q, k_cache, v_cache, looped, batch.window, attn)
+        attend_each(q, kv_cache, layer_idx, looped, batch.window, attn)
         return layer.o_proj(attn.to(h.dtype))

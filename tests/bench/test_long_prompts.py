@@ -24,7 +24,7 @@ def test_a_restored_prompt_skips_its_prefill_and_decodes_as_a_prefilled_one(tmp_
     run_jobs(runner, [Job(f"save-{i}", ids, 1, prefill_chunk=16) for i, ids in enumerate(prompts)], [])
     runner.is_saving = False
     assert [runner.num_prefilled_tokens(ids) for ids in prompts] == [39, 46, 53]
-    runner.kv_cache.k.fill_(7.0)  # whatever was left in the cache must not matter: the rows are written back
+    runner.kv_cache.k_store.fill_(7.0)  # whatever was left in the cache must not matter: the rows are written back
     runner.kv_cache.v.fill_(7.0)
     runner.add_request(NewRequest("probe", prompts[1], 4))
     assert runner.seqs["probe"].num_computed_tokens == 46  # only the last prompt token is left to run

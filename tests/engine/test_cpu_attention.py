@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.kv_cache import KVCache
 from engine.model.cpu_attention import RaggedAttention, ragged_attention
+from engine.model.spec import ModelSpec
 from engine.model.transformer import AttentionWindow, SeqSlice, attend_each, causal_mask
 from tests.engine.cpu_kernels import require_cpu_kernels
 
@@ -21,12 +23,27 @@ def kernel() -> RaggedAttention:
     return built
 
 
-def cache(head_dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's float32 cache as the engine lays it out: K as [Hkv, D, capacity], V as [Hkv, capacity, D]."""
+def cache(head_dim: int, seed: int = 0) -> KVCache:
+    """One layer's float32 cache as the engine lays it out (K paged and transposed), random."""
+    spec = ModelSpec(
+        "llama",
+        32,
+        16,
+        32,
+        num_layers=1,
+        num_heads=NUM_KV_HEADS * GROUPS,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=CAPACITY,
+        has_qkv_bias=False,
+        tie_word_embeddings=True,
+    )
+    kv_cache = KVCache(spec, CAPACITY, torch.float32, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    k_t = torch.randn(NUM_KV_HEADS, head_dim, CAPACITY, generator=generator)
-    v = torch.randn(NUM_KV_HEADS, CAPACITY, head_dim, generator=generator)
-    return k_t, v
+    kv_cache.k_store.copy_(torch.randn(kv_cache.k_store.shape, generator=generator))
+    kv_cache.v.copy_(torch.randn(kv_cache.v.shape, generator=generator))
+    return kv_cache
 
 
 def ragged(query_counts: list[int], kv_counts: list[int]) -> list[SeqSlice]:
@@ -39,17 +56,25 @@ def ragged(query_counts: list[int], kv_counts: list[int]) -> list[SeqSlice]:
     return seqs
 
 
-def seq_rows(seqs: list[SeqSlice]) -> torch.Tensor:
-    return torch.tensor([[s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens] for s in seqs])
+def kernel_attention(
+    kernel: RaggedAttention,
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    seqs: list[SeqSlice],
+    window: AttentionWindow | None = None,
+) -> torch.Tensor:
+    rows = torch.tensor([[s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens] for s in seqs])
+    sinks, recent = (window.num_sink_tokens, window.num_recent_tokens) if window else (0, 0)
+    return kernel(q, kv_cache.k_t_layers[0], kv_cache.v_layers[0], rows, sinks, recent)
 
 
 def loop_attention(
-    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, seqs: list[SeqSlice], window: AttentionWindow | None = None
+    q: torch.Tensor, kv_cache: KVCache, seqs: list[SeqSlice], window: AttentionWindow | None = None
 ) -> torch.Tensor:
     """The per-sequence loop the kernel replaces, over the same cache."""
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2])
     masked = [(seq, causal_mask(seq, GROUPS, torch.float32, torch.device("cpu"))) for seq in seqs]
-    attend_each(q, k_t.transpose(1, 2), v, masked, window, out)
+    attend_each(q, kv_cache, 0, masked, window, out)
     return out
 
 
@@ -58,20 +83,20 @@ def test_a_mixed_step_matches_the_per_sequence_loop(kernel: RaggedAttention, hea
     """Decodes, verifications of 1-8 drafts and lengths that are and are not multiples of the
     kernel's 16-key vectors, from 1 key to several chunks of keys (some rows of a verification
     ending in one chunk, some in the next)."""
-    k_t, v = cache(head_dim)
+    kv_cache = cache(head_dim)
     seqs = ragged([1, 1, 5, 9, 1, 2, 1, 6], [1, 17, 150, 1023, 2500, 64, 3000, 1027])
     q = torch.randn(seqs[-1].query_start + 6, NUM_KV_HEADS * GROUPS, head_dim) * head_dim**-0.5
-    got = kernel(q, k_t, v, seq_rows(seqs), 0, 0)
-    torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs), rtol=1e-5, atol=1e-5)
+    got = kernel_attention(kernel, q, kv_cache, seqs)
+    torch.testing.assert_close(got, loop_attention(q, kv_cache, seqs), rtol=1e-5, atol=1e-5)
 
 
 def test_a_window_reads_the_sinks_and_recent_keys_in_place(kernel: RaggedAttention) -> None:
-    k_t, v = cache(64, seed=1)
+    kv_cache = cache(64, seed=1)
     window = AttentionWindow(num_sink_tokens=4, num_recent_tokens=60)
     seqs = ragged([1, 1, 1], [30, 64, 700])  # shorter than the window, exactly it, longer
     q = torch.randn(3, NUM_KV_HEADS * GROUPS, 64) * 0.125
-    got = kernel(q, k_t, v, seq_rows(seqs), 4, 60)
-    torch.testing.assert_close(got, loop_attention(q, k_t, v, seqs, window), rtol=1e-5, atol=1e-5)
+    got = kernel_attention(kernel, q, kv_cache, seqs, window)
+    torch.testing.assert_close(got, loop_attention(q, kv_cache, seqs, window), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv", [16, 300, 1022, 2047, 4097])  # 1022 and 2047: drafts cross a chunk's end
@@ -79,10 +104,10 @@ def test_a_token_attends_bit_identically_alone_and_among_drafts(kernel: RaggedAt
     """Plain decoding attends token t over keys 0..t; verification attends the same token as one
     of 1 + k query tokens over more keys, masked. In float32 the outputs must be equal, bit for
     bit, so greedy speculation reproduces plain decoding."""
-    k_t, v = cache(64, seed=2)
+    kv_cache = cache(64, seed=2)
     num_drafts = 4
     q_verify = torch.randn(1 + num_drafts, NUM_KV_HEADS * GROUPS, 64) * 0.125
-    verified = kernel(q_verify, k_t, v, seq_rows(ragged([1 + num_drafts], [num_kv + num_drafts])), 0, 0)
+    verified = kernel_attention(kernel, q_verify, kv_cache, ragged([1 + num_drafts], [num_kv + num_drafts]))
     for i in range(1 + num_drafts):  # token i of the verification is the decode over num_kv + i keys
-        alone = kernel(q_verify[i : i + 1].contiguous(), k_t, v, seq_rows(ragged([1], [num_kv + i])), 0, 0)
+        alone = kernel_attention(kernel, q_verify[i : i + 1].contiguous(), kv_cache, ragged([1], [num_kv + i]))
         assert torch.equal(alone[0], verified[i]), f"query token {i} differs"

@@ -120,7 +120,7 @@ def test_the_draft_cache_holds_exactly_the_accepted_tokens_after_each_step(model
         fresh = KVCache(drafter.model.spec, n, torch.float32, torch.device("cpu"))
         drafter.model.forward(ForwardBatch.of([SeqInput(seq.token_ids[:n], 0, 0, 1)], drafter.model.device), fresh)
         rows = slice(draft_seq.region.start, draft_seq.region.start + n)
-        torch.testing.assert_close(drafter.kv_cache.k[:, :, rows], fresh.k, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(drafter.kv_cache.k_rows(rows), fresh.k_rows(slice(0, n)), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(drafter.kv_cache.v[:, :, rows], fresh.v, atol=1e-5, rtol=1e-4)
         num_checked += 1
     assert num_checked > 5

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache, KVCacheFullError, RegionAllocator
+from engine.kv_cache import K_PAGE_TOKENS, KVCache, KVCacheFullError, RegionAllocator
 from engine.model.spec import ModelSpec
 
 SPEC = ModelSpec(
@@ -39,31 +39,42 @@ def test_full_cache_is_refused_with_the_numbers() -> None:
 
 
 def test_fragmented_free_rows_are_compacted_and_data_moves_along() -> None:
-    cache = KVCache(SPEC, 100, torch.float32, torch.device("cpu"))
-    allocator = RegionAllocator(100)
+    """Regions of 250 rows straddle the CPU's K pages; each row's K and V move with it."""
+    cache = KVCache(SPEC, 1000, torch.float32, torch.device("cpu"))
+    allocator = RegionAllocator(1000)
     for name in "abcd":
-        allocator.allocate(name, 25, cache)  # a: 0-25, b: 25-50, c: 50-75, d: 75-100
-    cache.k[:, :, 50:75] = 7.0
+        allocator.allocate(name, 250, cache)  # a: 0-250, b: 250-500, c: 500-750, d: 750-1000
+    c_rows = slice(500, 750)
+    k_c = torch.randn(SPEC.num_layers, SPEC.num_kv_heads, 250, SPEC.head_dim)
+    cache.set_k_rows(c_rows, k_c)
+    cache.v[:, :, c_rows] = -k_c
     allocator.free("b")
-    allocator.free("d")  # 50 rows free, but no 40 of them contiguous
-    region = allocator.allocate("e", 40, cache)
+    allocator.free("d")  # 500 rows free, but no 400 of them contiguous
+    region = allocator.allocate("e", 400, cache)
     assert allocator.regions["a"].start == 0
-    assert allocator.regions["c"].start == 25
-    assert region.start == 50
-    assert torch.all(cache.k[:, :, 25:50] == 7.0)
+    assert allocator.regions["c"].start == 250
+    assert region.start == 500
+    assert torch.equal(cache.k_rows(slice(250, 500)), k_c)
+    assert torch.equal(cache.v[:, :, 250:500], -k_c)
 
 
-def test_cpu_keys_and_values_are_float32_and_keys_are_stored_transposed() -> None:
-    """On the CPU a bfloat16 model's cache is float32 (kv_dtype) and attention reads K as
-    [Hkv, D, L] (q . K^T as a product of row-major operands); what is written through `write`
-    reads back through the [layers, Hkv, capacity, D] views."""
-    cache = KVCache(SPEC, 10, torch.bfloat16, torch.device("cpu"))
-    assert cache.dtype == cache.k.dtype == cache.v.dtype == torch.float32
-    slot_ids = torch.tensor([2, 5, 6])
-    k_new = torch.randn(3, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
-    v_new = torch.randn(3, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
-    k_layer, v_layer = cache.write(1, slot_ids, k_new, v_new)
-    assert k_layer[:, 2:7].transpose(1, 2).stride(-1) == 1
-    assert v_layer[:, 2:7].stride(-1) == 1
-    assert torch.equal(cache.k[1][:, slot_ids], k_new.transpose(0, 1).float())
+def test_cpu_keys_and_values_are_float32_and_keys_are_stored_paged_and_transposed() -> None:
+    """On the CPU a bfloat16 model's cache is float32 (kv_dtype); attention reads K a page at a
+    time as [Hkv, pages, D, K_PAGE_TOKENS]; what `write` puts in reads back through `k_rows`, and
+    `k_t_span` gives the loop row-major [Hkv, D, n] across pages."""
+    cache = KVCache(SPEC, 600, torch.bfloat16, torch.device("cpu"))
+    assert cache.dtype == cache.k_store.dtype == cache.v.dtype == torch.float32
+    num_pages = -(-600 // K_PAGE_TOKENS)
+    assert cache.k_t_layers[1].shape == (SPEC.num_kv_heads, num_pages, SPEC.head_dim, K_PAGE_TOKENS)
+    slot_ids = torch.tensor([2, 255, 256, 599])  # on pages apart, and either side of a page's end
+    k_new = torch.randn(4, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
+    v_new = torch.randn(4, SPEC.num_kv_heads, SPEC.head_dim).to(torch.bfloat16)
+    cache.write(1, slot_ids, k_new, v_new)
+    for i, slot in enumerate(slot_ids.tolist()):
+        page, offset = divmod(slot, K_PAGE_TOKENS)
+        assert torch.equal(cache.k_t_layers[1][:, page, :, offset], k_new[i].float())
+        assert torch.equal(cache.k_rows(slice(slot, slot + 1))[1, :, 0], k_new[i].float())
     assert torch.equal(cache.v[1][:, slot_ids], v_new.transpose(0, 1).float())
+    span = cache.k_t_span(1, slice(2, 600))
+    assert span.shape == (SPEC.num_kv_heads, SPEC.head_dim, 598) and span.stride(-1) == 1
+    assert torch.equal(span[:, :, [0, 253, 254, 597]], k_new.permute(1, 2, 0).float())

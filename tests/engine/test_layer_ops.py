@@ -86,18 +86,18 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_write_kv_matches_torch(dtype: torch.dtype) -> None:
-    """q, and the K and V rows written to the cache (K in its transposed layout), at scattered
-    slots and positions; other rows untouched."""
+    """q, and the K and V rows written to the cache (K in its paged, transposed layout), at
+    scattered slots (on three pages) and positions; other rows untouched."""
     num_tokens = 6
     qkv = rand(num_tokens, NUM_HEADS + 2 * NUM_KV_HEADS, HEAD_DIM, dtype=dtype, seed=4)
     positions = torch.tensor([0, 1, 17, 300, 301, 4000])
-    slot_ids = torch.tensor([3, 4, 20, 100, 101, 7])
+    slot_ids = torch.tensor([3, 255, 256, 100, 601, 7])
     inv_freq = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
     cos, sin = rope_tables(positions, inv_freq, 1.0, dtype)
     caches = []
     for ops in (LayerOps(), FusedLayerOps()):
-        cache = KVCache(SPEC, 128, dtype, torch.device("cpu"))
-        cache.k.fill_(0.5)
+        cache = KVCache(SPEC, 640, dtype, torch.device("cpu"))
+        cache.k_store.fill_(0.5)
         cache.v.fill_(0.5)
         q = ops.rope_write_kv(qkv, cos, sin, cache, 1, slot_ids, NUM_HEADS, HEAD_DIM**-0.5)
         caches.append((q, cache))
@@ -105,7 +105,7 @@ def test_rope_write_kv_matches_torch(dtype: torch.dtype) -> None:
     assert q_fused.dtype == torch.float32 and q_fused.shape == (num_tokens, NUM_HEADS, HEAD_DIM)
     # float32 products may be fused into one multiply-add here: equal to within rounding
     assert_close(q_fused, q_torch, dtype)
-    assert_close(fused_cache.k, torch_cache.k, dtype)
+    assert_close(fused_cache.k_store, torch_cache.k_store, dtype)
     assert torch.equal(fused_cache.v, torch_cache.v)
 
 
@@ -161,7 +161,7 @@ def test_a_whole_layer_call_equals_the_per_operator_path(
     for whole in (rows, 0):
         model.whole_layer_rows = whole
         cache = KVCache(model.spec, 256, dtype, torch.device("cpu"))
-        cache.k.zero_()  # rows never written compare too
+        cache.k_store.zero_()  # rows never written compare too
         cache.v.zero_()
         inputs = [SeqInput(p, kv_start=80 * i, num_cached_tokens=0, num_logits=1) for i, p in enumerate(prompts)]
         with torch.inference_mode():
@@ -174,7 +174,7 @@ def test_a_whole_layer_call_equals_the_per_operator_path(
         results.append((logits, cache))
     (whole_logits, whole_cache), (per_op_logits, per_op_cache) = results
     assert torch.equal(whole_logits, per_op_logits)
-    assert torch.equal(whole_cache.k, per_op_cache.k) and torch.equal(whole_cache.v, per_op_cache.v)
+    assert torch.equal(whole_cache.k_store, per_op_cache.k_store) and torch.equal(whole_cache.v, per_op_cache.v)
 
 
 def test_the_row_limit_is_timed_on_whole_passes_and_kept_by_every_product(tmp_path: Path) -> None:

@@ -112,9 +112,10 @@ def test_a_draft_reads_only_the_sinks_and_the_window_of_the_target_cache(model: 
         return drafter.model.forward(batch, drafter.kv_cache)
 
     before = draft_logits()
-    k, v = drafter.kv_cache.k, drafter.kv_cache.v
+    kv_cache, v = drafter.kv_cache, drafter.kv_cache.v
     out_of_view = slice(start + 2, start + num_cached + 1 - 6)  # rows 2 .. 21
-    k[:, :, out_of_view], v[:, :, out_of_view] = torch.randn_like(k[:, :, out_of_view]), 0.0
+    kv_cache.set_k_rows(out_of_view, torch.randn_like(v[:, :, out_of_view]))
+    v[:, :, out_of_view] = 0.0
     torch.testing.assert_close(draft_logits(), before)
     for row in (start + 1, start + num_cached - 5, start + num_cached - 1):  # a sink, the window's ends
         v[:, :, row] += 1.0

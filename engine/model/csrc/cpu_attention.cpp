@@ -32,58 +32,73 @@ using goodspeed::Lanes;
 using goodspeed::load;
 using goodspeed::store;
 constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in registers
-constexpr int kVectorsPerPass = 4;  // keys per pass of the scores over the head dimension, in vectors
-constexpr int64_t kKeysPerPass = kVectorsPerPass * kWidth;
-constexpr int64_t kPrefetchPasses = 2;  // how far ahead K's lines are asked for
+// Keys per pass of the scores over the head dimension: one page of the cache's K
+// (engine/kv_cache.py K_PAGE_TOKENS), so that a pass reads its page's 8 KB (head_dim 64) in order.
+constexpr int64_t kKeysPerPass = 32;
+constexpr int kVectorsPerPass = kKeysPerPass / kWidth;
 
-// scores[r, j] = q_r . k_j for R rows over keys first .. end of one run, summed over d in order
-// (a fused multiply-add per d, from 0: the same arithmetic whatever the tile).
+// scores[r, at + j] = q_r . k_j for R rows over the keys 0 .. num_keys of one segment of a page,
+// summed over d in order (a fused multiply-add per d, from 0: the same arithmetic whatever the
+// tile and wherever the segment starts). Key j's d-th value is at k_seg[d * page_tokens + j].
 template <int R>
-void score_tile(const float* const* q_rows, const float* k_run, int64_t capacity, int64_t head_dim, int64_t first,
-                int64_t end, float* const* s_rows) {
-  int64_t j = first;
-  // K's rows are capacity apart: each pass reads a few lines from each of head_dim rows, a pattern
-  // the hardware prefetcher does not follow, so the lines a pass ahead are asked for here; four
-  // vectors of keys a pass, so that each row is read in runs of four lines
-  for (; j + kKeysPerPass <= end; j += kKeysPerPass) {
+void score_tile(const float* const* q_rows, const float* k_seg, int64_t page_tokens, int64_t head_dim,
+                int64_t num_keys, float* const* s_rows, int64_t at) {
+  int64_t j = 0;
+  // a whole page's pass reads it in order, a stream the hardware prefetcher follows (software
+  // prefetching measured no better); the part-pages at a segment's ends take the loops below
+  for (; j + kKeysPerPass <= num_keys; j += kKeysPerPass) {
     Lanes acc[R][kVectorsPerPass] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const float* k_row = k_run + d * capacity + j;
-      for (int c = 0; c < kVectorsPerPass; ++c) __builtin_prefetch(k_row + kKeysPerPass * kPrefetchPasses + c * kWidth);
+      const float* k_row = k_seg + d * page_tokens + j;
       Lanes k[kVectorsPerPass];
       for (int c = 0; c < kVectorsPerPass; ++c) k[c] = load(k_row + c * kWidth);
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < kVectorsPerPass; ++c) acc[r][c] += q_rows[r][d] * k[c];
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kVectorsPerPass; ++c) store(s_rows[r] + j + c * kWidth, acc[r][c]);
+      for (int c = 0; c < kVectorsPerPass; ++c) store(s_rows[r] + at + j + c * kWidth, acc[r][c]);
   }
-  for (; j + kWidth <= end; j += kWidth) {
+  for (; j + kWidth <= num_keys; j += kWidth) {
     Lanes acc[R] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const Lanes k = load(k_run + d * capacity + j);
+      const Lanes k = load(k_seg + d * page_tokens + j);
       for (int r = 0; r < R; ++r) acc[r] += q_rows[r][d] * k;
     }
-    for (int r = 0; r < R; ++r) store(s_rows[r] + j, acc[r]);
+    for (int r = 0; r < R; ++r) store(s_rows[r] + at + j, acc[r]);
   }
-  for (; j < end; ++j)
+  for (; j < num_keys; ++j)
     for (int r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) acc = std::fma(q_rows[r][d], k_run[d * capacity + j], acc);
-      s_rows[r][j] = acc;
+      for (int64_t d = 0; d < head_dim; ++d) acc = std::fma(q_rows[r][d], k_seg[d * page_tokens + j], acc);
+      s_rows[r][at + j] = acc;
     }
 }
 
 // A block of keys at a time, every tile of rows over it, so that K is read from memory once.
 constexpr int64_t kBlock = 1024;
 
-void score_run(const float* const* q_rows, int64_t rows, const float* k_run, int64_t capacity, int64_t head_dim,
-               int64_t len, float* const* s_rows) {
-  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
-    const int64_t end = std::min(len, b0 + kBlock);
+// K as the cache stores one KV head of it: [pages, D, page_tokens], each page's keys transposed
+// and contiguous, a sequence's pages one after another.
+struct PagedK {
+  const float* head;
+  int64_t page_tokens, head_dim;
+  // key `pos`'s segment: its d-th value at segment[d * page_tokens]
+  const float* segment(int64_t pos) const {
+    return head + (pos / page_tokens) * head_dim * page_tokens + pos % page_tokens;
+  }
+  int64_t left_in_page(int64_t pos) const { return page_tokens - pos % page_tokens; }
+};
+
+// scores[r, 0 .. len] for the keys start .. start + len of the cache, a page's segment at a time.
+void score_run(const float* const* q_rows, int64_t rows, const PagedK& k, int64_t start, int64_t len,
+               float* const* s_rows) {
+  for (int64_t b0 = 0; b0 < len;) {
+    const int64_t pos = start + b0;
+    const int64_t num_keys = std::min({len - b0, kBlock, k.left_in_page(pos)});
+    const float* k_seg = k.segment(pos);
     for (int64_t r = 0; r < rows; r += kTile) {
       auto tile = [&](auto size) {
-        score_tile<decltype(size)::value>(&q_rows[r], k_run, capacity, head_dim, b0, end, &s_rows[r]);
+        score_tile<decltype(size)::value>(&q_rows[r], k_seg, k.page_tokens, k.head_dim, num_keys, &s_rows[r], b0);
       };
       switch (std::min(kTile, rows - r)) {
         case 4: tile(std::integral_constant<int, 4>{}); break;
@@ -92,6 +107,7 @@ void score_run(const float* const* q_rows, int64_t rows, const float* k_run, int
         default: tile(std::integral_constant<int, 1>{}); break;
       }
     }
+    b0 += num_keys;
   }
 }
 
@@ -233,7 +249,7 @@ void merge_chunks(const Partial* chunks, int64_t num_chunks, int64_t r, float* o
 
 // One sequence, one KV head and the keys first .. end of its plain run (or the whole window):
 // each row's unnormalised value sum into o_rows[r] (head_dim floats), its peak and its total.
-void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capacity, int64_t kv_head,
+void attend_keys(const Rows& seq, const PagedK& k, const float* v, int64_t capacity, int64_t kv_head,
                  int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, int64_t first, int64_t end,
                  float* const* o_rows, float* peak, float* total, Workspace& work) {
   // The keys it attends to, as up to two runs of cache positions: keys first .. end, or a
@@ -261,7 +277,6 @@ void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capa
     const int64_t sees = num_kv - (seq.n - 1 - r / seq.groups);
     visible[r] = run_len[1] > 0 ? num_keys : std::clamp(sees - first, int64_t{0}, num_keys);
   }
-  const float* k_head = k_t + kv_head * head_dim * capacity + kv_start;
   const float* v_runs[2];
   for (int run = 0; run < 2; ++run) v_runs[run] = v + (kv_head * capacity + kv_start + run_start[run]) * head_dim;
 
@@ -269,7 +284,7 @@ void attend_keys(const Rows& seq, const float* k_t, const float* v, int64_t capa
   for (int run = 0; run < 2; ++run) {
     if (run_len[run] == 0) continue;
     for (int64_t r = 0; r < rows; ++r) s_at[r] = s_rows[r] + offset;
-    score_run(q_rows.data(), rows, k_head + run_start[run], capacity, head_dim, run_len[run], s_at.data());
+    score_run(q_rows.data(), rows, k, kv_start + run_start[run], run_len[run], s_at.data());
     offset += run_len[run];
   }
   softmax_numerators(s_rows.data(), rows, visible.data(), peak, total);
@@ -290,8 +305,8 @@ struct Item {
 
 namespace goodspeed {
 
-// q: [T, H, D] float32, scaled; k_t: [Hkv, D, capacity] and v: [Hkv, capacity, D], one layer's
-// float32 cache; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
+// q: [T, H, D] float32, scaled; k_t: [Hkv, pages, D, page_tokens] and v: [Hkv, capacity, D], one
+// layer's float32 cache; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
 // num_sink + num_recent keys when num_recent > 0. Returns [T, H * D].
 at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, const at::Tensor& seqs,
                             int64_t num_sink, int64_t num_recent) {
@@ -300,7 +315,10 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
   TORCH_CHECK(q.is_contiguous() && k_t.is_contiguous() && v.is_contiguous() && seqs.is_contiguous(),
               "contiguous inputs only");
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_t.size(0), capacity = k_t.size(2), groups = num_heads / num_kv_heads;
+  TORCH_CHECK(k_t.dim() == 4 && k_t.size(2) == head_dim && v.size(1) <= k_t.size(1) * k_t.size(3),
+              "k_t [Hkv, pages, D, page_tokens] holding v's capacity");
+  const int64_t num_kv_heads = k_t.size(0), capacity = v.size(1), groups = num_heads / num_kv_heads;
+  const int64_t num_pages = k_t.size(1), page_tokens = k_t.size(3);
   at::Tensor out = at::empty({num_tokens, num_heads * head_dim}, q.options());
   const int64_t* info = seqs.data_ptr<int64_t>();
   const float *q_data = q.data_ptr<float>(), *k_data = k_t.data_ptr<float>(), *v_data = v.data_ptr<float>();
@@ -352,7 +370,8 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
         peaks = work.stats.data();
       }
       const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
-      attend_keys(rows, k_data, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
+      const PagedK k{k_data + item.kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
+      attend_keys(rows, k, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
                   work.o_rows.data(), peaks, peaks + num_rows, work);
       if (item.partial < 0)
         for (int64_t r = 0; r < num_rows; ++r) normalize(work.o_rows[r], head_dim, peaks[num_rows + r]);

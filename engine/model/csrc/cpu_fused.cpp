@@ -87,11 +87,12 @@ inline void rotate(const T* in, float* out, const T* cos, const T* sin, int64_t 
 }
 
 // qkv [T, H + 2 Hkv, D]: rotates q and k, writes k and v to the float32 cache at slot_ids (k
-// transposed: k_t [Hkv, D, capacity], v [Hkv, capacity, D]); returns round(q * scale) as float32.
+// transposed a page at a time: k_t [Hkv, pages, D, page_tokens], v [Hkv, capacity, D]); returns
+// round(q * scale) as float32.
 template <typename T>
 void rope_write_kv(const T* qkv, const T* cos, const T* sin, float* k_t, float* v, const int64_t* slot_ids, float* q,
-                   int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t capacity,
-                   float scale) {
+                   int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_pages,
+                   int64_t page_tokens, int64_t capacity, float scale) {
   const int64_t half = head_dim / 2, row = (num_heads + 2 * num_kv_heads) * head_dim;
   at::parallel_for(0, num_tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
     float rotated[256];  // one head (head_dim <= 256, checked)
@@ -107,8 +108,8 @@ void rope_write_kv(const T* qkv, const T* cos, const T* sin, float* k_t, float* 
       const int64_t slot = slot_ids[t];
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         rotate(token + (num_heads + h) * head_dim, rotated, c, s, half);
-        float* k_head = k_t + h * head_dim * capacity + slot;
-        for (int64_t i = 0; i < head_dim; ++i) k_head[i * capacity] = rotated[i];
+        float* k_head = k_t + ((h * num_pages + slot / page_tokens) * head_dim) * page_tokens + slot % page_tokens;
+        for (int64_t i = 0; i < head_dim; ++i) k_head[i * page_tokens] = rotated[i];
         const T* v_in = token + (num_heads + num_kv_heads + h) * head_dim;
         float* v_out = v + (h * capacity + slot) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) v_out[i] = static_cast<float>(v_in[i]);
@@ -159,13 +160,13 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t num_kv_heads = (qkv.size(1) - num_heads) / 2;
   TORCH_CHECK(num_kv_heads > 0 && num_heads + 2 * num_kv_heads == qkv.size(1), "rope_write_kv: H + 2 Hkv heads");
   TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 256, "rope_write_kv: an even head_dim of at most 256");
-  TORCH_CHECK(k_t.dim() == 3 && k_t.is_contiguous() && k_t.size(0) == num_kv_heads && k_t.size(1) == head_dim &&
+  TORCH_CHECK(k_t.dim() == 4 && k_t.is_contiguous() && k_t.size(0) == num_kv_heads && k_t.size(2) == head_dim &&
                   k_t.scalar_type() == at::kFloat,
-              "rope_write_kv: k_t [Hkv, D, capacity] float32, contiguous");
-  const int64_t capacity = k_t.size(2);
-  TORCH_CHECK(v.dim() == 3 && v.is_contiguous() && v.size(0) == num_kv_heads && v.size(1) == capacity &&
+              "rope_write_kv: k_t [Hkv, pages, D, page_tokens] float32, contiguous");
+  const int64_t num_pages = k_t.size(1), page_tokens = k_t.size(3), capacity = v.size(1);
+  TORCH_CHECK(v.dim() == 3 && v.is_contiguous() && v.size(0) == num_kv_heads && capacity <= num_pages * page_tokens &&
                   v.size(2) == head_dim && v.scalar_type() == at::kFloat,
-              "rope_write_kv: v [Hkv, capacity, D] float32, contiguous");
+              "rope_write_kv: v [Hkv, capacity, D] float32, contiguous, within k_t's pages");
   const at::Tensor c = cos.contiguous(), s = sin.contiguous(), slots = slot_ids.contiguous();
   TORCH_CHECK(c.numel() == num_tokens * head_dim / 2 && s.numel() == c.numel() &&
                   c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(),
@@ -178,7 +179,7 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_write_kv", [&] {
     rope_write_kv(qkv.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), k_t.data_ptr<float>(),
                   v.data_ptr<float>(), slot, q.data_ptr<float>(), num_tokens, num_heads, num_kv_heads, head_dim,
-                  capacity, static_cast<float>(scale));
+                  num_pages, page_tokens, capacity, static_cast<float>(scale));
   });
   return q;
 }

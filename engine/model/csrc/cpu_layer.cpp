@@ -20,7 +20,7 @@ void decoder_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor
                    const at::Tensor& down_blocks, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_t,
                    at::Tensor& v, const at::Tensor& slot_ids, int64_t num_heads, double scale,
                    const at::Tensor& seqs, int64_t num_sink, int64_t num_recent) {
-  const int64_t num_tokens = x.size(0), hidden = x.size(1), head_dim = k_t.size(1);
+  const int64_t num_tokens = x.size(0), hidden = x.size(1), head_dim = v.size(2);
   const c10::optional<at::Tensor> no_tensor;
   const at::Tensor h = add_rms_norm_op(x, no_tensor, input_norm, eps);
   const at::Tensor qkv = few_rows_linear_op(h, qkv_blocks, num_qkv_out, qkv_bias).view({num_tokens, -1, head_dim});
