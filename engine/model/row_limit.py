@@ -8,11 +8,12 @@ oneDNN won the output layer's product alone at 4 rows and more, while whole step
 were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9,
 12 and 16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
 against every product in oneDNN, taking turns, and keeps the limit that saves the most time over
-one pass of each count (a few seconds at start-up). A near tie at one count does not stop it there: on
+one pass of each count (a few seconds at start-up); passes of 32 and 64 tokens too (a batch of 16
+verifying drafts), fewer times, as each costs more. A near tie at one count does not stop it: on
 an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.5-3.6x from 2 to 16
 rows (this torch's oneDNN packs bfloat16 weights only with AVX-512 or AVX-NE-CONVERT). On an AMD
-EPYC with AVX-512, float32 reached 16 and bfloat16 stopped at 6 or 9 (converting bfloat16 weights
-costs more as the rows grow).
+EPYC with AVX-512, float32 reached 16 (later 64, tied with oneDNN past 16) and bfloat16 stopped
+at 6, 9 or 12 (oneDNN's AVX512-BF16 products win from 16 rows there).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from engine.kv_cache import KVCache
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
-TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16)
+TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16, 32, 64)
+LONG_PASS_ROWS, LONG_PASS_REPEATS = 32, 3  # passes of this many tokens and more: timed this many times
 
 log = structlog.get_logger("goodspeed.engine")
 
@@ -48,7 +50,8 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
         for num_rows in TIMED_ROW_COUNTS:
             batch = ForwardBatch.of([SeqInput(list(range(num_rows)), 0, 0, num_rows)], model.device)
             in_kernel, in_onednn = (functools.partial(forward_with, batch, rows) for rows in (num_rows, 0))
-            kernel_s, onednn_s = median_times([in_kernel, in_onednn], repeats)
+            num_repeats = min(repeats, LONG_PASS_REPEATS) if num_rows >= LONG_PASS_ROWS else repeats
+            kernel_s, onednn_s = median_times([in_kernel, in_onednn], num_repeats)
             saved += onednn_s - kernel_s
             seconds_saved[num_rows] = saved
     limit = best_limit(seconds_saved)
