@@ -30,6 +30,9 @@ class EngineConfig:
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
     nice: int = 10  # the engine process's niceness, relative to the server's (0 keeps it equal)
     verify_model: bool = False  # check a cached model's sha256s before loading, not only its sizes
+    # Products of up to this many rows run in the engine's own kernel; None: timed at load
+    # (engine/model/row_limit.py, seconds). The server passes the first start's choice to restarts.
+    kernel_row_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in DEVICES:
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if self.kernel_row_limit is not None and self.kernel_row_limit < 0:
+            raise ValueError(f"kernel_row_limit must be >= 0, got {self.kernel_row_limit}")
 
 
 def parse_drafters(text: str | None, has_draft_model: bool, has_speculator: bool = False) -> tuple[str, ...]:

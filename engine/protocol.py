@@ -198,6 +198,7 @@ class EngineReady(_Wire, frozen=True, tag=4):
     dtype: str
     model_path: str  # where the tokenizer and chat template can be read
     load_s: float = 0.0
+    kernel_row_limit: int = 0  # the target's products of up to this many rows run in our kernel
 
 
 class EngineError(_Wire, frozen=True, tag=5):

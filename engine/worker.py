@@ -66,7 +66,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
-    model = load_transformer(path, dtype, device, show_progress=show_progress)
+    model = load_transformer(path, dtype, device, show_progress, config.kernel_row_limit)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
     drafters = build_drafters(config, model, kv_cache, path, show_progress)
     runner = ModelRunner(model, kv_cache, drafters, config.max_draft_tokens)
@@ -85,6 +85,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         dtype=config.dtype,
         load_s=time.perf_counter() - started,
         model_path=path,
+        kernel_row_limit=model.kernel_row_limit,
     )
     return runner, ready
 

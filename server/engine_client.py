@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import anyio
@@ -67,6 +68,9 @@ class EngineClient:
         if not isinstance(message, EngineReady):
             raise EngineStartError(f"expected EngineReady from the engine, got {type(message).__name__}")
         self.ready = message
+        # A restart loads the same model on the same CPU: it keeps the timed row limit, which
+        # would cost seconds of every restart to time again.
+        self.config = dataclasses.replace(self.config, kernel_row_limit=message.kernel_row_limit)
         return message
 
     async def step(self, plan: StepPlan) -> StepResult:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.model.linear import MAX_KERNEL_ROWS
 from engine.model.row_limit import fit_kernel_row_limit
 from engine.model.spec import ModelSpec
 from engine.model.transformer import Transformer
@@ -13,10 +14,15 @@ from engine.model.weights import from_hf_model
 
 
 def load_transformer(
-    path: str | Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    show_progress: bool = True,
+    kernel_row_limit: int | None = None,
 ) -> Transformer:
     """Loads the weights through transformers, then keeps only the rearranged tensors.
-    show_progress=False hides transformers' "Loading weights" bar."""
+    show_progress=False hides transformers' "Loading weights" bar; kernel_row_limit: up to how many
+    rows products run in our kernel, None to time it (row_limit.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -34,5 +40,8 @@ def load_transformer(
     weights = from_hf_model(hf_model, spec, dtype, device)
     del hf_model
     model = Transformer(spec, weights)
-    fit_kernel_row_limit(model)
+    if kernel_row_limit is None:
+        fit_kernel_row_limit(model)
+    elif model.has_kernel_products:
+        model.set_kernel_rows(min(kernel_row_limit, MAX_KERNEL_ROWS), free_unused=True)
     return model

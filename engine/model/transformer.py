@@ -211,6 +211,11 @@ class Transformer:
     def has_kernel_products(self) -> bool:
         return all(product.blocks is not None for product in self.weights.products())
 
+    @property
+    def kernel_row_limit(self) -> int:
+        """Up to how many rows products run in our kernel (set_kernel_rows; 0: none)."""
+        return max((product.max_kernel_rows for product in self.weights.products()), default=0)
+
     def set_kernel_rows(self, max_rows: int, free_unused: bool = False) -> None:
         """Products of up to max_rows rows run in the few-rows kernel, the rest in oneDNN (row_limit.py
         times which is faster); with free_unused, a limit of 0 also frees the kernel's copies of

@@ -91,6 +91,8 @@ def test_an_engine_death_pauses_running_streams_and_the_restarted_engine_resumes
         wait_for(lambda: health(client) == health_pb2.HealthCheckResponse.SERVING, what="SERVING again")
         assert client.generate("def f(x):", max_new_tokens=4).usage.completion_tokens == 4
         assert client.stats().engine_restarts == 1
+    # the restarted engine kept the first start's row limit instead of timing it again (seconds)
+    assert fragile_server.log().count("linear products: our kernel up to a row limit") == 1
 
 
 def test_sigterm_drains_running_requests_then_exits(fragile_server: RunningServer) -> None:

@@ -189,6 +189,18 @@ def test_the_row_limit_is_timed_on_whole_passes_and_kept_by_every_product(tmp_pa
     assert all((product.blocks is None) == (limit == 0) for product in model.weights.products())
 
 
+@pytest.mark.parametrize("limit", [0, 4])
+def test_a_given_row_limit_is_kept_without_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    def no_timing(model: object) -> None:
+        raise AssertionError("the limit was timed although one was given")
+
+    monkeypatch.setattr(loader, "fit_kernel_row_limit", no_timing)
+    make_tiny_qwen2(tmp_path, seed=3, vocab_size=8192, hidden_size=256, intermediate_size=384)
+    model = load_transformer(tmp_path, torch.float32, torch.device("cpu"), kernel_row_limit=limit)
+    assert model.kernel_row_limit == model.whole_layer_rows == limit
+    assert all((product.blocks is None) == (limit == 0) for product in model.weights.products())
+
+
 def test_the_limit_saves_the_most_time_over_the_timed_counts() -> None:
     # a near tie at one row, then large wins (bfloat16 on an AVX2-only CPU): not stopped at 1
     assert best_limit({0: 0.0, 1: -0.0005, 2: 0.015, 4: 0.05, 6: 0.04}) == 4
