@@ -19,13 +19,18 @@ at 6, 9 or 12 (oneDNN's AVX512-BF16 products win from 16 rows there).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 import torch
 
 from engine.kv_cache import KVCache
+from engine.model.cpu_kernels import build_dir
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
 TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16, 32, 64)
@@ -58,6 +63,31 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
     model.set_kernel_rows(limit, free_unused=True)
     log.info("linear products: our kernel up to a row limit, oneDNN beyond", max_kernel_rows=limit)
     return limit
+
+
+def stored_limit_path(model_path: str, dtype: torch.dtype, num_threads: int) -> Path:
+    """Where the limit timed for this model, dtype and thread count is kept: beside the kernels
+    built for this CPU, these sources and this torch, so that any of them changing times it anew."""
+    resolved = Path(model_path).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    dtype_name = str(dtype).removeprefix("torch.")
+    return build_dir() / "row-limits" / f"{resolved.name}-{digest}-{dtype_name}-{num_threads}t.json"
+
+
+def recall_limit(path: Path) -> int | None:
+    """The limit stored at path; None where there is none or it cannot be read."""
+    try:
+        limit = json.loads(path.read_text())["max_kernel_rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return limit if isinstance(limit, int) and limit >= 0 else None
+
+
+def store_limit(path: Path, limit: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # replicas may start together
+    partial.write_text(json.dumps({"max_kernel_rows": limit}))
+    partial.replace(path)
 
 
 def best_limit(seconds_saved: dict[int, float]) -> int:

@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def replicas(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
+def replicas(route: str, smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RunningServer]]:
+    if route == "nginx":
+        nginx_binary()  # skips before three servers start for nothing
     with ThreadPoolExecutor(3) as pool:
         running = list(
             pool.map(lambda i: start_server(tmp_path_factory.mktemp(f"replica{i}"), *FLAGS.split()), range(3))
@@ -51,9 +53,7 @@ def replicas(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @contextlib.contextmanager
 def nginx_in_front(replicas: list[RunningServer], work_dir: Path) -> Iterator[str]:
     """nginx with deploy/nginx-grpc.conf, its upstream pointed at the replicas; yields its address."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    binary = nginx_binary()
     shipped = (ROOT / "deploy" / "nginx-grpc.conf").read_text()
     options = re.search(r"server goodspeed-1:50051 (.*);", shipped)
     assert options is not None
@@ -71,6 +71,13 @@ def nginx_in_front(replicas: list[RunningServer], work_dir: Path) -> Iterator[st
     finally:
         process.terminate()
         process.wait(30)
+
+
+def nginx_binary() -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    return binary
 
 
 def port_is_open(port: int) -> bool:

@@ -15,7 +15,14 @@ from engine.model import loader
 from engine.model.layer_ops import FusedLayerOps, LayerOps
 from engine.model.linear import MAX_KERNEL_ROWS
 from engine.model.loader import load_transformer
-from engine.model.row_limit import TIMED_ROW_COUNTS, best_limit, fit_kernel_row_limit
+from engine.model.row_limit import (
+    TIMED_ROW_COUNTS,
+    best_limit,
+    fit_kernel_row_limit,
+    recall_limit,
+    store_limit,
+    stored_limit_path,
+)
 from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, rope_tables
 from tests.engine.cpu_kernels import require_cpu_kernels
@@ -199,6 +206,24 @@ def test_a_given_row_limit_is_kept_without_timing(tmp_path: Path, monkeypatch: p
     model = load_transformer(tmp_path, torch.float32, torch.device("cpu"), kernel_row_limit=limit)
     assert model.kernel_row_limit == model.whole_layer_rows == limit
     assert all((product.blocks is None) == (limit == 0) for product in model.weights.products())
+
+
+def test_a_stored_limit_is_recalled_and_a_damaged_one_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "row-limits" / "model.json"
+    assert recall_limit(path) is None
+    store_limit(path, 12)
+    assert recall_limit(path) == 12 and [p.name for p in path.parent.iterdir()] == ["model.json"]
+    for damaged in ("{", '{"max_kernel_rows": -1}', '{"max_kernel_rows": "12"}', "[]"):
+        path.write_text(damaged)
+        assert recall_limit(path) is None, damaged
+    # one path per model, dtype and thread count
+    paths = {
+        stored_limit_path(str(tmp_path / m), d, t)
+        for m in "ab"
+        for d in (torch.float32, torch.bfloat16)
+        for t in (1, 2)
+    }
+    assert len(paths) == 8
 
 
 def test_the_limit_saves_the_most_time_over_the_timed_counts() -> None:
