@@ -30,8 +30,9 @@ class EngineConfig:
     num_threads: int = 0  # torch intra-op threads; 0 means all cores
     nice: int = 10  # the engine process's niceness, relative to the server's (0 keeps it equal)
     verify_model: bool = False  # check a cached model's sha256s before loading, not only its sizes
-    # Products of up to this many rows run in the engine's own kernel; None: timed at load
-    # (engine/model/row_limit.py, seconds). The server passes the first start's choice to restarts.
+    # Products of up to this many rows run in the engine's own kernel; None: as an earlier start on
+    # this CPU timed it, else timed at load (engine/model/row_limit.py, seconds). The server passes
+    # the first start's limit to restarts.
     kernel_row_limit: int | None = None
 
     def __post_init__(self) -> None:

@@ -68,7 +68,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
-    model = load_kept_row_limit(path, dtype, device, show_progress, config.kernel_row_limit)
+    model = load_target(path, dtype, device, show_progress, config.kernel_row_limit)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
     drafters = build_drafters(config, model, kv_cache, path, show_progress)
     runner = ModelRunner(model, kv_cache, drafters, config.max_draft_tokens)
@@ -92,7 +92,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
     return runner, ready
 
 
-def load_kept_row_limit(
+def load_target(
     path: str, dtype: torch.dtype, device: torch.device, show_progress: bool, kernel_row_limit: int | None
 ) -> Transformer:
     """The target, its kernel row limit as given, else as timed by an earlier start on this CPU
