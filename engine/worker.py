@@ -97,8 +97,11 @@ def load_target(
 ) -> Transformer:
     """The target, its kernel row limit as given, else as timed by an earlier start on this CPU
     (kept in the goodspeed cache), else timed now and kept."""
+    from transformers import AutoConfig
+
     is_kept = device.type == "cpu" and cpu_kernels_built()
-    stored = stored_limit_path(path, dtype, torch.get_num_threads()) if is_kept else None
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(path))
+    stored = stored_limit_path(spec, dtype, torch.get_num_threads()) if is_kept else None
     limit = kernel_row_limit
     if limit is None and stored is not None:
         limit = recall_limit(stored)

@@ -31,6 +31,7 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.model.cpu_kernels import build_dir
+from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
 TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16, 32, 64)
@@ -65,28 +66,31 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
     return limit
 
 
-def stored_limit_path(model_path: str, dtype: torch.dtype, num_threads: int) -> Path:
-    """Where the limit timed for this model, dtype and thread count is kept: beside the kernels
-    built for this CPU, these sources and this torch, so that any of them changing times it anew."""
-    resolved = Path(model_path).resolve()
-    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+def stored_limit_path(spec: ModelSpec, dtype: torch.dtype, num_threads: int) -> Path:
+    """Where the limit timed for models of this shape, dtype and thread count is kept (it depends
+    on the weights' shapes, not their values): beside the kernels built for this CPU, these sources
+    and this torch, so that any of them changing times it anew."""
+    digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
     dtype_name = str(dtype).removeprefix("torch.")
-    return build_dir() / "row-limits" / f"{resolved.name}-{digest}-{dtype_name}-{num_threads}t.json"
+    return build_dir() / "row-limits" / f"{spec.model_type}-{digest}-{dtype_name}-{num_threads}t.json"
 
 
 def recall_limit(path: Path) -> int | None:
-    """The limit stored at path; None where there is none or it cannot be read."""
+    """The limit stored at path; None where there is none, it cannot be read, or it was chosen
+    among other row counts than these (the Python side changed, not the kernels)."""
     try:
-        limit = json.loads(path.read_text())["max_kernel_rows"]
+        stored = json.loads(path.read_text())
+        limit, counts = stored["max_kernel_rows"], stored["timed_row_counts"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return limit if isinstance(limit, int) and limit >= 0 else None
+    is_valid = isinstance(limit, int) and limit in (0, *TIMED_ROW_COUNTS) and counts == list(TIMED_ROW_COUNTS)
+    return limit if is_valid else None
 
 
 def store_limit(path: Path, limit: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # replicas may start together
-    partial.write_text(json.dumps({"max_kernel_rows": limit}))
+    partial.write_text(json.dumps({"max_kernel_rows": limit, "timed_row_counts": list(TIMED_ROW_COUNTS)}))
     partial.replace(path)
 
 

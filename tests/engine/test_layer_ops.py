@@ -5,10 +5,13 @@ per-operator calls of the same kernels."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from engine.kv_cache import KVCache
 from engine.model import loader
@@ -213,17 +216,29 @@ def test_a_stored_limit_is_recalled_and_a_damaged_one_is_not(tmp_path: Path) -> 
     assert recall_limit(path) is None
     store_limit(path, 12)
     assert recall_limit(path) == 12 and [p.name for p in path.parent.iterdir()] == ["model.json"]
-    for damaged in ("{", '{"max_kernel_rows": -1}', '{"max_kernel_rows": "12"}', "[]"):
+    counts = list(TIMED_ROW_COUNTS)
+    damaged_or_stale = [
+        "{",
+        "[]",
+        json.dumps({"max_kernel_rows": 12}),
+        json.dumps({"max_kernel_rows": -1, "timed_row_counts": counts}),
+        json.dumps({"max_kernel_rows": "12", "timed_row_counts": counts}),
+        json.dumps({"max_kernel_rows": 12, "timed_row_counts": [1, 2, 4, 8, 12]}),  # chosen among others
+    ]
+    for damaged in damaged_or_stale:
         path.write_text(damaged)
         assert recall_limit(path) is None, damaged
-    # one path per model, dtype and thread count
-    paths = {
-        stored_limit_path(str(tmp_path / m), d, t)
-        for m in "ab"
-        for d in (torch.float32, torch.bfloat16)
-        for t in (1, 2)
-    }
+    # one path per model shape, dtype and thread count; models of one shape share it
+    small = ModelSpec("qwen2", 8192, 256, 384, 2, 4, 2, 64, 1e-6, 64, True, True)
+    shapes = (small, dataclasses.replace(small, intermediate_size=512))
+    paths = {stored_limit_path(s, d, t) for s in shapes for d in (torch.float32, torch.bfloat16) for t in (1, 2)}
     assert len(paths) == 8
+    # two models of one shape at two paths, their weights drawn with other seeds
+    specs = []
+    for seed in (1, 2):
+        make_tiny_qwen2(tmp_path / str(seed), seed=seed, vocab_size=8192, hidden_size=256, intermediate_size=384)
+        specs.append(ModelSpec.from_hf_config(AutoConfig.from_pretrained(tmp_path / str(seed))))
+    assert stored_limit_path(specs[0], torch.float32, 2) == stored_limit_path(specs[1], torch.float32, 2)
 
 
 def test_the_limit_saves_the_most_time_over_the_timed_counts() -> None:
