@@ -34,6 +34,10 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-grace 60"
 NUM_REQUESTS = 36
 NUM_CONCURRENT = 12
+# A stream sent to the drained replica itself, long enough that its drain outlasts the sampling
+# below: with only the load's short requests, a replica that held one or none drained in under
+# half a second and had exited before its count could be read.
+PINNED_TOKENS = 160
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -92,10 +96,10 @@ class Outcome:
     error: grpc.StatusCode | None = None
 
 
-def stream(client: Client, i: int) -> Outcome:
+def stream(client: Client, i: int, max_new_tokens: int = 24) -> Outcome:
     outcome = Outcome()
     try:
-        for chunk in client.generate_stream(PROMPTS[i % len(PROMPTS)], max_new_tokens=24, timeout=300):
+        for chunk in client.generate_stream(PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new_tokens, timeout=300):
             outcome.num_tokens += len(chunk.token_ids)
     except grpc.RpcError as exc:
         outcome.error = exc.code()
@@ -105,6 +109,7 @@ def stream(client: Client, i: int) -> Outcome:
 @dataclass
 class LoadRun:
     outcomes: list[Outcome]
+    pinned: Outcome  # the long stream sent to the drained replica
     admitted_before: list[int]  # per replica, before the load
     admitted_at_flip: int  # by the drained replica, once its health said NOT_SERVING
     admitted_while_draining: list[int]  # its count, sampled until it exited
@@ -128,6 +133,7 @@ def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer], ro
     # resumed its streams on its next engine, and calls refused meanwhile went elsewhere
     assert [o.error for o in run.outcomes] == [None] * NUM_REQUESTS
     assert [o.num_tokens for o in run.outcomes] == [24] * NUM_REQUESTS
+    assert (run.pinned.error, run.pinned.num_tokens) == (None, PINNED_TOKENS)
     # no new request reached the drained replica after its health flipped (sampled while it drained)
     assert len(run.admitted_while_draining) >= 2 and max(run.admitted_while_draining) == run.admitted_at_flip
     served = [run.admitted_at_flip - run.admitted_before[0]]
@@ -141,7 +147,13 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
     the second's engine at half. Returns once every request has ended."""
     drained, killed, steady = replicas
     before = [num_admitted(r.target) for r in replicas]
-    with Client(target) as client, ThreadPoolExecutor(NUM_CONCURRENT) as pool:
+    with (
+        Client(target) as client,
+        Client(drained.target) as pinned_client,
+        ThreadPoolExecutor(NUM_CONCURRENT + 1) as pool,
+    ):
+        pinned = pool.submit(stream, pinned_client, 0, PINNED_TOKENS)
+        wait_for(lambda: pinned_client.stats().requests_running == 1, what="the pinned stream running")
         futures = [pool.submit(stream, client, i) for i in range(NUM_REQUESTS)]
 
         def num_done() -> int:
@@ -172,5 +184,10 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
         stop_polling.set()
         poller.join()
     return LoadRun(
-        outcomes, before, at_flip, admitted_while_draining, [num_admitted(r.target) for r in (killed, steady)]
+        outcomes,
+        pinned.result(timeout=600),
+        before,
+        at_flip,
+        admitted_while_draining,
+        [num_admitted(r.target) for r in (killed, steady)],
     )
