@@ -143,8 +143,9 @@ def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer], ro
 
 
 def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> LoadRun:
-    """The load through target; SIGTERM to the first replica after 6 requests finish, SIGKILL to
-    the second's engine at half. Returns once every request has ended."""
+    """The load through target, and a long stream sent to the first replica itself; SIGTERM to the
+    first replica after 6 requests finish, SIGKILL to the second's engine at half. Returns once
+    every request has ended."""
     drained, killed, steady = replicas
     before = [num_admitted(r.target) for r in replicas]
     with (
