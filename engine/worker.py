@@ -21,9 +21,7 @@ from engine.drafters.self_spec import SelfSpecDrafter
 from engine.fetch import resolve_model
 from engine.kv_cache import KVCache
 from engine.link import Doorbell, QueueEnd
-from engine.model.cpu_kernels import cpu_kernels_built
 from engine.model.loader import load_transformer
-from engine.model.row_limit import recall_limit, store_limit, stored_limit_path
 from engine.model.spec import ModelSpec
 from engine.model.transformer import AttentionWindow, Transformer
 from engine.profile import profile_steps
@@ -68,7 +66,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
     path = resolve_model(config.model, show_progress=show_progress, verify=config.verify_model)
-    model = load_target(path, dtype, device, show_progress, config.kernel_row_limit)
+    model = load_transformer(path, dtype, device, show_progress, config.kernel_row_limit, keep_row_limit=True)
     kv_cache = KVCache(model.spec, config.kv_cache_tokens, dtype, device)
     drafters = build_drafters(config, model, kv_cache, path, show_progress)
     runner = ModelRunner(model, kv_cache, drafters, config.max_draft_tokens)
@@ -90,27 +88,6 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         kernel_row_limit=model.kernel_row_limit,
     )
     return runner, ready
-
-
-def load_target(
-    path: str, dtype: torch.dtype, device: torch.device, show_progress: bool, kernel_row_limit: int | None
-) -> Transformer:
-    """The target, its kernel row limit as given, else as timed by an earlier start on this CPU
-    (kept in the goodspeed cache), else timed now and kept."""
-    from transformers import AutoConfig
-
-    is_kept = device.type == "cpu" and cpu_kernels_built()
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(path))
-    stored = stored_limit_path(spec, dtype, torch.get_num_threads()) if is_kept else None
-    limit = kernel_row_limit
-    if limit is None and stored is not None:
-        limit = recall_limit(stored)
-        if limit is not None:
-            log.info("linear products: our kernel up to %d rows, as timed by an earlier start (%s)", limit, stored)
-    model = load_transformer(path, dtype, device, show_progress, limit)
-    if limit is None and stored is not None:
-        store_limit(stored, model.kernel_row_limit)
-    return model
 
 
 def build_drafters(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.model.linear import MAX_KERNEL_ROWS
-from engine.model.row_limit import fit_kernel_row_limit
+from engine.model.row_limit import fit_kernel_row_limit, recall_limit, store_limit, stored_limit_path
 from engine.model.spec import ModelSpec
 from engine.model.transformer import Transformer
 from engine.model.weights import from_hf_model
@@ -19,10 +19,12 @@ def load_transformer(
     device: torch.device,
     show_progress: bool = True,
     kernel_row_limit: int | None = None,
+    keep_row_limit: bool = False,
 ) -> Transformer:
     """Loads the weights through transformers, then keeps only the rearranged tensors.
-    show_progress=False hides transformers' "Loading weights" bar; kernel_row_limit: up to how many
-    rows products run in our kernel, None to time it (row_limit.py)."""
+    show_progress=False hides transformers' "Loading weights" bar. kernel_row_limit: up to how many
+    rows products run in our kernel; None: as an earlier load kept it (with keep_row_limit), else
+    timed now (row_limit.py), and kept with keep_row_limit."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -40,8 +42,18 @@ def load_transformer(
     weights = from_hf_model(hf_model, spec, dtype, device)
     del hf_model
     model = Transformer(spec, weights)
+    # no kernel products (CUDA, or kernels that would not build): nothing to time or keep
+    kept = (
+        stored_limit_path(spec, dtype, torch.get_num_threads())
+        if keep_row_limit and model.has_kernel_products
+        else None
+    )
+    if kernel_row_limit is None and kept is not None:
+        kernel_row_limit = recall_limit(kept)
     if kernel_row_limit is None:
         fit_kernel_row_limit(model)
+        if kept is not None:
+            store_limit(kept, model.kernel_row_limit)
     elif model.has_kernel_products:
         model.set_kernel_rows(min(kernel_row_limit, MAX_KERNEL_ROWS), free_unused=True)
     return model

@@ -83,8 +83,12 @@ def recall_limit(path: Path) -> int | None:
         limit, counts = stored["max_kernel_rows"], stored["timed_row_counts"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    is_valid = isinstance(limit, int) and limit in (0, *TIMED_ROW_COUNTS) and counts == list(TIMED_ROW_COUNTS)
-    return limit if is_valid else None
+    if not (isinstance(limit, int) and limit in (0, *TIMED_ROW_COUNTS) and counts == list(TIMED_ROW_COUNTS)):
+        return None
+    log.info(
+        "linear products: our kernel up to the row limit an earlier load timed", max_kernel_rows=limit, path=str(path)
+    )
+    return limit
 
 
 def store_limit(path: Path, limit: int) -> None:
