@@ -111,3 +111,21 @@ def test_a_token_attends_bit_identically_alone_and_among_drafts(kernel: RaggedAt
     for i in range(1 + num_drafts):  # token i of the verification is the decode over num_kv + i keys
         alone = kernel_attention(kernel, q_verify[i : i + 1].contiguous(), kv_cache, ragged([1], [num_kv + i]))
         assert torch.equal(alone[0], verified[i]), f"query token {i} differs"
+
+
+def test_a_step_is_bit_identical_whatever_the_threads(kernel: RaggedAttention) -> None:
+    """Work items go to threads by cost (a verifying sequence's items spread over threads beside a
+    decoding one's): which thread runs an item must not change any output bit, nor drop an item."""
+    kv_cache = cache(64, seed=3)
+    seqs = ragged([9, 1, 1, 5], [2500, 2500, 40, 1100])
+    q = torch.randn(16, NUM_KV_HEADS * GROUPS, 64) * 0.125
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for num_threads in (1, 2, 3):
+            torch.set_num_threads(num_threads)
+            outputs.append(kernel_attention(kernel, q, kv_cache, seqs))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    torch.testing.assert_close(outputs[0], loop_attention(q, kv_cache, seqs), rtol=1e-5, atol=1e-5)
