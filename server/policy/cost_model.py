@@ -25,7 +25,7 @@ predicted verifying 4 drafts at batch 1 at 1.70x a plain step, and 8 drafts at 2
 1.24x and 1.68x measured, and AUTO drafted short there (1.87x plain against n-gram k = 4's 3.0x).
 
 The model starts from a profile of synthetic steps run at start-up and is refitted online, by
-least squares, on the latest steps.
+least squares of relative errors (each step weighted by 1 / its time), on the latest steps.
 
 A draft model's drafting time (SmartSpec's T_draft) is the same kind of thing: a few forward
 passes of a smaller model. So it gets a StepCostModel of its own, fitted on its forwards: the
@@ -58,6 +58,7 @@ FEATURES = (
     "long_query_kpairs",
 )
 NUM_TOKEN_FEATURES = len(RAMPS) + 1
+MIN_SECONDS = 1e-6  # a step's weight in the fit is 1 / its seconds; no step is timed shorter
 # Features whose coefficient may have either sign; the rest are slopes, kept >= 0.
 SIGNED = {"const"}
 
@@ -166,7 +167,11 @@ class StepCostModel:
         # prefill pairs, is left at 0 by the fit)
         if len(rows) < np.count_nonzero(np.abs(x).sum(axis=0)):
             return
-        self.coef = nonnegative_lstsq(x, y, self._signed)
+        # Relative errors, not absolute: unweighted, the long steps (verifying, prefilling) set
+        # the fit and plain decode steps came out up to 47% over their time, which made drafting
+        # look cheap beside them exactly where a draft barely pays.
+        weights = 1.0 / np.maximum(y, MIN_SECONDS)
+        self.coef = nonnegative_lstsq(x * weights[:, None], y * weights, self._signed)
         self._coef_list = self.coef.tolist()
         self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, self.coef, strict=True)})
 

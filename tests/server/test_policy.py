@@ -14,7 +14,7 @@ from engine.protocol import BatchShape, Offer
 from server.errors import InvalidArgumentError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
-from server.policy.cost_model import DraftCosts, StepCostModel
+from server.policy.cost_model import FEATURES, DraftCosts, StepCostModel, features, nonnegative_lstsq
 from server.policy.goodput import Candidate, Option, StepBase, choose, gains_of, rank
 from server.policy.speculation import PROBE_AFTER_STEPS
 
@@ -229,6 +229,29 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
     request = cand("r", [0.9] * 2, 2, 301)
     drafts = gains_of(request, request.options[0], model.draft_costs())
     assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
+
+
+def test_cost_model_keeps_plain_steps_close_where_long_steps_are_off_its_line() -> None:
+    """Steps of 32 tokens or more (prefill chunks) take 25% longer than any line through the
+    features allows. A fit of absolute errors pays for them with the short steps, and a plain
+    decode step, the price every draft is set against, comes out up to a quarter under its time;
+    a fit of relative errors keeps those within 5%."""
+
+    def true_cost(shape: BatchShape) -> float:
+        linear = 0.010 + 0.0004 * shape.num_tokens + 2e-6 * shape.num_attention_pairs
+        return linear * (1.25 if shape.num_tokens >= 32 else 1.0)
+
+    short = [shape_of(b, q, c) for b in (1, 2, 4, 8) for q in (1, 3, 5, 9) for c in (256, 2048)]
+    chunks = [shape_of(1, q, c) for q in (64, 128, 256) for c in (0, 512)]
+    samples = [(s, true_cost(s)) for s in short + chunks]
+    model = StepCostModel()
+    model.warm(samples)
+    plain = [s for s in short if not s.num_multi_token_seqs]
+    assert all(model.predict(s) == pytest.approx(true_cost(s), rel=0.05) for s in plain)
+    # the same data fitted without weights misses them (the test tells the two fits apart)
+    x, y = np.array([features(s) for s, _ in samples]), np.array([t for _, t in samples])
+    unweighted = nonnegative_lstsq(x, y, np.array([name == "const" for name in FEATURES]))
+    assert max(abs(float(np.dot(unweighted, features(s))) / true_cost(s) - 1) for s in plain) > 0.15
 
 
 def test_positions_are_ranked_by_tokens_per_second_and_taken_in_order() -> None:
