@@ -7,14 +7,14 @@ B: sequences; C: KV tokens attended, summed over sequences; V: sequences with mo
 token (verifying or prefilling: they need a causal mask and reshuffled attention inputs); P:
 query-key pairs scored (query tokens x KV tokens, summed over sequences) by sequences of up to 16
 query tokens (decoding, verifying); L: the same for longer ones (prefill chunks). f is
-piecewise linear in N with knots at 1, 2, 4, 6, 8, 16, 32 and 64 (a "ramp" feature per segment)
-and linear beyond: the cost of a matrix product is flat while it is memory-bound and grows once it is
-compute-bound, and kernels change with the row count, so f is left free apart from being
-non-decreasing. All slopes are kept >= 0, so more work never predicts less time. The knot at 6:
-our product kernel takes rows in groups of 6, so on an AVX-512 EPYC a batch-1 step over 1,024
-tokens took 20.1 ms with 6 query tokens and 29.5 with 7 (14.6 with 1); with knots at 4 and 8
-only, verifying 8 drafts at batch 1 was priced 12% under its time and AUTO drafted 8 where 5
-would have paid more (docs/goodput-policy.md).
+piecewise linear in N with knots at 1, 2, 4, 6, 8, 16, 32 and 64 (a "ramp" feature per
+segment) and linear beyond: the cost of a matrix product is flat while it is memory-bound and
+grows once it is compute-bound, and kernels change with the row count, so f is left free apart
+from being non-decreasing. All slopes are kept >= 0, so more work never predicts less time. The
+knot at 6: our product kernel takes rows in groups of 6, so on an AVX-512 EPYC a batch-1 step
+over 1,024 tokens took 20.1 ms with 6 query tokens and 29.5 with 7 (14.6 with 1); with knots at
+4 and 8 only, verifying 8 drafts at batch 1 was priced 12% under its time, and AUTO drafted 8
+a step where a fixed 4 ran faster (docs/goodput-policy.md).
 
 Why V and P: on a 2-core CPU, timing 50 shapes (B 1-16, 1-9 query tokens, 100 and 400 context
 tokens), a model in N, B and C alone priced a plain decode step of 16 sequences at 105-111 ms

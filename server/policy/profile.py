@@ -31,9 +31,8 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
                     shapes.append(ProfileShape(num_verifying, num_query, 512, num_seqs - num_verifying))
     # Six query tokens at batch 1, where the cost model's knot at 6 is (the product kernel's
     # groups of rows end there, cost_model.py): without them the knot's slope is guessed.
-    for context in (64, 512):
-        if max_draft_tokens + 1 >= 6:
-            shapes.append(ProfileShape(1, 6, context))
+    if max_draft_tokens + 1 >= 6:
+        shapes += [ProfileShape(1, 6, context) for context in (64, 512)]
     shapes.append(ProfileShape(1, min(prefill_tokens, MAX_PROFILE_TOKENS), 0))
     # Long contexts: attention over KV that no cache holds costs more per query-key pair than at
     # 512 tokens, so without these the model under-prices verifying and prefilling there (a
