@@ -295,7 +295,9 @@ void attend_keys(const Rows& seq, const PagedK& k, const float* v, int64_t capac
 
 constexpr int64_t kChunk = 1024;  // keys per work item of a long sequence
 // A key costs its read (K and V rows of one KV head, 512 bytes at head_dim 64) once, and its score
-// and value sum once per query token: on two Zen 4 cores the read is worth about two query tokens.
+// and value sum once per query token. The read's weight, two query tokens, is an estimate from a
+// Zen 4 core's bandwidth and multiply-add rate, not a fit: items of one sequence share a query
+// count, so it only moves the split between sequences of different counts.
 constexpr int64_t kKeyReadCost = 2;
 
 // A work item: one sequence, one KV head, one chunk of its keys; partial >= 0 where the sequence
