@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.catalog import DEFAULT_MODEL
 
@@ -72,10 +73,24 @@ def run_speculator(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_figures(manifest: dict[str, object]) -> None:
-    print(
-        json.dumps({key: manifest[key] for key in ("phase_seconds", "stages", "held_out", "cut_by_budget")}, indent=1)
-    )
+def print_figures(manifest: dict[str, Any]) -> None:
+    stages = {name: {k: v for k, v in figures.items() if k != "curve"} for name, figures in manifest["stages"].items()}
+    summary = {key: manifest[key] for key in ("phase_seconds", "held_out", "cut_by_budget")}
+    print(json.dumps(summary | {"stages": stages}, indent=1))
+    print("learning curve: held-out tokens per greedy step at k = 1, 2, ... and head top-1 accuracy")
+    print(f"{'stage':>5} {'step':>5} {'train min':>9}  {'generations':<24} {'code':<24} generations top-1")
+    for name, figures in manifest["stages"].items():
+        for point in figures["curve"]:
+            generations, code = point["generations"], point["code"]
+            print(
+                f"{name:>5} {point['step']:>5} {point['training_seconds'] / 60:>9.1f}  "
+                f"{fmt(generations['tokens_per_step_by_k']):<24} {fmt(code['tokens_per_step_by_k']):<24} "
+                f"{fmt(generations['top1_by_head'])}"
+            )
+
+
+def fmt(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
 
 
 def speculator_lines() -> list[str]:

@@ -6,13 +6,17 @@ rerun skips what is there; training checkpoints every few steps):
 1. code states: the target reads chunks of third-party code (engine/speculator/corpus.py); its
    hidden states (bfloat16) and its own next-token choices are kept, with the held-out packages'
    chunks for evaluation;
-2. stage 1: fed the text's tokens, the heads learn what the target would write 2, 3, ... tokens
-   on (teacher forcing; data.py says why its choices and not the text);
-3. generations: the target writes greedily from prompts cut from the training chunks, keeping
+2. generations: the target writes greedily from prompts cut from the training chunks, keeping
    the hidden state of each step it decodes (and from held-out prompts, for evaluation);
+3. stage 1: fed the text's tokens, the heads learn what the target would write 2, 3, ... tokens
+   on (teacher forcing; data.py says why its choices and not the text);
 4. stage 2: the heads learn what this model writes;
 5. evaluation: per-head top-1 accuracy on held-out code and held-out generations, and the
    tokens per step that accuracy implies for greedy decoding at each k.
+
+The generations come before stage 1 (they do not depend on the heads) so that both stages can be
+scored on the same held-out sets as they go: the manifest's learning curve, accuracy against
+training time, which is what says whether more time or more data would pay.
 
 The time budget is shared out by fixed fractions; a phase that reaches its share stops early
 (the manifest says which did). With the same seed and no phase cut short, a run is repeatable.
@@ -47,8 +51,9 @@ from engine.speculator.store import TrainedSpeculator, save
 from engine.speculator.train_config import TrainConfig
 
 # Shares of the time budget, in order; a phase may use what earlier ones left.
-PHASES = (("code states", 0.27), ("stage 1", 0.3), ("generations", 0.2), ("stage 2", 0.15), ("evaluation", 0.08))
+PHASES = (("code states", 0.27), ("generations", 0.2), ("stage 1", 0.3), ("stage 2", 0.15), ("evaluation", 0.08))
 CHECKPOINT_EVERY = 25  # training steps
+CURVE_POINTS = 8  # held-out evaluations per stage, for the learning curve
 EVAL_BATCH = 16  # records per evaluation forward
 
 
@@ -140,15 +145,35 @@ def train_stage(
     num_steps: int,
     checkpoint: Path,
     deadline: Callable[[], bool],
+    held_out: dict[str, Records],
+    seconds_before: float = 0.0,
 ) -> dict[str, Any]:
-    """Resumes from the checkpoint when it is of this stage; returns the stage's figures."""
+    """Resumes from the checkpoint when it is of this stage (or returns the figures it kept of
+    this stage, when a later one had begun); returns the stage's figures, with its learning curve:
+    the held-out sets' figures every num_steps / CURVE_POINTS steps and at its end, against the
+    training seconds of both stages (seconds_before: stage 1's, in stage 2)."""
     optimizer = torch.optim.AdamW(spec.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    step, losses, seconds = 0, [], 0.0
+    step, losses, seconds, curve = 0, [], 0.0, []
+    finished: dict[int, dict[str, Any]] = {}  # figures of the stages done, carried in the checkpoint
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
+        finished = state.get("finished", {})
+        if stage in finished:
+            return finished[stage]
         if state["stage"] == stage:
             optimizer.load_state_dict(state["optimizer"])
-            step, losses, seconds = state["step"], state["losses"], state["seconds"]
+            step, losses, seconds, curve = state["step"], state["losses"], state["seconds"], state.get("curve", [])
+
+    def save_checkpoint() -> None:
+        state = {"stage": stage, "step": step, "losses": losses, "seconds": seconds, "curve": curve}
+        state |= {"finished": finished, "model": spec.state_dict(), "optimizer": optimizer.state_dict()}
+        save_atomic(state, checkpoint)
+
+    def add_curve_point() -> None:
+        point = {"step": step, "training_seconds": round(seconds_before + seconds, 2)}
+        curve.append(point | {name: evaluate(spec, held, classes) for name, held in held_out.items()})
+
+    curve_every = max(1, num_steps // CURVE_POINTS)
     next_classes = to_classes(records.next_ids, classes)
     label_classes = to_classes(records.label_ids, classes)
     num_records = records.states.shape[0]
@@ -169,18 +194,25 @@ def train_stage(
         losses.append([round(float(x), 4) for x in head_losses.detach()])
         progress.update(1)
         progress.set_postfix(loss=f"{sum(losses[-1]) / len(losses[-1]):.3f}")
-        if step % CHECKPOINT_EVERY == 0 or step == num_steps:
-            state = {"stage": stage, "step": step, "losses": losses, "seconds": seconds}
-            save_atomic({**state, "model": spec.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+        if step % curve_every == 0:
+            add_curve_point()
+        if step % CHECKPOINT_EVERY == 0:
+            save_checkpoint()
     progress.close()
+    if step and (not curve or curve[-1]["step"] != step):  # cut short by the budget, or fewer steps than points
+        add_curve_point()
     recent = losses[-20:]
-    return {
+    figures = {
         "steps": step,
         "positions": step * config.batch_records * (records.states.shape[1] - config.num_heads),
         "seconds": round(seconds, 1),
         "first_loss_by_head": losses[0] if losses else [],
         "final_loss_by_head": [round(sum(col) / len(col), 4) for col in zip(*recent, strict=True)] if recent else [],
+        "curve": curve,
     }
+    finished[stage] = figures
+    save_checkpoint()
+    return figures
 
 
 @torch.no_grad()
@@ -255,9 +287,6 @@ def train_speculator(
     if checkpoint.is_file():
         spec.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
     code_records, held_code = Records(**code["train"]), Records(**code["held_out"])
-    stage1 = train_stage(
-        spec, code_records, classes, config, 1, config.stage1_steps, checkpoint, budget.deadline("stage 1")
-    )
     eos_ids = set(read_eos_token_ids(path))
     gens = phase(
         work / "generations.pt",
@@ -266,8 +295,29 @@ def train_speculator(
         lambda: write_generations(target, code_records, held_code, eos_ids, config, budget),
     )
     gen_records, held_gen = Records(**gens["train"]), Records(**gens["held_out"])
+    held_out_sets = {"code": held_code, "generations": held_gen}
+    stage1 = train_stage(
+        spec,
+        code_records,
+        classes,
+        config,
+        1,
+        config.stage1_steps,
+        checkpoint,
+        budget.deadline("stage 1"),
+        held_out_sets,
+    )
     stage2 = train_stage(
-        spec, gen_records, classes, config, 2, config.stage2_steps, checkpoint, budget.deadline("stage 2")
+        spec,
+        gen_records,
+        classes,
+        config,
+        2,
+        config.stage2_steps,
+        checkpoint,
+        budget.deadline("stage 2"),
+        held_out_sets,
+        stage1["seconds"],
     )
     started = time.perf_counter()
     spec.eval()

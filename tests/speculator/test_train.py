@@ -44,6 +44,14 @@ def test_training_lowers_the_loss_and_round_trips_through_the_cache(
         first, final = manifest["stages"][stage]["first_loss_by_head"], manifest["stages"][stage]["final_loss_by_head"]
         assert len(final) == 3 and sum(final) < 0.8 * sum(first), (stage, first, final)
     assert manifest["cut_by_budget"] == [] and not work_dir(str(model)).exists()
+    # The learning curve: both stages scored on the held-out sets as they went; its last point is
+    # the final evaluation (same weights, same sets), and training time only grows along it.
+    curve = manifest["stages"]["1"]["curve"] + manifest["stages"]["2"]["curve"]
+    assert [p["step"] for p in manifest["stages"]["2"]["curve"]] == list(range(10, 81, 10))
+    assert curve[-1]["generations"] == manifest["held_out"]["generations"]
+    assert curve[-1]["code"] == manifest["held_out"]["code"]
+    seconds = [p["training_seconds"] for p in curve]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[0]
     assert manifest["data_positions"] == {"code": 64 * 64, "generations": 16 * 24}  # chunks x tokens, prompts x new
     held_out = manifest["corpus"]["held_out_packages"]
     assert held_out and all(p.startswith("pkg") for p in held_out)
@@ -173,3 +181,27 @@ def test_a_warm_start_begins_in_the_targets_space_and_still_learns(tiny: tuple[P
             embed,
             torch.tensor([5, 1]),
         )
+
+
+def test_a_run_stopped_in_stage_2_does_not_train_stage_1_again(tiny: tuple[Path, Path], speculators: Path) -> None:
+    model, source = tiny
+    config = tiny_config(model, stage1_steps=30, stage2_steps=50)
+    import engine.speculator.train as train_module
+
+    real_stage = train_module.train_stage
+    figures: list[dict[str, object]] = []
+
+    def stage_then_stop(*args: object, **kwargs: object) -> dict[str, object]:
+        figures.append(real_stage(*args, **kwargs))  # type: ignore[arg-type]
+        if len(figures) == 2:  # stage 2's 50 steps ran (its checkpoint saved at 25 and 50), then killed
+            raise KeyboardInterrupt
+        return figures[-1]
+
+    train_module.train_stage = stage_then_stop  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_speculator(config, None, encode=encode_bytes, source_dirs=[source])
+    finally:
+        train_module.train_stage = real_stage
+    manifest = train_speculator(config, None, encode=encode_bytes, source_dirs=[source])
+    assert manifest["stages"] == {"1": figures[0], "2": figures[1]}
