@@ -13,15 +13,15 @@ class TrainConfig:
     inner_dim: int = 0  # 0: the target's hidden size
     dtype: str = "bfloat16"  # the target's, while it reads code and writes (the heads train in float32)
     chunk_tokens: int = 256
-    num_code_chunks: int = 2400  # stage 1 data: chunks of chunk_tokens
+    num_code_chunks: int = 1200  # stage 1 data: chunks of chunk_tokens
     num_held_out_chunks: int = 64
-    num_prompts: int = 768  # stage 2 data: generations of new_tokens each
+    num_prompts: int = 3072  # stage 2 data: generations of new_tokens each
     num_held_out_prompts: int = 32
     prompt_tokens: int = 64
     new_tokens: int = 192
     generation_batch: int = 32
-    stage1_steps: int = 900
-    stage2_steps: int = 250
+    stage1_steps: int = 750
+    stage2_steps: int = 1200
     batch_records: int = 8  # records per training step
     learning_rate: float = 1e-3
     # start the heads from the target's embeddings and identity projections (experimental)
