@@ -430,10 +430,11 @@ def read_code(
 def write_generations(
     target: Transformer, code: Records, held_code: Records, eos_ids: set[int], config: TrainConfig, budget: Budget
 ) -> dict[str, Any]:
-    """Prompts: prompt_tokens from a random place of a chunk (its next_ids are the chunk's text)."""
-    rng = random.Random(config.seed + 2)
+    """Prompts: prompt_tokens from a random place of a chunk (its next_ids are the chunk's text).
+    The held-out prompts are drawn with their own generator, so that runs with more or fewer
+    training prompts are scored on the same held-out generations."""
 
-    def prompts(records: Records, count: int) -> list[list[int]]:
+    def prompts(records: Records, count: int, rng: random.Random) -> list[list[int]]:
         out = []
         for _ in range(count):
             row = rng.randrange(records.next_ids.shape[0])
@@ -441,13 +442,12 @@ def write_generations(
             out.append(records.next_ids[row, start : start + config.prompt_tokens].tolist())
         return out
 
-    def write(records: Records, count: int, deadline: Callable[[], bool], description: str) -> Records:
-        return generated(
-            target, prompts(records, count), config.new_tokens, eos_ids, config.generation_batch, deadline, description
-        )
+    def write(records: Records, count: int, seed: int, deadline: Callable[[], bool], description: str) -> Records:
+        chosen = prompts(records, count, random.Random(seed))
+        return generated(target, chosen, config.new_tokens, eos_ids, config.generation_batch, deadline, description)
 
-    train = write(code, config.num_prompts, budget.deadline("generations"), "generations")
-    held = write(held_code, config.num_held_out_prompts, lambda: False, "held-out generations")
+    train = write(code, config.num_prompts, config.seed + 2, budget.deadline("generations"), "generations")
+    held = write(held_code, config.num_held_out_prompts, config.seed + 3, lambda: False, "held-out generations")
     return {"train": train.as_dict(), "held_out": held.as_dict()}
 
 

@@ -15,7 +15,7 @@ class TrainConfig:
     chunk_tokens: int = 256
     num_code_chunks: int = 1200  # stage 1 data: chunks of chunk_tokens
     num_held_out_chunks: int = 64
-    num_prompts: int = 3072  # stage 2 data: generations of new_tokens each
+    num_prompts: int = 2560  # stage 2 data: generations of new_tokens each
     num_held_out_prompts: int = 32
     prompt_tokens: int = 64
     new_tokens: int = 192

@@ -205,3 +205,16 @@ def test_a_run_stopped_in_stage_2_does_not_train_stage_1_again(tiny: tuple[Path,
         train_module.train_stage = real_stage
     manifest = train_speculator(config, None, encode=encode_bytes, source_dirs=[source])
     assert manifest["stages"] == {"1": figures[0], "2": figures[1]}
+
+
+def test_runs_with_more_training_prompts_are_scored_on_the_same_held_out_generations(
+    tiny: tuple[Path, Path], speculators: Path
+) -> None:
+    model, source = tiny
+    # No training steps: the heads stay as seeded, so the held-out figures differ only if the
+    # held-out generations do.
+    scored = [
+        train_tiny(model, source, num_prompts=n, stage1_steps=0, stage2_steps=0)["held_out"]["generations"]
+        for n in (8, 16)
+    ]
+    assert scored[0] == scored[1]
