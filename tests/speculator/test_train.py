@@ -4,6 +4,7 @@ cache, a run resumes, and the corpus keeps to third-party packages."""
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from engine.speculator.data import IGNORE, mask_after_eos
 from engine.speculator.location import find_trained, not_found_message, speculator_dir
 from engine.speculator.store import load, load_trained
 from engine.speculator.train import Records, evaluate, learning_rate, to_classes, train_speculator, work_dir
+from engine.speculator.train_config import TrainConfig
 from tests.speculator.tiny import encode_bytes, make_corpus, tiny_config, train_tiny
 from tests.tiny_models import make_tiny_llama
 
@@ -81,7 +83,31 @@ def test_saved_tied_weights_load_back_shared(tiny: tuple[Path, Path], speculator
         assert torch.equal(a, b), name
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(tiny: tuple[Path, Path], speculators: Path) -> None:
+def run_killed_after_stage(
+    monkeypatch: pytest.MonkeyPatch, config: TrainConfig, source: Path, stage: int, encode: Callable[[str], list[int]]
+) -> list[dict[str, object]]:
+    """Runs training as if killed right after the given stage ended (its checkpoint saved);
+    returns the figures of the stages that ran."""
+    import engine.speculator.train as train_module
+
+    real_stage = train_module.train_stage
+    figures: list[dict[str, object]] = []
+
+    def stage_then_stop(*args: object, **kwargs: object) -> dict[str, object]:
+        figures.append(real_stage(*args, **kwargs))  # type: ignore[arg-type]
+        if len(figures) == stage:
+            raise KeyboardInterrupt
+        return figures[-1]
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(train_module, "train_stage", stage_then_stop)
+        train_speculator(config, None, encode=encode, source_dirs=[source])
+    return figures
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(
+    tiny: tuple[Path, Path], speculators: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, source = tiny
     config = tiny_config(model, stage1_steps=50)
     calls = {"n": 0}
@@ -90,21 +116,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny: tuple[Path, Path],
         calls["n"] += 1
         return encode_bytes(text)
 
-    # A first run that stops after stage 1's data and 25 steps (its checkpoint), as if killed.
-    import engine.speculator.train as train_module
-
-    real_stage = train_module.train_stage
-
-    def stage_then_stop(*args: object, **kwargs: object) -> dict[str, object]:
-        real_stage(*args, **kwargs)  # type: ignore[arg-type]
-        raise KeyboardInterrupt
-
-    train_module.train_stage = stage_then_stop  # type: ignore[assignment]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_speculator(config, None, encode=encode_then_stop, source_dirs=[source])
-    finally:
-        train_module.train_stage = real_stage
+    run_killed_after_stage(monkeypatch, config, source, 1, encode_then_stop)
     assert (work_dir(str(model)) / "code.pt").is_file() and (work_dir(str(model)) / "checkpoint.pt").is_file()
     encoded = calls["n"]
     manifest = train_speculator(config, None, encode=encode_then_stop, source_dirs=[source])
@@ -183,26 +195,12 @@ def test_a_warm_start_begins_in_the_targets_space_and_still_learns(tiny: tuple[P
         )
 
 
-def test_a_run_stopped_in_stage_2_does_not_train_stage_1_again(tiny: tuple[Path, Path], speculators: Path) -> None:
+def test_a_run_stopped_in_stage_2_does_not_train_stage_1_again(
+    tiny: tuple[Path, Path], speculators: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, source = tiny
     config = tiny_config(model, stage1_steps=30, stage2_steps=50)
-    import engine.speculator.train as train_module
-
-    real_stage = train_module.train_stage
-    figures: list[dict[str, object]] = []
-
-    def stage_then_stop(*args: object, **kwargs: object) -> dict[str, object]:
-        figures.append(real_stage(*args, **kwargs))  # type: ignore[arg-type]
-        if len(figures) == 2:  # stage 2's 50 steps ran (its checkpoint saved at 25 and 50), then killed
-            raise KeyboardInterrupt
-        return figures[-1]
-
-    train_module.train_stage = stage_then_stop  # type: ignore[assignment]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_speculator(config, None, encode=encode_bytes, source_dirs=[source])
-    finally:
-        train_module.train_stage = real_stage
+    figures = run_killed_after_stage(monkeypatch, config, source, 2, encode_bytes)
     manifest = train_speculator(config, None, encode=encode_bytes, source_dirs=[source])
     assert manifest["stages"] == {"1": figures[0], "2": figures[1]}
 
