@@ -2,7 +2,8 @@
 side with transformers on the same prompts, model and dtype, in one run.
 
 For each prompt every variant runs back to back: ours (plain, n-gram with each k, the draft
-model with each k when one is given, and AUTO choosing drafter and k), each through the server's
+model with each k when one is given, and AUTO choosing drafter and k, also without the MLP
+speculator when one is trained, on an engine of its own), each through the server's
 own scheduler and policy in this process (bench/in_process.py); then transformers `generate`
 (plain, prompt lookup, assisted by the draft model) in a process of its own
 (bench/hf_process.py). Slow drifts of a noisy machine hit all variants alike; ratios are computed
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,17 +118,23 @@ def record(
     stats.outputs.append(output)
 
 
+FIXED, AUTO, WITHOUT_MLP = "fixed", "auto", "auto without mlp"  # our control planes in a run
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """One of our batch-1 settings, as a request would ask for it."""
+    """One of our batch-1 settings, as a request would ask for it, and the control plane that runs
+    it (FIXED: the fixed settings and plain; AUTO: AUTO's own; WITHOUT_MLP: AUTO over an engine
+    served without the speculator)."""
 
     mode: SpeculationMode
     num_draft_tokens: int = 0
     drafter: str = ""
+    server: str = FIXED
 
 
 def batch_one(
-    servers: dict[SpeculationMode, InProcessServer],
+    servers: dict[str, InProcessServer],
     hf: HFProcess | None,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -148,7 +155,7 @@ def batch_one(
         for name, v in variants.items():
             is_plain = name == PLAIN
             triad_before = memory_bandwidth_gbs(TRIAD_REPEATS) if is_plain else 0.0
-            outcome = servers[v.mode].generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
+            outcome = servers[v.server].generate(ids, max_new_tokens, v.mode, v.num_draft_tokens, v.drafter)
             if is_plain:
                 stats[name].triads_gbs.append((triad_before + memory_bandwidth_gbs(TRIAD_REPEATS)) / 2)
             spec = outcome.speculation
@@ -188,7 +195,10 @@ def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int], mlp_ks
     if "mlp" in drafters:
         variants.update({f"ours mlp speculator k={k}": Variant(fixed, k, "mlp") for k in mlp_ks})
     if drafters:
-        variants[f"ours auto ({', '.join(drafters)})"] = Variant(SpeculationMode.AUTO)
+        variants[f"ours auto ({', '.join(drafters)})"] = Variant(SpeculationMode.AUTO, server=AUTO)
+    if "mlp" in drafters and len(drafters) > 1:
+        others = ", ".join(name for name in drafters if name != "mlp")
+        variants[f"ours auto ({others})"] = Variant(SpeculationMode.AUTO, server=WITHOUT_MLP)
     return variants
 
 
@@ -332,17 +342,24 @@ def run_engine_bench(
     # Two control planes over the one engine: one for the fixed settings, one for AUTO, so that
     # AUTO's acceptance estimates come from its own earlier requests, as on a server, and not
     # from the fixed settings having just run the same prompt.
-    server, auto_server = InProcessServer(runner, ready, tokenizer), InProcessServer(runner, ready, tokenizer)
+    servers = {FIXED: InProcessServer(runner, ready, tokenizer), AUTO: InProcessServer(runner, ready, tokenizer)}
     print("timing the start-up profile of the step-cost models, as the server does ...", flush=True)
-    profile = server.profile()
-    server.warm(profile)
-    auto_server.warm(profile)
+    profile = servers[FIXED].profile()
+    servers[FIXED].warm(profile)
+    servers[AUTO].warm(profile)
+    if "mlp" in drafters and len(drafters) > 1:
+        # AUTO as served without the speculator (--drafters without mlp), on an engine of its own:
+        # what the speculator adds to AUTO, its per-step offers' cost included
+        print("loading an engine without the speculator, for AUTO without it ...", flush=True)
+        others = tuple(name for name in drafters if name != "mlp")
+        runner_without, ready_without = build_runner(replace(config, drafters=others), show_progress=False)
+        servers[WITHOUT_MLP] = InProcessServer(runner_without, ready_without, tokenizer)
+        servers[WITHOUT_MLP].warm(servers[WITHOUT_MLP].profile())
     hf = None
     if with_transformers:
         draft_path = resolve_model(draft_model, show_progress=False) if draft_model else ""
         hf = HFProcess(ready.model_path, dtype, eos, draft_path)
     try:
-        servers = {SpeculationMode.AUTO: auto_server, SpeculationMode.FIXED: server, SpeculationMode.OFF: server}
         report = measure(
             runner, ready, servers, hf, tokenizer, num_prompts, ks, concurrency, hf_lookup, draft_ks, workloads
         )
@@ -360,7 +377,7 @@ def run_engine_bench(
 def measure(
     runner: ModelRunner,
     ready: EngineReady,
-    servers: dict[SpeculationMode, InProcessServer],
+    servers: dict[str, InProcessServer],
     hf: HFProcess | None,
     tokenizer: TextTokenizer,
     num_prompts: int,
@@ -372,7 +389,7 @@ def measure(
 ) -> dict[str, Any]:
     eos, dtype = ready.eos_token_ids, ready.dtype
     warmup = tokenizer.encode("def warm_up():")
-    servers[SpeculationMode.FIXED].generate(warmup, 8, SpeculationMode.FIXED, 4)
+    servers[FIXED].generate(warmup, 8, SpeculationMode.FIXED, 4)
     if hf is not None:
         hf.generate(warmup, 8)
     machine = machine_facts()
@@ -461,16 +478,20 @@ BURST_ROUNDS = 3
 
 
 def burst_rounds(
-    servers: dict[SpeculationMode, InProcessServer], prompts: list[list[int]], num_rounds: int
+    servers: dict[str, InProcessServer], prompts: list[list[int]], num_rounds: int
 ) -> dict[str, dict[str, float]]:
-    """The prompts arriving together, 64 new tokens each, under OFF and AUTO in turn, num_rounds
-    times: throughput over all rounds, and how long it took until every request had its first
-    token (the ramp-up, where chunked prefill and drafts compete)."""
-    totals = {"plain": [0, 0.0, 0.0], "auto": [0, 0.0, 0.0]}  # tokens, seconds, seconds to all started
+    """The prompts arriving together, 64 new tokens each, under OFF and AUTO (and AUTO without the
+    speculator, where there is one) in turn, num_rounds times: throughput over all rounds, and how
+    long it took until every request had its first token (the ramp-up, where chunked prefill and
+    drafts compete)."""
+    turns = {"plain": (FIXED, SpeculationMode.OFF), "auto": (AUTO, SpeculationMode.AUTO)}
+    if WITHOUT_MLP in servers:
+        turns[WITHOUT_MLP] = (WITHOUT_MLP, SpeculationMode.AUTO)
+    totals = {label: [0, 0.0, 0.0] for label in turns}  # tokens, seconds, seconds to all started
     for _ in range(num_rounds):
-        for label, mode in (("plain", SpeculationMode.OFF), ("auto", SpeculationMode.AUTO)):
+        for label, (server, mode) in turns.items():
             started = time.perf_counter()
-            outcomes, decode_s = servers[mode].generate_batch(prompts, 64, mode)
+            outcomes, decode_s = servers[server].generate_batch(prompts, 64, mode)
             seconds = time.perf_counter() - started
             total = totals[label]
             total[0] += sum(len(outcome.output_ids) for outcome in outcomes)
@@ -511,7 +532,7 @@ def margins_text(margins: list[float]) -> str:
 def print_batched(dtype: str, rows: dict[str, dict[str, Any]]) -> None:
     print(
         f"\nbatched throughput, completion prompts, 64 new tokens, {dtype} (xN: plain, N admitted together; "
-        f"through the scheduler: {BURST_ROUNDS} rounds, OFF and AUTO alternating)"
+        f"through the scheduler: {BURST_ROUNDS} rounds, OFF and AUTO taking turns)"
     )
     for name, row in rows.items():
         ramp = f"  (all started after {row['all_started_s']:.2f} s)" if "all_started_s" in row else ""

@@ -159,7 +159,7 @@ class VariantTotals:
 
 def end_to_end(
     runner: PrefilledRunner,
-    server: InProcessServer,
+    servers: tuple[InProcessServer, InProcessServer],
     sources: list[list[int]],
     contexts: list[int],
     batches: list[int],
@@ -169,7 +169,13 @@ def end_to_end(
     repeats: int,
     profile: dict[str, list[StepSample]],
 ) -> list[dict[str, Any]]:
-    server.warm(profile)  # AUTO prices steps as a started server would
+    """servers: (the fixed settings' and plain's, AUTO's). AUTO has a control plane of its own, so
+    that it learns acceptance from its own drafts, as on a server, and not from the fixed
+    settings having just decoded the same continuation (with them it trusted self-speculation's
+    acceptance from the fixed runs and drafted with it far more than it does alone)."""
+    server, auto_server = servers
+    for each in servers:
+        each.warm(profile)  # AUTO prices steps as a started server would
     rows = []
     points = tqdm(total=len(contexts) * len(batches), desc="(context, batch)", unit="point")
     for context in contexts:
@@ -183,7 +189,8 @@ def end_to_end(
             totals = {v.name: VariantTotals(max_new_tokens) for v in variants(ks, ngram_k)}
             for _ in range(repeats):  # variants take turns, so a slow spell of the machine hits them all
                 for v in variants(ks, ngram_k):
-                    totals[v.name].add_run(server, runner, prompts[:batch], v)
+                    runs_it = auto_server if v.mode == SpeculationMode.AUTO else server
+                    totals[v.name].add_run(runs_it, runner, prompts[:batch], v)
             plain = totals["plain"]
             row = {
                 "context": context,
@@ -248,8 +255,9 @@ def run_longctx_bench(
     # the start-up profile, timed once: every server below is warmed with it
     profile = server.profile() if {"end-to-end", "interference"} & set(parts) else {}
     if "end-to-end" in parts:
+        servers = (server, InProcessServer(runner, ready, tokenizer))
         report["end_to_end"] = end_to_end(
-            runner, server, sources, contexts, batches, ks, ngram_k, max_new_tokens, repeats, profile
+            runner, servers, sources, contexts, batches, ks, ngram_k, max_new_tokens, repeats, profile
         )
         print_end_to_end(report)
     if "interference" in parts:

@@ -28,6 +28,7 @@ def add_speculator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     add("--seed", type=int, default=defaults.seed)
     add("--num-heads", type=int, default=defaults.num_heads, help="the most tokens it proposes a step")
     add("--num-classes", type=int, default=defaults.num_classes, help="the most frequent tokens the heads name")
+    add("--inner-dim", type=int, default=defaults.inner_dim, help="the heads' width (0: the model's hidden size)")
     add("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"], help="the target's, while it reads")
     add("--code-chunks", type=int, default=defaults.num_code_chunks, help=f"of {defaults.chunk_tokens} tokens")
     add("--prompts", type=int, default=defaults.num_prompts, help=f"generations of {defaults.new_tokens} tokens")
@@ -49,6 +50,7 @@ def run_speculator(args: argparse.Namespace) -> int:
             model=args.model,
             num_heads=args.num_heads,
             num_classes=args.num_classes,
+            inner_dim=args.inner_dim,
             dtype=args.dtype,
             num_code_chunks=args.code_chunks,
             num_prompts=args.prompts,

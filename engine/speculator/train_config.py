@@ -48,6 +48,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.stage1_steps < 0 or self.stage2_steps < 0:
             raise ValueError("stage1_steps and stage2_steps must be >= 0")
+        if self.inner_dim < 0:
+            raise ValueError(f"inner_dim must be 0 (the model's hidden size) or positive, got {self.inner_dim}")
         if self.chunk_tokens <= self.num_heads + 1 or self.new_tokens <= self.num_heads:
             raise ValueError("chunk_tokens and new_tokens must exceed num_heads + 1")
         if self.dtype not in ("float32", "bfloat16"):

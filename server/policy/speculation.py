@@ -81,7 +81,8 @@ class SpeculationPolicy:
     acceptance: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # per drafter
     last_choice: Choice | None = None  # for observability
     steps_at_zero: dict[str, int] = field(default_factory=dict)
-    num_probes_of: dict[str, int] = field(default_factory=dict)  # per request, to take its drafters in turn
+    probe_turn_of: dict[str, int] = field(default_factory=dict)  # per request: where its drafters' turns go on
+    steps_off_models: dict[str, int] = field(default_factory=dict)  # per request, since it last ran a draft model
     steps_since_probe: int = 0
     num_probes: int = 0
     # recent chosen goodput of AUTO decode-only steps with nothing waiting, by their number of
@@ -164,25 +165,41 @@ class SpeculationPolicy:
         # forward anyway (another request drafts with it, or it prefills), or for a long wait.
         running = set(choice.drafters.values()) | (set(self.prefill_drafters) if base.prefill_seqs else set())
         for c in candidates:
+            self.steps_off_models[c.req_id] = self.steps_off_models.get(c.req_id, 0) + 1
             if chosen[c.req_id].num_draft_tokens > 0:
                 self.steps_at_zero[c.req_id] = 0
+                self._ran(c.req_id, chosen[c.req_id].drafter)
                 continue
             waited = self.steps_at_zero.get(c.req_id, 0) + 1
             self.steps_at_zero[c.req_id] = waited
+            if waited < PROBE_AFTER_STEPS or self.steps_since_probe < PROBE_SPACING_STEPS:
+                continue
+            # Drafters take turns. One whose probe would run a draft forward alone is passed over
+            # until the request has long gone without a draft model, and the next one offering
+            # probes instead: waiting on it held a request whose turn was self-speculation's from
+            # ever probing n-gram lookup, and a fresh server never drafted at 7,680 tokens, where
+            # n-gram k = 4 alone ran 1.87x plain.
+            is_alone_due = self.steps_off_models[c.req_id] >= ALONE_PROBE_AFTER_STEPS
             offered = [o.drafter for o in c.options if o.max_draft_tokens]
-            if waited >= PROBE_AFTER_STEPS and self.steps_since_probe >= PROBE_SPACING_STEPS and offered:
-                turn = self.num_probes_of.get(c.req_id, 0)
-                drafter = offered[turn % len(offered)]
-                if drafter in self.draft_cost_models and drafter not in running and waited < ALONE_PROBE_AFTER_STEPS:
-                    continue
+            turn = self.probe_turn_of.get(c.req_id, 0)
+            in_turn = [offered[(turn + i) % len(offered)] for i in range(len(offered))]
+            drafter = next(
+                (d for d in in_turn if d not in self.draft_cost_models or d in running or is_alone_due), None
+            )
+            if drafter is not None:
                 chosen[c.req_id] = Assignment(drafter, 1)
-                self.num_probes_of[c.req_id] = turn + 1
+                self._ran(c.req_id, drafter)
+                self.probe_turn_of[c.req_id] = offered.index(drafter) + 1  # one passed over keeps its turn
                 self.steps_at_zero[c.req_id] = 0
                 self.steps_since_probe = 0
                 self.num_probes += 1
         if log.is_enabled_for(logging.DEBUG):
             log_choice(candidates, base, choice, chosen, time_value)
         return chosen
+
+    def _ran(self, req_id: str, drafter: str) -> None:
+        if drafter in self.draft_cost_models:
+            self.steps_off_models[req_id] = 0
 
     def _time_value(self, base: StepBase, num_decoding: int) -> float:
         """Tokens per second a second of this step must buy (0: none): while prompts wait, in
@@ -236,7 +253,8 @@ class SpeculationPolicy:
         for acceptance in self.acceptance.values():
             acceptance.forget(req_id)
         self.steps_at_zero.pop(req_id, None)
-        self.num_probes_of.pop(req_id, None)
+        self.probe_turn_of.pop(req_id, None)
+        self.steps_off_models.pop(req_id, None)
 
     def warm(self, samples: Sequence[tuple[BatchShape, float]], drafter: str = "") -> None:
         """Fits the step-cost model (or with drafter, that drafter's) on timed synthetic forwards,

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.engine import PLAIN, TimedDrafter, VariantStats, record, shares_beside_triads
+from api.speculation import SpeculationMode
+from bench.engine import (
+    AUTO,
+    PLAIN,
+    WITHOUT_MLP,
+    TimedDrafter,
+    VariantStats,
+    our_variants,
+    record,
+    shares_beside_triads,
+)
 from bench.roofline import roofline_tokens_per_s
 from engine.drafters.base import DraftRequest
 from engine.drafters.ngram import NgramDrafter
@@ -54,3 +64,14 @@ def test_each_request_is_set_against_the_triad_taken_around_it() -> None:
     assert beside["shares"] == [round(10 / bound_at_20, 3), round(5 / (2 * bound_at_20), 3)]
     assert beside["median"] == pytest.approx((10 / bound_at_20 + 5 / (2 * bound_at_20)) / 2, abs=1e-3)
     assert beside["triads_gbs"] == [20.0, 40.0]
+
+
+def test_auto_is_also_run_without_the_speculator_where_there_is_one() -> None:
+    """What the speculator adds to AUTO: AUTO over an engine served without it, beside AUTO with it."""
+    with_mlp = our_variants(["ngram", "self", "mlp"], [8], [], [1, 2, 3])
+    auto, without = with_mlp["ours auto (ngram, self, mlp)"], with_mlp["ours auto (ngram, self)"]
+    assert (auto.mode, auto.server) == (SpeculationMode.AUTO, AUTO)
+    assert (without.mode, without.server) == (SpeculationMode.AUTO, WITHOUT_MLP)
+    assert [name for name in with_mlp if "mlp speculator" in name] == [f"ours mlp speculator k={k}" for k in (1, 2, 3)]
+    assert not any(v.server == WITHOUT_MLP for v in our_variants(["ngram", "self"], [8], [], []).values())
+    assert not any(v.server == WITHOUT_MLP for v in our_variants(["mlp"], [], [], [1]).values())

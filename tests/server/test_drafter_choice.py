@@ -218,6 +218,26 @@ def test_a_draft_model_is_probed_only_in_a_step_that_runs_it_anyway() -> None:
     assert alone[:-1] == [Assignment("", 0)] * (ALONE_PROBE_AFTER_STEPS - 1) and alone[-1] == Assignment("model", 1)
 
 
+def test_a_draft_model_waiting_for_its_probe_does_not_keep_the_other_drafters_from_theirs() -> None:
+    # Both estimates are low (every draft rejected), and the draft model comes first in turn: its
+    # probe waits for a step that runs its forward, and n-gram lookup probes meanwhile. Before,
+    # the request waited on the model's turn and n-gram lookup was never probed again.
+    policy = two_drafter_policy()
+    policy.drafters = ("model", "ngram")
+    policy.warm([(BatchShape(b, b, b * 100, 0, b * 100), 0.030 + 0.001 * b) for b in (1, 2, 4, 8)] * 4, "model")
+    for name in policy.drafters:
+        for _ in range(40):
+            policy.acceptance[name].observe("r", 2, num_drafted=2, num_accepted=0)
+    request = FakeRequest("r", offers={"ngram": Offer(4, match_len=2), "model": Offer(8)})
+    steps = [policy.choose([request], base(1))["r"] for _ in range(ALONE_PROBE_AFTER_STEPS)]
+    probes = [(i + 1, a) for i, a in enumerate(steps) if a.num_draft_tokens]
+    expected = [
+        (n * PROBE_AFTER_STEPS, Assignment("ngram", 1)) for n in range(1, ALONE_PROBE_AFTER_STEPS // PROBE_AFTER_STEPS)
+    ]
+    # ... and once the request has long gone without it, the draft model probes alone
+    assert probes == [*expected, (ALONE_PROBE_AFTER_STEPS, Assignment("model", 1))]
+
+
 def test_a_step_that_prefills_prices_its_drafting_time_at_what_decoding_buys() -> None:
     # A prefill chunk makes the step long (1.1 s), so its own goodput is low and the draft model's
     # 7 extra forwards (0.7 s for ~5.4 tokens) raise it. But at 10 tokens a second, what decode-only
