@@ -42,7 +42,11 @@ class PrefillCap:
         if predicted_s is None:
             return None
         self.decode_s = predicted_s * self.decode_bias
-        return self.max_slowdown * self.decode_s / self.prefill_bias
+        return self.bound_s(predicted_s)
+
+    def bound_s(self, decode_s: float) -> float:
+        """The predicted time a step may take that prefills beside decodes predicted to take decode_s."""
+        return self.max_slowdown * decode_s * self.decode_bias / self.prefill_bias
 
     @property
     def is_overrun(self) -> bool:
@@ -55,12 +59,12 @@ class PrefillCap:
 
     def observe(self, predicted_s: float | None, measured_s: float, is_prefilling: bool, draft_s: float = 0.0) -> None:
         """A step with decodes, and prompt chunks beside them when is_prefilling, took measured_s;
-        draft_s of it (predicted) verified the decodes' drafts. The bound is on what prefill adds
-        to the decodes' step: drafts are the policy's choice, priced there (a second of a step that
-        prefills is worth what decoding buys with it), so their time counts in no overrun.
-        Counted, it stalled the prompt every other step beside drafts: 16 requests arriving
-        together under AUTO took about a third longer to all get their first token than with
-        speculation off (6.0 s against 4.4 s, 3 runs each, float32)."""
+        draft_s of it (predicted) verified the decodes' drafts. The bound is max_slowdown times
+        the decodes' own step, their drafts included: a stream whose step yields more tokens may
+        wait as much longer for it (the scheduler grows the chunk beside drafts to match). Counted
+        as overrun, drafts stalled the prompt every other step: 16 requests arriving together
+        under AUTO took about a third longer to all get their first token than with speculation
+        off (6.0 s against 4.4 s, 3 runs each, float32)."""
         if predicted_s is None or predicted_s <= 0 or measured_s <= 0:
             return
         if self.max_slowdown > 0 and self.decode_s is not None:
@@ -68,7 +72,9 @@ class PrefillCap:
             # one that did not pays off what a plain decode step leaves of the bound, however long
             # its drafts made it: an overrun always ends, so a waiting prompt never starves.
             allowance = self.max_slowdown * self.decode_s
-            excess = measured_s - draft_s - allowance if is_prefilling else self.decode_s - allowance
+            excess = (
+                measured_s - self.max_slowdown * draft_s - allowance if is_prefilling else self.decode_s - allowance
+            )
             self.overrun_s = max(0.0, self.overrun_s + excess)
         ratio = measured_s / predicted_s
         if is_prefilling:

@@ -215,6 +215,9 @@ class Scheduler:
             scheduled.append(
                 ScheduledRequest(state.req_id, num_draft_tokens=k, drafter=drafter, wants_offers=wants_offers)
             )
+        if chunks and any(s.num_draft_tokens for s in scheduled):
+            chunks = self._grow_beside_drafts(decoding, scheduled, chunks, budget)
+            self.undrafted_shape = self._base(decoding, chunks, 0).shape
         for state, chunk in chunks:
             state.num_prompt_done += chunk
             wants_offers = self.policy.plans_with_offers(state)
@@ -256,6 +259,43 @@ class Scheduler:
             budget -= num_tokens
         self.is_prefilling_beside_decodes = bool(decoding and chunks)
         return chunks
+
+    def _grow_beside_drafts(
+        self,
+        decoding: list[RequestState],
+        scheduled: list[ScheduledRequest],
+        chunks: list[tuple[RequestState, int]],
+        budget: int,
+    ) -> list[tuple[RequestState, int]]:
+        """Drafts lengthen the decodes' step, and a prompt may slow that step as much as a plain
+        one: the chunks grow to the bound on the drafted step (and the token budget left). Cut
+        to the plain step's bound, a prompt beside drafts moved as many tokens a step as beside
+        plain decoding in steps up to twice as long: 16 completions arriving together under AUTO
+        kept 5-7 running where OFF grew to 12, and all started a second later (4.5-5.2 s against
+        5.7-6.2 s, float32)."""
+        drafted = [
+            (1 + s.num_draft_tokens, state.num_tokens + s.num_draft_tokens)
+            for s, state in zip(scheduled, decoding, strict=True)
+        ]
+        decode_s = self.policy.predict_step_s(BatchShape.of(drafted))
+        if decode_s is None or self.prefill_cap.max_slowdown <= 0:
+            return chunks
+        limit = self.prefill_cap.bound_s(decode_s)
+        grown = list(chunks)
+        for i, (state, num_tokens) in enumerate(grown):
+            others = [(n, s.num_prompt_done + n) for j, (s, n) in enumerate(grown) if j != i]
+
+            def step_s(n: int, state: RequestState = state, others: list[tuple[int, int]] = others) -> float:
+                return (
+                    self.policy.predict_step_s(BatchShape.of([*drafted, *others, (n, state.num_prompt_done + n)]))
+                    or 0.0
+                )
+
+            upper = min(state.num_prompt_left, num_tokens + budget)
+            more = largest_within(upper, step_s, limit, minimum=num_tokens)
+            budget -= more - num_tokens
+            grown[i] = (state, more)
+        return grown
 
     def _base(self, decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
         """The step as it stands before drafts, for the goodput policy."""

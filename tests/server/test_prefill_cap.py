@@ -62,10 +62,11 @@ def test_decode_steps_made_long_by_drafts_still_pay_an_overrun_off() -> None:
     assert cap.overrun_s == pytest.approx(0.0)  # each step without prefill pays off a plain step's room
 
 
-def test_the_time_drafts_add_to_a_step_that_prefills_is_no_overrun() -> None:
+def test_beside_drafts_the_bound_is_on_the_drafted_step() -> None:
     cap = PrefillCap(2.0)
     assert cap.max_step_s(lambda shape: 0.010, DECODE) == pytest.approx(0.020)
-    cap.observe(0.032, 0.032, is_prefilling=True, draft_s=0.012)  # prompt within the bound, drafts on top
+    assert cap.bound_s(0.016) == pytest.approx(0.032)  # decodes whose drafts make their step 16 ms
+    cap.observe(0.032, 0.032, is_prefilling=True, draft_s=0.006)  # within 2 x (10 + 6) ms
     assert not cap.is_overrun
-    cap.observe(0.032, 0.032, is_prefilling=True, draft_s=0.008)  # the prompt itself ran 4 ms over
+    cap.observe(0.040, 0.040, is_prefilling=True, draft_s=0.008)  # 4 ms over 2 x (10 + 8) ms
     assert cap.overrun_s == pytest.approx(0.004)

@@ -105,8 +105,9 @@ def decoding_one_request(max_prefill_slowdown: float, k: int = 3) -> Scheduler:
 
 
 def chunks_while_one_request_decodes(max_prefill_slowdown: float, prompt_len: int) -> list[tuple[int, float]]:
-    """The long prompt's chunk and the step's predicted time / the decode-only step's, per step."""
-    scheduler = decoding_one_request(max_prefill_slowdown)
+    """The long prompt's chunk and the step's predicted time / the decode-only step's, per step
+    ("short" decoding plainly)."""
+    scheduler = decoding_one_request(max_prefill_slowdown, k=0)
     scheduler.add(make_state("long", prompt_len))
     steps = []
     while scheduler.running.get("long") is None or scheduler.running["long"].is_prefilling:
@@ -172,6 +173,29 @@ def test_drafts_beside_a_prefill_do_not_hold_the_prompt_back() -> None:
         scheduler.observe_step(StepResult(plan.step_id, timings=StepTimings(step_s=step_s(shape)), shape=shape))
     assert all(k == 3 for k in drafts) and sum(chunks) == 1500
     assert 0 not in chunks  # no step without a chunk: the drafts ran over nothing
+
+
+def test_a_prompt_beside_drafts_slows_the_drafted_step_as_much_as_a_plain_one() -> None:
+    # Cut to the plain step's bound, the prompt moved as many tokens beside drafts as beside plain
+    # decoding, in longer steps: under AUTO, prompts arriving together started a second later.
+    chunk_of, slowdown_of = {}, {}
+    for k in (0, 3):
+        scheduler = decoding_one_request(2.0, k=k)
+        scheduler.add(make_state("long", 1500))
+        plan = scheduler.schedule()  # admits "long" and runs its first chunk
+        assert plan is not None
+        scheduler.update(result(plan.step_id, ("short", [66], k, 0, NONE)))
+        short, long = scheduler.running["short"], scheduler.running["long"]
+        plan = scheduler.schedule()
+        assert plan is not None
+        by_id = {s.req_id: s for s in plan.scheduled}
+        assert by_id["short"].num_draft_tokens == k
+        chunk, done = by_id["long"].num_prompt_tokens, long.num_prompt_done - by_id["long"].num_prompt_tokens
+        decodes = (1 + k, short.num_tokens + k)
+        chunk_of[k] = chunk
+        slowdown_of[k] = step_s(BatchShape.of([decodes, (chunk, done + chunk)])) / step_s(BatchShape.of([decodes]))
+    assert chunk_of[3] > chunk_of[0]
+    assert 1.8 < slowdown_of[3] <= 2.0 + 1e-6 and 1.8 < slowdown_of[0] <= 2.0 + 1e-6
 
 
 def test_per_request_modes_override_the_server_policy() -> None:
