@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,10 +196,14 @@ def our_variants(drafters: list[str], ks: list[int], draft_ks: list[int], mlp_ks
         variants.update({f"ours mlp speculator k={k}": Variant(fixed, k, "mlp") for k in mlp_ks})
     if drafters:
         variants[f"ours auto ({', '.join(drafters)})"] = Variant(SpeculationMode.AUTO, server=AUTO)
-    if "mlp" in drafters and len(drafters) > 1:
-        others = ", ".join(name for name in drafters if name != "mlp")
-        variants[f"ours auto ({others})"] = Variant(SpeculationMode.AUTO, server=WITHOUT_MLP)
+    if others := without_mlp(drafters):
+        variants[f"ours auto ({', '.join(others)})"] = Variant(SpeculationMode.AUTO, server=WITHOUT_MLP)
     return variants
+
+
+def without_mlp(drafters: Sequence[str]) -> tuple[str, ...]:
+    """The other drafters, where the speculator is one of several (else none)."""
+    return tuple(name for name in drafters if name != "mlp") if "mlp" in drafters else ()
 
 
 def divergence_margins(
@@ -347,11 +351,10 @@ def run_engine_bench(
     profile = servers[FIXED].profile()
     servers[FIXED].warm(profile)
     servers[AUTO].warm(profile)
-    if "mlp" in drafters and len(drafters) > 1:
+    if others := without_mlp(drafters):
         # AUTO as served without the speculator (--drafters without mlp), on an engine of its own:
         # what the speculator adds to AUTO, its per-step offers' cost included
         print("loading an engine without the speculator, for AUTO without it ...", flush=True)
-        others = tuple(name for name in drafters if name != "mlp")
         runner_without, ready_without = build_runner(replace(config, drafters=others), show_progress=False)
         servers[WITHOUT_MLP] = InProcessServer(runner_without, ready_without, tokenizer)
         servers[WITHOUT_MLP].warm(servers[WITHOUT_MLP].profile())

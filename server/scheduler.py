@@ -271,8 +271,8 @@ class Scheduler:
         one: the chunks grow to the bound on the drafted step (and the token budget left). Cut
         to the plain step's bound, a prompt beside drafts moved as many tokens a step as beside
         plain decoding in steps up to twice as long: 16 completions arriving together under AUTO
-        kept 5-7 running where OFF grew to 12, and all started a second later (4.5-5.2 s against
-        5.7-6.2 s, float32)."""
+        kept 5-7 running where OFF grew to 12, and all started a second later (after 5.7-6.2 s
+        against OFF's 4.5-5.2, float32)."""
         drafted = [
             (1 + s.num_draft_tokens, state.num_tokens + s.num_draft_tokens)
             for s, state in zip(scheduled, decoding, strict=True)
