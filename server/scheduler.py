@@ -247,12 +247,7 @@ class Scheduler:
             num_tokens = min(state.num_prompt_left, budget)
             if max_step_s is not None:
                 planned = decode_kv + [(n, s.num_prompt_done + n) for s, n in chunks]
-
-                def step_s(n: int, state: RequestState = state, planned: list[tuple[int, int]] = planned) -> float:
-                    shape = BatchShape.of([*planned, (n, state.num_prompt_done + n)])
-                    return self.policy.predict_step_s(shape) or 0.0
-
-                num_tokens = largest_within(num_tokens, step_s, max_step_s, minimum=0 if chunks else 1)
+                num_tokens = self._largest_chunk(state, planned, num_tokens, max_step_s, minimum=0 if chunks else 1)
                 if num_tokens == 0:
                     break
             chunks.append((state, num_tokens))
@@ -273,29 +268,35 @@ class Scheduler:
         plain decoding in steps up to twice as long: 16 completions arriving together under AUTO
         kept 5-7 running where OFF grew to 12, and all started a second later (after 5.7-6.2 s
         against OFF's 4.5-5.2, float32)."""
+        if self.prefill_cap.max_slowdown <= 0:
+            return chunks  # no cap: they already fill the token budget
         drafted = [
             (1 + s.num_draft_tokens, state.num_tokens + s.num_draft_tokens)
             for s, state in zip(scheduled, decoding, strict=True)
         ]
         decode_s = self.policy.predict_step_s(BatchShape.of(drafted))
-        if decode_s is None or self.prefill_cap.max_slowdown <= 0:
+        if decode_s is None:
             return chunks
         limit = self.prefill_cap.bound_s(decode_s)
         grown = list(chunks)
         for i, (state, num_tokens) in enumerate(grown):
-            others = [(n, s.num_prompt_done + n) for j, (s, n) in enumerate(grown) if j != i]
-
-            def step_s(n: int, state: RequestState = state, others: list[tuple[int, int]] = others) -> float:
-                return (
-                    self.policy.predict_step_s(BatchShape.of([*drafted, *others, (n, state.num_prompt_done + n)]))
-                    or 0.0
-                )
-
+            planned = drafted + [(n, s.num_prompt_done + n) for j, (s, n) in enumerate(grown) if j != i]
             upper = min(state.num_prompt_left, num_tokens + budget)
-            more = largest_within(upper, step_s, limit, minimum=num_tokens)
+            more = self._largest_chunk(state, planned, upper, limit, minimum=num_tokens)
             budget -= more - num_tokens
             grown[i] = (state, more)
         return grown
+
+    def _largest_chunk(
+        self, state: RequestState, planned: list[tuple[int, int]], upper: int, max_step_s: float, minimum: int
+    ) -> int:
+        """The most prompt tokens of state, up to upper, that keep the step with the planned
+        (query, KV) sequences within max_step_s, as predicted (at least minimum)."""
+
+        def step_s(n: int) -> float:
+            return self.policy.predict_step_s(BatchShape.of([*planned, (n, state.num_prompt_done + n)])) or 0.0
+
+        return largest_within(upper, step_s, max_step_s, minimum)
 
     def _base(self, decoding: list[RequestState], chunks: list[tuple[RequestState, int]], room: int) -> StepBase:
         """The step as it stands before drafts, for the goodput policy."""
