@@ -116,6 +116,19 @@ class Offer(_Wire, frozen=True):
     max_kv_tokens: int = 0
 
 
+class OfferOutcome(_Wire, frozen=True):
+    """How a drafter's offer for a step would have fared had the request drafted with it: its
+    first num_tested tokens set against the tokens the target emitted, the first num_passed of
+    them equal. For a drafter whose proposal is one token per position (n-gram lookup; the MLP
+    speculator's greedy pick), that is what verification would have accepted: exactly when
+    decoding greedily, as often in expectation when sampling. So a drafter that AUTO does not use
+    is measured all the same, with no draft verified."""
+
+    drafter: str
+    num_tested: int
+    num_passed: int
+
+
 class RequestOutput(_Wire, frozen=True):
     req_id: str
     new_token_ids: list[int] = []  # accepted draft tokens plus the recovered or bonus token
@@ -126,6 +139,9 @@ class RequestOutput(_Wire, frozen=True):
     # For the next step, one per engine drafter in EngineReady.drafters' order; empty once the
     # request has finished.
     offers: list[Offer] = []
+    # For this step: how the other drafters' offers would have fared (those that can tell without
+    # running a model)
+    offer_outcomes: list[OfferOutcome] = []
 
 
 # Sequences of up to this many query tokens (decoding, verifying) attend in one kernel call per
@@ -194,6 +210,7 @@ class EngineReady(_Wire, frozen=True, tag=4):
     drafters: list[str]  # in the order of RequestOutput.offers; the first serves plans that name none
     model_drafters: list[str]  # those that run a model: the control plane profiles and prices their forwards
     prefill_drafters: list[str]  # of those, the ones that prefill with the target (a draft model's own cache)
+    prior_acceptance: dict[str, float]  # per drafter: the pass rate to plan with before its first draft
     device: str
     dtype: str
     model_path: str  # where the tokenizer and chat template can be read

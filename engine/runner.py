@@ -17,6 +17,7 @@ from engine.protocol import (
     FinishReason,
     NewRequest,
     Offer,
+    OfferOutcome,
     RequestOutput,
     ScheduledRequest,
     StepPlan,
@@ -225,6 +226,7 @@ class ModelRunner:
     def _advance(self, work: _Work, emitted: list[int]) -> RequestOutput:
         """Commits a step's tokens to the sequence; rejected drafts roll back by not counting them."""
         seq = work.seq
+        outcomes = [] if seq.is_prefilling else self._offer_outcomes(work, emitted)
         num_drafted = len(work.draft.token_ids)
         num_accepted = max(len(emitted) - 1, 0) if num_drafted else 0
         if seq.is_prefilling:
@@ -244,7 +246,21 @@ class ModelRunner:
             work.drafter.observe(seq.req_id, num_drafted, num_accepted)
         if finish_reason != FinishReason.NONE:
             self.remove_request(seq.req_id)
-        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason)
+        return RequestOutput(seq.req_id, emitted, num_drafted, num_accepted, finish_reason, offer_outcomes=outcomes)
+
+    def _offer_outcomes(self, work: _Work, emitted: list[int]) -> list[OfferOutcome]:
+        """How the offers of the drafters that did not draft for the request this step would have
+        fared against the tokens it emitted (before they join the sequence)."""
+        seq, outcomes = work.seq, []
+        for drafter in self.drafters.values():
+            if drafter is work.drafter:
+                continue
+            offered = drafter.offered_tokens(seq.req_id, len(seq.token_ids), seq.sampling)
+            num_tested = min(len(offered), len(emitted))
+            if num_tested:
+                num_passed = next((i for i in range(num_tested) if offered[i] != emitted[i]), num_tested)
+                outcomes.append(OfferOutcome(drafter.name, num_tested, num_passed))
+        return outcomes
 
     def _with_offers(self, outputs: list[RequestOutput], wanted: set[str]) -> list[RequestOutput]:
         """Each continuing request's outputs with every drafter's offer for its next step, one call

@@ -81,6 +81,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         drafters=[drafter.name for drafter in drafters],
         model_drafters=[drafter.name for drafter in drafters if drafter.runs_model],
         prefill_drafters=[drafter.name for drafter in drafters if drafter.runs_model and drafter.sees_prefill],
+        prior_acceptance={drafter.name: drafter.prior_acceptance for drafter in drafters},
         device=str(device),
         dtype=config.dtype,
         load_s=time.perf_counter() - started,

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from types import MappingProxyType
 from typing import TextIO
 
 import anyio
@@ -228,6 +229,7 @@ def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
         drafters=drafters,
         model_drafters=tuple(ready.model_drafters),
         prefill_drafters=tuple(ready.prefill_drafters),
+        prior_acceptance=MappingProxyType(ready.prior_acceptance),
     )
 
 

@@ -378,7 +378,7 @@ class Scheduler:
         state.output_ids.extend(output.new_token_ids)
         drafter = self.decoding.get(state.req_id)
         if drafter is not None:  # the token that ends a prefill is no draft step
-            self._count_draft(state, drafter, planned_with.get(drafter, Offer()), output)
+            self._count_draft(state, drafter, planned_with, output)
         return state.text.push(output.new_token_ids)
 
     def _emit(self, state: RequestState, reason: FinishReason, step: Chunk, now: float) -> None:
@@ -392,10 +392,18 @@ class Scheduler:
         elif step.token_ids:
             state.mailbox.put(step)
 
-    def _count_draft(self, state: RequestState, drafter: str, planned_with: Offer, output: RequestOutput) -> None:
-        """A decoding step's speculation figures; planned_with is the drafter's offer its k was chosen from."""
+    def _count_draft(
+        self, state: RequestState, drafter: str, planned_with: dict[str, Offer], output: RequestOutput
+    ) -> None:
+        """A decoding step's speculation figures; planned_with: the drafters' offers its k was
+        chosen from. The policy learns from the draft, and from how the other drafters' offers
+        would have fared."""
         if drafter:
-            self.policy.observe_draft(state.req_id, drafter, planned_with, output.num_drafted, output.num_accepted)
+            offer = planned_with.get(drafter, Offer())
+            self.policy.observe_draft(state.req_id, drafter, offer, output.num_drafted, output.num_accepted)
+        for outcome in output.offer_outcomes:
+            offer = planned_with.get(outcome.drafter, Offer())
+            self.policy.observe_draft(state.req_id, outcome.drafter, offer, outcome.num_tested, outcome.num_passed)
         state.speculation.add_step(drafter, len(output.new_token_ids), output.num_drafted, output.num_accepted)
 
     def _finish(

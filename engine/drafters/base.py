@@ -42,6 +42,9 @@ class Drafter(ABC):
     name: str
     sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
     runs_model = False  # True for one whose forwards cost time: the control plane profiles and prices them
+    # The chance a draft token passes, for the control plane to plan with before it has seen any of
+    # this drafter's drafts: a guess, which the first drafts replace.
+    prior_acceptance = 0.5
 
     def add_request(self, req_id: str, token_ids: list[int], num_tokens: int) -> None:  # noqa: B027 - optional hook
         """A request joined the batch; token_ids is its prompt, num_tokens the most it may grow to
@@ -60,6 +63,12 @@ class Drafter(ABC):
     def take_forwards(self) -> list[BatchShape]:
         """The shapes of the forward passes its last propose ran (a draft model's), for the control
         plane's drafting-cost model; a model-free drafter runs none."""
+        return []
+
+    def offered_tokens(self, req_id: str, num_tokens: int, sampling: SamplingParams) -> list[int]:
+        """The tokens its last offer for the request, made at num_tokens tokens, would have drafted,
+        where that takes no model run and the draft would be one token per position (for the
+        runner to check against what the target emitted); [] where not."""
         return []
 
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:

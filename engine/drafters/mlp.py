@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.drafters.base import Draft, Drafter, DraftRequest, pick_draft_tokens
-from engine.protocol import BatchShape, Offer
+from engine.protocol import BatchShape, Offer, SamplingParams
 from engine.speculator.store import TrainedSpeculator
 
 MLP_NOISE_STREAM = 0x31F5EC  # salts the request seed: its own noise, apart from the target's and other drafters'
@@ -31,6 +31,7 @@ class FirstHead:
     state: torch.Tensor  # [width]: what head 1 reads
     logits: torch.Tensor  # [C]
     confidence_bucket: int
+    top_token_id: int  # its greedy pick
 
 
 class MLPDrafter(Drafter):
@@ -78,6 +79,13 @@ class MLPDrafter(Drafter):
 
     def remove_request(self, req_id: str) -> None:
         self.first_heads.pop(req_id, None)
+
+    def offered_tokens(self, req_id: str, num_tokens: int, sampling: SamplingParams) -> list[int]:
+        """Head 0's greedy pick, the one token known without running the other heads; when
+        sampling the draft is drawn from the heads' distribution, so a pick says nothing exact."""
+        first = self.first_heads.get(req_id)
+        is_known = first is not None and first.num_tokens == num_tokens and sampling.is_greedy
+        return [first.top_token_id] if first is not None and is_known else []
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -134,10 +142,11 @@ class MLPDrafter(Drafter):
         hidden = torch.stack([r.last_hidden for r in requests if r.last_hidden is not None]).to(param.dtype)
         last = self.classes[torch.tensor([r.token_ids[-1] for r in requests], device=param.device)]
         state, logits = self.model.run_head(0, hidden, last)  # [B, width], [B, C]
-        top = logits.float().softmax(dim=-1)[:, :-1].max(dim=-1).values.tolist()  # the named token it would pick
-        for row, (r, probability) in enumerate(zip(requests, top, strict=True)):
+        top = logits.float().softmax(dim=-1)[:, :-1].max(dim=-1)  # the named token it would pick
+        top_ids = self.token_ids[top.indices].tolist()
+        for row, (r, probability) in enumerate(zip(requests, top.values.tolist(), strict=True)):
             self.first_heads[r.req_id] = FirstHead(
-                len(r.token_ids), state[row], logits[row], confidence_bucket(probability)
+                len(r.token_ids), state[row], logits[row], confidence_bucket(probability), top_ids[row]
             )
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from engine.drafters.base import Draft, Drafter, DraftRequest
-from engine.protocol import Offer
+from engine.protocol import Offer, SamplingParams
 
 # Candidates examined per lookup, most recent first: bounds the cost on very repetitive text.
 MAX_CANDIDATES = 64
@@ -105,6 +105,10 @@ class NgramDrafter(Drafter):
     def offer(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> Offer:
         proposal, match_len = self._lookup(req_id, token_ids, num_draft_tokens)
         return Offer(len(proposal), match_len)
+
+    def offered_tokens(self, req_id: str, num_tokens: int, sampling: SamplingParams) -> list[int]:
+        last = self.last.get(req_id)
+        return last.proposal if last is not None and last.num_tokens == num_tokens else []
 
     def _lookup(self, req_id: str, token_ids: list[int], num_draft_tokens: int) -> tuple[list[int], int]:
         """The proposal and its match length, remembered until the sequence grows: asking what it

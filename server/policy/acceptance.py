@@ -29,7 +29,7 @@ DECAY = 0.9  # per observed step: about the last 10 steps dominate a request's r
 SERVER_DECAY = 0.995  # server-wide: about the last 200 request-steps
 PRIOR_TRIALS = 8.0  # a request's ratio starts at 1, worth this many expected passes
 MATCH_PRIOR_TRIALS = 2.0  # a match length's rate starts at the server-wide first-token rate
-INITIAL_RATE = 0.5  # before the server has seen any draft
+INITIAL_RATE = 0.5  # before the server has seen any draft, unless the drafter says otherwise
 MAX_MATCH_LEN = 64  # longer matches share one rate
 
 
@@ -51,6 +51,7 @@ class Rate:
 @dataclass
 class AcceptanceEstimator:
     max_draft_tokens: int = 8
+    initial_rate: float = INITIAL_RATE  # every rate's prior before the first draft (the drafter's prior)
     first: Rate = field(default_factory=Rate)  # server-wide, any match length
     first_by_match: dict[int, Rate] = field(default_factory=dict)  # server-wide, per match length
     # req_id -> its decayed first-token passes (passed) over what the match rates predicted (trials)
@@ -64,11 +65,11 @@ class AcceptanceEstimator:
 
     @property
     def server_first_rate(self) -> float:
-        return self.first.value(INITIAL_RATE, 1.0)
+        return self.first.value(self.initial_rate, 1.0)
 
     @property
     def server_rest_rate(self) -> float:
-        return self.rest.value(INITIAL_RATE, 1.0)
+        return self.rest.value(self.initial_rate, 1.0)
 
     def position_rates(self) -> list[float]:
         """Server-wide P(position j + 1 passes | position j passed), j = 0 .. max - 1.
@@ -79,7 +80,7 @@ class AcceptanceEstimator:
         chooser that believes it never drafts that deep. It happened: in float32 AUTO held the
         draft model at k = 1 for whole requests (first token passing ~100%, position 2 still at
         the initial 0.5) and ran at 0.8x the draft model's fixed k = 4."""
-        rates, prior = [], INITIAL_RATE
+        rates, prior = [], self.initial_rate
         for position in self.positions:
             prior = position.value(prior, 1.0)
             rates.append(prior)

@@ -8,7 +8,9 @@ included; it only considers as many tokens as each drafter can propose right now
 reports that after each step), so requests without a proposal cost nothing. A request kept at
 k = 0 for a while although proposals exist is probed with k = 1 now and then (at most one probe
 every few steps server-wide, its drafters in turn; a draft model in a step that runs it anyway,
-or after a longer wait), so a stale low estimate can recover.
+or after a longer wait), so a stale low estimate can recover. A drafter that proposes without a
+model needs no probes to be measured: the engine checks the offers it made but did not draft
+against the tokens the target emitted, and those count as its drafts (engine.protocol.OfferOutcome).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import structlog
 
 from api.speculation import SpeculationMode
 from engine.protocol import BatchShape, DraftRun, Offer, max_draft_len
-from server.policy.acceptance import AcceptanceEstimator
+from server.policy.acceptance import INITIAL_RATE, AcceptanceEstimator
 from server.policy.cost_model import StepCostModel
 from server.policy.goodput import Candidate, Choice, Option, StepBase, choose, max_tokens_needed, safe_rate
 from server.policy.settings import PolicySettings, PolicyUpdate
@@ -76,6 +78,9 @@ class SpeculationPolicy:
     drafters: tuple[str, ...] = ("ngram",)  # the engine's, in order; the first serves FIXED by default
     model_drafters: tuple[str, ...] = ()  # those that run a model: priced by a step-cost model each
     prefill_drafters: tuple[str, ...] = ()  # of those, the ones that prefill with the target (a draft model)
+    prior_acceptance: Mapping[str, float] = field(
+        default_factory=dict
+    )  # per drafter, before its first draft (else 0.5)
     cost_model: StepCostModel = field(default_factory=StepCostModel)
     draft_cost_models: dict[str, StepCostModel] = field(default_factory=dict)
     acceptance: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # per drafter
@@ -91,7 +96,8 @@ class SpeculationPolicy:
 
     def __post_init__(self) -> None:
         for name in self.drafters:
-            self.acceptance.setdefault(name, AcceptanceEstimator(self.engine_max_draft_tokens))
+            prior = self.prior_acceptance.get(name, INITIAL_RATE)
+            self.acceptance.setdefault(name, AcceptanceEstimator(self.engine_max_draft_tokens, prior))
         for name in self.model_drafters:
             self.draft_cost_models.setdefault(name, StepCostModel())
 

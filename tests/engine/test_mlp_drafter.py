@@ -107,6 +107,11 @@ def test_it_drafts_from_the_hidden_state_that_produced_the_last_token(model: Pat
     top = float(logits[0].float().softmax(-1)[:-1].max())
     assert offer.match_len == confidence_bucket(top) == 1 + min(int(top * 10), 9)
     assert drafter.offer("q", [*seq.token_ids, 5], 8).match_len == 0  # a position it has not seen: no notion
+    # what the runner checks against the emitted tokens when the speculator does not draft: head
+    # 0's greedy pick, known without running a head; nothing when sampling or at another position
+    assert drafter.offered_tokens("q", len(seq.token_ids), SamplingParams()) == draft.token_ids[:1]
+    assert drafter.offered_tokens("q", len(seq.token_ids), SamplingParams(temperature=0.9)) == []
+    assert drafter.offered_tokens("q", len(seq.token_ids) + 1, SamplingParams()) == []
     # without offers first (outside a step) it runs head 0 itself, with the same drafts
     fresh = MLPDrafter(drafter.speculator, 128, runner.model.spec.hidden_size)
     assert fresh.propose([request]) == [draft] and len(fresh.take_forwards()) == 3

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
+from engine.drafters.ngram import NgramIndex
 from engine.offline import Job, run_alone
-from engine.protocol import FinishReason, NewRequest, ScheduledRequest, StepPlan
+from engine.protocol import FinishReason, NewRequest, OfferOutcome, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.worker import build_runner
 from tests.tiny_models import make_tiny_llama
@@ -78,3 +79,27 @@ def test_a_plan_naming_a_drafter_the_engine_lacks_fails_only_that_request(tiny_m
     assert a.finish_reason == FinishReason.ERROR and "unknown drafter 'medusa'; the engine has ngram, self" in a.error
     assert b.finish_reason == FinishReason.NONE and b.new_token_ids and len(b.offers) == 2
     assert "a" not in runner.seqs and "a" not in runner.allocator.regions
+
+
+def test_an_offer_not_drafted_is_checked_against_the_tokens_the_target_emitted(tiny_model: Path) -> None:
+    runner = make_runner(tiny_model, kv_tokens=200)  # the default drafters: n-gram and self
+    # this tiny model continues [3, 4] * 10 with 57 47 119 18, then 45 114 over and over, which
+    # n-gram lookup catches on to
+    runner.step(StepPlan(0, [NewRequest("a", [3, 4] * 10, 60)], [ScheduledRequest("a", 64)]))
+    outcomes = []
+    for step_id in range(1, 13):
+        k, drafter = ((0, ""), (3, "self"), (2, "ngram"))[step_id % 3]
+        before = list(runner.seqs["a"].token_ids)
+        offered, _ = NgramIndex(2).lookup(before, max_n=8, num_draft_tokens=8)  # what n-gram offered
+        plan = StepPlan(step_id, scheduled=[ScheduledRequest("a", num_draft_tokens=k, drafter=drafter)])
+        (output,) = runner.step(plan).outputs
+        emitted = output.new_token_ids
+        num_tested = min(len(offered), len(emitted))
+        if drafter == "ngram" or not num_tested:  # a draft is counted as such, and no offer is no outcome
+            assert output.offer_outcomes == []
+            continue
+        num_passed = next((i for i in range(num_tested) if offered[i] != emitted[i]), num_tested)
+        # only n-gram can tell without a forward; self-speculation's offer is never checked
+        assert output.offer_outcomes == [OfferOutcome("ngram", num_tested, num_passed)]
+        outcomes.append(output.offer_outcomes[0])
+    assert any(o.num_passed >= 2 for o in outcomes) and any(o.num_passed == o.num_tested == 1 for o in outcomes)

@@ -145,7 +145,9 @@ class FakeRequest:
     offers: dict[str, Offer] = field(default_factory=lambda: {"ngram": Offer(0), "model": Offer(8)})
 
 
-def two_drafter_policy(mode: SpeculationMode = SpeculationMode.AUTO) -> SpeculationPolicy:
+def two_drafter_policy(
+    mode: SpeculationMode = SpeculationMode.AUTO, prior_acceptance: dict[str, float] | None = None
+) -> SpeculationPolicy:
     target = StepCostModel()
     target.warm([(BatchShape(n, 1, 100 + n, int(n > 1), n * (100 + n)), 0.100 + 0.002 * n) for n in range(1, 20)])
     return SpeculationPolicy(
@@ -154,8 +156,32 @@ def two_drafter_policy(mode: SpeculationMode = SpeculationMode.AUTO) -> Speculat
         drafters=("ngram", "model"),
         model_drafters=("model",),
         prefill_drafters=("model",),
+        prior_acceptance=prior_acceptance or {},
         cost_model=target,
     )
+
+
+def draft_forwards(fixed_s: float) -> list[tuple[BatchShape, float]]:
+    """A draft model's profile: fixed_s a forward, 1 ms more per sequence."""
+    return [
+        (BatchShape(q, b, b * 100, int(q > b), q * 100), fixed_s + 0.001 * b) for b in (1, 2, 4) for q in (b, 2 * b)
+    ]
+
+
+def test_before_its_first_draft_a_drafter_is_planned_with_the_prior_it_declares() -> None:
+    # Alone on a server, self-speculation at 7,680 tokens never drafted: its acceptance started at
+    # 0.5, where its forwards did not pay, and nothing ran it to learn better. A drafter that
+    # knows its own pass rate (self-speculation: 0.9) declares it.
+    request = FakeRequest("r")
+    for prior, expected in ((None, ""), ({"model": 0.9}, "model")):
+        policy = two_drafter_policy(prior_acceptance=prior)
+        policy.warm(draft_forwards(0.060) * 3, "model")
+        assert policy.choose([request], base(1))["r"].drafter == expected, prior
+        assert policy.snapshot().drafters["model"].first_rate == (0.9 if prior else 0.5)
+    # its drafts then replace the prior: a drafter that turns out to miss is dropped
+    for _ in range(20):
+        policy.observe_draft("r", "model", Offer(8), num_drafted=2, num_accepted=0)
+    assert policy.choose([request], base(1))["r"] == Assignment("", 0)
 
 
 def test_the_draft_model_is_left_out_of_auto_until_its_cost_is_known_then_chosen() -> None:
@@ -165,10 +191,7 @@ def test_the_draft_model_is_left_out_of_auto_until_its_cost_is_known_then_chosen
         acceptance.observe("r", 0, num_drafted=4, num_accepted=4)
     request = FakeRequest("r")
     assert policy.choose([request], base(1))["r"] == Assignment("", 0)  # no price for the model yet
-    forwards = [
-        (BatchShape(q, b, b * 100, int(q > b), q * 100), 0.030 + 0.001 * b) for b in (1, 2, 4) for q in (b, 2 * b)
-    ]
-    policy.warm(forwards * 3, "model")
+    policy.warm(draft_forwards(0.030) * 3, "model")
     assert policy.snapshot().drafters["model"].cost_coefficients["const"] > 0.02
     drafter, k = policy.choose([request], base(1))["r"]
     assert drafter == "model" and k > 1

@@ -7,7 +7,16 @@ import time
 import pytest
 
 from api.speculation import SpeculationMode
-from engine.protocol import BatchShape, FinishReason, Offer, RequestOutput, ScheduledRequest, StepResult, StepTimings
+from engine.protocol import (
+    BatchShape,
+    FinishReason,
+    Offer,
+    OfferOutcome,
+    RequestOutput,
+    ScheduledRequest,
+    StepResult,
+    StepTimings,
+)
 from server.errors import DeadlineExceededError, ResourceExhaustedError
 from server.policy import PolicySettings, SpeculationPolicy
 from server.request_state import Status
@@ -296,6 +305,27 @@ def test_the_policy_learns_each_draft_with_the_offer_it_was_planned_from() -> No
     # the prefill's token is no draft step; each draft is paired with the offer before it
     assert seen == [("a", "ngram", Offer(4, 7), 3, 2), ("a", "ngram", Offer(2, 3), 2, 0)]
     assert scheduler.running["a"].offers == {"ngram": Offer()}
+
+
+def test_the_policy_learns_how_the_offers_not_drafted_would_have_fared() -> None:
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO)
+    scheduler.policy.drafters = ("ngram", "self")
+    seen: list[tuple[str, str, Offer, int, int]] = []
+    scheduler.policy.observe_draft = lambda *args: seen.append(args)  # type: ignore[method-assign]
+    scheduler.add(make_state("a", 2))
+    offers = [Offer(4, 7), Offer(3)]
+    outputs = [
+        RequestOutput("a", [70], offers=offers),  # the prefill's token: nothing offered before it
+        RequestOutput("a", [71], offers=offers, offer_outcomes=[OfferOutcome("ngram", 1, 1)]),  # k = 0
+        RequestOutput("a", [72, 73], 3, 1, offers=offers, offer_outcomes=[OfferOutcome("ngram", 2, 0)]),
+    ]
+    for output, drafter in zip(outputs, ("", "", "self"), strict=True):
+        plan = scheduler.schedule()
+        assert plan is not None
+        if plan.scheduled[0].num_prompt_tokens == 0:
+            scheduler.decoding["a"] = drafter  # as if the policy had chosen plain, then self-speculation
+        scheduler.update(StepResult(plan.step_id, [output]))
+    assert seen == [("a", "ngram", Offer(4, 7), 1, 1), ("a", "self", Offer(3), 3, 1), ("a", "ngram", Offer(4, 7), 2, 0)]
 
 
 def test_a_request_that_ends_with_a_step_gets_one_last_chunk_with_that_steps_tokens() -> None:
