@@ -84,8 +84,9 @@ class MLPDrafter(Drafter):
         """Head 0's greedy pick, the one token known without running the other heads; when
         sampling the draft is drawn from the heads' distribution, so a pick says nothing exact."""
         first = self.first_heads.get(req_id)
-        is_known = first is not None and first.num_tokens == num_tokens and sampling.is_greedy
-        return [first.top_token_id] if first is not None and is_known else []
+        if first is None or first.num_tokens != num_tokens or not sampling.is_greedy:
+            return []
+        return [first.top_token_id]
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
