@@ -349,8 +349,8 @@ def run_engine_bench(
     servers = {FIXED: InProcessServer(runner, ready, tokenizer), AUTO: InProcessServer(runner, ready, tokenizer)}
     print("timing the start-up profile of the step-cost models, as the server does ...", flush=True)
     profile = servers[FIXED].profile()
-    servers[FIXED].warm(profile)
-    servers[AUTO].warm(profile)
+    for each in servers.values():
+        each.warm(profile)
     if others := without_mlp(drafters):
         # AUTO as served without the speculator (--drafters without mlp), on an engine of its own:
         # what the speculator adds to AUTO, its per-step offers' cost included

@@ -78,9 +78,8 @@ class SpeculationPolicy:
     drafters: tuple[str, ...] = ("ngram",)  # the engine's, in order; the first serves FIXED by default
     model_drafters: tuple[str, ...] = ()  # those that run a model: priced by a step-cost model each
     prefill_drafters: tuple[str, ...] = ()  # of those, the ones that prefill with the target (a draft model)
-    prior_acceptance: Mapping[str, float] = field(
-        default_factory=dict
-    )  # per drafter, before its first draft (else 0.5)
+    # per drafter: its acceptance before its first draft (INITIAL_RATE where it names none)
+    prior_acceptance: Mapping[str, float] = field(default_factory=dict)
     cost_model: StepCostModel = field(default_factory=StepCostModel)
     draft_cost_models: dict[str, StepCostModel] = field(default_factory=dict)
     acceptance: dict[str, AcceptanceEstimator] = field(default_factory=dict)  # per drafter
