@@ -2,8 +2,9 @@
 
 Start-up: the port opens at once with health NOT_SERVING; the engine process loads the model
 (downloading it the first time); then the control loop starts and health turns SERVING.
-SIGTERM or SIGINT drains: health NOT_SERVING, new requests get UNAVAILABLE, running and waiting
-requests finish (up to --drain-grace seconds), then the engine is shut down.
+SIGTERM or SIGINT drains: health NOT_SERVING, new requests get UNAVAILABLE, the listener closes
+(GOAWAY on open connections), running and waiting requests finish (up to --drain-grace seconds),
+then the engine is shut down.
 """
 
 from __future__ import annotations
@@ -288,8 +289,13 @@ async def drain(
 ) -> None:
     loop.drain()  # refuses new requests first, so none is admitted once health says NOT_SERVING
     await set_health(health, False)
-    with anyio.move_on_after(config.drain_grace_s) as scope:
-        await loop.wait_idle()
-    if scope.cancelled_caught:
-        log.warning("drain grace passed with requests still running", running=loop.num_running)
-    await server.stop(grace=1.0)
+    async with anyio.create_task_group() as tg:
+        # Closes the listener and sends GOAWAY, while the calls already running go on: a proxy
+        # that does not read health (nginx) fails to connect and moves on by itself, instead of
+        # landing its clients' retries here again and again.
+        tg.start_soon(server.stop, config.drain_grace_s + 1.0)
+        with anyio.move_on_after(config.drain_grace_s) as scope:
+            await loop.wait_idle()
+        if scope.cancelled_caught:
+            log.warning("drain grace passed with requests still running", running=loop.num_running)
+        await server.stop(grace=1.0)  # what is left (health watches, last trailers) gets a second

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +77,12 @@ def health(client: Client) -> int:
         return int(client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
     except grpc.RpcError:
         return -1
+
+
+def port_is_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:

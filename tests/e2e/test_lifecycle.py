@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from grpc_health.v1 import health_pb2
 from api.pb import generation_pb2 as pb
 from bench import server_process
 from bench.server_process import free_port as pick_free_port
+from client.balancing import GENERATION_SERVICE
 from client.client import Client
-from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
+from tests.e2e.conftest import RunningServer, engine_pid, health, port_is_open, start_server, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -100,14 +102,28 @@ def test_an_engine_death_pauses_running_streams_and_the_restarted_engine_resumes
 
 def test_sigterm_drains_running_requests_then_exits(fragile_server: RunningServer) -> None:
     with Client(fragile_server.target) as client:
+        watch = client.health.Watch(health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stream = client.generate_stream(messages=POEM, max_new_tokens=120)
-        chunks = [next(stream)]
+        chunks, arrived_s = [next(stream)], [time.monotonic()]
+
+        def read_the_rest() -> None:
+            for chunk in stream:
+                chunks.append(chunk)
+                arrived_s.append(time.monotonic())
+
+        reader = threading.Thread(target=read_the_rest)
+        reader.start()
         fragile_server.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: health(client) == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING")
+        # a watching client hears NOT_SERVING, and the listener closes, while the stream goes on
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_for(lambda: not port_is_open(fragile_server.port), what="the listener closed")
+        closed_s = time.monotonic()
         with pytest.raises(grpc.RpcError) as excinfo:
             client.generate("def f(x):", max_new_tokens=4)
         assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
-        chunks += list(stream)
+        reader.join(120)
+    assert arrived_s[-1] > closed_s  # its last tokens came after the listener had closed
     assert chunks[-1].finish_reason in (pb.LENGTH, pb.EOS)
     assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens
     assert fragile_server.process.wait(60) == 0

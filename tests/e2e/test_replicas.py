@@ -6,17 +6,16 @@ Where requests went, and which failed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -26,18 +25,20 @@ from grpc_health.v1 import health_pb2
 from bench.balancing import PROMPTS, num_admitted
 from bench.server_process import free_port
 from client.client import Client
-from tests.e2e.conftest import RunningServer, engine_pid, health, start_server, wait_for
+from tests.e2e.conftest import RunningServer, engine_pid, health, port_is_open, start_server, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 # one thread each: three replicas share the machine's cores
-FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-grace 60"
+# JSON logs: the drained replica's log tells when each of its requests was admitted
+FLAGS = "--threads 1 --kv-cache-tokens 4096 --max-running-requests 4 --drain-grace 60 --log-format json"
 NUM_REQUESTS = 36
 NUM_CONCURRENT = 12
-# A stream sent to the drained replica itself, long enough that its drain outlasts the sampling
-# below: with only the load's short requests, a replica that held one or none drained in under
-# half a second and had exited before its count could be read.
+# A stream sent to the drained replica itself, so that its drain has a running call to finish
+# after its listener has closed.
 PINNED_TOKENS = 160
+# a call admitted after the signal can only be one that raced it (accepted as the listener closed)
+SIGNAL_RACE_S = 0.5
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -84,12 +85,6 @@ def nginx_binary() -> str:
     return binary
 
 
-def port_is_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
-
 @dataclass
 class Outcome:
     num_tokens: int = 0
@@ -111,9 +106,27 @@ class LoadRun:
     outcomes: list[Outcome]
     pinned: Outcome  # the long stream sent to the drained replica
     admitted_before: list[int]  # per replica, before the load
-    admitted_at_flip: int  # by the drained replica, once its health said NOT_SERVING
-    admitted_while_draining: list[int]  # its count, sampled until it exited
     admitted_after: list[int]  # by the other two, after the load
+
+
+@dataclass
+class DrainLog:
+    """What a drained replica's JSON log says: when the signal came, and when each request it
+    finished had been admitted (its log time less its total_s)."""
+
+    signal_s: float
+    admitted_s: list[float]
+
+    @classmethod
+    def read(cls, text: str) -> DrainLog:
+        events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        timed = [(e, datetime.fromisoformat(e["timestamp"]).timestamp()) for e in events]
+        (signal_s,) = [t for e, t in timed if e["event"].startswith("signal received")]
+        return cls(signal_s, [t - e["total_s"] for e, t in timed if e["event"] == "request finished"])
+
+    @property
+    def num_admitted_after_signal(self) -> int:
+        return sum(t > self.signal_s + SIGNAL_RACE_S for t in self.admitted_s)
 
 
 @pytest.mark.parametrize("route", ["client round-robin", "nginx"])
@@ -134,9 +147,10 @@ def test_a_drain_and_an_engine_kill_under_load(replicas: list[RunningServer], ro
     assert [o.error for o in run.outcomes] == [None] * NUM_REQUESTS
     assert [o.num_tokens for o in run.outcomes] == [24] * NUM_REQUESTS
     assert (run.pinned.error, run.pinned.num_tokens) == (None, PINNED_TOKENS)
-    # no new request reached the drained replica after its health flipped (sampled while it drained)
-    assert len(run.admitted_while_draining) >= 2 and max(run.admitted_while_draining) == run.admitted_at_flip
-    served = [run.admitted_at_flip - run.admitted_before[0]]
+    # no new request reached the drained replica after the signal: its listener had closed
+    drain_log = DrainLog.read(drained.log())
+    assert drain_log.num_admitted_after_signal == 0
+    served = [len(drain_log.admitted_s) - run.admitted_before[0]]
     served += [after - before for after, before in zip(run.admitted_after, run.admitted_before[1:], strict=True)]
     print(f"\nserved: drained {served[0]}, engine killed {served[1]}, steady {served[2]}")
     assert all(n > 0 for n in served)  # the load reached every replica
@@ -162,33 +176,7 @@ def drain_and_kill_under_load(replicas: list[RunningServer], target: str) -> Loa
 
         wait_for(lambda: num_done() >= 6, timeout=300, what="the first requests")
         drained.process.send_signal(signal.SIGTERM)
-        with Client(drained.target) as direct:
-            wait_for(lambda: health(direct) == health_pb2.HealthCheckResponse.NOT_SERVING, what="NOT_SERVING")
-        time.sleep(0.5)  # requests it took just before (in its inbox until the step ends) are counted
-        at_flip = num_admitted(drained.target)
-        admitted_while_draining = [at_flip]
-        stop_polling = threading.Event()
-
-        def poll_drained() -> None:  # what it admits until it exits
-            while not stop_polling.is_set() and drained.process.poll() is None:
-                try:
-                    admitted_while_draining.append(num_admitted(drained.target))
-                except grpc.RpcError:
-                    return
-                time.sleep(0.1)
-
-        poller = threading.Thread(target=poll_drained)
-        poller.start()
         wait_for(lambda: num_done() >= NUM_REQUESTS // 2, timeout=300, what="half of the requests")
         os.kill(engine_pid(killed), signal.SIGKILL)
         outcomes = [f.result(timeout=600) for f in futures]
-        stop_polling.set()
-        poller.join()
-    return LoadRun(
-        outcomes,
-        pinned.result(timeout=600),
-        before,
-        at_flip,
-        admitted_while_draining,
-        [num_admitted(r.target) for r in (killed, steady)],
-    )
+    return LoadRun(outcomes, pinned.result(timeout=600), before, [num_admitted(r.target) for r in (killed, steady)])
