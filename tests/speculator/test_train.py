@@ -15,7 +15,15 @@ from engine.speculator import corpus
 from engine.speculator.data import IGNORE, mask_after_eos
 from engine.speculator.location import find_trained, not_found_message, speculator_dir
 from engine.speculator.store import load, load_trained
-from engine.speculator.train import Records, evaluate, learning_rate, to_classes, train_speculator, work_dir
+from engine.speculator.train import (
+    Records,
+    evaluate,
+    greedy_chain_steps,
+    learning_rate,
+    to_classes,
+    train_speculator,
+    work_dir,
+)
 from engine.speculator.train_config import TrainConfig
 from tests.speculator.tiny import encode_bytes, make_corpus, tiny_config, train_tiny
 from tests.tiny_models import make_tiny_llama
@@ -63,9 +71,10 @@ def test_training_lowers_the_loss_and_round_trips_through_the_cache(
     assert trained.manifest["held_out"] == manifest["held_out"] and len(trained.token_ids) == 48
     # Same weights: the held-out figures computed again from the loaded copy are the saved ones.
     code = trained.manifest["held_out"]["code"]
-    assert 0 < code["top1_by_head"][0] <= 1 and code["tokens_per_step_by_k"][0] == pytest.approx(
+    assert 0 < code["top1_by_head"][0] <= 1 and code["tokens_per_position_by_k"][0] == pytest.approx(
         1 + code["top1_by_head"][0], abs=1e-3
     )
+    assert 1 <= code["tokens_per_step_by_k"][0] <= code["tokens_per_position_by_k"][0]
     assert cli_main(["models", "list"]) == 0
     assert f"speculator for {model}: trained" in capsys.readouterr().out
 
@@ -164,7 +173,17 @@ def test_evaluation_counts_the_right_prefix_of_heads() -> None:
     result = evaluate(spec, records, torch.arange(5))
     assert result["positions"] == 2
     assert result["top1_by_head"] == [1.0, 0.5]
-    assert result["tokens_per_step_by_k"] == [2.0, 2.5]
+    assert result["tokens_per_position_by_k"] == [2.0, 2.5]
+    # served, the first step (position 0) takes both positions, whatever k
+    assert result["tokens_per_step_by_k"] == [2.0, 2.0]
+
+
+def test_the_greedy_chain_skips_the_positions_a_step_accepted() -> None:
+    # heads right at positions 0-2 (a stretch one step at k = 3 covers), then wrong at 3-5
+    is_right = [[True, True, True, False, False, False]] * 3
+    assert greedy_chain_steps(is_right, 6, 3) == 3  # at 0 (3 accepted), 4, 5: 6 tokens in 3 steps
+    assert greedy_chain_steps(is_right, 6, 1) == 4  # at 0, 2 (1 accepted each), 4, 5
+    # at k = 3 the mean over positions says 1 + 3 * 3 / 6 = 2.5 tokens a step, the chain 2.0
 
 
 def test_the_missing_speculator_message_names_the_command() -> None:
