@@ -15,7 +15,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     # KV budget, shared by all running requests: 8 requests of 8K tokens. The default model's KV
-    # is 46 KB a token in float32 (3 GB when full); pages become resident as rows are first used.
+    # is 46 KB a token in float32 (3 GB when full; half that in bfloat16, kv_cache.kv_dtype); pages
+    # become resident as rows are first used.
     kv_cache_tokens: int = 65536
     max_draft_tokens: int = 8  # the largest k a plan may ask for
     # Every drafter the engine holds; the policy picks one per request and step. () means none.

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.model.cpu_attention import HEAD_DIMS
+from engine.model.cpu_kernels import cpu_kernels_built
 from engine.model.spec import ModelSpec
 
 
@@ -28,12 +30,18 @@ class Region:
         return self.start + self.num_tokens
 
 
-def kv_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """float32 on the CPU: there a bfloat16 attention product costs tens of microseconds however
-    small it is (oneDNN), and a decode step runs two per sequence and layer. A bfloat16 cache made
-    bfloat16 decoding 1.6-1.8x slower at batch 16 over short prompts, for 1.4x faster attention at
-    7,680 tokens (docs/decode-profile.md)."""
-    return torch.float32 if device.type == "cpu" else model_dtype
+def kv_dtype(model_dtype: torch.dtype, device: torch.device, head_dim: int) -> torch.dtype:
+    """The model's dtype on CUDA. On the CPU float32, but bfloat16 for a bfloat16 model whose
+    attention the CPU kernel runs (engine/model/cpu_attention.py): it reads the cache at half the
+    bytes and widens each value as it reads it, where torch's bfloat16 products cost tens of
+    microseconds however small (oneDNN; a bfloat16 cache on them made decoding 1.6-1.8x slower at
+    batch 16, docs/decode-profile.md). Either way attention computes in float32, and a bfloat16
+    model's rotated K and V are bfloat16 values already, so the cache holds them exactly."""
+    if device.type != "cpu":
+        return model_dtype
+    if model_dtype == torch.bfloat16 and head_dim in HEAD_DIMS and cpu_kernels_built():
+        return torch.bfloat16
+    return torch.float32
 
 
 # On the CPU, K is stored transposed a page of this many tokens at a time (see KVCache): the
@@ -42,7 +50,7 @@ K_PAGE_TOKENS = 32
 
 
 class KVCache:
-    """K and V for every layer (float32 on the CPU, see kv_dtype). V is [layers, Hkv, capacity, D],
+    """K and V for every layer (kv_dtype says in which dtype). V is [layers, Hkv, capacity, D],
     head-major so that a region is a strided view.
 
     On the CPU K is stored transposed, a page of K_PAGE_TOKENS tokens at a time:
@@ -61,8 +69,10 @@ class KVCache:
         if capacity_tokens <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity_tokens}")
         layers_heads = (spec.num_layers, spec.num_kv_heads)
-        self.dtype = dtype = kv_dtype(dtype, device)
+        self.dtype = dtype = kv_dtype(dtype, device, spec.head_dim)
         self.is_paged = device.type == "cpu"
+        # what attention computes in: float32 on the CPU, whatever the cache holds
+        self.compute_dtype = torch.float32 if self.is_paged else dtype
         # empty, not zeros: rows are always written before they are read.
         self.page_tokens = page = K_PAGE_TOKENS
         if self.is_paged:

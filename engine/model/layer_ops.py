@@ -62,16 +62,16 @@ class LayerOps:
         scale: float,
     ) -> torch.Tensor:
         """qkv: [T, H + 2 Hkv, D]; rotates q and k, writes k and v to the cache at slot_ids; returns
-        q * scale in the cache's dtype, [T, H, D]."""
+        q * scale in the dtype attention computes in, [T, H, D]."""
         num_kv_heads = (qkv.shape[1] - num_heads) // 2
         qk = apply_rope(qkv[:, : num_heads + num_kv_heads], cos, sin)  # [T, H + Hkv, D]
         kv_cache.write(layer_idx, slot_ids, qk[:, num_heads:], qkv[:, num_heads + num_kv_heads :])
-        return (qk[:, :num_heads] * scale).to(kv_cache.dtype).contiguous()
+        return (qk[:, :num_heads] * scale).to(kv_cache.compute_dtype).contiguous()
 
 
 class FusedLayerOps(LayerOps):
     """One C++ call per group (csrc/cpu_fused.cpp); CPU only, float32 or bfloat16, with the CPU's
-    float32 KV cache."""
+    KV cache (float32, or bfloat16 for a bfloat16 model)."""
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float

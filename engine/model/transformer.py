@@ -140,7 +140,8 @@ def causal_mask(seq: SeqSlice, num_groups: int, dtype: torch.dtype, device: torc
 def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor) -> None:
     """Grouped-query attention of one sequence, written into `out`.
 
-    q: [n, H, D], already scaled, in the cache dtype; k_t: [Hkv, D, L] and v: [Hkv, L, D] (from the cache);
+    q: [n, H, D], already scaled; k_t: [Hkv, D, L] and v: [Hkv, L, D] (from the cache), all three in
+    the dtype attention computes in;
     mask: [G * n, L] or None; out: [n, H * D]. The G query heads that share a KV head are folded
     into rows, so no K/V is repeated. A decode step (n = 1) needs no reshuffling at all.
     """
@@ -152,8 +153,8 @@ def attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         qg = q.view(n, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, groups * n, head_dim)
     if k_t.device.type == "cpu":
-        # On the CPU the cache is float32, where matmul-softmax-matmul beats SDPA's kernels for
-        # short query blocks.
+        # On the CPU attention computes in float32, where matmul-softmax-matmul beats SDPA's
+        # kernels for short query blocks.
         scores = torch.bmm(qg, k_t)  # [Hkv, G*n, L]
         if mask is not None:
             scores += mask
@@ -187,7 +188,8 @@ def attend_each(
         else:  # sinks and recent rows as one block: a copy of the window's rows, not a view
             k_t = torch.cat([kv_cache.k_t_span(layer_idx, rows) for rows in kv_rows], dim=2)
             v = torch.cat([v_cache[:, rows] for rows in kv_rows], dim=1)
-        attend(q[q_rows], k_t, v, mask, out[q_rows])
+        dtype = kv_cache.compute_dtype  # a bfloat16 cache on the CPU widens here
+        attend(q[q_rows].to(dtype), k_t.to(dtype), v.to(dtype), mask, out[q_rows])
 
 
 class Transformer:
@@ -247,7 +249,7 @@ class Transformer:
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
         kernel_seqs, looped_seqs = self._split(batch, kv_cache)
-        looped = [(seq, causal_mask(seq, groups, kv_cache.dtype, x.device)) for seq in looped_seqs]
+        looped = [(seq, causal_mask(seq, groups, kv_cache.compute_dtype, x.device)) for seq in looped_seqs]
         ops, eps = self.ops, spec.rms_norm_eps
         if isinstance(ops, FusedLayerOps) and not looped and len(x) <= self.whole_layer_rows:
             assert kernel_seqs is not None  # the kernel takes every sequence when none is looped
@@ -268,7 +270,7 @@ class Transformer:
     def _split(self, batch: ForwardBatch, kv_cache: KVCache) -> tuple[KernelSeqs | None, list[SeqSlice]]:
         """The step's sequences the CPU kernel attends (all in one call per layer) and those the
         per-sequence loop does (cpu_attention.py says which and why)."""
-        if self.kernel is None or kv_cache.dtype != torch.float32:
+        if self.kernel is None:
             return None, batch.seqs
         window = batch.window
         taken = [s for s in batch.seqs if s.num_query_tokens <= MAX_SHORT_QUERY_TOKENS]
@@ -306,6 +308,8 @@ class Transformer:
                 kernel_seqs.num_recent_tokens,
             )
         else:
-            attn = torch.empty(num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.dtype, device=h.device)
+            attn = torch.empty(
+                num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.compute_dtype, device=h.device
+            )
         attend_each(q, kv_cache, layer_idx, looped, batch.window, attn)
         return layer.o_proj(attn.to(h.dtype))

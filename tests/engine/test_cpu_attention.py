@@ -23,8 +23,9 @@ def kernel() -> RaggedAttention:
     return built
 
 
-def cache(head_dim: int, seed: int = 0) -> KVCache:
-    """One layer's float32 cache as the engine lays it out (K paged and transposed), random."""
+def cache(head_dim: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> KVCache:
+    """One layer's cache as the engine lays it out (K paged and transposed), random values that
+    bfloat16 holds exactly (a bfloat16 model's, kv_dtype), whatever the cache's dtype."""
     spec = ModelSpec(
         "llama",
         32,
@@ -39,10 +40,10 @@ def cache(head_dim: int, seed: int = 0) -> KVCache:
         has_qkv_bias=False,
         tie_word_embeddings=True,
     )
-    kv_cache = KVCache(spec, CAPACITY, torch.float32, torch.device("cpu"))
+    kv_cache = KVCache(spec, CAPACITY, dtype, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    kv_cache.k_store.copy_(torch.randn(kv_cache.k_store.shape, generator=generator))
-    kv_cache.v.copy_(torch.randn(kv_cache.v.shape, generator=generator))
+    kv_cache.k_store.copy_(torch.randn(kv_cache.k_store.shape, generator=generator).bfloat16())
+    kv_cache.v.copy_(torch.randn(kv_cache.v.shape, generator=generator).bfloat16())
     return kv_cache
 
 
@@ -129,3 +130,23 @@ def test_a_step_is_bit_identical_whatever_the_threads(kernel: RaggedAttention) -
         torch.set_num_threads(threads)
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     torch.testing.assert_close(outputs[0], loop_attention(q, kv_cache, seqs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_bfloat16_cache_attends_as_a_float32_one_holding_the_same_values(
+    kernel: RaggedAttention, head_dim: int
+) -> None:
+    """A bfloat16 model's cache is bfloat16 on the CPU: the kernel widens each value as it reads it
+    and computes in float32, so it gives, bit for bit, what the float32 cache of the same values
+    gives; so does the per-sequence loop (prefill chunks), which widens the rows it reads."""
+    halves, floats = cache(head_dim, seed=4, dtype=torch.bfloat16), cache(head_dim, seed=4)
+    assert halves.dtype == torch.bfloat16 and floats.dtype == torch.float32
+    seqs = ragged([1, 5, 1, 3], [40, 1030, 2600, 17])  # vector tails, chunks, a part page
+    q = torch.randn(10, NUM_KV_HEADS * GROUPS, head_dim) * head_dim**-0.5
+    assert torch.equal(kernel_attention(kernel, q, halves, seqs), kernel_attention(kernel, q, floats, seqs))
+    assert torch.equal(loop_attention(q, halves, seqs), loop_attention(q, floats, seqs))
+    window = AttentionWindow(num_sink_tokens=4, num_recent_tokens=60)
+    one = ragged([1], [700])
+    assert torch.equal(
+        kernel_attention(kernel, q[:1], halves, one, window), kernel_attention(kernel, q[:1], floats, one, window)
+    )

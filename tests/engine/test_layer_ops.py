@@ -187,6 +187,36 @@ def test_a_whole_layer_call_equals_the_per_operator_path(
     assert torch.equal(whole_cache.k_store, per_op_cache.k_store) and torch.equal(whole_cache.v, per_op_cache.v)
 
 
+def test_a_bfloat16_model_computes_the_same_over_its_bfloat16_cache_as_over_a_float32_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache holds a bfloat16 model's K and V at half the bytes and loses nothing: prefill
+    (the per-sequence loop), then decoding and verifying (the kernels, whole layers) give the same
+    logits, bit for bit, as over a float32 cache."""
+    require_cpu_kernels()
+    monkeypatch.setattr(loader, "fit_kernel_row_limit", lambda model: model.set_kernel_rows(MAX_KERNEL_ROWS))
+    make_tiny_qwen2(
+        tmp_path, seed=3, vocab_size=8192, hidden_size=256, intermediate_size=384, max_position_embeddings=512
+    )
+    model = load_transformer(tmp_path, torch.bfloat16, torch.device("cpu"))
+    prompts = [[5 + i, 17, 200 + i, 33, 7] * (20 + 9 * i) for i in range(2)]  # 100 and 145 tokens
+    step = [[11], [12, 13, 14]]
+    logits = {}
+    for cache_dtype in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr("engine.kv_cache.kv_dtype", lambda *_, dtype=cache_dtype: dtype)
+        cache = KVCache(model.spec, 400, torch.bfloat16, torch.device("cpu"))
+        assert cache.dtype == cache_dtype
+        inputs = [SeqInput(p, kv_start=200 * i, num_cached_tokens=0, num_logits=1) for i, p in enumerate(prompts)]
+        decode = [
+            SeqInput(ids, kv_start=200 * i, num_cached_tokens=len(prompts[i]), num_logits=len(ids))
+            for i, ids in enumerate(step)
+        ]
+        with torch.inference_mode():
+            prefilled = model.forward(ForwardBatch.of(inputs, torch.device("cpu")), cache)
+            logits[cache_dtype] = (prefilled, model.forward(ForwardBatch.of(decode, torch.device("cpu")), cache))
+    assert all(torch.equal(a, b) for a, b in zip(logits[torch.bfloat16], logits[torch.float32], strict=True))
+
+
 def test_the_row_limit_is_timed_on_whole_passes_and_kept_by_every_product(tmp_path: Path) -> None:
     make_tiny_qwen2(
         tmp_path, seed=3, vocab_size=8192, hidden_size=256, intermediate_size=384, max_position_embeddings=64

@@ -1,5 +1,6 @@
-// Grouped-query attention of a ragged batch over the float32 KV cache, on the CPU, in one call
-// per layer (engine/model/cpu_attention.py says why and how it is built).
+// Grouped-query attention of a ragged batch over the KV cache (float32, or bfloat16 for bfloat16
+// models: its values widen to float32 as they are read, and all arithmetic is float32), on the
+// CPU, in one call per layer (engine/model/cpu_attention.py says why and how it is built).
 //
 // Every query row is computed the same way whatever else is in the step: its scores sum over the
 // head dimension in order, its softmax and its value sum run over its own visible keys in order.
@@ -31,6 +32,7 @@ using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load;
 using goodspeed::store;
+using goodspeed::to_float;
 constexpr int64_t kTile = 4;  // query rows per pass: their accumulators stay in registers
 // Keys per pass of the scores over the head dimension: one page of the cache's K
 // (engine/kv_cache.py K_PAGE_TOKENS), so that a pass reads its page's 8 KB (head_dim 64) in order.
@@ -40,8 +42,8 @@ constexpr int kVectorsPerPass = kKeysPerPass / kWidth;
 // scores[r, at + j] = q_r . k_j for R rows over the keys 0 .. num_keys of one segment of a page,
 // summed over d in order (a fused multiply-add per d, from 0: the same arithmetic whatever the
 // tile and wherever the segment starts). Key j's d-th value is at k_seg[d * page_tokens + j].
-template <int R>
-void score_tile(const float* const* q_rows, const float* k_seg, int64_t page_tokens, int64_t head_dim,
+template <int R, typename T>
+void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens, int64_t head_dim,
                 int64_t num_keys, float* const* s_rows, int64_t at) {
   int64_t j = 0;
   // a whole page's pass reads it in order, a stream the hardware prefetcher follows (software
@@ -49,7 +51,7 @@ void score_tile(const float* const* q_rows, const float* k_seg, int64_t page_tok
   for (; j + kKeysPerPass <= num_keys; j += kKeysPerPass) {
     Lanes acc[R][kVectorsPerPass] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const float* k_row = k_seg + d * page_tokens + j;
+      const T* k_row = k_seg + d * page_tokens + j;
       Lanes k[kVectorsPerPass];
       for (int c = 0; c < kVectorsPerPass; ++c) k[c] = load(k_row + c * kWidth);
       for (int r = 0; r < R; ++r)
@@ -69,7 +71,7 @@ void score_tile(const float* const* q_rows, const float* k_seg, int64_t page_tok
   for (; j < num_keys; ++j)
     for (int r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) acc = std::fma(q_rows[r][d], k_seg[d * page_tokens + j], acc);
+      for (int64_t d = 0; d < head_dim; ++d) acc = std::fma(q_rows[r][d], to_float(k_seg[d * page_tokens + j]), acc);
       s_rows[r][at + j] = acc;
     }
 }
@@ -79,23 +81,25 @@ constexpr int64_t kBlock = 1024;
 
 // K as the cache stores one KV head of it: [pages, D, page_tokens], each page's keys transposed
 // and contiguous, a sequence's pages one after another.
+template <typename T>
 struct PagedK {
-  const float* head;
+  const T* head;
   int64_t page_tokens, head_dim;
   // key `pos`'s segment: its d-th value at segment[d * page_tokens]
-  const float* segment(int64_t pos) const {
+  const T* segment(int64_t pos) const {
     return head + (pos / page_tokens) * head_dim * page_tokens + pos % page_tokens;
   }
   int64_t left_in_page(int64_t pos) const { return page_tokens - pos % page_tokens; }
 };
 
 // scores[r, 0 .. len] for the keys start .. start + len of the cache, a page's segment at a time.
-void score_run(const float* const* q_rows, int64_t rows, const PagedK& k, int64_t start, int64_t len,
+template <typename T>
+void score_run(const float* const* q_rows, int64_t rows, const PagedK<T>& k, int64_t start, int64_t len,
                float* const* s_rows) {
   for (int64_t b0 = 0; b0 < len;) {
     const int64_t pos = start + b0;
     const int64_t num_keys = std::min({len - b0, kBlock, k.left_in_page(pos)});
-    const float* k_seg = k.segment(pos);
+    const T* k_seg = k.segment(pos);
     for (int64_t r = 0; r < rows; r += kTile) {
       auto tile = [&](auto size) {
         score_tile<decltype(size)::value>(&q_rows[r], k_seg, k.page_tokens, k.head_dim, num_keys, &s_rows[r], b0);
@@ -114,8 +118,8 @@ void score_run(const float* const* q_rows, int64_t rows, const PagedK& k, int64_
 // o_r += sum_j p[r, j] v_j for R rows over keys first .. first + len of one run (p indexed from
 // offset), in order, each row up to its visible end; the C vectors of a value row are loaded once
 // for all R rows.
-template <int R, int C>
-void value_tile(const float* const* p_rows, const int64_t* visible, const float* v_run, int64_t first, int64_t len,
+template <int R, int C, typename T>
+void value_tile(const float* const* p_rows, const int64_t* visible, const T* v_run, int64_t first, int64_t len,
                 int64_t offset, float* const* o_rows) {
   Lanes acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -135,8 +139,8 @@ void value_tile(const float* const* p_rows, const int64_t* visible, const float*
 
 // The value sums of all rows, a block of keys at a time so that every tile of rows finds the
 // block's values in cache.
-template <int C>
-void values(const float* const* p_rows, int64_t rows, const int64_t* visible, const float* const* v_runs,
+template <int C, typename T>
+void values(const float* const* p_rows, int64_t rows, const int64_t* visible, const T* const* v_runs,
             const int64_t* run_len, float* const* o_rows) {
   for (int64_t r = 0; r < rows; ++r) std::fill_n(o_rows[r], C * kWidth, 0.0f);
   int64_t offset = 0;
@@ -249,7 +253,8 @@ void merge_chunks(const Partial* chunks, int64_t num_chunks, int64_t r, float* o
 
 // One sequence, one KV head and the keys first .. end of its plain run (or the whole window):
 // each row's unnormalised value sum into o_rows[r] (head_dim floats), its peak and its total.
-void attend_keys(const Rows& seq, const PagedK& k, const float* v, int64_t capacity, int64_t kv_head,
+template <typename T>
+void attend_keys(const Rows& seq, const PagedK<T>& k, const T* v, int64_t capacity, int64_t kv_head,
                  int64_t kv_start, int64_t num_kv, int64_t num_sink, int64_t num_recent, int64_t first, int64_t end,
                  float* const* o_rows, float* peak, float* total, Workspace& work) {
   // The keys it attends to, as up to two runs of cache positions: keys first .. end, or a
@@ -277,7 +282,7 @@ void attend_keys(const Rows& seq, const PagedK& k, const float* v, int64_t capac
     const int64_t sees = num_kv - (seq.n - 1 - r / seq.groups);
     visible[r] = run_len[1] > 0 ? num_keys : std::clamp(sees - first, int64_t{0}, num_keys);
   }
-  const float* v_runs[2];
+  const T* v_runs[2];
   for (int run = 0; run < 2; ++run) v_runs[run] = v + (kv_head * capacity + kv_start + run_start[run]) * head_dim;
 
   int64_t offset = 0;
@@ -299,6 +304,11 @@ constexpr int64_t kChunk = 1024;  // keys per work item of a long sequence
 // Zen 4 core's bandwidth and multiply-add rate, not a fit: items of one sequence share a query
 // count, so it only moves the split between sequences of different counts.
 constexpr int64_t kKeyReadCost = 2;
+
+template <typename T>
+struct Element {
+  using type = T;
+};
 
 // A work item: one sequence, one KV head, one chunk of its keys; partial >= 0 where the sequence
 // has several chunks (its rows' partial results start there), else -1 (straight to the output).
@@ -334,11 +344,13 @@ std::vector<std::vector<int64_t>> balanced(const std::vector<Item>& items, Cost 
 namespace goodspeed {
 
 // q: [T, H, D] float32, scaled; k_t: [Hkv, pages, D, page_tokens] and v: [Hkv, capacity, D], one
-// layer's float32 cache; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
+// layer's cache, float32 or bfloat16; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
 // num_sink + num_recent keys when num_recent > 0. Returns [T, H * D].
 at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, const at::Tensor& seqs,
                             int64_t num_sink, int64_t num_recent) {
-  TORCH_CHECK(q.dtype() == at::kFloat && k_t.dtype() == at::kFloat && v.dtype() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.dtype() == at::kFloat, "q float32 only");
+  TORCH_CHECK(k_t.dtype() == v.dtype() && (k_t.dtype() == at::kFloat || k_t.dtype() == at::kBFloat16),
+              "a float32 or bfloat16 cache, K and V alike");
   TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "head dimension 64 or 128 only");
   TORCH_CHECK(q.is_contiguous() && k_t.is_contiguous() && v.is_contiguous() && seqs.is_contiguous(),
               "contiguous inputs only");
@@ -349,7 +361,7 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
   const int64_t num_pages = k_t.size(1), page_tokens = k_t.size(3);
   at::Tensor out = at::empty({num_tokens, num_heads * head_dim}, q.options());
   const int64_t* info = seqs.data_ptr<int64_t>();
-  const float *q_data = q.data_ptr<float>(), *k_data = k_t.data_ptr<float>(), *v_data = v.data_ptr<float>();
+  const float* q_data = q.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   const bool windowed = num_recent > 0;
   auto num_chunks = [&](const int64_t* seq) {
@@ -386,33 +398,41 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
     return Partial{partials.data() + offset, num_rows, head_dim};
   };
 
-  at::parallel_for(0, static_cast<int64_t>(items_of_thread.size()), 1, [&](int64_t begin, int64_t end) {
-    Workspace work;
-    for (int64_t t = begin; t < end; ++t)
-      for (const int64_t i : items_of_thread[t]) {
-        const Item& item = items[i];
-        const int64_t* seq = info + item.seq * 4;
-        const Rows rows = rows_of(item);
-        const int64_t num_rows = rows.num_rows();
-        work.o_rows.resize(num_rows);
-        float* peaks;  // then the totals
-        if (item.partial >= 0) {  // a chunk: into its Partial
-          const Partial result = partial_of(item, 0);
-          for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = result.o(r);
-          peaks = result.peaks();
-        } else {  // a whole sequence: straight into the output
-          for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = out_data + rows.row_offset(item.kv_head, r);
-          work.stats.resize(2 * num_rows);
-          peaks = work.stats.data();
+  // T: the cache's element, float or a bfloat16's bits (uint16_t)
+  auto attend_items = [&](auto element) {
+    using T = typename decltype(element)::type;
+    const T* k_data = static_cast<const T*>(k_t.data_ptr());
+    const T* v_data = static_cast<const T*>(v.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(items_of_thread.size()), 1, [&](int64_t begin, int64_t end) {
+      Workspace work;
+      for (int64_t t = begin; t < end; ++t)
+        for (const int64_t i : items_of_thread[t]) {
+          const Item& item = items[i];
+          const int64_t* seq = info + item.seq * 4;
+          const Rows rows = rows_of(item);
+          const int64_t num_rows = rows.num_rows();
+          work.o_rows.resize(num_rows);
+          float* peaks;  // then the totals
+          if (item.partial >= 0) {  // a chunk: into its Partial
+            const Partial result = partial_of(item, 0);
+            for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = result.o(r);
+            peaks = result.peaks();
+          } else {  // a whole sequence: straight into the output
+            for (int64_t r = 0; r < num_rows; ++r) work.o_rows[r] = out_data + rows.row_offset(item.kv_head, r);
+            work.stats.resize(2 * num_rows);
+            peaks = work.stats.data();
+          }
+          const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
+          const PagedK<T> k{k_data + item.kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
+          attend_keys(rows, k, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
+                      work.o_rows.data(), peaks, peaks + num_rows, work);
+          if (item.partial < 0)
+            for (int64_t r = 0; r < num_rows; ++r) normalize(work.o_rows[r], head_dim, peaks[num_rows + r]);
         }
-        const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
-        const PagedK k{k_data + item.kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
-        attend_keys(rows, k, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
-                    work.o_rows.data(), peaks, peaks + num_rows, work);
-        if (item.partial < 0)
-          for (int64_t r = 0; r < num_rows; ++r) normalize(work.o_rows[r], head_dim, peaks[num_rows + r]);
-      }
-  });
+    });
+  };
+  if (k_t.dtype() == at::kBFloat16) attend_items(Element<uint16_t>{});
+  else attend_items(Element<float>{});
   if (partial_floats == 0) return out;  // no sequence was chunked: nothing to merge
   // each chunked sequence's rows from its chunks, once all are done
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {

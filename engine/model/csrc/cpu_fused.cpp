@@ -86,11 +86,12 @@ inline void rotate(const T* in, float* out, const T* cos, const T* sin, int64_t 
   }
 }
 
-// qkv [T, H + 2 Hkv, D]: rotates q and k, writes k and v to the float32 cache at slot_ids (k
-// transposed a page at a time: k_t [Hkv, pages, D, page_tokens], v [Hkv, capacity, D]); returns
-// round(q * scale) as float32.
-template <typename T>
-void rope_write_kv(const T* qkv, const T* cos, const T* sin, float* k_t, float* v, const int64_t* slot_ids, float* q,
+// qkv [T, H + 2 Hkv, D]: rotates q and k, writes k and v to the cache at slot_ids (k transposed
+// a page at a time: k_t [Hkv, pages, D, page_tokens], v [Hkv, capacity, D]); returns
+// round(q * scale) as float32. KV: the cache's element, float32, or bfloat16 for a bfloat16 model,
+// whose rotated k and v are bfloat16 values already (so the cache holds them exactly).
+template <typename T, typename KV>
+void rope_write_kv(const T* qkv, const T* cos, const T* sin, KV* k_t, KV* v, const int64_t* slot_ids, float* q,
                    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_pages,
                    int64_t page_tokens, int64_t capacity, float scale) {
   const int64_t half = head_dim / 2, row = (num_heads + 2 * num_kv_heads) * head_dim;
@@ -108,11 +109,11 @@ void rope_write_kv(const T* qkv, const T* cos, const T* sin, float* k_t, float* 
       const int64_t slot = slot_ids[t];
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         rotate(token + (num_heads + h) * head_dim, rotated, c, s, half);
-        float* k_head = k_t + ((h * num_pages + slot / page_tokens) * head_dim) * page_tokens + slot % page_tokens;
-        for (int64_t i = 0; i < head_dim; ++i) k_head[i * page_tokens] = rotated[i];
+        KV* k_head = k_t + ((h * num_pages + slot / page_tokens) * head_dim) * page_tokens + slot % page_tokens;
+        for (int64_t i = 0; i < head_dim; ++i) k_head[i * page_tokens] = static_cast<KV>(rotated[i]);
         const T* v_in = token + (num_heads + num_kv_heads + h) * head_dim;
-        float* v_out = v + (h * capacity + slot) * head_dim;
-        for (int64_t i = 0; i < head_dim; ++i) v_out[i] = static_cast<float>(v_in[i]);
+        KV* v_out = v + (h * capacity + slot) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) v_out[i] = static_cast<KV>(static_cast<float>(v_in[i]));
       }
     }
   });
@@ -160,13 +161,14 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
   const int64_t num_kv_heads = (qkv.size(1) - num_heads) / 2;
   TORCH_CHECK(num_kv_heads > 0 && num_heads + 2 * num_kv_heads == qkv.size(1), "rope_write_kv: H + 2 Hkv heads");
   TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 256, "rope_write_kv: an even head_dim of at most 256");
+  const bool is_bf16_cache = k_t.scalar_type() == at::kBFloat16;
   TORCH_CHECK(k_t.dim() == 4 && k_t.is_contiguous() && k_t.size(0) == num_kv_heads && k_t.size(2) == head_dim &&
-                  k_t.scalar_type() == at::kFloat,
-              "rope_write_kv: k_t [Hkv, pages, D, page_tokens] float32, contiguous");
+                  (k_t.scalar_type() == at::kFloat || (is_bf16_cache && qkv.scalar_type() == at::kBFloat16)),
+              "rope_write_kv: k_t [Hkv, pages, D, page_tokens] float32 (or bfloat16 for bfloat16 qkv), contiguous");
   const int64_t num_pages = k_t.size(1), page_tokens = k_t.size(3), capacity = v.size(1);
   TORCH_CHECK(v.dim() == 3 && v.is_contiguous() && v.size(0) == num_kv_heads && capacity <= num_pages * page_tokens &&
-                  v.size(2) == head_dim && v.scalar_type() == at::kFloat,
-              "rope_write_kv: v [Hkv, capacity, D] float32, contiguous, within k_t's pages");
+                  v.size(2) == head_dim && v.scalar_type() == k_t.scalar_type(),
+              "rope_write_kv: v [Hkv, capacity, D] of k_t's dtype, contiguous, within k_t's pages");
   const at::Tensor c = cos.contiguous(), s = sin.contiguous(), slots = slot_ids.contiguous();
   TORCH_CHECK(c.numel() == num_tokens * head_dim / 2 && s.numel() == c.numel() &&
                   c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(),
@@ -177,9 +179,13 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
     TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "rope_write_kv: slot ", slot[t], " outside the cache");
   at::Tensor q = at::empty({num_tokens, num_heads, head_dim}, qkv.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_write_kv", [&] {
-    rope_write_kv(qkv.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), k_t.data_ptr<float>(),
-                  v.data_ptr<float>(), slot, q.data_ptr<float>(), num_tokens, num_heads, num_kv_heads, head_dim,
-                  num_pages, page_tokens, capacity, static_cast<float>(scale));
+    auto write = [&](auto* k_data, auto* v_data) {
+      rope_write_kv(qkv.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), k_data, v_data, slot,
+                    q.data_ptr<float>(), num_tokens, num_heads, num_kv_heads, head_dim, num_pages, page_tokens,
+                    capacity, static_cast<float>(scale));
+    };
+    if (is_bf16_cache) write(k_t.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+    else write(k_t.data_ptr<float>(), v.data_ptr<float>());
   });
   return q;
 }

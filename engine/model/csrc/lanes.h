@@ -28,6 +28,21 @@ inline Lanes load(const float* p) {
 }
 inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
+// A bfloat16 is a float32's upper half (its bits, as uint16_t): widening is a shift.
+typedef uint16_t HalfLanes __attribute__((vector_size(kWidth * sizeof(uint16_t))));
+inline Lanes load(const uint16_t* p) {
+  HalfLanes x;
+  std::memcpy(&x, p, sizeof(x));
+  return reinterpret_cast<Lanes>(__builtin_convertvector(x, WordLanes) << 16);
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // exp(x), a vector at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
 // degree-6 polynomial of the fraction. Relative error about 2e-7, like float32's own exp; x is
 // clamped to [-87, 88], where both the power and the result stay normal floats.
