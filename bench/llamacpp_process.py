@@ -75,19 +75,23 @@ def is_available() -> bool:
 
 
 def gguf_for(model: str, weight_type: str) -> Path:
-    """The GGUF of model in weight_type: "native" (the catalog's own file) or a dtype name."""
+    """The GGUF of model in weight_type: "native" (the catalog's own file) or a dtype name (that
+    file with its matrices dequantised, written once). A dtype's file already in the cache's gguf/
+    folder is used as it is, so where the hub is out of reach llama.cpp's own converter can write
+    it from the cached model (`convert_hf_to_gguf.py <cache>/models/NAME --outtype bf16 --outfile
+    <cache>/gguf/NAME-bfloat16.gguf`: the same weights, rounded as goodspeed rounds them)."""
     folder = cache_root() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     entry = find_model(model)
     if entry is None:
         raise ValueError(f"llama.cpp runs catalog models only (goodspeed models list), not {model!r}")
+    path = folder / f"{entry.name}-{weight_type}.gguf"
+    if path.exists():
+        return path
     native = folder / f"{entry.name}-native.gguf"
     if not native.exists():
         fetch_gguf(entry, native)
-    if weight_type == "native":
-        return native
-    path = folder / f"{entry.name}-{weight_type}.gguf"
-    if not path.exists():
+    if weight_type != "native":
         write_dequantized(native, path, weight_type)
     return path
 
