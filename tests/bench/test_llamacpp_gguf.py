@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
+from bench import llamacpp_process
 from bench.llamacpp_process import write_dequantized
 
 
@@ -62,3 +63,25 @@ def test_dequantised_file_keeps_metadata_and_values(
         np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
     np.testing.assert_array_equal(norm.data, values["blk.0.attn_norm.weight"])
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_dtypes_file_already_in_the_cache_is_used_without_fetching_the_catalogs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, llama.cpp's converter can write the dtype's file from the cached model; then
+    nothing is fetched. Without it, the catalog's file is fetched and dequantised."""
+    monkeypatch.setenv("GOODSPEED_CACHE", str(tmp_path))
+    fetched: list[Path] = []
+
+    def fetch(entry: object, path: Path) -> None:
+        fetched.append(path)
+        quantised_gguf(path)
+
+    monkeypatch.setattr(llamacpp_process, "fetch_gguf", fetch)
+    converted = tmp_path / "gguf" / "smollm2-135m-bfloat16.gguf"
+    converted.parent.mkdir(parents=True)
+    converted.write_bytes(b"written by convert_hf_to_gguf.py")
+    assert llamacpp_process.gguf_for("smollm2-135m", "bfloat16") == converted and fetched == []
+    made = llamacpp_process.gguf_for("smollm2-135m", "float32")
+    assert fetched == [tmp_path / "gguf" / "smollm2-135m-native.gguf"]
+    assert made == tmp_path / "gguf" / "smollm2-135m-float32.gguf" and gguf.GGUFReader(made).tensors
