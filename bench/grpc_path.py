@@ -38,7 +38,7 @@ from bench.roofline import roofline_tokens_per_s
 from bench.server_process import start_server
 from bench.workloads import WorkloadItem, build_workload
 from client.client import Client
-from engine.fetch import resolve_model
+from engine.fetch import ModelFetchError, resolve_model
 from engine.model.spec import ModelSpec
 
 OURS = {"ours plain": "off", "ours auto": "auto"}
@@ -85,6 +85,24 @@ def batch_one(
     return stats, prompts
 
 
+def llama_cpp_ggufs(model: str, dtype: str, weight_types: list[str] | None) -> dict[str, Path]:
+    """The GGUF llama.cpp runs for each weight type asked for; None: native and dtype where
+    llama-cpp-python is installed, leaving out (and saying so) a file that cannot be had, as the
+    catalog's cannot be fetched offline."""
+    if weight_types is not None:
+        return {weight_type: llamacpp.gguf_for(model, weight_type) for weight_type in weight_types}
+    if not llamacpp.is_available():
+        print("llama.cpp: not installed (pip install -e '.[llamacpp]'); measuring without it")
+        return {}
+    ggufs = {}
+    for weight_type in ("native", dtype):
+        try:
+            ggufs[weight_type] = llamacpp.gguf_for(model, weight_type)
+        except ModelFetchError as exc:
+            print(f"llama.cpp {weight_type}: left out, its GGUF cannot be had ({exc})")
+    return ggufs
+
+
 def main(
     model: str,
     dtype: str,
@@ -99,11 +117,7 @@ def main(
     dtype where llama-cpp-python is installed."""
     model_path = resolve_model(model)
     spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(model_path))
-    if llama_cpp_types is None:
-        llama_cpp_types = ["native", dtype] if llamacpp.is_available() else []
-        if not llama_cpp_types:
-            print("llama.cpp: not installed (pip install -e '.[llamacpp]'); measuring without it")
-    ggufs = {weight_type: llamacpp.gguf_for(model, weight_type) for weight_type in llama_cpp_types}
+    ggufs = llama_cpp_ggufs(model, dtype, llama_cpp_types)
     machine = machine_facts()
     roofline = roofline_tokens_per_s(spec, getattr(torch, dtype), machine["memory_bandwidth_gbs"])
     print(

@@ -77,9 +77,10 @@ def is_available() -> bool:
 def gguf_for(model: str, weight_type: str) -> Path:
     """The GGUF of model in weight_type: "native" (the catalog's own file) or a dtype name (that
     file with its matrices dequantised, written once). A dtype's file already in the cache's gguf/
-    folder is used as it is, so where the hub is out of reach llama.cpp's own converter can write
-    it from the cached model (`convert_hf_to_gguf.py <cache>/models/NAME --outtype bf16 --outfile
-    <cache>/gguf/NAME-bfloat16.gguf`: the same weights, rounded as goodspeed rounds them)."""
+    folder is used as it is, without fetching the catalog's: where that cannot be fetched,
+    llama.cpp's own converter can write it from the cached model (`convert_hf_to_gguf.py
+    <cache>/models/NAME --outtype bf16 --outfile <cache>/gguf/NAME-bfloat16.gguf`: the same
+    weights, rounded as goodspeed rounds them)."""
     folder = cache_root() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     entry = find_model(model)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from bench import llamacpp_process
+from bench.grpc_path import llama_cpp_ggufs
 from bench.llamacpp_process import write_dequantized
+from engine.fetch import ModelFetchError
 
 
 def quantised_gguf(path: Path) -> dict[str, np.ndarray]:
@@ -85,3 +87,23 @@ def test_a_dtypes_file_already_in_the_cache_is_used_without_fetching_the_catalog
     made = llamacpp_process.gguf_for("smollm2-135m", "float32")
     assert fetched == [tmp_path / "gguf" / "smollm2-135m-native.gguf"]
     assert made == tmp_path / "gguf" / "smollm2-135m-float32.gguf" and gguf.GGUFReader(made).tensors
+
+
+def test_by_default_a_gguf_that_cannot_be_had_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline the catalog's file cannot be fetched: the default run goes on without it (and says
+    so) where a dtype's file is in the cache; a file asked for by name still fails loudly."""
+    have = {"bfloat16": Path("smollm2-135m-bfloat16.gguf")}
+
+    def gguf_for(model: str, weight_type: str) -> Path:
+        if weight_type not in have:
+            raise ModelFetchError("pip could not download smollm2-135m")
+        return have[weight_type]
+
+    monkeypatch.setattr(llamacpp_process, "is_available", lambda: True)
+    monkeypatch.setattr(llamacpp_process, "gguf_for", gguf_for)
+    assert llama_cpp_ggufs("smollm2-135m", "bfloat16", None) == have
+    assert "llama.cpp native: left out" in capsys.readouterr().out
+    with pytest.raises(ModelFetchError):
+        llama_cpp_ggufs("smollm2-135m", "bfloat16", ["native"])
