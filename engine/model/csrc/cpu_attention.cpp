@@ -71,7 +71,8 @@ void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens,
   for (; j < num_keys; ++j)
     for (int r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) acc = std::fma(q_rows[r][d], to_float(k_seg[d * page_tokens + j]), acc);
+      for (int64_t d = 0; d < head_dim; ++d)
+        acc = std::fma(q_rows[r][d], to_float(k_seg[d * page_tokens + j]), acc);
       s_rows[r][at + j] = acc;
     }
 }
@@ -344,8 +345,8 @@ std::vector<std::vector<int64_t>> balanced(const std::vector<Item>& items, Cost 
 namespace goodspeed {
 
 // q: [T, H, D] float32, scaled; k_t: [Hkv, pages, D, page_tokens] and v: [Hkv, capacity, D], one
-// layer's cache, float32 or bfloat16; seqs: [S, 4] int64 (query_start, num_query, kv_start, num_kv); a window of
-// num_sink + num_recent keys when num_recent > 0. Returns [T, H * D].
+// layer's cache, float32 or bfloat16; seqs: [S, 4] int64 (query_start, num_query, kv_start,
+// num_kv); a window of num_sink + num_recent keys when num_recent > 0. Returns [T, H * D].
 at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, const at::Tensor& seqs,
                             int64_t num_sink, int64_t num_recent) {
   TORCH_CHECK(q.dtype() == at::kFloat, "q float32 only");
