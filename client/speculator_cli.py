@@ -103,6 +103,9 @@ def speculator_lines() -> list[str]:
     for model, manifest in trained_speculators():
         generations = manifest.get("held_out", {}).get("generations", {})
         per_step = generations.get("tokens_per_step_by_k", [])
-        figures = f"{len(per_step)} heads, held-out tokens/step by k {per_step}" if per_step else "no figures"
+        # trained before 2026-12-05, that figure was a mean over positions, which overstates steps
+        is_old = "tokens_per_position_by_k" not in generations
+        kind = " (an older mean over positions, which overstates steps)" if is_old else ""
+        figures = f"{len(per_step)} heads, held-out tokens/step by k {per_step}{kind}" if per_step else "no figures"
         lines.append(f"  speculator for {model}: trained {manifest.get('trained_at', '?')}, {figures}")
     return lines
