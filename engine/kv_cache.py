@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.cpu_attention import HEAD_DIMS
-from engine.model.cpu_kernels import cpu_kernels_built
+from engine.model.cpu_attention import ragged_attention
 from engine.model.spec import ModelSpec
 
 
@@ -39,7 +38,7 @@ def kv_dtype(model_dtype: torch.dtype, device: torch.device, head_dim: int) -> t
     model's rotated K and V are bfloat16 values already, so the cache holds them exactly."""
     if device.type != "cpu":
         return model_dtype
-    if model_dtype == torch.bfloat16 and head_dim in HEAD_DIMS and cpu_kernels_built():
+    if model_dtype == torch.bfloat16 and ragged_attention(head_dim) is not None:
         return torch.bfloat16
     return torch.float32
 

@@ -46,9 +46,11 @@ class KernelSeqs:
     num_recent_tokens: int = 0  # 0: all keys
 
 
-def ragged_attention() -> RaggedAttention | None:
-    """The compiled kernel (torch.ops.goodspeed.ragged_attention), or None where it cannot be built."""
-    if not cpu_kernels_built():
+def ragged_attention(head_dim: int) -> RaggedAttention | None:
+    """The compiled kernel (torch.ops.goodspeed.ragged_attention) for a model of this head size, or
+    None where it cannot be built or is not written for that size. The one place that decides
+    whether the kernel attends a model: the model's attention and its KV cache's dtype both ask."""
+    if head_dim not in HEAD_DIMS or not cpu_kernels_built():
         return None
     kernel: RaggedAttention = torch.ops.goodspeed.ragged_attention
     return kernel

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
-from engine.model.cpu_attention import HEAD_DIMS, KernelSeqs, ragged_attention
+from engine.model.cpu_attention import KernelSeqs, ragged_attention
 from engine.model.layer_ops import FusedLayerOps, layer_ops, rms_norm, whole_layer_rows
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
@@ -200,7 +200,7 @@ class Transformer:
         self.weights = weights
         self.scale = spec.head_dim**-0.5
         on_cpu = weights.embed.device.type == "cpu"
-        self.kernel = ragged_attention() if on_cpu and spec.head_dim in HEAD_DIMS else None
+        self.kernel = ragged_attention(spec.head_dim) if on_cpu else None
         self.ops = layer_ops(weights.embed.dtype, weights.embed.device)
         self.whole_layer_rows = 0
         self._refresh_whole_layer_rows()

@@ -18,7 +18,7 @@ NUM_KV_HEADS, GROUPS, CAPACITY = 3, 3, 12_000
 @pytest.fixture(scope="module")
 def kernel() -> RaggedAttention:
     require_cpu_kernels()
-    built = ragged_attention()
+    built = ragged_attention(64)
     assert built is not None
     return built
 
