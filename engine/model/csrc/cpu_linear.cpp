@@ -30,9 +30,8 @@ namespace {
 
 using goodspeed::kWidth;
 using goodspeed::Lanes;
-using goodspeed::load;
-using goodspeed::store;
-using goodspeed::WordLanes;
+using goodspeed::load_lanes;
+using goodspeed::store_in_order;
 constexpr int64_t kBlock = 64;  // outputs per block
 constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
 // A pass over k covers a few vectors of a block's outputs for up to kMaxRows rows, so that the
@@ -51,22 +50,13 @@ constexpr int vectors_per_pass() {
   return R <= 3 ? 4 : 2;
 }
 
-// The pass's vectors of weights at one k.
-template <int V>
-inline void load_pass(const float* p, Lanes* w) {
-  for (int v = 0; v < V; ++v) w[v] = load(p + v * kWidth);
-}
-// bfloat16 is the top half of a float32: one load of 2 x kWidth weights gives two vectors, the
-// even-numbered weights shifted up and the odd-numbered ones masked (two operations, where
-// widening 8 bfloat16 to 8 float32 took five with AVX2). block_rows puts their outputs back in order.
-template <int V>
-inline void load_pass(const c10::BFloat16* p, Lanes* w) {
-  for (int v = 0; v < V; v += 2) {
-    WordLanes words;
-    std::memcpy(&words, p + v * kWidth, sizeof(words));
-    w[v] = reinterpret_cast<Lanes>(words << 16);
-    w[v + 1] = reinterpret_cast<Lanes>(words & 0xFFFF0000u);
-  }
+// The pass's vectors of weights at one k, in the weight's lane order (lanes.h): bfloat16 as even-
+// and odd-numbered outputs, two operations for two vectors (widening 8 bfloat16 to 8 float32 took
+// five with AVX2). block_rows puts their outputs back in order.
+template <int V, typename W>
+inline void load_pass(const W* p, Lanes* w) {
+  if constexpr (std::is_same_v<W, float>) load_lanes<V>(p, w);
+  else load_lanes<V>(reinterpret_cast<const uint16_t*>(p), w);
 }
 
 // One pass of one row over bfloat16 weights with AVX2: how far ahead of the k being computed its
@@ -108,13 +98,7 @@ void block_rows(const float* x, int64_t K, const W* block, float* out, Prefetch&
     }
     for (int r = 0; r < R; ++r) {
       float* row_out = out + r * kBlock + first * kWidth;
-      for (int v = 0; v < V; ++v) {
-        if constexpr (is_paired) {
-          for (int i = 0; i < kWidth; ++i) row_out[(v / 2) * 2 * kWidth + 2 * i + v % 2] = acc[r][v][i];
-        } else {
-          store(row_out + v * kWidth, acc[r][v]);
-        }
-      }
+      store_in_order<std::conditional_t<is_paired, uint16_t, float>, V>(row_out, acc[r]);
     }
   }
 }

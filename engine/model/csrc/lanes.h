@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace goodspeed {
 
 #if defined(__AVX512F__)
@@ -28,12 +32,22 @@ inline Lanes load(const float* p) {
 }
 inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
-// A bfloat16 is a float32's upper half (its bits, as uint16_t): widening is a shift.
-typedef uint16_t HalfLanes __attribute__((vector_size(kWidth * sizeof(uint16_t))));
+// A bfloat16 is a float32's upper half (its bits, as uint16_t): widening is a shift. (GCC lowers a
+// generic vector conversion of 16 of them to halves, extracts and inserts: a loop of products over
+// them ran 1.3x as long.)
 inline Lanes load(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<Lanes>(_mm512_slli_epi32(words, 16));
+#elif defined(__AVX2__)
+  const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<Lanes>(_mm256_slli_epi32(words, 16));
+#else
+  typedef uint16_t HalfLanes __attribute__((vector_size(kWidth * sizeof(uint16_t))));
   HalfLanes x;
   std::memcpy(&x, p, sizeof(x));
   return reinterpret_cast<Lanes>(__builtin_convertvector(x, WordLanes) << 16);
+#endif
 }
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
@@ -41,6 +55,62 @@ inline float to_float(uint16_t x) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// N vectors of a cache row or a weight's (N x kWidth elements), in the element's lane order. Floats
+// come as they are. bfloat16 come 2 x kWidth at a time as kWidth 32-bit words: the words shifted up
+// are the even elements, the words masked the odd ones, two operations for two vectors (widening
+// takes two a vector); so vector 2i holds the even elements of the i-th 2 x kWidth, 2i + 1 the odd.
+template <int N>
+inline void load_lanes(const float* p, Lanes* x) {
+  for (int i = 0; i < N; ++i) x[i] = load(p + i * kWidth);
+}
+template <int N>
+inline void load_lanes(const uint16_t* p, Lanes* x) {
+  static_assert(N % 2 == 0, "bfloat16 lanes come in pairs of vectors");
+  for (int i = 0; i < N / 2; ++i) {
+    WordLanes words;
+    std::memcpy(&words, p + 2 * i * kWidth, sizeof(words));
+    x[2 * i] = reinterpret_cast<Lanes>(words << 16);
+    x[2 * i + 1] = reinterpret_cast<Lanes>(words & 0xFFFF0000u);
+  }
+}
+
+// Float results kept in T's lane order (products with vectors from load_lanes<N>(const T*)), to
+// and from memory order: for float, as they are; for bfloat16, each pair of vectors interleaved.
+template <typename T, int N>
+inline void store_in_order(float* p, const Lanes* x) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    for (int i = 0; i < N; ++i) store(p + i * kWidth, x[i]);
+  } else {
+    for (int i = 0; i < N; i += 2) {
+#if defined(__AVX512F__)
+      store(p + i * kWidth, __builtin_shufflevector(x[i], x[i + 1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+      store(p + (i + 1) * kWidth,
+            __builtin_shufflevector(x[i], x[i + 1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+#else
+      store(p + i * kWidth, __builtin_shufflevector(x[i], x[i + 1], 0, 8, 1, 9, 2, 10, 3, 11));
+      store(p + (i + 1) * kWidth, __builtin_shufflevector(x[i], x[i + 1], 4, 12, 5, 13, 6, 14, 7, 15));
+#endif
+    }
+  }
+}
+template <typename T, int N>
+inline void load_in_lane_order(const float* p, Lanes* x) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    for (int i = 0; i < N; ++i) x[i] = load(p + i * kWidth);
+  } else {
+    for (int i = 0; i < N; i += 2) {
+      const Lanes lo = load(p + i * kWidth), hi = load(p + (i + 1) * kWidth);
+#if defined(__AVX512F__)
+      x[i] = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      x[i + 1] = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+      x[i] = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+      x[i + 1] = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+    }
+  }
 }
 
 // exp(x), a vector at a time: 2^(x log2 e) split into an integer power (exponent bits) and a
