@@ -6,9 +6,10 @@ product (`F.linear`) reads them at a third of the memory's speed and repacks a b
 every call, and oneDNN's prepacked one at a half to two thirds. The engine's own kernel
 (csrc/cpu_linear.cpp), over the weight stored in blocks of 64 outputs, reads it at about the
 memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and from 1 to 5 in
-bfloat16, where oneDNN's bfloat16 dot products win beyond on one product; in a whole step, where
-the kernel also lets a layer run in one call, it wins up to 16 in float32 and to 6-9 in
-bfloat16. On an AMD EPYC with AVX2 only, whole passes of 1 to 16 tokens ran 1.05-1.45x faster in
+bfloat16 on one product; in a whole step, where the kernel also lets a layer run in one call, it
+wins up to 16 in float32. In bfloat16 it lost to oneDNN's dot products beyond 6 rows, until it
+took them too (avx512_bf16, weights in pairs along k, `weight_blocks`): on an AVX-512 EPYC it now
+wins at every row count timed, to 64. On an AMD EPYC with AVX2 only, whole passes of 1 to 16 tokens ran 1.05-1.45x faster in
 the kernel in float32 and 1.7-3.6x in bfloat16 (no packed bfloat16 product there: F.linear, on
 a weight widened to float32 beyond the limit). The CPU decides, so the loader times whole forward
 passes both ways (engine/model/row_limit.py).
@@ -49,10 +50,17 @@ def few_rows_linear() -> FewRowsProduct | None:
 
 
 def weight_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 64), K, 64], the kernel's layout (the last block padded with zeros)."""
+    """[N, K] -> [ceil(N / 64), K, 64], the kernel's layout (the last block padded with zeros).
+    bfloat16 is stored in pairs along k, each block [K / 2, 64, 2] (K padded to even with zeros):
+    an output's weights at k and k + 1 side by side, as the CPU's bfloat16 dot product takes them."""
     num_out, num_in = weight.shape
-    padded = F.pad(weight, (0, 0, 0, -num_out % BLOCK))
-    return padded.view(-1, BLOCK, num_in).transpose(1, 2).contiguous()
+    if weight.dtype != torch.bfloat16:
+        padded = F.pad(weight, (0, 0, 0, -num_out % BLOCK))
+        return padded.view(-1, BLOCK, num_in).transpose(1, 2).contiguous()
+    padded = F.pad(weight, (0, num_in % 2, 0, -num_out % BLOCK))
+    num_blocks, num_pairs = padded.shape[0] // BLOCK, padded.shape[1] // 2
+    pairs = padded.view(num_blocks, BLOCK, num_pairs, 2).permute(0, 2, 1, 3).contiguous()
+    return pairs.view(num_blocks, 2 * num_pairs, BLOCK)
 
 
 def kernel_fits(dtype: torch.dtype, device: torch.device) -> bool:

@@ -75,12 +75,24 @@ def test_the_kernel_matches_torch_in_float32(kernel: FewRowsProduct, num_out: in
 
 
 @pytest.mark.parametrize("num_rows", [3, 13])  # with AVX2: passes of 4 vectors; groups of 6 in passes of 2
-def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct, num_rows: int) -> None:
-    weight, bias, x = (t.bfloat16() for t in weight_bias_x(num_rows, num_out=300, num_in=576))
+@pytest.mark.parametrize("num_in", [576, 37])  # bfloat16 pairs along k: an odd k is padded with a zero
+def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct, num_rows: int, num_in: int) -> None:
+    weight, bias, x = (t.bfloat16() for t in weight_bias_x(num_rows, num_out=300, num_in=num_in))
     expected = F.linear(x.float(), weight.float(), bias.float())  # what bfloat16 inputs give in float32
-    got = kernel(x, weight_blocks(weight), 300, bias)
+    blocks = weight_blocks(weight)
+    assert blocks.shape == (5, num_in + num_in % 2, 64)
+    got = kernel(x, blocks, 300, bias)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=5e-2)
+
+
+def test_bfloat16_blocks_hold_each_outputs_weights_in_pairs_along_k() -> None:
+    """The layout the bfloat16 dot product reads: block b, pair p, output n -> (w[n, 2p], w[n, 2p + 1])."""
+    weight = torch.arange(70 * 5, dtype=torch.float32).view(70, 5).bfloat16()  # exact in bfloat16
+    pairs = weight_blocks(weight).view(2, 3, 64, 2)
+    assert torch.equal(pairs[1, 2, 3], torch.tensor([weight[67, 4].item(), 0.0], dtype=torch.bfloat16))  # k padded
+    assert torch.equal(pairs[0, 1, 10], weight[10, 2:4])
+    assert torch.equal(pairs[1, 0, 6:], torch.zeros(58, 2, dtype=torch.bfloat16))  # outputs past 70
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 weights load in pairs of vectors

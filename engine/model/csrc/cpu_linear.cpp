@@ -3,15 +3,17 @@
 //
 // Decoding and verifying multiply a few rows by each weight: the product is bound by reading the
 // weight once. The weight is stored in blocks of 64 outputs, [ceil(N / 64), K, 64], so a block is
-// one contiguous stream that the hardware prefetcher follows at the memory's speed. For each k the
-// kernel loads the block's 64 weights (4 AVX-512 vectors) once and multiplies them by x[r, k]
-// broadcast, for up to 6 rows at a time; 24 accumulators stay in registers. With AVX2 (16
-// registers of 8 floats) it takes a block in passes of fewer outputs (below), and the passes ask
-// for the next block's lines so that memory keeps streaming while they run.
+// one contiguous stream that the hardware prefetcher follows at the memory's speed (bfloat16 in
+// pairs along k, [K / 2, 64, 2] a block: see the bfloat16 block_rows). For each k the kernel loads
+// the block's 64 weights (4 AVX-512 vectors) once and multiplies them by x[r, k] broadcast, for up
+// to 6 rows at a time; 24 accumulators stay in registers. With AVX2 (16 registers of 8 floats) it
+// takes a block in passes of fewer outputs (below), and the passes ask for the next block's lines
+// so that memory keeps streaming while they run.
 //
-// Every output is computed the same way whatever the number of rows: one sum over k in order,
-// a fused multiply-add per k, then the bias. So a token decoded alone and the same token verified
-// among drafts get bit-identical products, which keeps greedy speculation exact in float32.
+// Every output is computed the same way whatever the number of rows: one sum over k in order
+// (float32: a fused multiply-add per k; bfloat16: per pair of k), then the bias. So a token decoded
+// alone and the same token verified among drafts get bit-identical products, which keeps greedy
+// speculation exact in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -31,7 +33,8 @@ namespace {
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load_lanes;
-using goodspeed::store_in_order;
+using goodspeed::store;
+using goodspeed::WordLanes;
 constexpr int64_t kBlock = 64;  // outputs per block
 constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
 // A pass over k covers a few vectors of a block's outputs for up to kMaxRows rows, so that the
@@ -50,15 +53,6 @@ constexpr int vectors_per_pass() {
   return R <= 3 ? 4 : 2;
 }
 
-// The pass's vectors of weights at one k, in the weight's lane order (lanes.h): bfloat16 as even-
-// and odd-numbered outputs, two operations for two vectors (widening 8 bfloat16 to 8 float32 took
-// five with AVX2). block_rows puts their outputs back in order.
-template <int V, typename W>
-inline void load_pass(const W* p, Lanes* w) {
-  if constexpr (std::is_same_v<W, float>) load_lanes<V>(p, w);
-  else load_lanes<V>(reinterpret_cast<const uint16_t*>(p), w);
-}
-
 // One pass of one row over bfloat16 weights with AVX2: how far ahead of the k being computed its
 // lines are asked for, in bytes (8 k; past a block's end that is the next block, and a prefetch
 // past the weight's end is harmless). Each k's two lines feed 8 widenings and 8 multiply-adds that
@@ -75,43 +69,93 @@ struct Prefetch {
   int per_k;         // lines per k of every pass
 };
 
-// out[r, 0..64) = x_r . block for R rows of x (float32, K apart) and one block [K, 64].
-template <int R, typename W>
-void block_rows(const float* x, int64_t K, const W* block, float* out, Prefetch& ahead) {
-  constexpr bool is_paired = std::is_same_v<W, c10::BFloat16>;  // vectors of even and odd outputs
+// out[r, 0..64) = x_r . block for R rows of x (float32, K apart) and one float32 block [K, 64].
+template <int R>
+void block_rows(const float* x, const uint32_t*, int64_t K, const float* block, float* out, Prefetch& ahead) {
   constexpr int V = vectors_per_pass<R>();
-  constexpr bool is_ahead = is_paired && kVectors == 8 && V == kVectors;  // AVX2, one pass
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
     for (int64_t k = 0; k < K; ++k) {
-      if constexpr (is_ahead) {
-        const char* line = reinterpret_cast<const char*>(block + k * kBlock) + kAheadBytes;
-        for (int i = 0; i < static_cast<int>(kBlock * sizeof(W)); i += 64) __builtin_prefetch(line + i);
-      }
       for (int i = 0; i < ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
       Lanes w[V];
-      load_pass<V>(block + k * kBlock + first * kWidth, w);
+      load_lanes<V>(block + k * kBlock + first * kWidth, w);
       for (int r = 0; r < R; ++r) {
         const float xk = x[r * K + k];
         for (int v = 0; v < V; ++v) acc[r][v] += xk * w[v];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      float* row_out = out + r * kBlock + first * kWidth;
-      store_in_order<std::conditional_t<is_paired, uint16_t, float>, V>(row_out, acc[r]);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) store(out + r * kBlock + (first + v) * kWidth, acc[r][v]);
+  }
+}
+
+// The same over a bfloat16 block, stored in pairs along k: [K / 2, 64, 2] (K even, linear.py
+// weight_blocks), so that one 32-bit word holds an output's weights at k and k + 1. With
+// avx512_bf16 one dot-product instruction multiplies 16 outputs' pairs by the row's pair (x_pairs:
+// its bfloat16 bits, two to a word) and adds both products: half the instructions of widening to
+// float32 and two multiply-adds, where several rows make the product bound by arithmetic, not by
+// memory (verification, batches). Elsewhere a word widens to two vectors (shifted up: k, masked:
+// k + 1) for two multiply-adds. Either way an output's sum runs over k in the same order for any
+// number of rows.
+template <int R>
+void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::BFloat16* block, float* out,
+                Prefetch& ahead) {
+  constexpr int V = vectors_per_pass<R>();
+  constexpr bool is_ahead = kVectors == 8 && V == kVectors;  // AVX2, one pass
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(block);
+  const int64_t num_pairs = K / 2;
+  for (int first = 0; first < kVectors; first += V) {
+    Lanes acc[R][V] = {};
+    for (int64_t kp = 0; kp < num_pairs; ++kp) {
+      const uint16_t* pair_row = bits + kp * 2 * kBlock;
+      if constexpr (is_ahead) {
+        const char* line = reinterpret_cast<const char*>(pair_row) + 2 * kAheadBytes;
+        for (int i = 0; i < static_cast<int>(2 * kBlock * sizeof(uint16_t)); i += 64) __builtin_prefetch(line + i);
+      }
+      for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
+#if defined(__AVX512BF16__)
+      (void)x;
+      __m512bh w[V];
+      for (int v = 0; v < V; ++v)
+        w[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pair_row + (first + v) * 2 * kWidth));
+      for (int r = 0; r < R; ++r) {
+        const __m512bh x_pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pairs[r * num_pairs + kp])));
+        for (int v = 0; v < V; ++v)
+          acc[r][v] = reinterpret_cast<Lanes>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[r][v]), w[v], x_pair));
+      }
+#else
+      (void)x_pairs;
+      Lanes at_k[V], at_next[V];
+      for (int v = 0; v < V; ++v) {
+        WordLanes words;
+        std::memcpy(&words, pair_row + (first + v) * 2 * kWidth, sizeof(words));
+        at_k[v] = reinterpret_cast<Lanes>(words << 16);
+        at_next[v] = reinterpret_cast<Lanes>(words & 0xFFFF0000u);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float x_k = x[r * K + 2 * kp], x_next = x[r * K + 2 * kp + 1];
+        for (int v = 0; v < V; ++v) {
+          acc[r][v] += x_k * at_k[v];
+          acc[r][v] += x_next * at_next[v];
+        }
+      }
+#endif
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) store(out + r * kBlock + (first + v) * kWidth, acc[r][v]);
   }
 }
 
 template <typename W>
-void block_rows(int num_rows, const float* x, int64_t K, const W* block, float* out, Prefetch& ahead) {
+void block_rows(int num_rows, const float* x, const uint32_t* x_pairs, int64_t K, const W* block, float* out,
+                Prefetch& ahead) {
   switch (num_rows) {
-    case 1: return block_rows<1>(x, K, block, out, ahead);
-    case 2: return block_rows<2>(x, K, block, out, ahead);
-    case 3: return block_rows<3>(x, K, block, out, ahead);
-    case 4: return block_rows<4>(x, K, block, out, ahead);
-    case 5: return block_rows<5>(x, K, block, out, ahead);
-    default: return block_rows<kMaxRows>(x, K, block, out, ahead);  // the caller passes at most kMaxRows
+    case 1: return block_rows<1>(x, x_pairs, K, block, out, ahead);
+    case 2: return block_rows<2>(x, x_pairs, K, block, out, ahead);
+    case 3: return block_rows<3>(x, x_pairs, K, block, out, ahead);
+    case 4: return block_rows<4>(x, x_pairs, K, block, out, ahead);
+    case 5: return block_rows<5>(x, x_pairs, K, block, out, ahead);
+    default: return block_rows<kMaxRows>(x, x_pairs, K, block, out, ahead);  // the caller passes at most kMaxRows
   }
 }
 
@@ -127,9 +171,24 @@ int64_t passes_per_block(int64_t M) {
   return M / kMaxRows * kPasses[kMaxRows] + kPasses[M % kMaxRows];
 }
 
+// K_blocks: the blocks' k, K rounded up to even for bfloat16 (its pairs; the pad weighs 0).
 template <typename T>
-void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
-  const std::vector<float> xf(x, x + M * K);  // float32 rows, read from cache for every block
+void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M, int64_t K, int64_t K_blocks,
+                     int64_t N) {
+  // float32 rows K_blocks apart (zero-padded), read from cache for every block; for bfloat16 also
+  // their bits two to a word, the pairs the dot products take
+  std::vector<float> xf(M * K_blocks, 0.0f);
+  for (int64_t m = 0; m < M; ++m) std::copy(x + m * K, x + (m + 1) * K, xf.begin() + m * K_blocks);
+  std::vector<uint32_t> x_pairs;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    x_pairs.resize(M * K_blocks / 2);
+    for (size_t i = 0; i < x_pairs.size(); ++i) {
+      uint32_t words[2];
+      std::memcpy(words, &xf[2 * i], sizeof(words));
+      x_pairs[i] = (words[0] >> 16) | (words[1] & 0xFFFF0000u);
+    }
+  }
+  K = K_blocks;
   // With one pass a block streams from memory at its speed. With several, the later ones read it
   // from L2 while memory would sit idle, so the passes ask for the next block's lines as they go.
   const int64_t block_bytes = K * kBlock * static_cast<int64_t>(sizeof(T)), passes = passes_per_block(M);
@@ -142,7 +201,8 @@ void few_rows_linear(const T* x, const T* blocks, const T* bias, T* y, int64_t M
       Prefetch ahead{next, b + 1 < end && per_k ? next + block_bytes : next, per_k};
       for (int64_t m = 0; m < M; m += kMaxRows) {
         const int num_rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
-        block_rows(num_rows, xf.data() + m * K, K, blocks + b * K * kBlock, out, ahead);
+        const uint32_t* row_pairs = x_pairs.empty() ? nullptr : x_pairs.data() + m * K / 2;
+        block_rows(num_rows, xf.data() + m * K, row_pairs, K, blocks + b * K * kBlock, out, ahead);
         for (int r = 0; r < num_rows; ++r)
           for (int64_t j = 0; j < num_out; ++j) {
             const float sum = out[r * kBlock + j];
@@ -159,8 +219,10 @@ namespace goodspeed {
 
 at::Tensor few_rows_linear_op(const at::Tensor& x, const at::Tensor& blocks, int64_t num_out,
                               const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && blocks.dim() == 3 && blocks.size(2) == kBlock && x.size(1) == blocks.size(1),
-              "few_rows_linear: x [M, K] and blocks [ceil(N / 64), K, 64]");
+  const bool is_paired = x.scalar_type() == at::kBFloat16;  // K rounded up to even in the blocks
+  TORCH_CHECK(x.dim() == 2 && blocks.dim() == 3 && blocks.size(2) == kBlock &&
+                  blocks.size(1) == (is_paired ? x.size(1) + x.size(1) % 2 : x.size(1)),
+              "few_rows_linear: x [M, K] and blocks [ceil(N / 64), K, 64] (bfloat16: K rounded up to even)");
   TORCH_CHECK(num_out > 0 && (num_out + kBlock - 1) / kBlock == blocks.size(0), "few_rows_linear: N fits the blocks");
   TORCH_CHECK(x.scalar_type() == blocks.scalar_type(), "few_rows_linear: x and the weight of one dtype");
   const at::Tensor xc = x.contiguous(), wc = blocks.contiguous();
@@ -171,11 +233,11 @@ at::Tensor few_rows_linear_op(const at::Tensor& x, const at::Tensor& blocks, int
   at::Tensor y = at::empty({M, num_out}, x.options());
   if (x.scalar_type() == at::kFloat) {
     few_rows_linear(xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
-                    y.data_ptr<float>(), M, K, num_out);
+                    y.data_ptr<float>(), M, K, wc.size(1), num_out);
   } else if (x.scalar_type() == at::kBFloat16) {
     using BF16 = c10::BFloat16;
     few_rows_linear(xc.data_ptr<BF16>(), wc.data_ptr<BF16>(), bc.defined() ? bc.data_ptr<BF16>() : nullptr,
-                    y.data_ptr<BF16>(), M, K, num_out);
+                    y.data_ptr<BF16>(), M, K, wc.size(1), num_out);
   } else {
     TORCH_CHECK(false, "few_rows_linear: float32 or bfloat16, not ", x.scalar_type());
   }
