@@ -9,10 +9,10 @@ memory's speed: on an AMD EPYC 1.1-1.6x oneDNN from 1 to 9 rows in float32 and f
 bfloat16 on one product; in a whole step, where the kernel also lets a layer run in one call, it
 wins up to 16 in float32. In bfloat16 it lost to oneDNN's dot products beyond 6 rows, until it
 took them too (avx512_bf16, weights in pairs along k, `weight_blocks`): on an AVX-512 EPYC it now
-wins at every row count timed, to 64. On an AMD EPYC with AVX2 only, whole passes of 1 to 16 tokens ran 1.05-1.45x faster in
-the kernel in float32 and 1.7-3.6x in bfloat16 (no packed bfloat16 product there: F.linear, on
-a weight widened to float32 beyond the limit). The CPU decides, so the loader times whole forward
-passes both ways (engine/model/row_limit.py).
+wins at every row count timed, to 64. On an AMD EPYC with AVX2 only, whole passes of 1 to 16
+tokens ran 1.05-1.45x faster in the kernel in float32 and 1.7-3.6x in bfloat16 (no packed
+bfloat16 product there: F.linear, on a weight widened to float32 beyond the limit). The CPU
+decides, so the loader times whole forward passes both ways (engine/model/row_limit.py).
 
 The kernel computes each row the same way however many rows come with it, so a decoded token's
 products are bit-identical to the same token's when verified, as long as both are within the limit.
