@@ -75,24 +75,13 @@ void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens,
     }
     for (int r = 0; r < R; ++r) store(s_rows[r] + at + j, acc[r]);
   }
-  if (j == num_keys) return;
-  // The last few keys, widened into one zero-padded vector per d, take vector multiply-adds too:
-  // as scalar chains of head_dim dependent multiply-adds per key and row they cost a short
-  // sequence's step as much as its whole pages (300 keys at batch 1 took 1.4x as long as 288).
-  const int64_t num_left = num_keys - j;
-  alignas(64) float tail[128 * kWidth];  // head_dim <= 128
-  for (int64_t d = 0; d < head_dim; ++d) {
-    float* lanes = tail + d * kWidth;
-    for (int64_t i = 0; i < num_left; ++i) lanes[i] = to_float(k_seg[d * page_tokens + j + i]);
-    std::fill(lanes + num_left, lanes + kWidth, 0.0f);
-  }
-  Lanes acc[R] = {};
-  for (int64_t d = 0; d < head_dim; ++d) {
-    const Lanes k = load(tail + d * kWidth);
-    for (int r = 0; r < R; ++r) acc[r] += q_rows[r][d] * k;
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t i = 0; i < num_left; ++i) s_rows[r][at + j + i] = acc[r][i];
+  for (; j < num_keys; ++j)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d)
+        acc = std::fma(q_rows[r][d], to_float(k_seg[d * page_tokens + j]), acc);
+      s_rows[r][at + j] = acc;
+    }
 }
 
 // A block of keys at a time, every tile of rows over it, so that K is read from memory once.

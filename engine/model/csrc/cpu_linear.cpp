@@ -53,14 +53,15 @@ constexpr int vectors_per_pass() {
   return R <= 3 ? 4 : 2;
 }
 
-// One pass of one row over bfloat16 weights with AVX2: how far ahead of the k being computed its
-// lines are asked for, in bytes (8 k; past a block's end that is the next block, and a prefetch
-// past the weight's end is harmless). Each k's two lines feed 8 widenings and 8 multiply-adds that
-// wait on them in the scheduler, so fewer lines are in flight than in float32 (a line feeds 2
-// multiply-adds that read it directly), and the product read memory at about 0.8 of float32's
-// rate on an AMD EPYC (Zen 3). Asked for ahead, the lines do not wait on the scheduler: a batch-1
-// decode step ran 4-7% faster (docs/decode-profile.md).
-constexpr int64_t kAheadBytes = 1024;
+// One pass of one row over bfloat16 weights with AVX2: how far ahead of the pair of k being
+// computed its lines are asked for, in bytes (8 pairs; past a block's end that is the next block,
+// and a prefetch past the weight's end is harmless). Each pair's four lines feed 16 widenings and
+// 16 multiply-adds that wait on them in the scheduler, so fewer lines are in flight than in
+// float32 (a line feeds 2 multiply-adds that read it directly), and the product read memory at
+// about 0.8 of float32's rate on an AMD EPYC (Zen 3). Asked for ahead, the lines do not wait on
+// the scheduler: a batch-1 decode step ran 4-7% faster (docs/decode-profile.md; measured with the
+// earlier layout, 8 single k ahead).
+constexpr int64_t kAheadBytes = 2048;
 
 // Lines of the next block to ask for while this one is computed, at a steady rate per k.
 struct Prefetch {
@@ -109,7 +110,7 @@ void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::B
     for (int64_t kp = 0; kp < num_pairs; ++kp) {
       const uint16_t* pair_row = bits + kp * 2 * kBlock;
       if constexpr (is_ahead) {
-        const char* line = reinterpret_cast<const char*>(pair_row) + 2 * kAheadBytes;
+        const char* line = reinterpret_cast<const char*>(pair_row) + kAheadBytes;
         for (int i = 0; i < static_cast<int>(2 * kBlock * sizeof(uint16_t)); i += 64) __builtin_prefetch(line + i);
       }
       for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
