@@ -29,6 +29,7 @@
 namespace {
 
 using goodspeed::exp_lanes;
+using goodspeed::fma;
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load;
@@ -43,6 +44,19 @@ using goodspeed::to_float;
 // model) take fewer passes: verifying 1-4 drafts over 7,680 tokens ran 1.11-1.17x faster. AVX2's
 // 16 registers hold 4 rows.
 constexpr int64_t kTile = kWidth == 16 ? 6 : 4;
+// tile(std::integral_constant<int, R>{}) for a tile of R = rows (1 .. 6) rows: its size a template
+// argument, so that its accumulators are registers.
+template <typename Tile>
+void with_tile_rows(int64_t rows, Tile tile) {
+  switch (rows) {
+    case 6: return tile(std::integral_constant<int, 6>{});
+    case 5: return tile(std::integral_constant<int, 5>{});
+    case 4: return tile(std::integral_constant<int, 4>{});
+    case 3: return tile(std::integral_constant<int, 3>{});
+    case 2: return tile(std::integral_constant<int, 2>{});
+    default: return tile(std::integral_constant<int, 1>{});
+  }
+}
 // Keys per pass of the scores over the head dimension: one page of the cache's K
 // (engine/kv_cache.py K_PAGE_TOKENS), so that a pass reads its page's 8 KB (head_dim 64) in order.
 constexpr int64_t kKeysPerPass = 32;
@@ -63,7 +77,7 @@ void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens,
       Lanes k[kVectorsPerPass];
       load_lanes<kVectorsPerPass>(k_seg + d * page_tokens + j, k);
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < kVectorsPerPass; ++c) acc[r][c] += q_rows[r][d] * k[c];
+        for (int c = 0; c < kVectorsPerPass; ++c) acc[r][c] = fma(q_rows[r][d], k[c], acc[r][c]);
     }
     for (int r = 0; r < R; ++r) store_in_order<T, kVectorsPerPass>(s_rows[r] + at + j, acc[r]);
   }
@@ -71,17 +85,28 @@ void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens,
     Lanes acc[R] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
       const Lanes k = load(k_seg + d * page_tokens + j);
-      for (int r = 0; r < R; ++r) acc[r] += q_rows[r][d] * k;
+      for (int r = 0; r < R; ++r) acc[r] = fma(q_rows[r][d], k, acc[r]);
     }
     for (int r = 0; r < R; ++r) store(s_rows[r] + at + j, acc[r]);
   }
-  for (; j < num_keys; ++j)
-    for (int r = 0; r < R; ++r) {
-      float acc = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d)
-        acc = std::fma(q_rows[r][d], to_float(k_seg[d * page_tokens + j]), acc);
-      s_rows[r][at + j] = acc;
-    }
+  if (j == num_keys) return;
+  // The last few keys, widened into one zero-padded vector per d, take vector multiply-adds too:
+  // as scalar chains of head_dim dependent multiply-adds per key and row they cost a short
+  // sequence's step as much as its whole pages (300 keys at batch 1 took 1.4x as long as 288).
+  const int64_t num_left = num_keys - j;
+  alignas(64) float tail[128 * kWidth];  // head_dim <= 128
+  for (int64_t d = 0; d < head_dim; ++d) {
+    float* lanes = tail + d * kWidth;
+    for (int64_t i = 0; i < num_left; ++i) lanes[i] = to_float(k_seg[d * page_tokens + j + i]);
+    std::fill(lanes + num_left, lanes + kWidth, 0.0f);
+  }
+  Lanes acc[R] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const Lanes k = load(tail + d * kWidth);
+    for (int r = 0; r < R; ++r) acc[r] = fma(q_rows[r][d], k, acc[r]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = 0; i < num_left; ++i) s_rows[r][at + j + i] = acc[r][i];
 }
 
 // A block of keys at a time, every tile of rows over it, so that K is read from memory once.
@@ -109,17 +134,9 @@ void score_run(const float* const* q_rows, int64_t rows, const PagedK<T>& k, int
     const int64_t num_keys = std::min({len - b0, kBlock, k.left_in_page(pos)});
     const T* k_seg = k.segment(pos);
     for (int64_t r = 0; r < rows; r += kTile) {
-      auto tile = [&](auto size) {
+      with_tile_rows(std::min(kTile, rows - r), [&](auto size) {
         score_tile<decltype(size)::value>(&q_rows[r], k_seg, k.page_tokens, k.head_dim, num_keys, &s_rows[r], b0);
-      };
-      switch (std::min(kTile, rows - r)) {
-        case 6: tile(std::integral_constant<int, 6>{}); break;
-        case 5: tile(std::integral_constant<int, 5>{}); break;
-        case 4: tile(std::integral_constant<int, 4>{}); break;
-        case 3: tile(std::integral_constant<int, 3>{}); break;
-        case 2: tile(std::integral_constant<int, 2>{}); break;
-        default: tile(std::integral_constant<int, 1>{}); break;
-      }
+      });
     }
     b0 += num_keys;
   }
@@ -139,7 +156,7 @@ void value_tile(const float* const* p_rows, const int64_t* visible, const T* v_r
     for (int r = 0; r < R; ++r) {
       if (offset + j >= visible[r]) continue;
       const float p = p_rows[r][offset + j];
-      for (int c = 0; c < C; ++c) acc[r][c] += p * v[c];
+      for (int c = 0; c < C; ++c) acc[r][c] = fma(p, v[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r) store_in_order<T, C>(o_rows[r], acc[r]);
@@ -159,17 +176,9 @@ void values(const float* const* p_rows, int64_t rows, const int64_t* visible, co
     for (int64_t b0 = 0; b0 < run_len[run]; b0 += kBlock) {
       const int64_t len = std::min(kBlock, run_len[run] - b0);
       for (int64_t r = 0; r < rows; r += tile_rows) {
-        auto tile = [&](auto size) {
+        with_tile_rows(std::min(tile_rows, rows - r), [&](auto size) {
           value_tile<decltype(size)::value, C>(&p_rows[r], &visible[r], v_runs[run], b0, len, offset, &o_rows[r]);
-        };
-        switch (std::min(tile_rows, rows - r)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
-        }
+        });
       }
     }
     offset += run_len[run];

@@ -32,6 +32,24 @@ inline Lanes load(const float* p) {
 }
 inline void store(float* p, Lanes x) { std::memcpy(p, &x, sizeof(x)); }
 
+// a * b + c, rounded once where the CPU has fused multiply-adds, whatever the compiler decides.
+// Written `acc += a * b`, GCC fused some multiply-adds and not others depending on how a template
+// instance was inlined: built for AVX2, a bfloat16 cache's attention then differed in the last
+// bit from a float32 cache's of the same values after a change that only moved a switch into a
+// helper. A row's results must not depend on that: a token decoded alone and among drafts runs in
+// other instances (other tile sizes), and greedy speculation is exact only if they agree. (The
+// products kernel still writes `+=`: its identity tests pass built for AVX-512, AVX-512 without
+// bfloat16, AVX2 and SSE, and this form measured slower there.)
+inline Lanes fma(float a, Lanes b, Lanes c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Lanes>(_mm512_fmadd_ps(_mm512_set1_ps(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__) && defined(__AVX__)
+  return reinterpret_cast<Lanes>(_mm256_fmadd_ps(_mm256_set1_ps(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;  // no fused multiply-add on this CPU, so none to contract into either
+#endif
+}
+
 // A bfloat16 is a float32's upper half (its bits, as uint16_t): widening is a shift. (GCC lowers a
 // generic vector conversion of 16 of them to halves, extracts and inserts: a loop of products over
 // them ran 1.3x as long.)
