@@ -34,7 +34,6 @@ using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load_lanes;
 using goodspeed::store;
-using goodspeed::WordLanes;
 constexpr int64_t kBlock = 64;  // outputs per block
 constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
 // A pass over k covers a few vectors of a block's outputs for up to kMaxRows rows, so that the
@@ -126,18 +125,13 @@ void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::B
       }
 #else
       (void)x_pairs;
-      Lanes at_k[V], at_next[V];
-      for (int v = 0; v < V; ++v) {
-        WordLanes words;
-        std::memcpy(&words, pair_row + (first + v) * 2 * kWidth, sizeof(words));
-        at_k[v] = reinterpret_cast<Lanes>(words << 16);
-        at_next[v] = reinterpret_cast<Lanes>(words & 0xFFFF0000u);
-      }
+      Lanes w[V][2];  // each vector's weights at k and at k + 1 (lanes.h's even and odd elements)
+      for (int v = 0; v < V; ++v) load_lanes<2>(pair_row + (first + v) * 2 * kWidth, w[v]);
       for (int r = 0; r < R; ++r) {
         const float x_k = x[r * K + 2 * kp], x_next = x[r * K + 2 * kp + 1];
         for (int v = 0; v < V; ++v) {
-          acc[r][v] += x_k * at_k[v];
-          acc[r][v] += x_next * at_next[v];
+          acc[r][v] += x_k * w[v][0];
+          acc[r][v] += x_next * w[v][1];
         }
       }
 #endif
