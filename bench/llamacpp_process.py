@@ -19,6 +19,7 @@ from typing import Any
 from gguf import GGMLQuantizationType, LlamaFileType
 from tqdm import tqdm
 
+from bench.machine import cpu_flags
 from bench.reference_process import ReferenceProcess
 from engine.catalog import find_model
 from engine.fetch import cache_root, fetch_gguf
@@ -36,6 +37,8 @@ class LlamaCppReference:
     def __init__(self, gguf_path: str, eos_ids: list[int], context_tokens: int) -> None:
         from llama_cpp import Llama
 
+        if "amx_int8" in cpu_flags():
+            without_extra_buffer_types()
         num_threads = os.cpu_count() or 1
         self.llm: Any = Llama(
             model_path=gguf_path,
@@ -55,6 +58,25 @@ class LlamaCppReference:
             if token_id in self.eos_ids or len(output) >= max_new_tokens:
                 break
         return output, time.perf_counter() - started
+
+
+def without_extra_buffer_types() -> None:
+    """Load models without llama.cpp's extra buffer types (its weight repacking), as its CLI's
+    --no-repack does. With AMX, llama-cpp-python 0.3.36 repacks the 4-bit file's matrices for
+    AMX and then crashes (a segmentation fault in the first forward, on an Intel Xeon with
+    amx_int8); the bfloat16 and float32 files never take that path. Llama() builds its model
+    parameters from llama_model_default_params() and takes no argument for this one, so this
+    process's defaults are replaced."""
+    import llama_cpp.llama_cpp as library
+
+    defaults = library.llama_model_default_params
+
+    def no_extra_buffer_types() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    library.llama_model_default_params = no_extra_buffer_types
 
 
 class LlamaCppProcess(ReferenceProcess):

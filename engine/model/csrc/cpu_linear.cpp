@@ -101,7 +101,7 @@ template <int R>
 void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::BFloat16* block, float* out,
                 Prefetch& ahead) {
   constexpr int V = vectors_per_pass<R>();
-  constexpr bool is_ahead = kVectors == 8 && V == kVectors;  // AVX2, one pass
+  constexpr bool is_ahead = V == kVectors;  // one pass
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(block);
   const int64_t num_pairs = K / 2;
   for (int first = 0; first < kVectors; first += V) {
