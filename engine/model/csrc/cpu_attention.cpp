@@ -35,6 +35,7 @@ using goodspeed::Lanes;
 using goodspeed::load;
 using goodspeed::load_in_lane_order;
 using goodspeed::load_lanes;
+using goodspeed::prefetch_lines;
 using goodspeed::store;
 using goodspeed::store_in_order;
 using goodspeed::to_float;
@@ -60,6 +61,11 @@ void with_tile_rows(int64_t rows, Tile tile) {
 // Keys per pass of the scores over the head dimension: one page of the cache's K
 // (engine/kv_cache.py K_PAGE_TOKENS), so that a pass reads its page's 8 KB (head_dim 64) in order.
 constexpr int64_t kKeysPerPass = 32;
+// How far ahead of the K page line or the value row being read the kernel asks for lines. On an
+// Intel Xeon (AMX host, 2 cores) the hardware prefetcher restarts at every 4 KB page of memory,
+// which a bfloat16 K page of head_dim 64 fills exactly: asked for 2 KB ahead, a batch-1 step over
+// 7,680 tokens ran 1.1x faster and a batch-8 one 1.16x (1 and 4 KB ahead: less).
+constexpr int64_t kAheadBytes = 2048;
 constexpr int kVectorsPerPass = kKeysPerPass / kWidth;
 
 // scores[r, at + j] = q_r . k_j for R rows over the keys 0 .. num_keys of one segment of a page,
@@ -69,11 +75,12 @@ template <int R, typename T>
 void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens, int64_t head_dim,
                 int64_t num_keys, float* const* s_rows, int64_t at) {
   int64_t j = 0;
-  // a whole page's pass reads it in order, a stream the hardware prefetcher follows (software
-  // prefetching measured no better); the part-pages at a segment's ends take the loops below
+  // a whole page's pass reads it in order, its lines asked for kAheadBytes ahead; the part-pages
+  // at a segment's ends take the loops below
   for (; j + kKeysPerPass <= num_keys; j += kKeysPerPass) {
     Lanes acc[R][kVectorsPerPass] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
+      prefetch_lines(reinterpret_cast<const char*>(k_seg + d * page_tokens + j) + kAheadBytes, kKeysPerPass * sizeof(T));
       Lanes k[kVectorsPerPass];
       load_lanes<kVectorsPerPass>(k_seg + d * page_tokens + j, k);
       for (int r = 0; r < R; ++r)
@@ -151,6 +158,7 @@ void value_tile(const float* const* p_rows, const int64_t* visible, const T* v_r
   Lanes acc[R][C];
   for (int r = 0; r < R; ++r) load_in_lane_order<T, C>(o_rows[r], acc[r]);
   for (int64_t j = first; j < first + len; ++j) {
+    prefetch_lines(reinterpret_cast<const char*>(v_run + j * C * kWidth) + kAheadBytes, C * kWidth * sizeof(T));
     Lanes v[C];
     load_lanes<C>(v_run + j * C * kWidth, v);
     for (int r = 0; r < R; ++r) {

@@ -33,6 +33,7 @@ namespace {
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load_lanes;
+using goodspeed::prefetch_lines;
 using goodspeed::store;
 constexpr int64_t kBlock = 64;  // outputs per block
 constexpr int kVectors = kBlock / kWidth;  // 4 with AVX-512, 8 with AVX2
@@ -108,10 +109,7 @@ void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::B
     Lanes acc[R][V] = {};
     for (int64_t kp = 0; kp < num_pairs; ++kp) {
       const uint16_t* pair_row = bits + kp * 2 * kBlock;
-      if constexpr (is_ahead) {
-        const char* line = reinterpret_cast<const char*>(pair_row) + kAheadBytes;
-        for (int i = 0; i < static_cast<int>(2 * kBlock * sizeof(uint16_t)); i += 64) __builtin_prefetch(line + i);
-      }
+      if constexpr (is_ahead) prefetch_lines(reinterpret_cast<const char*>(pair_row) + kAheadBytes, 2 * kBlock * sizeof(uint16_t));
       for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
 #if defined(__AVX512BF16__)
       (void)x;

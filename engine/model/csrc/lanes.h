@@ -67,6 +67,11 @@ inline Lanes load(const uint16_t* p) {
   return reinterpret_cast<Lanes>(__builtin_convertvector(x, WordLanes) << 16);
 #endif
 }
+// Asks for the cache lines of bytes bytes from p (a prefetch past an array's end is harmless).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i);
+}
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
   const uint32_t bits = uint32_t{x} << 16;
