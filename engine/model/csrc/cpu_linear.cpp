@@ -53,14 +53,14 @@ constexpr int vectors_per_pass() {
   return R <= 3 ? 4 : 2;
 }
 
-// One pass of one row over bfloat16 weights with AVX2: how far ahead of the pair of k being
-// computed its lines are asked for, in bytes (8 pairs; past a block's end that is the next block,
-// and a prefetch past the weight's end is harmless). Each pair's four lines feed 16 widenings and
-// 16 multiply-adds that wait on them in the scheduler, so fewer lines are in flight than in
-// float32 (a line feeds 2 multiply-adds that read it directly), and the product read memory at
-// about 0.8 of float32's rate on an AMD EPYC (Zen 3). Asked for ahead, the lines do not wait on
-// the scheduler: a batch-1 decode step ran 4-7% faster (docs/decode-profile.md; measured with the
-// earlier layout, 8 single k ahead).
+// A one-pass block over bfloat16 weights (one row with AVX2, any number with AVX-512): how far
+// ahead of the pair of k being computed its lines are asked for, in bytes (8 pairs; past a block's
+// end that is the next block, and a prefetch past the weight's end is harmless). On an AMD EPYC
+// (Zen 3, AVX2) each pair's four lines feed 16 widenings and 16 multiply-adds that wait on them in
+// the scheduler, so fewer lines are in flight than in float32 (a line feeds 2 multiply-adds that
+// read it directly): asked for ahead, a batch-1 decode step ran 4-7% faster. On an Intel Xeon (AMX
+// host) the prefetcher restarts at every 4 KB page: with AVX-512 too, 1.15-1.25x
+// (docs/decode-profile.md). float32 measured slower with it on both, so it asks for nothing.
 constexpr int64_t kAheadBytes = 2048;
 
 // Lines of the next block to ask for while this one is computed, at a steady rate per k.
