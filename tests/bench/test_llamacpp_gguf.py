@@ -107,3 +107,22 @@ def test_by_default_a_gguf_that_cannot_be_had_is_left_out(
     assert "llama.cpp native: left out" in capsys.readouterr().out
     with pytest.raises(ModelFetchError):
         llama_cpp_ggufs("smollm2-135m", "bfloat16", ["native"])
+
+
+def test_without_extra_buffer_types_loads_models_without_repacking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPUs with AMX the reference turns llama.cpp's repacking off (it crashes there): every model
+    parameters from then on say so, and the other defaults are left as they were."""
+    import sys
+    import types
+
+    library = types.ModuleType("llama_cpp.llama_cpp")
+    library.llama_model_default_params = lambda: types.SimpleNamespace(use_extra_bufts=True, n_gpu_layers=0)  # type: ignore[attr-defined]
+    package = types.ModuleType("llama_cpp")
+    package.llama_cpp = library  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llama_cpp", package)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", library)
+
+    llamacpp_process.without_extra_buffer_types()
+    params = library.llama_model_default_params()  # type: ignore[attr-defined]
+    assert params.use_extra_bufts is False
+    assert params.n_gpu_layers == 0
