@@ -96,15 +96,18 @@ def test_bfloat16_blocks_hold_each_outputs_weights_in_pairs_along_k() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 weights load in pairs of vectors
-def test_a_row_is_bit_identical_whatever_rows_come_with_it(kernel: FewRowsProduct, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("num_in", [600, 576])  # bfloat16 with AMX: tiles of 16 rows where k is a multiple of 32
+def test_a_row_is_bit_identical_whatever_rows_come_with_it(
+    kernel: FewRowsProduct, dtype: torch.dtype, num_in: int
+) -> None:
     """What keeps greedy speculation exact: a decode step's row and the same row among drafts."""
-    weight, bias, x = (t.to(dtype) for t in weight_bias_x(16, num_out=130, num_in=600))
+    weight, bias, x = (t.to(dtype) for t in weight_bias_x(20, num_out=130, num_in=num_in))
     blocks = weight_blocks(weight)
     together = kernel(x, blocks, 130, bias)
-    for i in range(16):
+    for i in range(20):
         assert torch.equal(kernel(x[i : i + 1], blocks, 130, bias), together[i : i + 1])
-    assert torch.equal(kernel(x[3:12], blocks, 130, bias), together[3:12])
-    for n in range(2, 16):  # groups of 6 rows and every rest, each taking the block in its own passes
+    assert torch.equal(kernel(x[3:19], blocks, 130, bias), together[3:19])
+    for n in range(2, 20):  # groups of 6 rows (or tiles of 16) and every rest, each in its own passes
         assert torch.equal(kernel(x[:n], blocks, 130, bias), together[:n])
 
 
