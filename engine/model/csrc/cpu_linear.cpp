@@ -193,7 +193,8 @@ constexpr int64_t kTileBytes = 64;  // a tile row: 16 pairs of bfloat16, or 16 f
 // Linux lends a process AMX's registers only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); false where it refuses, and the products take vdpbf16ps.
 bool amx_granted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   return granted;
 }
 
