@@ -204,7 +204,10 @@ struct alignas(64) TileConfig {
   uint16_t bytes_per_row[16] = {};
   uint8_t num_rows[16] = {};
   TileConfig() {
-    for (int t = 0; t < 8; ++t) bytes_per_row[t] = kTileBytes, num_rows[t] = kTileRows;
+    for (int t = 0; t < 8; ++t) {
+      bytes_per_row[t] = kTileBytes;
+      num_rows[t] = kTileRows;
+    }
   }
 };
 
