@@ -95,6 +95,25 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [20, 24, 37])
+def test_widths_off_the_vector_width_match_torch(dtype: torch.dtype, width: int) -> None:
+    """The kernels take a vector (8 or 16 floats) at a time: the values past the last whole
+    vector come out as torch's, and a NaN stays one (its bits may differ: torch's own vector
+    and scalar paths round a NaN to different bits)."""
+    x, delta = rand(3, width, dtype=dtype, seed=9), rand(3, width, dtype=dtype, seed=10)
+    x[1, -1] = float("nan")
+    weight = rand(width, dtype=dtype, seed=11, scale=0.3) + 1
+    x_torch, x_fused = x.clone(), x.clone()
+    want = LayerOps().add_rms_norm(x_torch, delta, weight, 1e-5)
+    got = FusedLayerOps().add_rms_norm(x_fused, delta, weight, 1e-5)
+    assert bool(x_fused[1, -1].isnan()) and bool(got[1].isnan().all()) and bool(want[1].isnan().all())
+    assert torch.equal(x_fused[[0, 2]], x_torch[[0, 2]])
+    assert_close(got[[0, 2]], want[[0, 2]], dtype)
+    gate_up = rand(3, 2 * width, dtype=dtype, seed=12, scale=3.0)
+    assert_close(FusedLayerOps().silu_mul(gate_up), LayerOps().silu_mul(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_write_kv_matches_torch(dtype: torch.dtype) -> None:
     """q, and the K and V rows written to the cache (K in its paged, transposed layout), at
     scattered slots (on three pages) and positions; other rows untouched."""

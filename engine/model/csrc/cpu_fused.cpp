@@ -24,7 +24,10 @@ using goodspeed::exp_lanes;
 using goodspeed::kWidth;
 using goodspeed::Lanes;
 using goodspeed::load;
+using goodspeed::load_row;
+using goodspeed::round_lanes;
 using goodspeed::store;
+using goodspeed::store_row;
 constexpr int64_t kRowsPerTask = 8;  // a decode step's few rows stay on one thread
 
 // v rounded to T, as a torch operator with a T output rounds it
@@ -33,52 +36,76 @@ inline float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-// x += delta (when given, rounded to T), then out = weight * round(x / rms(x)), row by row.
+// x += delta (when given, rounded to T), then out = weight * round(x / rms(x)), row by row; a
+// vector at a time, the last dim % kWidth values one at a time.
 template <typename T>
 void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t num_rows, int64_t dim, float eps) {
+  const int64_t vector_end = dim / kWidth * kWidth;
   at::parallel_for(0, num_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* row = x + r * dim;
       if (delta != nullptr) {
         const T* d = delta + r * dim;
-        for (int64_t i = 0; i < dim; ++i) row[i] = static_cast<T>(static_cast<float>(row[i]) + static_cast<float>(d[i]));
+        for (int64_t i = 0; i < vector_end; i += kWidth) store_row(row + i, load_row(row + i) + load_row(d + i));
+        for (int64_t i = vector_end; i < dim; ++i)
+          row[i] = static_cast<T>(static_cast<float>(row[i]) + static_cast<float>(d[i]));
+      }
+      Lanes sums{};
+      for (int64_t i = 0; i < vector_end; i += kWidth) {
+        const Lanes v = load_row(row + i);
+        sums += v * v;
       }
       float sum = 0.f;
-      for (int64_t i = 0; i < dim; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+      for (int64_t j = 0; j < kWidth; ++j) sum += sums[j];
+      for (int64_t i = vector_end; i < dim; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
       const float rstd = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
       T* o = out + r * dim;
-      for (int64_t i = 0; i < dim; ++i)
+      for (int64_t i = 0; i < vector_end; i += kWidth)
+        store_row(o + i, load_row(weight + i) * round_lanes<T>(load_row(row + i) * rstd));
+      for (int64_t i = vector_end; i < dim; ++i)
         o[i] = static_cast<T>(static_cast<float>(weight[i]) * round_to<T>(static_cast<float>(row[i]) * rstd));
     }
   });
 }
 
-// out = round(silu(gate)) * up, gate and up the two halves of each row of gate_up; silu's exp a
-// vector at a time (exp_lanes: with expf a value at a time, a row of 1536 took about twice as long).
+// out = round(silu(gate)) * up, gate and up the two halves of each row of gate_up, a vector at a
+// time (exp_lanes: with expf a value at a time, a row of 1536 took about twice as long).
 template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t num_rows, int64_t dim) {
+  const int64_t vector_end = dim / kWidth * kWidth;
   at::parallel_for(0, num_rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    float gate_f[kWidth], silu[kWidth];
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * dim;
       const T* up = gate + dim;
       T* o = out + r * dim;
-      for (int64_t i = 0; i < dim; i += kWidth) {
-        const int64_t n = std::min(kWidth, dim - i);
-        for (int64_t j = 0; j < n; ++j) gate_f[j] = static_cast<float>(gate[i + j]);
+      for (int64_t i = 0; i < vector_end; i += kWidth) {
+        const Lanes g = load_row(gate + i);
+        store_row(o + i, round_lanes<T>(g / (1.f + exp_lanes(-g))) * load_row(up + i));
+      }
+      if (vector_end < dim) {  // the last values through a padded vector, computed as the rest
+        float gate_f[kWidth] = {}, silu[kWidth];
+        for (int64_t i = vector_end; i < dim; ++i) gate_f[i - vector_end] = static_cast<float>(gate[i]);
         const Lanes g = load(gate_f);
-        store(silu, g / (1.f + exp_lanes(-g)));
-        for (int64_t j = 0; j < n; ++j) o[i + j] = static_cast<T>(round_to<T>(silu[j]) * static_cast<float>(up[i + j]));
+        store(silu, round_lanes<T>(g / (1.f + exp_lanes(-g))));
+        for (int64_t i = vector_end; i < dim; ++i) o[i] = static_cast<T>(silu[i - vector_end] * static_cast<float>(up[i]));
       }
     }
   });
 }
 
-// One head of D values rotated in place by transformers' rotate_half layout, each product and
-// sum rounded to T as torch's operators on T tensors round them.
+// One head of D values rotated by transformers' rotate_half layout into out, each product and sum
+// rounded to T as torch's operators on T tensors round them; a vector at a time where half is a
+// multiple of one.
 template <typename T>
 inline void rotate(const T* in, float* out, const T* cos, const T* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
+  const int64_t vector_end = half % kWidth == 0 ? half : 0;
+  for (int64_t i = 0; i < vector_end; i += kWidth) {
+    const Lanes x1 = load_row(in + i), x2 = load_row(in + i + half);
+    const Lanes c = load_row(cos + i), s = load_row(sin + i);
+    store(out + i, round_lanes<T>(round_lanes<T>(x1 * c) - round_lanes<T>(x2 * s)));
+    store(out + i + half, round_lanes<T>(round_lanes<T>(x2 * c) + round_lanes<T>(x1 * s)));
+  }
+  for (int64_t i = vector_end; i < half; ++i) {
     const float x1 = static_cast<float>(in[i]), x2 = static_cast<float>(in[i + half]);
     const float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
     out[i] = round_to<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
@@ -104,7 +131,9 @@ void rope_write_kv(const T* qkv, const T* cos, const T* sin, KV* k_t, KV* v, con
       for (int64_t h = 0; h < num_heads; ++h) {
         rotate(token + h * head_dim, rotated, c, s, half);
         float* out = q + (t * num_heads + h) * head_dim;
-        for (int64_t i = 0; i < head_dim; ++i) out[i] = round_to<T>(rotated[i] * scale);
+        const int64_t vector_end = head_dim / kWidth * kWidth;
+        for (int64_t i = 0; i < vector_end; i += kWidth) store(out + i, round_lanes<T>(load(rotated + i) * scale));
+        for (int64_t i = vector_end; i < head_dim; ++i) out[i] = round_to<T>(rotated[i] * scale);
       }
       const int64_t slot = slot_ids[t];
       for (int64_t h = 0; h < num_kv_heads; ++h) {
@@ -118,6 +147,10 @@ void rope_write_kv(const T* qkv, const T* cos, const T* sin, KV* k_t, KV* v, con
     }
   });
 }
+
+// The two element types check_rows lets through (no double: the vector helpers take float lanes).
+#define DISPATCH_FLOAT_OR_BFLOAT16(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, ": a contiguous [T, dim] tensor");
@@ -137,7 +170,7 @@ at::Tensor add_rms_norm_op(at::Tensor& x, const c10::optional<at::Tensor>& delta
   TORCH_CHECK(!d.defined() || (d.sizes() == x.sizes() && d.scalar_type() == x.scalar_type()),
               "add_rms_norm: delta of x's shape and dtype");
   at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+  DISPATCH_FLOAT_OR_BFLOAT16(x.scalar_type(), "add_rms_norm", [&] {
     add_rms_norm(x.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr, w.data_ptr<scalar_t>(),
                  out.data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps));
   });
@@ -148,7 +181,7 @@ at::Tensor silu_mul_op(const at::Tensor& gate_up) {
   check_rows(gate_up, "silu_mul: gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: gate_up [T, 2 * dim]");
   at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
+  DISPATCH_FLOAT_OR_BFLOAT16(gate_up.scalar_type(), "silu_mul", [&] {
     silu_mul(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.size(0), out.size(1));
   });
   return out;
@@ -178,7 +211,7 @@ at::Tensor rope_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const 
   for (int64_t t = 0; t < num_tokens; ++t)
     TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "rope_write_kv: slot ", slot[t], " outside the cache");
   at::Tensor q = at::empty({num_tokens, num_heads, head_dim}, qkv.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_write_kv", [&] {
+  DISPATCH_FLOAT_OR_BFLOAT16(qkv.scalar_type(), "rope_write_kv", [&] {
     auto write = [&](auto* k_data, auto* v_data) {
       rope_write_kv(qkv.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), k_data, v_data, slot,
                     q.data_ptr<float>(), num_tokens, num_heads, num_kv_heads, head_dim, num_pages, page_tokens,
