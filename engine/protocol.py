@@ -144,8 +144,10 @@ class RequestOutput(_Wire, frozen=True):
     offer_outcomes: list[OfferOutcome] = []
 
 
-# Sequences of up to this many query tokens (decoding, verifying) attend in one kernel call per
-# layer on the CPU; longer ones (prefill chunks) one at a time, at several times the cost per pair.
+# The step-cost model prices query-key pairs of sequences of up to this many query tokens
+# (decoding, verifying: a key's cost is its read, shared by a few queries) apart from longer ones'
+# (prefill chunks: bound by the arithmetic per pair, and attended by another path where the CPU
+# kernel is not built).
 MAX_SHORT_QUERY_TOKENS = 16
 
 

@@ -18,7 +18,7 @@ from engine.model.cpu_attention import KernelSeqs, ragged_attention
 from engine.model.layer_ops import FusedLayerOps, layer_ops, rms_norm, whole_layer_rows
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
-from engine.protocol import MAX_SHORT_QUERY_TOKENS, BatchShape
+from engine.protocol import BatchShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,11 +248,14 @@ class Transformer:
         x = w.embed[batch.token_ids]  # [T, hidden]
         cos, sin = rope_tables(batch.positions, w.inv_freq, w.rope_scale, x.dtype)
         groups = spec.num_heads // spec.num_kv_heads
-        kernel_seqs, looped_seqs = self._split(batch, kv_cache)
-        looped = [(seq, causal_mask(seq, groups, kv_cache.compute_dtype, x.device)) for seq in looped_seqs]
+        kernel_seqs = self._kernel_seqs(batch)
+        looped = (
+            []
+            if kernel_seqs is not None
+            else [(seq, causal_mask(seq, groups, kv_cache.compute_dtype, x.device)) for seq in batch.seqs]
+        )
         ops, eps = self.ops, spec.rms_norm_eps
-        if isinstance(ops, FusedLayerOps) and not looped and len(x) <= self.whole_layer_rows:
-            assert kernel_seqs is not None  # the kernel takes every sequence when none is looped
+        if isinstance(ops, FusedLayerOps) and kernel_seqs is not None and len(x) <= self.whole_layer_rows:
             ops.decoder_layers(
                 x, w.layers, eps, cos, sin, kv_cache, batch.slot_ids, spec.num_heads, self.scale, kernel_seqs
             )
@@ -267,18 +270,15 @@ class Transformer:
         x.add_(mlp_out)
         return rms_norm(x[batch.logit_rows], w.final_norm, eps)
 
-    def _split(self, batch: ForwardBatch, kv_cache: KVCache) -> tuple[KernelSeqs | None, list[SeqSlice]]:
-        """The step's sequences the CPU kernel attends (all in one call per layer) and those the
-        per-sequence loop does (cpu_attention.py says which and why)."""
+    def _kernel_seqs(self, batch: ForwardBatch) -> KernelSeqs | None:
+        """The step's sequences as the CPU kernel reads them, all in one call per layer; None where
+        there is no kernel and the per-sequence loop attends them (cpu_attention.py)."""
         if self.kernel is None:
-            return None, batch.seqs
+            return None
         window = batch.window
-        taken = [s for s in batch.seqs if s.num_query_tokens <= MAX_SHORT_QUERY_TOKENS]
-        if not taken:
-            return None, batch.seqs
         sinks, recent = (window.num_sink_tokens, window.num_recent_tokens) if window else (0, 0)
-        seqs = torch.tensor([(s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens) for s in taken])
-        return KernelSeqs(seqs, sinks, recent), [s for s in batch.seqs if s.num_query_tokens > MAX_SHORT_QUERY_TOKENS]
+        seqs = torch.tensor([(s.query_start, s.num_query_tokens, s.kv_start, s.num_kv_tokens) for s in batch.seqs])
+        return KernelSeqs(seqs, sinks, recent)
 
     def _attention(
         self,
@@ -298,7 +298,6 @@ class Transformer:
         qkv = layer.qkv(h).view(num_tokens, -1, spec.head_dim)
         q = self.ops.rope_write_kv(qkv, cos, sin, kv_cache, layer_idx, batch.slot_ids, spec.num_heads, self.scale)
         if kernel_seqs is not None and self.kernel is not None:
-            # rows of the looped sequences are left for the loop below to fill
             attn = self.kernel(
                 q,
                 kv_cache.k_t_layers[layer_idx],  # the cache's own paged layout
@@ -311,5 +310,5 @@ class Transformer:
             attn = torch.empty(
                 num_tokens, spec.num_heads * spec.head_dim, dtype=kv_cache.compute_dtype, device=h.device
             )
-        attend_each(q, kv_cache, layer_idx, looped, batch.window, attn)
+            attend_each(q, kv_cache, layer_idx, looped, batch.window, attn)
         return layer.o_proj(attn.to(h.dtype))

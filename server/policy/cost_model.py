@@ -22,8 +22,9 @@ against a measured 74-90, because it had to explain the verification steps' atte
 it made speculation under load look cheaper than it is. With V and P the same fit is within a
 few percent there (mean error 6.5% against 7.2% over all shapes).
 
-Why L apart from P: on the CPU the two attend by different code (one kernel call per layer for
-the short ones, a loop of matrix products for prefill chunks) at different costs per pair. With
+Why L apart from P: a pair costs a decoding or verifying sequence mostly its key's read, shared
+by a few queries, and a prefill chunk its arithmetic (and where the CPU kernel is not built the
+two attend by different code). With
 one P, the start-up profile's prefill chunks set its price: at 7,680 tokens of context it
 predicted verifying 4 drafts at batch 1 at 1.70x a plain step, and 8 drafts at 2.47x, against
 1.24x and 1.68x measured, and AUTO drafted short there (1.87x plain against n-gram k = 4's 3.0x).

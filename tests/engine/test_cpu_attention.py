@@ -91,6 +91,16 @@ def test_a_mixed_step_matches_the_per_sequence_loop(kernel: RaggedAttention, hea
     torch.testing.assert_close(got, loop_attention(q, kv_cache, seqs), rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_chunks_match_the_per_sequence_loop(kernel: RaggedAttention) -> None:
+    """Prefill chunks (the kernel attends them too): a prompt's first chunk, chunks after
+    hundreds and thousands of cached tokens, beside a decode; causal within each chunk."""
+    kv_cache = cache(64, seed=2)
+    seqs = ragged([300, 1, 64, 17], [300, 40, 2100, 1040])
+    q = torch.randn(seqs[-1].query_start + 17, NUM_KV_HEADS * GROUPS, 64) * 64**-0.5
+    got = kernel_attention(kernel, q, kv_cache, seqs)
+    torch.testing.assert_close(got, loop_attention(q, kv_cache, seqs), rtol=1e-5, atol=1e-5)
+
+
 def test_a_window_reads_the_sinks_and_recent_keys_in_place(kernel: RaggedAttention) -> None:
     kv_cache = cache(64, seed=1)
     window = AttentionWindow(num_sink_tokens=4, num_recent_tokens=60)
