@@ -149,6 +149,7 @@ class InProcessServer:
         ]
         started = time.perf_counter()
         first_token_s: dict[str, float] = {}
+        last_token_s: dict[str, float] = {}
         for state in states:
             self.scheduler.add(state)
         while any(state.status != Status.FINISHED for state in states):
@@ -157,9 +158,14 @@ class InProcessServer:
             for state in states:
                 if state.output_ids:
                     first_token_s.setdefault(state.req_id, now)
+                if state.status == Status.FINISHED:
+                    last_token_s.setdefault(state.req_id, now)
         ended = time.perf_counter() - started
         self.release_finished()
         outcomes = [
-            Outcome(list(s.output_ids), ended, first_token_s.get(s.req_id, ended), s.speculation) for s in states
+            Outcome(
+                list(s.output_ids), last_token_s.get(s.req_id, ended), first_token_s.get(s.req_id, ended), s.speculation
+            )
+            for s in states
         ]
         return outcomes, ended - max(first_token_s.values(), default=ended)

@@ -115,6 +115,9 @@ class VariantTotals:
 
     max_new_tokens: int
     decode_tok_s: list[float] = field(default_factory=list)  # per run: tokens after each request's first
+    # per run: the mean over requests of the time from the step that gave every request its first
+    # token to the request's last token (decode tok/s is the batch's: it waits for the last request)
+    mean_request_s: list[float] = field(default_factory=list)
     num_steps: int = 0
     num_generated: int = 0
     num_drafted: int = 0
@@ -129,6 +132,8 @@ class VariantTotals:
         )
         num_decoded = sum(len(o.output_ids) - 1 for o in outcomes)
         self.decode_tok_s.append(num_decoded / decode_s if decode_s else 0.0)
+        decode_start_s = max(o.seconds for o in outcomes) - decode_s
+        self.mean_request_s.append(statistics.mean(o.seconds - decode_start_s for o in outcomes))
         for summary in (o.speculation for o in outcomes):
             self.num_steps += summary.num_steps
             self.num_generated += summary.num_generated
@@ -143,10 +148,14 @@ class VariantTotals:
         # machine would move a sum by 10-30%. Each run's speedup is over the plain run of its turn.
         runs = zip(self.decode_tok_s, plain.decode_tok_s, strict=True)
         speedups = [tok_s / plain_tok_s if plain_tok_s else 0.0 for tok_s, plain_tok_s in runs]
+        latencies = zip(plain.mean_request_s, self.mean_request_s, strict=True)
+        latency_speedups = [plain_s / request_s if request_s else 0.0 for plain_s, request_s in latencies]
         reference = plain.outputs[0]
         return {
             "decode_tok_s": statistics.median(self.decode_tok_s),
             "speedup": statistics.median(speedups),
+            "mean_request_s": statistics.median(self.mean_request_s),
+            "latency_speedup": statistics.median(latency_speedups),  # plain's mean request time over this one's
             "decode_tok_s_runs": self.decode_tok_s,
             "tokens_per_step": self.num_generated / self.num_steps if self.num_steps else 0.0,
             "acceptance": self.num_accepted / self.num_drafted if self.num_drafted else None,
@@ -327,6 +336,15 @@ def print_end_to_end(report: dict[str, Any]) -> None:
         plain = row["variants"]["plain"]["decode_tok_s"]
         print(f"{row['context']:7d} {row['batch']:5d} {plain:11.1f} " + " ".join(cells))
     print(f"outputs that differ from plain: {num_diverged}")
+    print(
+        "\nthe same runs by each request's own end: plain's mean time from the decoding's start to a "
+        "request's last token over each variant's, median over runs"
+    )
+    print(f"{'context':>7} {'batch':>5} {'plain mean s':>12} " + " ".join(f"{name:>15}" for name in names[1:]))
+    for row in rows:
+        cells = [f"{row['variants'][name]['latency_speedup']:14.2f}x" for name in names[1:]]
+        plain_s = row["variants"]["plain"]["mean_request_s"]
+        print(f"{row['context']:7d} {row['batch']:5d} {plain_s:12.2f} " + " ".join(cells))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
