@@ -124,10 +124,23 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, signed: np.ndarray) -> np.nd
 
 
 class StepCostModel:
-    def __init__(self, window: int = 500, refit_every: int = 25, error_decay: float = 0.05) -> None:
+    """drift_window > 0: predictions are the fit's scaled by measured / fitted over the last
+    drift_window observations (their geometric mean), for a drafter's forwards. The fit keeps the
+    start-up profile, which a few dozen observations hardly move, so when the machine runs slower
+    than at start-up the fit stays low: self-speculation's forwards at 1,024 tokens took 9-11%
+    longer than predicted, which made 5 of them look cheaper than the plain steps they replace,
+    and AUTO at 1,024 x 2 drafted with it and ran at 0.8x n-gram lookup's speed
+    (docs/long-context.md). The target's own model sees every step and refits on them."""
+
+    def __init__(
+        self, window: int = 500, refit_every: int = 25, error_decay: float = 0.05, drift_window: int = 0
+    ) -> None:
         self.profile: list[tuple[list[float], float]] = []  # kept: they cover shapes the traffic may not
         self.recent: deque[tuple[list[float], float]] = deque(maxlen=window)
-        self.coef = np.zeros(len(FEATURES))
+        self.fit_coef = np.zeros(len(FEATURES))  # the least-squares fit
+        self.drift_window = drift_window
+        self.scale = 1.0  # what predictions multiply the fit by (1 without drift_window)
+        self.coef = np.zeros(len(FEATURES))  # fit_coef * scale: what predictions use
         self._coef_list: list[float] = self.coef.tolist()  # for predict: plain floats are faster one at a time
         self.refit_every = refit_every
         self.error_decay = error_decay
@@ -161,6 +174,25 @@ class StepCostModel:
         self.num_samples += 1
         if self.num_samples % self.refit_every == 0:
             self.refit()
+        elif self.drift_window:
+            self._rescale()
+
+    def _rescale(self) -> None:
+        """scale: the geometric mean of measured / fitted over the latest drift_window rows (at
+        least 3 of them, else 1)."""
+        latest = list(self.recent)[-self.drift_window :]
+        log_ratios = [
+            np.log(seconds / fitted)
+            for row, seconds in latest
+            if seconds > 0 and (fitted := float(np.dot(self.fit_coef, row))) > 0
+        ]
+        self.scale = float(np.exp(np.mean(log_ratios))) if len(log_ratios) >= 3 else 1.0
+        self._use(self.fit_coef * self.scale)
+
+    def _use(self, coef: np.ndarray) -> None:
+        self.coef = coef
+        self._coef_list = coef.tolist()
+        self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, coef, strict=True)})
 
     def refit(self) -> None:
         rows = self.profile + list(self.recent)
@@ -176,9 +208,11 @@ class StepCostModel:
         # the fit and plain decode steps came out up to 47% over their time, which made drafting
         # look cheap beside them exactly where a draft barely pays.
         weights = 1.0 / np.maximum(y, MIN_SECONDS)
-        self.coef = nonnegative_lstsq(x * weights[:, None], y * weights, self._signed)
-        self._coef_list = self.coef.tolist()
-        self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, self.coef, strict=True)})
+        self.fit_coef = nonnegative_lstsq(x * weights[:, None], y * weights, self._signed)
+        if self.drift_window:
+            self._rescale()
+        else:
+            self._use(self.fit_coef)
 
     def predict(self, shape: BatchShape) -> float:
         """Predicted seconds for a step of this shape (the chooser prices many plans at once with

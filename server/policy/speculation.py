@@ -34,6 +34,7 @@ from server.policy.snapshot import DrafterSnapshot, PolicySnapshot
 PROBE_AFTER_STEPS = 32  # an AUTO request at k = 0 this long gets a probe
 PROBE_SPACING_STEPS = 4  # no more than one probe per this many steps, server-wide
 ALONE_PROBE_AFTER_STEPS = 4 * PROBE_AFTER_STEPS  # ... a draft model's probe that runs its forward for it alone
+DRIFT_WINDOW = 20  # a drafter's forwards over which its cost model's drift from its fit is measured
 # Weight of the latest decode-only step in its batch size's mean goodput: about the last 10-20
 # steps, enough to smooth one step's noise and few enough to follow a change of workload.
 DECODE_GOODPUT_DECAY = 0.1
@@ -98,7 +99,7 @@ class SpeculationPolicy:
             prior = self.prior_acceptance.get(name, INITIAL_RATE)
             self.acceptance.setdefault(name, AcceptanceEstimator(self.engine_max_draft_tokens, prior))
         for name in self.model_drafters:
-            self.draft_cost_models.setdefault(name, StepCostModel())
+            self.draft_cost_models.setdefault(name, StepCostModel(drift_window=DRIFT_WINDOW))
 
     def plans_with_offers(self, request: Decoding) -> bool:
         """Whether the request's steps are chosen from its offers: under OFF and FIXED they are not,

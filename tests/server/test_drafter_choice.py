@@ -12,7 +12,7 @@ from engine.protocol import BatchShape, DraftRun, Offer
 from server.errors import InvalidArgumentError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy, speculation
 from server.policy.acceptance import AcceptanceEstimator
-from server.policy.cost_model import DraftCosts, StepCostModel
+from server.policy.cost_model import DraftCosts, StepCostModel, features
 from server.policy.goodput import Candidate, Choice, Option, StepBase, choose, choose_prefix
 from server.policy.speculation import ALONE_PROBE_AFTER_STEPS, PROBE_AFTER_STEPS, Assignment
 
@@ -368,3 +368,28 @@ def test_self_speculation_pays_at_long_context_through_its_window_and_not_at_sho
     assert min(long_ks) >= 2, long_ks
     assert picked(7680, 0) == [0, 0, 0, 0]  # drafting over the whole context costs a full step per token
     assert picked(256, 512) == [0, 0, 0, 0]  # short context: the window is the whole context
+
+
+def test_a_drafters_cost_model_follows_its_forwards_when_they_run_slower_than_its_profile() -> None:
+    """The fit keeps the start-up profile, so a few dozen forwards barely move it; the drafter's
+    predictions scale by how its latest forwards ran against the fit, both ways."""
+    model = StepCostModel(drift_window=20)
+    model.warm(
+        [
+            (BatchShape(q, b, b * c, int(q > b), q * c), 0.010 + 0.001 * b + 0.0002 * q + 2e-7 * q * c)
+            for b in (1, 2, 4, 8)
+            for q in (b, 2 * b)
+            for c in (100, 400)
+        ]
+    )
+    shape = BatchShape(1, 1, 100, 0, 100)
+    profiled = model.predict(shape)
+    assert profiled == pytest.approx(0.01122, rel=0.01)
+    for _ in range(20):
+        model.observe_forwards([shape, shape], 2.2 * profiled)  # two forwards, each 10% slower
+    assert model.predict(shape) == pytest.approx(1.1 * profiled, rel=0.01)
+    wider = BatchShape(4, 4, 400, 0, 400)
+    assert model.predict(wider) == pytest.approx(1.1 * model.fit_coef @ features(wider), rel=1e-6)
+    for _ in range(20):
+        model.observe_forwards([shape], profiled)
+    assert model.predict(shape) == pytest.approx(profiled, rel=0.02)
