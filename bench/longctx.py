@@ -132,7 +132,7 @@ class VariantTotals:
         )
         num_decoded = sum(len(o.output_ids) - 1 for o in outcomes)
         self.decode_tok_s.append(num_decoded / decode_s if decode_s else 0.0)
-        decode_start_s = max(o.seconds for o in outcomes) - decode_s
+        decode_start_s = max(o.first_token_s for o in outcomes)  # decode_s runs from there
         self.mean_request_s.append(statistics.mean(o.seconds - decode_start_s for o in outcomes))
         for summary in (o.speculation for o in outcomes):
             self.num_steps += summary.num_steps

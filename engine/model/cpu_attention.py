@@ -1,4 +1,4 @@
-"""One attention call per layer for a CPU step's short sequences: a small C++ kernel (csrc/).
+"""One attention call per layer for a CPU step's sequences: a small C++ kernel (csrc/).
 
 Attending one sequence at a time costs two matrix products and a softmax per sequence and layer:
 at batch 16 over short prompts that is 1,440 operator calls a step, nearly all per-call overhead
@@ -8,7 +8,7 @@ self-speculation window's sinks and recent rows in place (the loop copies them i
 first).
 
 It attends every sequence of a step: decoding, verification, drafting over a window, and prefill
-chunks. Chunks stayed with the loop until 2026-12-06, as matrix products at heart; but the loop
+chunks. Chunks stayed with the loop until 2026-12-05, as matrix products at heart; but the loop
 widens and masks a whole score matrix per sequence and layer, and on an Intel Xeon with AMX (2
 threads, whole forward passes of one sequence, loop -> kernel) a chunk of 512 tokens after 7,000
 cached took 4.59 -> 1.46 s in bfloat16 (4.59 -> 1.70 in float32), 64 after 2,000 126 -> 68 ms,

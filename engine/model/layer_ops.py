@@ -112,7 +112,7 @@ class FusedLayerOps(LayerOps):
         kernel_seqs: KernelSeqs,
     ) -> None:
         """Every layer in one C++ call (csrc/cpu_layer.cpp), x [T, hidden] updated in place: for a
-        step of at most `whole_layer_rows` tokens whose sequences the attention kernel all takes.
+        step of at most `whole_layer_rows` tokens, where the attention kernel is built.
         The same kernels in the same order as the per-operator path, without the Python between."""
         torch.ops.goodspeed.decoder_layers(
             x,

@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import islice, pairwise
 from types import MappingProxyType
 
 import numpy as np
@@ -180,7 +180,7 @@ class StepCostModel:
     def _rescale(self) -> None:
         """scale: the geometric mean of measured / fitted over the latest drift_window rows (at
         least 3 of them, else 1)."""
-        latest = list(self.recent)[-self.drift_window :]
+        latest = islice(reversed(self.recent), self.drift_window)
         log_ratios = [
             np.log(seconds / fitted)
             for row, seconds in latest

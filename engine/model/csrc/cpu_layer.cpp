@@ -1,6 +1,6 @@
 // Every decoder layer in one call, for a step the kernels take whole: every product within the
-// few-rows kernel's row limit, every sequence short enough for the attention kernel (batch-1
-// decoding and verifying). engine/model/layer_ops.py says when and why.
+// few-rows kernel's row limit (batch-1 decoding and verifying, small batches; the attention
+// kernel takes every sequence). engine/model/layer_ops.py says when and why.
 //
 // It calls the same kernels in the same order as the per-operator path, so the numbers are the
 // same bit for bit; what it saves is the Python and dispatch between some ten calls per layer,
