@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
 from engine.model.cpu_attention import KernelSeqs, ragged_attention
-from engine.model.layer_ops import FusedLayerOps, layer_ops, rms_norm, whole_layer_rows
+from engine.model.layer_ops import FusedLayerOps, layer_ops, whole_layer_rows
 from engine.model.spec import ModelSpec
 from engine.model.weights import LayerWeights, ModelWeights
 from engine.protocol import BatchShape
@@ -259,7 +259,7 @@ class Transformer:
             ops.decoder_layers(
                 x, w.layers, eps, cos, sin, kv_cache, batch.slot_ids, spec.num_heads, self.scale, kernel_seqs
             )
-            return rms_norm(x[batch.logit_rows], w.final_norm, eps)
+            return ops.add_rms_norm(x[batch.logit_rows], None, w.final_norm, eps)
         mlp_out = None  # each layer's MLP output joins the residual stream in the next layer's norm
         for layer_idx, layer in enumerate(w.layers):
             h = ops.add_rms_norm(x, mlp_out, layer.input_norm, eps)
@@ -268,7 +268,7 @@ class Transformer:
             mlp_out = layer.down(ops.silu_mul(layer.gate_up(h)))
         assert mlp_out is not None  # a model has layers
         x.add_(mlp_out)
-        return rms_norm(x[batch.logit_rows], w.final_norm, eps)
+        return ops.add_rms_norm(x[batch.logit_rows], None, w.final_norm, eps)
 
     def _kernel_seqs(self, batch: ForwardBatch) -> KernelSeqs | None:
         """The step's sequences as the CPU kernel reads them, all in one call per layer; None where

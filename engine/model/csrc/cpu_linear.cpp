@@ -3,15 +3,15 @@
 //
 // Decoding and verifying multiply a few rows by each weight: the product is bound by reading the
 // weight once. The weight is stored in blocks of 64 outputs, [ceil(N / 64), K, 64], so a block is
-// one contiguous stream that the hardware prefetcher follows at the memory's speed (bfloat16 in
-// pairs along k, [K / 2, 64, 2] a block: see the bfloat16 block_rows). For each k the kernel loads
+// contiguous (bfloat16 in pairs along k, [K / 2, 64, 2] a block: see the bfloat16 block_rows).
+// A block is read as kStreams streams at once (below). For each k the kernel loads
 // the block's 64 weights (4 AVX-512 vectors) once and multiplies them by x[r, k] broadcast, for up
 // to 6 rows at a time; 24 accumulators stay in registers. With AVX2 (16 registers of 8 floats) it
 // takes a block in passes of fewer outputs (below), and the passes ask for the next block's lines
 // so that memory keeps streaming while they run.
 //
-// Every output is computed the same way whatever the number of rows: one sum over k in order
-// (float32: a fused multiply-add per k; bfloat16: per pair of k), then the bias. So a token decoded
+// Every output is computed the same way whatever the number of rows: one sum over k in one fixed
+// order (float32: a fused multiply-add per k; bfloat16: per pair of k), then the bias. So a token decoded
 // alone and the same token verified among drafts get bit-identical products, which keeps greedy
 // speculation exact in float32.
 #include <ATen/ATen.h>
@@ -68,6 +68,14 @@ constexpr int vectors_per_pass() {
 // (docs/decode-profile.md). float32 measured slower with it on both, so it asks for nothing.
 constexpr int64_t kAheadBytes = 2048;
 
+// A block's k (bfloat16: its pairs of k) are visited as kStreams runs taken in turn, a k from each:
+// k = i, i + run, i + 2 run, ... for i = 0 .. run - 1. A core reading one stream keeps too few
+// lines in flight to use the memory's bandwidth; with several the hardware prefetcher follows
+// each. On an Intel Xeon (AMX host, 2 cores) reading 212 MB in one stream per core ran at 23 GB/s,
+// in 4 at 32 GB/s (a triad: 28-30), and a batch-1 step's float32 products took 17.1-17.6 ms
+// instead of 20.5 (8 streams; 4: 17.6, 16: 17.8). The order is the same for any number of rows.
+constexpr int64_t kStreams = 8;
+
 // Lines of the next block to ask for while this one is computed, at a steady rate per k.
 struct Prefetch {
   const char* next;  // the next line to ask for
@@ -81,7 +89,9 @@ void block_rows(const float* x, const uint32_t*, int64_t K, const float* block, 
   constexpr int V = vectors_per_pass<R>();
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
-    for (int64_t k = 0; k < K; ++k) {
+    const int64_t run = (K + kStreams - 1) / kStreams;
+    for (int64_t i = 0; i < run; ++i)
+    for (int64_t k = i; k < K; k += run) {
       for (int i = 0; i < ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
       Lanes w[V];
       load_lanes<V>(block + k * kBlock + first * kWidth, w);
@@ -112,7 +122,9 @@ void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::B
   const int64_t num_pairs = K / 2;
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
-    for (int64_t kp = 0; kp < num_pairs; ++kp) {
+    const int64_t run = (num_pairs + kStreams - 1) / kStreams;
+    for (int64_t i = 0; i < run; ++i)
+    for (int64_t kp = i; kp < num_pairs; kp += run) {
       const uint16_t* pair_row = bits + kp * 2 * kBlock;
       if constexpr (is_ahead) prefetch_lines(reinterpret_cast<const char*>(pair_row) + kAheadBytes, 2 * kBlock * sizeof(uint16_t));
       for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
@@ -185,8 +197,8 @@ void write_rows(const float* out, int64_t num_rows, int64_t num_out, const T* bi
 // oneDNN's AMX products from 3 rows over this kernel's vdpbf16ps, which runs there at 0.8x a
 // float32 multiply-add's rate: verifying 8 drafts cost 1.5x a plain step. The bfloat16 block
 // layout, [K / 2, 64, 2], is already the layout AMX takes for its second operand: a tile of 16
-// pairs of k of 16 outputs is 16 rows of 64 bytes, 256 bytes apart. x's rows go in tiles of 16,
-// zero-padded, so every row is computed the same way for any number of rows.
+// pairs of k of 16 outputs is 16 rows of 64 bytes, 256 bytes apart. x's rows go in tiles of up to
+// 16, and every row is computed the same way for any number of rows.
 constexpr int64_t kTileRows = 16;  // rows of x per tile, and pairs of k per tile row
 constexpr int64_t kTileBytes = 64;  // a tile row: 16 pairs of bfloat16, or 16 float32 sums
 
@@ -198,52 +210,74 @@ bool amx_granted() {
   return granted;
 }
 
-// Tiles 0-3: the sums of 16 rows for a block's 4 groups of 16 outputs; 4: x; 5-7: weights.
+// Tiles 0-3: the sums of num_rows rows of x for a block's 4 groups of 16 outputs; 4: those rows
+// of x; 5-7: weights. A tile of fewer rows costs less: configured for the rows there are rather
+// than 16 zero-padded ones, a batch-1 step's products took 9.4-9.7 ms instead of 10.4 (Intel
+// Xeon, AMX host), and the same products in cache 0.6-0.8x the time.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
   uint8_t num_rows[16] = {};
-  TileConfig() {
+  explicit TileConfig(int64_t num_x_rows) {
     for (int t = 0; t < 8; ++t) {
       bytes_per_row[t] = kTileBytes;
-      num_rows[t] = kTileRows;
+      num_rows[t] = static_cast<uint8_t>(t <= 4 ? num_x_rows : kTileRows);
     }
   }
 };
 
 // few_rows_linear in bfloat16 on AMX, for K_blocks a multiple of 32.
+//
+// A tile's 16 pairs of k need not be neighbours: a tile load takes its rows at any stride. Step i
+// takes pairs i, i + run, ..., i + 15 run of a block (run: K_blocks / 32), so a weight tile's 16
+// rows come from 16 streams, each read in order as the steps go, which the hardware prefetcher
+// follows. With 16 neighbouring pairs a step read one 4 KB page, and software had to ask for the
+// next one: a batch-1 step's products took 9.2-9.3 ms instead of 10.0-10.2 (Intel Xeon, AMX host).
 void few_rows_linear_amx(const c10::BFloat16* x, const c10::BFloat16* blocks, const c10::BFloat16* bias,
                          c10::BFloat16* y, int64_t M, int64_t K, int64_t K_blocks, int64_t N) {
-  const int64_t padded_rows = (M + kTileRows - 1) / kTileRows * kTileRows;
-  std::vector<c10::BFloat16> xs(padded_rows * K_blocks, c10::BFloat16(0.0f));  // rows K_blocks apart
-  for (int64_t m = 0; m < M; ++m) std::copy(x + m * K, x + (m + 1) * K, xs.begin() + m * K_blocks);
-  const int64_t x_stride = K_blocks * static_cast<int64_t>(sizeof(c10::BFloat16));
+  const int64_t num_pairs = K_blocks / 2, run = num_pairs / kTileRows;
+  // x's rows as pairs of bfloat16 bits, a word each (an odd K's last pair padded with 0), in the
+  // order the steps take them; rows num_pairs words apart
+  const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(x);
+  std::vector<uint32_t> x_pairs(M * num_pairs);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < run; ++i)
+      for (int64_t j = 0; j < kTileRows; ++j) {
+        const int64_t k = 2 * (i + j * run);
+        const uint32_t next = k + 1 < K ? x_bits[m * K + k + 1] : 0;
+        x_pairs[m * num_pairs + i * kTileRows + j] = x_bits[m * K + k] | next << 16;
+      }
+  const int64_t x_stride = num_pairs * static_cast<int64_t>(sizeof(uint32_t));
   constexpr int64_t pair_row_bytes = 2 * kBlock * sizeof(c10::BFloat16);
+  const int64_t weight_stride = run * pair_row_bytes;
   at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    const TileConfig config;
-    _tile_loadconfig(&config);
+    int64_t num_tile_rows = 0;  // as configured
     alignas(64) float out[kTileRows * kBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock, num_out = std::min(kBlock, N - first);
       const char* block = reinterpret_cast<const char*>(blocks + b * K_blocks * kBlock);
       for (int64_t m = 0; m < M; m += kTileRows) {
+        const int64_t num_rows = std::min(kTileRows, M - m);
+        if (num_rows != num_tile_rows) {  // once, or twice where M is over 16 and not a multiple
+          const TileConfig config(num_rows);
+          _tile_loadconfig(&config);
+          num_tile_rows = num_rows;
+        }
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        const char* x_rows = reinterpret_cast<const char*>(xs.data() + m * K_blocks);
-        for (int64_t kp = 0; kp < K_blocks / 2; kp += kTileRows) {
-          const char* pairs = block + kp * pair_row_bytes;
-          // the next step's 4 KB (2 KB ahead, or none: 3-5% slower)
-          prefetch_lines(pairs + kTileRows * pair_row_bytes, kTileRows * pair_row_bytes);
-          _tile_loadd(4, x_rows + kp * 4, x_stride);
-          _tile_loadd(5, pairs, pair_row_bytes);
+        const char* x_rows = reinterpret_cast<const char*>(x_pairs.data() + m * num_pairs);
+        for (int64_t i = 0; i < run; ++i) {
+          const char* pairs = block + i * pair_row_bytes;
+          _tile_loadd(4, x_rows + i * kTileBytes, x_stride);
+          _tile_loadd(5, pairs, weight_stride);
           _tile_dpbf16ps(0, 4, 5);
-          _tile_loadd(6, pairs + kTileBytes, pair_row_bytes);
+          _tile_loadd(6, pairs + kTileBytes, weight_stride);
           _tile_dpbf16ps(1, 4, 6);
-          _tile_loadd(7, pairs + 2 * kTileBytes, pair_row_bytes);
+          _tile_loadd(7, pairs + 2 * kTileBytes, weight_stride);
           _tile_dpbf16ps(2, 4, 7);
-          _tile_loadd(5, pairs + 3 * kTileBytes, pair_row_bytes);
+          _tile_loadd(5, pairs + 3 * kTileBytes, weight_stride);
           _tile_dpbf16ps(3, 4, 5);
         }
         constexpr int64_t out_stride = kBlock * sizeof(float);
@@ -251,7 +285,7 @@ void few_rows_linear_amx(const c10::BFloat16* x, const c10::BFloat16* blocks, co
         _tile_stored(1, out + 16, out_stride);
         _tile_stored(2, out + 32, out_stride);
         _tile_stored(3, out + 48, out_stride);
-        write_rows(out, std::min(kTileRows, M - m), num_out, bias, first, y + m * N, N);
+        write_rows(out, num_rows, num_out, bias, first, y + m * N, N);
       }
     }
     _tile_release();
