@@ -11,9 +11,9 @@
 // so that memory keeps streaming while they run.
 //
 // Every output is computed the same way whatever the number of rows: one sum over k in one fixed
-// order (float32: a fused multiply-add per k; bfloat16: per pair of k), then the bias. So a token decoded
-// alone and the same token verified among drafts get bit-identical products, which keeps greedy
-// speculation exact in float32.
+// order (float32: a fused multiply-add per k; bfloat16: per pair of k), then the bias. So a token
+// decoded alone and the same token verified among drafts get bit-identical products, which keeps
+// greedy speculation exact in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -68,12 +68,13 @@ constexpr int vectors_per_pass() {
 // (docs/decode-profile.md). float32 measured slower with it on both, so it asks for nothing.
 constexpr int64_t kAheadBytes = 2048;
 
-// A block's k (bfloat16: its pairs of k) are visited as kStreams runs taken in turn, a k from each:
-// k = i, i + run, i + 2 run, ... for i = 0 .. run - 1. A core reading one stream keeps too few
-// lines in flight to use the memory's bandwidth; with several the hardware prefetcher follows
-// each. On an Intel Xeon (AMX host, 2 cores) reading 212 MB in one stream per core ran at 23 GB/s,
-// in 4 at 32 GB/s (a triad: 28-30), and a batch-1 step's float32 products took 17.1-17.6 ms
-// instead of 20.5 (8 streams; 4: 17.6, 16: 17.8). The order is the same for any number of rows.
+// A block's k (bfloat16: its pairs of k) are visited as kStreams runs taken in turn, a k from
+// each: k = offset, offset + run, offset + 2 run, ... for offset = 0 .. run - 1. A core reading
+// one stream keeps too few lines in flight to use the memory's bandwidth; with several the
+// hardware prefetcher follows each. On an Intel Xeon (AMX host, 2 cores) reading 212 MB in one
+// stream per core ran at 23 GB/s, in 4 at 32 GB/s (a triad: 28-30), and a batch-1 step's float32
+// products took 17.1-17.6 ms instead of 20.5 (8 streams; 4: 17.6, 16: 17.8). The order is the same
+// for any number of rows.
 constexpr int64_t kStreams = 8;
 
 // Lines of the next block to ask for while this one is computed, at a steady rate per k.
@@ -90,16 +91,16 @@ void block_rows(const float* x, const uint32_t*, int64_t K, const float* block, 
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
     const int64_t run = (K + kStreams - 1) / kStreams;
-    for (int64_t i = 0; i < run; ++i)
-    for (int64_t k = i; k < K; k += run) {
-      for (int i = 0; i < ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
-      Lanes w[V];
-      load_lanes<V>(block + k * kBlock + first * kWidth, w);
-      for (int r = 0; r < R; ++r) {
-        const float xk = x[r * K + k];
-        for (int v = 0; v < V; ++v) acc[r][v] += xk * w[v];
+    for (int64_t offset = 0; offset < run; ++offset)
+      for (int64_t k = offset; k < K; k += run) {
+        for (int i = 0; i < ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
+        Lanes w[V];
+        load_lanes<V>(block + k * kBlock + first * kWidth, w);
+        for (int r = 0; r < R; ++r) {
+          const float xk = x[r * K + k];
+          for (int v = 0; v < V; ++v) acc[r][v] += xk * w[v];
+        }
       }
-    }
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) store(out + r * kBlock + (first + v) * kWidth, acc[r][v]);
   }
@@ -123,34 +124,34 @@ void block_rows(const float* x, const uint32_t* x_pairs, int64_t K, const c10::B
   for (int first = 0; first < kVectors; first += V) {
     Lanes acc[R][V] = {};
     const int64_t run = (num_pairs + kStreams - 1) / kStreams;
-    for (int64_t i = 0; i < run; ++i)
-    for (int64_t kp = i; kp < num_pairs; kp += run) {
-      const uint16_t* pair_row = bits + kp * 2 * kBlock;
-      if constexpr (is_ahead) prefetch_lines(reinterpret_cast<const char*>(pair_row) + kAheadBytes, 2 * kBlock * sizeof(uint16_t));
-      for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
+    for (int64_t offset = 0; offset < run; ++offset)
+      for (int64_t kp = offset; kp < num_pairs; kp += run) {
+        const uint16_t* pair_row = bits + kp * 2 * kBlock;
+        if constexpr (is_ahead) prefetch_lines(reinterpret_cast<const char*>(pair_row) + kAheadBytes, 2 * kBlock * sizeof(uint16_t));
+        for (int i = 0; i < 2 * ahead.per_k && ahead.next < ahead.end; ++i, ahead.next += 64) __builtin_prefetch(ahead.next);
 #if defined(__AVX512BF16__)
-      (void)x;
-      __m512bh w[V];
-      for (int v = 0; v < V; ++v)
-        w[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pair_row + (first + v) * 2 * kWidth));
-      for (int r = 0; r < R; ++r) {
-        const __m512bh x_pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pairs[r * num_pairs + kp])));
+        (void)x;
+        __m512bh w[V];
         for (int v = 0; v < V; ++v)
-          acc[r][v] = reinterpret_cast<Lanes>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[r][v]), w[v], x_pair));
-      }
-#else
-      (void)x_pairs;
-      Lanes w[V][2];  // each vector's weights at k and at k + 1 (lanes.h's even and odd elements)
-      for (int v = 0; v < V; ++v) load_lanes<2>(pair_row + (first + v) * 2 * kWidth, w[v]);
-      for (int r = 0; r < R; ++r) {
-        const float x_k = x[r * K + 2 * kp], x_next = x[r * K + 2 * kp + 1];
-        for (int v = 0; v < V; ++v) {
-          acc[r][v] += x_k * w[v][0];
-          acc[r][v] += x_next * w[v][1];
+          w[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pair_row + (first + v) * 2 * kWidth));
+        for (int r = 0; r < R; ++r) {
+          const __m512bh x_pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pairs[r * num_pairs + kp])));
+          for (int v = 0; v < V; ++v)
+            acc[r][v] = reinterpret_cast<Lanes>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[r][v]), w[v], x_pair));
         }
-      }
+#else
+        (void)x_pairs;
+        Lanes w[V][2];  // each vector's weights at k and at k + 1 (lanes.h's even and odd elements)
+        for (int v = 0; v < V; ++v) load_lanes<2>(pair_row + (first + v) * 2 * kWidth, w[v]);
+        for (int r = 0; r < R; ++r) {
+          const float x_k = x[r * K + 2 * kp], x_next = x[r * K + 2 * kp + 1];
+          for (int v = 0; v < V; ++v) {
+            acc[r][v] += x_k * w[v][0];
+            acc[r][v] += x_next * w[v][1];
+          }
+        }
 #endif
-    }
+      }
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) store(out + r * kBlock + (first + v) * kWidth, acc[r][v]);
   }
