@@ -62,8 +62,8 @@ def save_markov_speculator(model: Path, sharpness: float) -> None:
 
     import torch
 
+    from engine.model.layer_ops import rms_norm
     from engine.model.loader import load_transformer
-    from engine.model.transformer import rms_norm
     from engine.speculator.location import speculator_dir
     from engine.speculator.model import MLPSpeculator, SpeculatorConfig
     from engine.speculator.store import TrainedSpeculator, save

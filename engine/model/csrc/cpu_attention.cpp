@@ -73,10 +73,10 @@ constexpr int kVectorsPerPass = kKeysPerPass / kWidth;
 // summed over d in order (a fused multiply-add per d, from 0: the same arithmetic whatever the
 // tile and wherever the segment starts). Key j's d-th value is at k_seg[d * page_tokens + j].
 //
-// v_seg (or nullptr): the same keys' value rows, asked for into L2 as the whole pages' scores go (two
-// lines a d covers a page's values at head_dim 64 or 128), so that the value sums read them from
-// cache and memory streams K and V at once: a bfloat16 step at batch 1 over 7,680 tokens cost 9.1-9.3
-// ms more than over 256 tokens against 9.7-10.1 without (Intel Xeon, AMX host; 3 pairs of runs).
+// v_seg (or nullptr): the same keys' value rows, asked for into L2 as the whole pages' scores go
+// (two lines a d cover a page's values at head_dim 64 or 128), so that the value sums read them
+// from cache and memory streams K and V at once: a bfloat16 step at batch 1 over 7,680 tokens cost
+// 9.1-9.3 ms more than over 256 tokens against 9.7-10.1 without (Intel Xeon, AMX host; 3 pairs).
 template <int R, typename T>
 void score_tile(const float* const* q_rows, const T* k_seg, int64_t page_tokens, int64_t head_dim,
                 int64_t num_keys, float* const* s_rows, int64_t at, const T* v_seg) {
