@@ -140,14 +140,12 @@ class StepCostModel:
         self.fit_coef = np.zeros(len(FEATURES))  # the least-squares fit
         self.drift_window = drift_window
         self.scale = 1.0  # what predictions multiply the fit by (1 without drift_window)
-        self.coef = np.zeros(len(FEATURES))  # fit_coef * scale: what predictions use
-        self._coef_list: list[float] = self.coef.tolist()  # for predict: plain floats are faster one at a time
+        self._use(np.zeros(len(FEATURES)))
         self.refit_every = refit_every
         self.error_decay = error_decay
         self.relative_error = 0.0  # EMA of |predicted - measured| / measured, before refitting on it
         self.num_samples = 0
         self._signed = np.array([name in SIGNED for name in FEATURES])
-        self._coefficients: Mapping[str, float] = MappingProxyType(dict.fromkeys(FEATURES, 0.0))
 
     @property
     def is_fitted(self) -> bool:
@@ -190,9 +188,11 @@ class StepCostModel:
         self._use(self.fit_coef * self.scale)
 
     def _use(self, coef: np.ndarray) -> None:
-        self.coef = coef
-        self._coef_list = coef.tolist()
-        self._coefficients = MappingProxyType({name: float(v) for name, v in zip(FEATURES, coef, strict=True)})
+        self.coef = coef  # fit_coef * scale: what predictions use
+        self._coef_list: list[float] = coef.tolist()  # for predict: plain floats are faster one at a time
+        self._coefficients: Mapping[str, float] = MappingProxyType(
+            {name: float(v) for name, v in zip(FEATURES, coef, strict=True)}
+        )
 
     def refit(self) -> None:
         rows = self.profile + list(self.recent)

@@ -464,6 +464,9 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
     using T = typename decltype(element)::type;
     const T* k_data = static_cast<const T*>(k_t.data_ptr());
     const T* v_data = static_cast<const T*>(v.data_ptr());
+    auto head_keys = [&](int64_t kv_head) {
+      return PagedK<T>{k_data + kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
+    };
     at::parallel_for(0, static_cast<int64_t>(items_of_thread.size()), 1, [&](int64_t begin, int64_t end) {
       Workspace work;
       for (int64_t t = begin; t < end; ++t)
@@ -474,8 +477,8 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
           if (n + 1 < items_of_thread[t].size()) {
             const Item& next = items[items_of_thread[t][n + 1]];
             const int64_t* next_seq = info + next.seq * 4;
-            const PagedK<T> next_k{k_data + next.kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
-            const char* first_key = reinterpret_cast<const char*>(next_k.segment(next_seq[2] + next.chunk * kChunk));
+            const char* first_key =
+                reinterpret_cast<const char*>(head_keys(next.kv_head).segment(next_seq[2] + next.chunk * kChunk));
             work.next_keys = {first_key, first_key + kNextKeyBytes};
           }
           const Rows rows = rows_of(item);
@@ -492,7 +495,7 @@ at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k_t, const at
             peaks = work.stats.data();
           }
           const int64_t first = item.chunk * kChunk, last = std::min(seq[3], first + kChunk);
-          const PagedK<T> k{k_data + item.kv_head * num_pages * head_dim * page_tokens, page_tokens, head_dim};
+          const PagedK<T> k = head_keys(item.kv_head);
           attend_keys(rows, k, v_data, capacity, item.kv_head, seq[2], seq[3], num_sink, num_recent, first, last,
                       work.o_rows.data(), peaks, peaks + num_rows, work);
           if (item.partial < 0)
