@@ -2,19 +2,23 @@
 
 The kernel (csrc/cpu_linear.cpp) reads a weight at the memory's speed for a few rows; oneDNN's
 denser dot products catch up as the rows grow, sooner in bfloat16, and where depends on the CPU.
-One product is the wrong unit to time: within the kernel's limit a step also runs each layer in
-one call (layer_ops.py), which steps with oneDNN's products cannot. On an AMD EPYC in bfloat16,
-oneDNN won the output layer's product alone at 4 rows and more, while whole steps of 5 and 9 rows
-were 1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9,
-12 and 16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel
-against every product in oneDNN, taking turns, and keeps the limit that saves the most time over
-one pass of each count (a few seconds at start-up); passes of 32 and 64 tokens too (a batch of 16
-verifying drafts), fewer times, as each costs more. A near tie at one count does not stop it: on
-an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.5-3.6x from 2 to 16
-rows (this torch's oneDNN packs bfloat16 weights only with AVX-512 or AVX-NE-CONVERT). On an AMD
-EPYC with AVX-512, float32 reached 16 (later 64, tied with oneDNN past 16) and bfloat16 stopped
-at 6, 9 or 12 (oneDNN's AVX512-BF16 products won from 16 rows there), until the kernel took the
-same bfloat16 dot products: 64 since.
+One product is the wrong unit to time: within the kernel's limit a step also runs each layer in one
+call (layer_ops.py), which steps with oneDNN's products cannot. On an AMD EPYC in bfloat16, oneDNN
+won the output layer's product alone at 4 rows and more, while whole steps of 5 and 9 rows were
+1.37x and 1.07x faster in the kernel. So the loader times forward passes of 1, 2, 4, 6, 9, 12 and
+16 tokens (one sequence, as a batch-1 verification), each with every product in the kernel against
+every product in oneDNN, taking turns, and keeps the limit that saves the most time over one pass
+of each count (a few seconds at start-up); passes of 32 and 64 tokens too (a batch of 16 verifying
+drafts), as many times. Timed 3 times each, they once left a stored limit of 16 for both dtypes on
+an Intel Xeon where the kernel was 1.25x faster at 32 rows (bfloat16 24.5 against 31 ms a pass,
+float32 62 against 78) and 1.1x at 64, and timed again came out at 64 four times of four; a stored
+limit is kept for every later start, so verifications of 17 to 64 tokens had run in oneDNN: slower,
+and in bfloat16 rounded otherwise than the plain steps beside them. A near tie at one count does
+not stop it: on an AMD EPYC with AVX2 only, bfloat16 tied at one row, then the kernel won 1.5-3.6x
+from 2 to 16 rows (this torch's oneDNN packs bfloat16 weights only with AVX-512 or AVX-NE-CONVERT).
+On an AMD EPYC with AVX-512, float32 reached 16 (later 64, tied with oneDNN past 16) and bfloat16
+stopped at 6, 9 or 12 (oneDNN's AVX512-BF16 products won from 16 rows there), until the kernel took
+the same bfloat16 dot products: 64 since.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
 TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16, 32, 64)
-LONG_PASS_ROWS, LONG_PASS_REPEATS = 32, 3  # passes of this many tokens and more: timed this many times
 
 log = structlog.get_logger("goodspeed.engine")
 
@@ -57,8 +60,7 @@ def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
         for num_rows in TIMED_ROW_COUNTS:
             batch = ForwardBatch.of([SeqInput(list(range(num_rows)), 0, 0, num_rows)], model.device)
             in_kernel, in_onednn = (functools.partial(forward_with, batch, rows) for rows in (num_rows, 0))
-            num_repeats = min(repeats, LONG_PASS_REPEATS) if num_rows >= LONG_PASS_ROWS else repeats
-            kernel_s, onednn_s = median_times([in_kernel, in_onednn], num_repeats)
+            kernel_s, onednn_s = median_times([in_kernel, in_onednn], repeats)
             saved += onednn_s - kernel_s
             seconds_saved[num_rows] = saved
     limit = best_limit(seconds_saved)
