@@ -40,11 +40,12 @@ from engine.model.spec import ModelSpec
 from engine.model.transformer import ForwardBatch, SeqInput, Transformer
 
 TIMED_ROW_COUNTS = (1, 2, 4, 6, 9, 12, 16, 32, 64)
+TIMED_RUNS = 7  # per row count and side; a stored limit timed with fewer (3 for 32 and 64 rows, once) is timed anew
 
 log = structlog.get_logger("goodspeed.engine")
 
 
-def fit_kernel_row_limit(model: Transformer, repeats: int = 7) -> int:
+def fit_kernel_row_limit(model: Transformer, repeats: int = TIMED_RUNS) -> int:
     """Times the model's forward passes as above, sets the limit on every product and returns it
     (0: every product through oneDNN, the kernel's copies of the weights freed)."""
     if not model.has_kernel_products:
@@ -80,13 +81,18 @@ def stored_limit_path(spec: ModelSpec, dtype: torch.dtype, num_threads: int) -> 
 
 def recall_limit(path: Path) -> int | None:
     """The limit stored at path; None where there is none, it cannot be read, or it was chosen
-    among other row counts than these (the Python side changed, not the kernels)."""
+    among other row counts than these or timed fewer times (the Python side changed, not the kernels)."""
     try:
         stored = json.loads(path.read_text())
-        limit, counts = stored["max_kernel_rows"], stored["timed_row_counts"]
+        limit, counts, runs = stored["max_kernel_rows"], stored["timed_row_counts"], stored.get("timed_runs")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not (isinstance(limit, int) and limit in (0, *TIMED_ROW_COUNTS) and counts == list(TIMED_ROW_COUNTS)):
+    if not (
+        isinstance(limit, int)
+        and limit in (0, *TIMED_ROW_COUNTS)
+        and counts == list(TIMED_ROW_COUNTS)
+        and runs == TIMED_RUNS
+    ):
         return None
     log.info(
         "linear products: our kernel up to the row limit an earlier load timed", max_kernel_rows=limit, path=str(path)
@@ -97,7 +103,8 @@ def recall_limit(path: Path) -> int | None:
 def store_limit(path: Path, limit: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # replicas may start together
-    partial.write_text(json.dumps({"max_kernel_rows": limit, "timed_row_counts": list(TIMED_ROW_COUNTS)}))
+    stored = {"max_kernel_rows": limit, "timed_row_counts": list(TIMED_ROW_COUNTS), "timed_runs": TIMED_RUNS}
+    partial.write_text(json.dumps(stored))
     partial.replace(path)
 
 

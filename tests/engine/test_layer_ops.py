@@ -273,6 +273,7 @@ def test_a_stored_limit_is_recalled_and_a_damaged_one_is_not(tmp_path: Path) -> 
         json.dumps({"max_kernel_rows": -1, "timed_row_counts": counts}),
         json.dumps({"max_kernel_rows": "12", "timed_row_counts": counts}),
         json.dumps({"max_kernel_rows": 12, "timed_row_counts": [1, 2, 4, 8, 12]}),  # chosen among others
+        json.dumps({"max_kernel_rows": 12, "timed_row_counts": counts}),  # timed with fewer runs
     ]
     for damaged in damaged_or_stale:
         path.write_text(damaged)
