@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from engine.protocol import BatchShape
 
 BIAS_DECAY = 0.1  # EMA weight of the latest step's measured / predicted time
+MIN_OVERRUN_S = 1e-6  # less is the fit's rounding, not a step that ran over
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PrefillCap:
     @property
     def is_overrun(self) -> bool:
         """Earlier steps with prefill ran over the bound: the next step should prefill nothing."""
-        return self.overrun_s > 0
+        return self.overrun_s > MIN_OVERRUN_S
 
     def forgive(self) -> None:
         """Nothing decodes: there is no stream left to make the time up to."""

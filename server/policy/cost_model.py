@@ -1,12 +1,13 @@
 """How long an engine step takes, as a function of its shape: fitted, not assumed.
 
-T = f(N) + a B + b C / 1000 + v V + p P / 1000 + l L / 1000
+T = f(N) + a B + b C / 1000 + v V + p P / 1000 + l L / 1000 + d D / 1000
 
 N: query tokens in the step (1 per plain decode, 1 + k to verify k drafts, prefill chunks);
 B: sequences; C: KV tokens attended, summed over sequences; V: sequences with more than one query
 token (verifying or prefilling: they need a causal mask and reshuffled attention inputs); P:
 query-key pairs scored (query tokens x KV tokens, summed over sequences) by sequences of up to 16
-query tokens (decoding, verifying); L: the same for longer ones (prefill chunks). f is
+query tokens (decoding, verifying); L: the same for longer ones (prefill chunks); D: of P, the
+pairs of each sequence's queries past its second (engine.protocol.SHARED_READ_QUERIES). f is
 piecewise linear in N with knots at 1, 2, 4, 6, 8, 16, 32 and 64 (a "ramp" feature per
 segment) and linear beyond: the cost of a matrix product is flat while it is memory-bound and
 grows once it is compute-bound, and kernels change with the row count, so f is left free apart
@@ -28,6 +29,13 @@ two attend by different code). With
 one P, the start-up profile's prefill chunks set its price: at 7,680 tokens of context it
 predicted verifying 4 drafts at batch 1 at 1.70x a plain step, and 8 drafts at 2.47x, against
 1.24x and 1.68x measured, and AUTO drafted short there (1.87x plain against n-gram k = 4's 3.0x).
+
+Why D: a key's read is shared by a sequence's queries, and the first two queries' arithmetic
+hides under it; later ones' does not. With P alone, the start-up profile (mostly 512 tokens of
+context) priced a second query at 7,680 tokens 2-3x its time and verifying 3 drafts 1.3-1.5x, in
+both dtypes on an Intel Xeon, and AUTO there drafted a few n-gram tokens where self-speculation
+k = 3 for every request ran 1.1x faster; with D (and long-context verifications of 2-8 requests
+in the profile) within 0.7-1.3x and 0.95-1.1x (docs/long-context.md).
 
 The model starts from a profile of synthetic steps run at start-up and is refitted online, by
 least squares of relative errors (each step weighted by 1 / its time), on the latest steps.
@@ -61,6 +69,7 @@ FEATURES = (
     "multi_token_seqs",
     "attention_kpairs",
     "long_query_kpairs",
+    "deep_query_kpairs",
 )
 NUM_TOKEN_FEATURES = len(RAMPS) + 1
 MIN_SECONDS = 1e-6  # a step's weight in the fit is 1 / its seconds; no step is timed shorter
@@ -76,6 +85,7 @@ class DraftCosts:
     per_context_token: float  # each draft token is one more KV token attended
     per_multi_token_seq: float  # the first draft token turns a decode into a verification
     per_attention_pair: float  # per query-key pair scored
+    per_deep_query_pair: float = 0.0  # more per pair of a query past a sequence's SHARED_READ_QUERIES
 
 
 def token_ramp_rows(token_counts: np.ndarray) -> np.ndarray:
@@ -101,6 +111,7 @@ def other_features(shape: BatchShape) -> list[float]:
         shape.num_multi_token_seqs,
         shape.num_attention_pairs / 1000,
         shape.num_long_query_pairs / 1000,
+        shape.num_deep_query_pairs / 1000,
     ]
 
 
@@ -241,8 +252,13 @@ class StepCostModel:
         return times
 
     def draft_costs(self) -> DraftCosts:
-        _, context_ktokens, multi_token_seqs, attention_kpairs, _ = self.coef[1 + NUM_TOKEN_FEATURES :]
-        return DraftCosts(float(context_ktokens) / 1000, float(multi_token_seqs), float(attention_kpairs) / 1000)
+        _, context_ktokens, multi_token_seqs, attention_kpairs, _, deep_kpairs = self.coef[1 + NUM_TOKEN_FEATURES :]
+        return DraftCosts(
+            float(context_ktokens) / 1000,
+            float(multi_token_seqs),
+            float(attention_kpairs) / 1000,
+            float(deep_kpairs) / 1000,
+        )
 
     def coefficients(self) -> Mapping[str, float]:
         """Seconds per unit of each feature; one read-only mapping per fit, so readers can tell a refit."""

@@ -44,7 +44,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine.protocol import BatchShape
+from engine.protocol import SHARED_READ_QUERIES, BatchShape
 from server.policy.cost_model import DraftCosts, StepCostModel
 
 MIN_GAIN = 0.01  # positions expected to add less than this many tokens are not worth pricing
@@ -144,10 +144,13 @@ def gains_of(
         if reach < MIN_GAIN:
             break
         # Draft j makes the request's query 1 + j tokens over num_kv_tokens + j keys: it adds one
-        # key to attend and num_kv_tokens + 2j query-key pairs; the first one also a mask.
+        # key to attend and num_kv_tokens + 2j query-key pairs, of which num_kv_tokens + 2j - S
+        # are a deep query's once 1 + j > S (SHARED_READ_QUERIES); the first one also adds a mask.
+        num_deep_pairs = c.num_kv_tokens + 2 * j - SHARED_READ_QUERIES if j + 1 > SHARED_READ_QUERIES else 0
         extra_s = (
             costs.per_context_token
             + costs.per_attention_pair * (c.num_kv_tokens + 2 * j)
+            + costs.per_deep_query_pair * num_deep_pairs
             + (costs.per_multi_token_seq if j == 1 else 0.0)
         )
         if draft_model is None:

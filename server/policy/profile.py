@@ -38,8 +38,12 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
     # 512 tokens, so without these the model under-prices verifying and prefilling there (a
     # prefill chunk beside a decode at 8K tokens took longer than its predicted time). Skipped
     # where the KV cache cannot hold them.
-    # Verifications of several lengths there too: they tell a query-key pair's cost from a KV token's.
-    for num_seqs, num_query in ((1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4), (1, 64)):
+    # Verifications of several lengths there too, by up to 8 sequences: they tell a query-key
+    # pair's cost from a KV token's, and a deep query's from the first two (without those by 4
+    # and 8 sequences, verifying 3 drafts at 7,680 tokens and batch 8 was priced 1.3-1.5x its time
+    # beside a plain step: docs/long-context.md).
+    long_shapes = [(n, q) for n in (1, 2, 4, 8) for q in (1, 2, 4, 8) if n * q <= 64] + [(1, 64)]
+    for num_seqs, num_query in long_shapes:
         if num_seqs <= max_seqs and (num_query <= max_draft_tokens + 1 or num_query == 64):
             shapes.append(ProfileShape(num_seqs, num_query, LONG_CONTEXT_TOKENS))
     return shapes

@@ -10,7 +10,7 @@ import pytest
 import structlog.testing
 
 from api.speculation import SpeculationMode
-from engine.protocol import BatchShape, Offer
+from engine.protocol import MAX_SHORT_QUERY_TOKENS, SHARED_READ_QUERIES, BatchShape, Offer
 from server.errors import InvalidArgumentError
 from server.policy import PolicySettings, PolicyUpdate, SpeculationPolicy
 from server.policy.acceptance import AcceptanceEstimator
@@ -190,7 +190,8 @@ def shape_of(num_seqs: int, num_query: int, num_cached: int) -> BatchShape:
     """num_seqs sequences of num_query query tokens, each after num_cached tokens in its cache."""
     kv = num_cached + num_query
     n = num_seqs * num_query
-    return BatchShape(n, num_seqs, num_seqs * kv, num_seqs * (num_query > 1), n * kv)
+    deep = num_seqs * max(num_query - SHARED_READ_QUERIES, 0) * kv if num_query <= MAX_SHORT_QUERY_TOKENS else 0
+    return BatchShape(n, num_seqs, num_seqs * kv, num_seqs * (num_query > 1), n * kv, num_deep_query_pairs=deep)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.02])
@@ -206,6 +207,7 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
             + 0.0005 * shape.num_seqs
             + 0.001 * shape.num_multi_token_seqs
             + 2e-6 * shape.num_attention_pairs
+            + 3e-6 * shape.num_deep_query_pairs  # a sequence's third query on costs more a key
         )
 
     model = StepCostModel(refit_every=10)
@@ -225,10 +227,13 @@ def test_cost_model_recovers_a_known_step_cost(noise: float) -> None:
             n, base.num_seqs, base.num_context_tokens, base.num_multi_token_seqs, base.num_attention_pairs
         )
         assert times[n] == pytest.approx(model.predict(same_but_n))
-    # The chooser prices 2 drafts for each of 4 requests as predict prices that verification step.
-    request = cand("r", [0.9] * 2, 2, 301)
-    drafts = gains_of(request, request.options[0], model.draft_costs())
-    assert times[12] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(shape_of(4, 3, 300)))
+    # The chooser prices k drafts for each of 4 requests as predict prices that verification step
+    # (from k = 2 on, the deep queries' pairs too).
+    for k in (1, 2, 3, 5):
+        request = cand("r", [0.9] * k, k, 301)
+        drafts = gains_of(request, request.options[0], model.draft_costs())
+        verifying = shape_of(4, 1 + k, 300)
+        assert times[4 * (1 + k)] + 4 * sum(g.extra_s for g in drafts) == pytest.approx(model.predict(verifying))
 
 
 def test_cost_model_keeps_plain_steps_close_where_long_steps_are_off_its_line() -> None:
