@@ -42,7 +42,7 @@ def profile_shapes(max_seqs: int, max_draft_tokens: int, prefill_tokens: int) ->
     # pair's cost from a KV token's, and a deep query's from the first two (without those by 4
     # and 8 sequences, verifying 3 drafts at 7,680 tokens and batch 8 was priced 1.3-1.5x its time
     # beside a plain step: docs/long-context.md).
-    long_shapes = [(n, q) for n in (1, 2, 4, 8) for q in (1, 2, 4, 8) if n * q <= 64] + [(1, 64)]
+    long_shapes = ((1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8), (2, 4), (4, 4), (4, 8), (8, 2), (8, 4), (1, 64))
     for num_seqs, num_query in long_shapes:
         if num_seqs <= max_seqs and (num_query <= max_draft_tokens + 1 or num_query == 64):
             shapes.append(ProfileShape(num_seqs, num_query, LONG_CONTEXT_TOKENS))
