@@ -1,10 +1,10 @@
 """How often draft tokens are accepted: the first token by the drafter's match length, scaled
-per request; later tokens by a server-wide curve per position.
+per request; later tokens by a server-wide curve per position, also scaled per request.
 
 Acceptance is bursty: when an n-gram match is right the draft is usually right all the way (the
 text is being copied), when it is wrong it fails at once. So a draft is modelled as: the first
 token passes with chance c_1, each later token j, given the one before passed, with the
-server-wide conditional rate of position j.
+conditional rate of position j.
 
 c_1 comes from what the drafter knows when it proposes: how long a match its proposal continues
 (the engine reports it with each result). Measured on HumanEval at batch 1 (n-gram, 2..8): a
@@ -15,10 +15,16 @@ that is easier or harder to copy than usual. Replaying the same drafts, the log 
 0.52 on code editing and 0.59 on completion, against 0.64 and 0.61 for a request's own decayed
 rate alone and 0.63 and 0.67 for one server-wide rate.
 
-Why the later positions are not per request: replaying recorded traces, a per-request
-continuation rate predicted worse than the server-wide curve (log loss 0.44 against 0.39 on code
-editing, equal on completion). How far a right draft runs is a property of the drafter and the
-text, and a request yields too few long drafts to estimate it.
+Later positions follow the server-wide curve, scaled by the request's record there the same way
+(its decayed passes past the first token over what the curve predicted, started at 1 and worth
+PRIOR_TRIALS expected passes). How far a right draft runs is mostly a property of the drafter and
+the text, and a request yields few long drafts, so its own rate alone predicted worse than the
+curve on replayed traces (log loss 0.44 against 0.39 on code editing). But the curve alone is
+set by whichever requests drafted deepest lately: in the long-context grid, after two prompts
+that n-gram lookup copies to the end, the next four's drafts were priced at 512 expected tokens
+where 414 passed, and AUTO drafted deeper than n-gram k = 4 and ran at 0.90-0.92x of it. With the
+scale, 441 against 411, and AUTO within 0.95x of the best fixed setting at 8 of 8 points in
+float32 (docs/long-context.md); editing under load was unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +54,12 @@ class Rate:
         return (self.passed + prior_trials * prior) / (self.trials + prior_trials)
 
 
+def record_scale(ratios: dict[str, Rate], req_id: str) -> float:
+    """A request's passes over what the server's rates predicted for it: 1 until it has a record."""
+    ratio = ratios.get(req_id)
+    return 1.0 if ratio is None else ratio.value(1.0, PRIOR_TRIALS)
+
+
 @dataclass
 class AcceptanceEstimator:
     max_draft_tokens: int = 8
@@ -56,6 +68,8 @@ class AcceptanceEstimator:
     first_by_match: dict[int, Rate] = field(default_factory=dict)  # server-wide, per match length
     # req_id -> its decayed first-token passes (passed) over what the match rates predicted (trials)
     ratio_by_request: dict[str, Rate] = field(default_factory=dict)
+    # req_id -> the same for later positions, over what the position curve predicted
+    rest_ratio_by_request: dict[str, Rate] = field(default_factory=dict)
     rest: Rate = field(default_factory=Rate)  # server-wide P(a further token passes | the one before did)
     # [j]: decayed passes and trials of draft position j + 1, given position j passed
     positions: list[Rate] = field(default_factory=list)
@@ -98,14 +112,14 @@ class AcceptanceEstimator:
     def first_rate(self, req_id: str, match_len: int) -> float:
         """P(the request's next first draft token passes), for a proposal continuing a match of
         match_len tokens: the match length's rate, scaled by the request's record."""
-        ratio = self.ratio_by_request.get(req_id)
-        scale = 1.0 if ratio is None else ratio.value(1.0, PRIOR_TRIALS)
-        return min(self.first_token_rate(match_len) * scale, 0.999)
+        return min(self.first_token_rate(match_len) * record_scale(self.ratio_by_request, req_id), 0.999)
 
     def pass_chances(self, req_id: str, match_len: int, max_draft_tokens: int) -> list[float]:
-        """P(draft position j + 1 passes | position j passed) for this request, j = 0 .. max - 1."""
-        curve = self.position_rates()
-        return [self.first_rate(req_id, match_len)] + [min(0.999, curve[j]) for j in range(1, max_draft_tokens)]
+        """P(draft position j + 1 passes | position j passed) for this request, j = 0 .. max - 1:
+        the server-wide curve past the first, scaled by the request's record there."""
+        curve, scale = self.position_rates(), record_scale(self.rest_ratio_by_request, req_id)
+        rest = [min(0.999, curve[j] * scale) for j in range(1, max_draft_tokens)]
+        return [self.first_rate(req_id, match_len), *rest]
 
     def observe(self, req_id: str, match_len: int, num_drafted: int, num_accepted: int) -> None:
         """A decoding step that verified num_drafted draft tokens, proposed from a match of
@@ -115,14 +129,21 @@ class AcceptanceEstimator:
         is_first_accepted = num_accepted >= 1
         expected = self.first_token_rate(match_len)  # before this outcome moves it
         self.ratio_by_request.setdefault(req_id, Rate()).add(is_first_accepted, expected, DECAY)
+        num_tested = min(num_accepted + 1, num_drafted, self.max_draft_tokens)
+        if num_tested > 1:
+            curve = self.position_rates()
+            expected_rest = sum(min(0.999, curve[j]) for j in range(1, num_tested))
+            passed_rest = min(num_accepted, num_tested) - 1
+            self.rest_ratio_by_request.setdefault(req_id, Rate()).add(passed_rest, expected_rest, DECAY)
         self.first.add(is_first_accepted, 1, SERVER_DECAY)
         self.first_by_match.setdefault(min(match_len, MAX_MATCH_LEN), Rate()).add(is_first_accepted, 1, SERVER_DECAY)
         # Later positions were tested up to the first rejection (or the end of the draft).
         tested_rest = min(num_accepted + 1, num_drafted) - 1
         if tested_rest > 0:
             self.rest.add(num_accepted - 1, tested_rest, SERVER_DECAY)
-        for j in range(min(num_accepted + 1, num_drafted, self.max_draft_tokens)):
+        for j in range(num_tested):
             self.positions[j].add(j < num_accepted, 1, SERVER_DECAY)
 
     def forget(self, req_id: str) -> None:
         self.ratio_by_request.pop(req_id, None)
+        self.rest_ratio_by_request.pop(req_id, None)

@@ -344,6 +344,22 @@ def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
     assert estimator.first_rate("odd", 8) == estimator.first_rate("new", 8)
 
 
+def test_later_positions_follow_the_request_as_well_as_the_server_curve() -> None:
+    estimator = AcceptanceEstimator(8)
+    for i in range(40):  # the server has seen requests that copy all the way
+        estimator.observe(f"copy{i}", 8, num_drafted=8, num_accepted=8)
+    fresh = estimator.pass_chances("new", 8, 8)
+    assert all(c > 0.9 for c in fresh[1:])
+    # A request whose first tokens pass but whose drafts then break after two or three is
+    # priced below the curve past its first token, not only once the curve has moved.
+    for i in range(8):
+        estimator.observe("breaks", 8, num_drafted=8, num_accepted=2 + i % 2)
+    breaking = estimator.pass_chances("breaks", 8, 8)
+    assert all(b < f - 0.1 for b, f in zip(breaking[1:], estimator.pass_chances("new", 8, 8)[1:], strict=True))
+    estimator.forget("breaks")
+    assert estimator.pass_chances("breaks", 8, 8) == estimator.pass_chances("new", 8, 8)
+
+
 def test_debug_log_shows_each_auto_choice_and_its_measured_step() -> None:
     policy = make_policy({"copying": 0.95, "idle": 0.9}, FakeCost())
     requests = [FakeRequest("copying"), FakeRequest("idle", offer=Offer(0))]
