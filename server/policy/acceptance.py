@@ -129,19 +129,19 @@ class AcceptanceEstimator:
         is_first_accepted = num_accepted >= 1
         expected = self.first_token_rate(match_len)  # before this outcome moves it
         self.ratio_by_request.setdefault(req_id, Rate()).add(is_first_accepted, expected, DECAY)
-        num_tested = min(num_accepted + 1, num_drafted, self.max_draft_tokens)
-        if num_tested > 1:
-            curve = self.position_rates()
-            expected_rest = sum(min(0.999, curve[j]) for j in range(1, num_tested))
-            passed_rest = min(num_accepted, num_tested) - 1
-            self.rest_ratio_by_request.setdefault(req_id, Rate()).add(passed_rest, expected_rest, DECAY)
         self.first.add(is_first_accepted, 1, SERVER_DECAY)
         self.first_by_match.setdefault(min(match_len, MAX_MATCH_LEN), Rate()).add(is_first_accepted, 1, SERVER_DECAY)
-        # Later positions were tested up to the first rejection (or the end of the draft).
-        tested_rest = min(num_accepted + 1, num_drafted) - 1
-        if tested_rest > 0:
-            self.rest.add(num_accepted - 1, tested_rest, SERVER_DECAY)
-        for j in range(num_tested):
+        # Positions were tested up to the first rejection (or the end of the draft).
+        num_tested = min(num_accepted + 1, num_drafted)
+        if num_tested > 1:
+            self.rest.add(num_accepted - 1, num_tested - 1, SERVER_DECAY)
+        num_on_curve = min(num_tested, self.max_draft_tokens)
+        if num_on_curve > 1:
+            curve = self.position_rates()  # before this outcome moves it
+            expected_rest = sum(min(0.999, curve[j]) for j in range(1, num_on_curve))
+            passed_rest = min(num_accepted, num_on_curve) - 1
+            self.rest_ratio_by_request.setdefault(req_id, Rate()).add(passed_rest, expected_rest, DECAY)
+        for j in range(num_on_curve):
             self.positions[j].add(j < num_accepted, 1, SERVER_DECAY)
 
     def forget(self, req_id: str) -> None:
