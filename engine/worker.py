@@ -103,8 +103,9 @@ def build_drafters(
         elif name == "self":
             drafters.append(SelfSpecDrafter(target, kv_cache, window))
         elif name == "mlp":
-            speculator = load_trained(config.model, target.dtype, target.device)
-            drafters.append(MLPDrafter(speculator, target.spec.vocab_size, target.spec.hidden_size))
+            # as trained (float32); the drafter keeps the copy it serves with (speculator/served.py)
+            speculator = load_trained(config.model, torch.float32, target.device)
+            drafters.append(MLPDrafter(speculator, target.spec.vocab_size, target.spec.hidden_size, target.dtype))
         else:
             drafters.append(make_drafter(name, config.ngram_min, config.ngram_max))
     return drafters

@@ -17,6 +17,7 @@ import torch
 
 from engine.drafters.base import Draft, Drafter, DraftRequest, pick_draft_tokens
 from engine.protocol import BatchShape, Offer, SamplingParams
+from engine.speculator.served import ServedSpeculator
 from engine.speculator.store import TrainedSpeculator
 
 MLP_NOISE_STREAM = 0x31F5EC  # salts the request seed: its own noise, apart from the target's and other drafters'
@@ -38,7 +39,13 @@ class MLPDrafter(Drafter):
     name = "mlp"
     runs_model = True
 
-    def __init__(self, speculator: TrainedSpeculator, target_vocab_size: int, target_hidden_size: int) -> None:
+    def __init__(
+        self,
+        speculator: TrainedSpeculator,
+        target_vocab_size: int,
+        target_hidden_size: int,
+        target_dtype: torch.dtype = torch.float32,
+    ) -> None:
         if (
             speculator.model.config.emb_dim != target_hidden_size
             or int(speculator.token_ids.max()) >= target_vocab_size
@@ -51,6 +58,7 @@ class MLPDrafter(Drafter):
         self.speculator = speculator
         self.model = speculator.model
         device = speculator.token_ids.device
+        self.heads = ServedSpeculator(self.model, device, target_dtype)
         self.token_ids = speculator.token_ids  # [C - 1]: class -> target id
         self.classes = speculator.to_classes(target_vocab_size).to(device)  # [V]: target id -> class
         self.target_vocab_size = target_vocab_size
@@ -118,7 +126,7 @@ class MLPDrafter(Drafter):
             return self.classes[torch.tensor([token_id for token_id, _ in chosen], device=logits.device)]
 
         state, logits = torch.stack([f.state for f in firsts]), torch.stack([f.logits for f in firsts])
-        classes, _ = self.model.propose_after_head_0(state, logits, num_tokens, pick)
+        classes, _ = self.heads.propose_after_head_0(state, logits, num_tokens, pick)
         drafted = self.token_ids[classes].tolist()  # [B, num_tokens]
         self.forwards += [BatchShape.of([(1, 1)] * len(drafting))] * (num_tokens - 1)
         by_req = {
@@ -139,10 +147,9 @@ class MLPDrafter(Drafter):
         return first if first is not None and first.num_tokens == len(token_ids) else None
 
     def _run_first_head(self, requests: list[DraftRequest]) -> None:
-        param = next(self.model.parameters())
-        hidden = torch.stack([r.last_hidden for r in requests if r.last_hidden is not None]).to(param.dtype)
-        last = self.classes[torch.tensor([r.token_ids[-1] for r in requests], device=param.device)]
-        state, logits = self.model.run_head(0, hidden, last)  # [B, width], [B, C]
+        hidden = torch.stack([r.last_hidden for r in requests if r.last_hidden is not None])
+        last = self.classes[torch.tensor([r.token_ids[-1] for r in requests], device=self.classes.device)]
+        state, logits = self.heads.run_head(0, hidden, last)  # [B, width], [B, C]
         top = logits.float().softmax(dim=-1)[:, :-1].max(dim=-1)  # the named token it would pick
         top_ids = self.token_ids[top.indices].tolist()
         for row, (r, probability) in enumerate(zip(requests, top.values.tolist(), strict=True)):

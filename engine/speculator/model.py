@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 LN_EPS = 1e-6
+PickToken = Callable[[int, torch.Tensor], torch.Tensor]  # (head, logits [B, vocab]) -> its tokens [B]
+RunHead = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # see run_head
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,7 @@ class MLPSpeculator(nn.Module):
         states: torch.Tensor,
         token_ids: torch.Tensor,
         num_tokens: int,
-        pick: Callable[[int, torch.Tensor], torch.Tensor],
+        pick: PickToken,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafts num_tokens tokens per sequence, each head fed the token picked from the previous
         one. states: [B, emb_dim], the hidden state that produced token_ids: [B]; pick(i, logits
@@ -148,21 +150,25 @@ class MLPSpeculator(nn.Module):
 
     @torch.no_grad()
     def propose_after_head_0(
-        self,
-        state: torch.Tensor,
-        logits: torch.Tensor,
-        num_tokens: int,
-        pick: Callable[[int, torch.Tensor], torch.Tensor],
+        self, state: torch.Tensor, logits: torch.Tensor, num_tokens: int, pick: PickToken
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """propose(), once head 0 has run (a drafter runs it early, to offer with its confidence):
         state [B, width] is what head 1 reads, logits [B, vocab] head 0's."""
-        if not 1 <= num_tokens <= self.config.num_heads:
-            raise ValueError(f"the speculator proposes 1 to {self.config.num_heads} tokens, got {num_tokens}")
-        token = pick(0, logits)
-        drafted, all_logits = [token], [logits]
-        for i in range(1, num_tokens):
-            state, head_logits = self.run_head(i, state, token)
-            all_logits.append(head_logits)
-            token = pick(i, head_logits)
-            drafted.append(token)
-        return torch.stack(drafted, dim=1), torch.stack(all_logits)
+        return chain_heads(self.run_head, self.config.num_heads, state, logits, num_tokens, pick)
+
+
+def chain_heads(
+    run_head: RunHead, num_heads: int, state: torch.Tensor, logits: torch.Tensor, num_tokens: int, pick: PickToken
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads 1..num_tokens - 1 after head 0 (its state and logits given), each fed the token
+    picked from the one before -> the drafted ids [B, num_tokens] and every head's logits."""
+    if not 1 <= num_tokens <= num_heads:
+        raise ValueError(f"the speculator proposes 1 to {num_heads} tokens, got {num_tokens}")
+    token = pick(0, logits)
+    drafted, all_logits = [token], [logits]
+    for i in range(1, num_tokens):
+        state, head_logits = run_head(i, state, token)
+        all_logits.append(head_logits)
+        token = pick(i, head_logits)
+        drafted.append(token)
+    return torch.stack(drafted, dim=1), torch.stack(all_logits)

@@ -94,17 +94,14 @@ def test_it_drafts_from_the_hidden_state_that_produced_the_last_token(model: Pat
     drafter = drafter_of(runner)
     request = DraftRequest("q", seq.token_ids, 3, last_hidden=seq.last_hidden)
     (draft,) = drafter.propose([request])
-    classes, _ = drafter.model.propose(
-        seq.last_hidden[None], drafter.classes[seq.token_ids[-1:]], 3, lambda _, logits: logits[:, :-1].argmax(-1)
-    )
+    state, logits = drafter.heads.run_head(0, seq.last_hidden[None], drafter.classes[seq.token_ids[-1:]])
+    classes, _ = drafter.heads.propose_after_head_0(state, logits, 3, lambda _, logits: logits[:, :-1].argmax(-1))
     assert draft.token_ids == drafter.token_ids[classes[0]].tolist() and draft.probs is None
     # head 0 ran when the step offered (for every request), so drafting ran heads 1 and 2
     assert [s.num_seqs for s in drafter.take_forwards()] == [1, 1]
     offer = drafter.offer("q", seq.token_ids, 8)
     assert offer.num_tokens == 3  # its number of heads
-    with torch.inference_mode():
-        _, logits = drafter.model.run_head(0, seq.last_hidden[None], drafter.classes[seq.token_ids[-1:]])
-    top = float(logits[0].float().softmax(-1)[:-1].max())
+    top = float(logits[0].softmax(-1)[:-1].max())
     assert offer.match_len == confidence_bucket(top) == 1 + min(int(top * 10), 9)
     assert drafter.offer("q", [*seq.token_ids, 5], 8).match_len == 0  # a position it has not seen: no notion
     # what the runner checks against the emitted tokens when the speculator does not draft: head
