@@ -8,14 +8,18 @@ token (verifying or prefilling: they need a causal mask and reshuffled attention
 query-key pairs scored (query tokens x KV tokens, summed over sequences) by sequences of up to 16
 query tokens (decoding, verifying); L: the same for longer ones (prefill chunks); D: of P, the
 pairs of each sequence's queries past its second (engine.protocol.SHARED_READ_QUERIES). f is
-piecewise linear in N with knots at 1, 2, 4, 6, 8, 16, 32 and 64 (a "ramp" feature per
-segment) and linear beyond: the cost of a matrix product is flat while it is memory-bound and
+piecewise linear in N with knots at 1, 2, 4, 6, 8, 16, 17, 32, 33 and 64 (a "ramp" feature
+per segment) and linear beyond: the cost of a matrix product is flat while it is memory-bound and
 grows once it is compute-bound, and kernels change with the row count, so f is left free apart
 from being non-decreasing. All slopes are kept >= 0, so more work never predicts less time. The
 knot at 6: our product kernel takes rows in groups of 6, so on an AVX-512 EPYC a batch-1 step
 over 1,024 tokens took 20.1 ms with 6 query tokens and 29.5 with 7 (14.6 with 1); with knots at
 4 and 8 only, verifying 8 drafts at batch 1 was priced 12% under its time, and AUTO drafted 8
-a step where a fixed 4 ran faster (docs/goodput-policy.md).
+a step where a fixed 4 ran faster (docs/goodput-policy.md). The knots at 17 and 33: with AMX
+the bfloat16 products take rows in tiles of 16, and a step of 17 rows took 2.2-3 ms more than
+one of 16 (18.6 ms; 0.2 ms a row on either side; Intel Xeon). Linear from 16 to 32, the model
+priced the first drafts beside 16 decodes 2.5 ms under their time, and AUTO drafted a few
+tokens a step there that cost more than they gained. Elsewhere the two short segments fit 0.
 
 Why V and P: on a 2-core CPU, timing 50 shapes (B 1-16, 1-9 query tokens, 100 and 400 context
 tokens), a model in N, B and C alone priced a plain decode step of 16 sequences at 105-111 ms
@@ -58,7 +62,9 @@ import numpy as np
 
 from engine.protocol import BatchShape
 
-KNOTS = (1, 2, 4, 6, 8, 16, 32, 64)  # 6: the product kernel takes rows 6 at a time (csrc/cpu_linear.cpp)
+# 6: the product kernel takes rows 6 at a time; 17 and 33: with AMX it takes them in tiles of 16, and
+# each tile of rows begun costs a pass over every weight (csrc/cpu_linear.cpp)
+KNOTS = (1, 2, 4, 6, 8, 16, 17, 32, 33, 64)
 RAMPS = tuple(f"tokens_{lo}_{hi}" for lo, hi in pairwise(KNOTS))
 FEATURES = (
     "const",

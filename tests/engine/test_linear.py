@@ -74,7 +74,8 @@ def test_the_kernel_matches_torch_in_float32(kernel: FewRowsProduct, num_out: in
     torch.testing.assert_close(kernel(x, blocks, num_out, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("num_rows", [3, 13])  # with AVX2: passes of 4 vectors; groups of 6 in passes of 2
+# with AVX2: passes of 4 vectors; groups of 6 in passes of 2; with AMX: two tiles of rows, and a third
+@pytest.mark.parametrize("num_rows", [3, 13, 37])
 @pytest.mark.parametrize("num_in", [576, 37])  # bfloat16 pairs along k: an odd k is padded with a zero
 def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct, num_rows: int, num_in: int) -> None:
     weight, bias, x = (t.bfloat16() for t in weight_bias_x(num_rows, num_out=300, num_in=num_in))
@@ -101,13 +102,14 @@ def test_a_row_is_bit_identical_whatever_rows_come_with_it(
     kernel: FewRowsProduct, dtype: torch.dtype, num_in: int
 ) -> None:
     """What keeps greedy speculation exact: a decode step's row and the same row among drafts."""
-    weight, bias, x = (t.to(dtype) for t in weight_bias_x(20, num_out=130, num_in=num_in))
+    weight, bias, x = (t.to(dtype) for t in weight_bias_x(40, num_out=130, num_in=num_in))
     blocks = weight_blocks(weight)
     together = kernel(x, blocks, 130, bias)
-    for i in range(20):
+    for i in range(40):
         assert torch.equal(kernel(x[i : i + 1], blocks, 130, bias), together[i : i + 1])
     assert torch.equal(kernel(x[3:19], blocks, 130, bias), together[3:19])
-    for n in range(2, 20):  # groups of 6 rows (or tiles of 16) and every rest, each in its own passes
+    # groups of 6 rows (or tiles of 16, in passes of one or two tiles) and every rest
+    for n in range(2, 40):
         assert torch.equal(kernel(x[:n], blocks, 130, bias), together[:n])
 
 

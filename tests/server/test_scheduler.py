@@ -104,7 +104,9 @@ def step_s(shape: BatchShape) -> float:
 def decoding_one_request(max_prefill_slowdown: float, k: int = 3) -> Scheduler:
     """A scheduler whose cost model knows step_s, with "short" decoding (FIXED k)."""
     scheduler = make_scheduler(kv=20_000, max_step_tokens=512, max_prefill_slowdown=max_prefill_slowdown, k=k)
-    shapes = [BatchShape.of([(n, c + n)] * b) for n in (1, 2, 4, 5, 9, 64, 512) for c in (0, 100, 3000) for b in (1, 3)]
+    # token counts at each of the cost model's knots, so that every segment is fitted
+    counts = (1, 2, 4, 5, 9, 16, 17, 32, 33, 64, 512)
+    shapes = [BatchShape.of([(n, c + n)] * b) for n in counts for c in (0, 100, 3000) for b in (1, 3)]
     scheduler.policy.warm([(shape, step_s(shape)) for shape in shapes])
     scheduler.add(make_state("short", 4, max_new_tokens=1000))
     plan = scheduler.schedule()
