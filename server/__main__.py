@@ -209,7 +209,8 @@ def admin_token_from(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     # The control plane's numpy (the cost model's least squares) must not start a BLAS thread per
-    # core: those threads spin after each call and take CPU from the engine.
+    # core: those threads spin after each call and take CPU from the engine (as in client/cli.py,
+    # for `python -m server`).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Tokenizers' own thread pool would run a large prompt at normal priority, beside the engine;
     # without it, encoding runs on the calling thread, whose priority server/tokenize_pool.py sets.
