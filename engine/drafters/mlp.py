@@ -6,7 +6,8 @@ guesses the token after it, head j the one after head j - 1's pick. Head 0 runs 
 request right after each step, batched, and its confidence goes with the offer, so the policy
 drafts where the speculator is likely right; the other heads run batched over the requests
 assigned to the speculator, as many as the longest draft asks for. The heads name only the
-target's most frequent tokens plus an "other" class; "other" is never proposed.
+target's most frequent tokens plus an "other" class; "other" is never proposed. The heads run from
+a copy laid out for serving (engine/speculator/served.py).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class MLPDrafter(Drafter):
         hidden = torch.stack([r.last_hidden for r in requests if r.last_hidden is not None])
         last = self.classes[torch.tensor([r.token_ids[-1] for r in requests], device=self.classes.device)]
         state, logits = self.heads.run_head(0, hidden, last)  # [B, width], [B, C]
-        top = logits.float().softmax(dim=-1)[:, :-1].max(dim=-1)  # the named token it would pick
+        top = logits.softmax(dim=-1)[:, :-1].max(dim=-1)  # the named token it would pick
         top_ids = self.token_ids[top.indices].tolist()
         for row, (r, probability) in enumerate(zip(requests, top.values.tolist(), strict=True)):
             self.first_heads[r.req_id] = FirstHead(

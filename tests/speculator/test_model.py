@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.speculator.model import MLPSpeculator, SpeculatorConfig
+from tests.speculator.tiny import random_speculator
 
 
 def by_hand(spec: MLPSpeculator, state: list[float], tokens: list[int]) -> list[list[float]]:
@@ -33,15 +34,10 @@ def by_hand(spec: MLPSpeculator, state: list[float], tokens: list[int]) -> list[
 
 @pytest.mark.parametrize("tie_weights,scale_input", [(False, False), (True, True)])
 def test_each_head_matches_the_formulas_computed_by_hand(tie_weights: bool, scale_input: bool) -> None:
-    torch.manual_seed(0)
     config = SpeculatorConfig(
         emb_dim=3, vocab_size=7, num_heads=3, inner_dim=4, tie_weights=tie_weights, scale_input=scale_input
     )
-    spec = MLPSpeculator(config).double()
-    with torch.no_grad():  # LN starts at weight 1, bias 0: move them so the test sees them
-        for ln in spec.ln:
-            ln.weight.uniform_(0.5, 1.5)
-            ln.bias.uniform_(-0.5, 0.5)
+    spec = random_speculator(config).double()
     states = torch.randn(2, 5, 3, dtype=torch.float64)  # [B, N, emb_dim]
     token_ids = torch.randint(0, 7, (2, 5 + 2))  # [B, N + heads - 1]
     logits = spec(states, token_ids)

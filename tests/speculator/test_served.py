@@ -8,19 +8,14 @@ import torch
 import engine.speculator.served as served
 from engine.speculator.model import MLPSpeculator, SpeculatorConfig
 from engine.speculator.served import ServedSpeculator
+from tests.speculator.tiny import random_speculator
 
 
 def trained_like(tie_weights: bool, scale_input: bool) -> MLPSpeculator:
-    torch.manual_seed(0)
     config = SpeculatorConfig(
         emb_dim=48, vocab_size=101, num_heads=3, inner_dim=64, tie_weights=tie_weights, scale_input=scale_input
     )
-    spec = MLPSpeculator(config).eval()
-    with torch.no_grad():  # LN starts at weight 1, bias 0: move them so the test sees them
-        for ln in spec.ln:
-            ln.weight.uniform_(0.5, 1.5)
-            ln.bias.uniform_(-0.5, 0.5)
-    return spec
+    return random_speculator(config).eval()
 
 
 def chains(heads: MLPSpeculator | ServedSpeculator, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from engine.speculator.model import MLPSpeculator, SpeculatorConfig
 from engine.speculator.train import train_speculator
 from engine.speculator.train_config import TrainConfig
 
@@ -83,3 +86,14 @@ def save_markov_speculator(model: Path, sharpness: float) -> None:
             head[:vocab, :vocab] = logits.T * sharpness / one_hot_state
             spec.head[i].weight.copy_(head)
     save(speculator_dir(str(model)), TrainedSpeculator(spec, torch.arange(vocab), {"model": str(model)}))
+
+
+def random_speculator(config: SpeculatorConfig, seed: int = 0) -> MLPSpeculator:
+    """Random heads whose layer norms are moved off weight 1, bias 0, so that a test sees them."""
+    torch.manual_seed(seed)
+    spec = MLPSpeculator(config)
+    with torch.no_grad():
+        for ln in spec.ln:
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.uniform_(-0.5, 0.5)
+    return spec
