@@ -74,7 +74,7 @@ def test_the_kernel_matches_torch_in_float32(kernel: FewRowsProduct, num_out: in
     torch.testing.assert_close(kernel(x, blocks, num_out, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
-# with AVX2: passes of 4 vectors; groups of 6 in passes of 2; with AMX: two tiles of rows, and a third
+# with AVX2: passes of 4 vectors; groups of 6 in passes of 2; with AMX: three tiles of rows, the last of 5
 @pytest.mark.parametrize("num_rows", [3, 13, 37])
 @pytest.mark.parametrize("num_in", [576, 37])  # bfloat16 pairs along k: an odd k is padded with a zero
 def test_the_kernel_matches_torch_in_bfloat16(kernel: FewRowsProduct, num_rows: int, num_in: int) -> None:
@@ -108,8 +108,7 @@ def test_a_row_is_bit_identical_whatever_rows_come_with_it(
     for i in range(40):
         assert torch.equal(kernel(x[i : i + 1], blocks, 130, bias), together[i : i + 1])
     assert torch.equal(kernel(x[3:19], blocks, 130, bias), together[3:19])
-    # groups of 6 rows (or tiles of 16, in passes of one or two tiles) and every rest
-    for n in range(2, 40):
+    for n in range(2, 40):  # groups of 6 rows (or tiles of 16) and every rest, each in its own passes
         assert torch.equal(kernel(x[:n], blocks, 130, bias), together[:n])
 
 
