@@ -4,10 +4,11 @@ products in the engine's few-rows kernel over bfloat16 weights on the CPU.
 Drafting runs between two target forwards, so a head's weights come from memory each time: the
 projection onto 4,097 classes alone is 9.4 MB in float32. Served as trained (nn.Linear, F.linear),
 a head took 0.8-1.1 ms in the engine at batch 1 (Intel Xeon with AMX), of which 0.45-0.55 ms its
-product (F.linear repacks a bfloat16 weight on every call), and evicting the target's weights from
-the cache slowed the next forward by as much again: FIXED k = 3 drafting cost 2.9 ms a step of 12.
-The kernel reads a bfloat16 weight at about the memory's speed; the small operations are the
-fewest torch calls that compute the same (rms_norm with the bias after it).
+product (F.linear repacks a bfloat16 weight on every call): FIXED k = 3 drafting cost 2.9 ms a
+step of 12, now 1.5. The kernel reads a bfloat16 weight at about the memory's speed; the small
+operations are the fewest torch calls that compute the same (rms_norm with the bias after it).
+(The forward after drafting still runs 0.6-0.9 ms slower than n-gram's at the same shape, most
+likely as the heads' weights push the target's out of the cache.)
 
 The drafts are proposals: verification decides what is emitted, so bfloat16 heads under a float32
 target keep greedy output exact, and the sampled path draws from the distribution it reports.
@@ -54,10 +55,10 @@ class ServedSpeculator:
         self.norm_bias = [tensor(m, "bias") for m in model.ln]
         self.is_input_scaled = model.ln0 is not None
 
-    @torch.inference_mode()
     def run_head(self, i: int, state: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """state [B, emb_dim] (the target's hidden state, for head 0) or [B, width] (head i - 1's,
-        float32); token_ids [B] -> the state head i + 1 reads and head i's logits [B, C], float32."""
+        float32); token_ids [B] -> the state head i + 1 reads and head i's logits [B, C], float32.
+        The drafter calls it under inference mode; the weights need no gradient either way."""
         if i == 0 and self.is_input_scaled:
             state = F.rms_norm(state.float(), (state.shape[-1],), eps=LN_EPS) / math.sqrt(2)
         mixed = self.proj[i](state.to(self.product_dtype)).float() + self.emb_scale * self.emb[i][token_ids]
