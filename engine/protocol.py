@@ -78,6 +78,10 @@ class StepPlan(_Wire, frozen=True, tag=1):
     new_requests: list[NewRequest] = []  # each request's full data, sent once
     scheduled: list[ScheduledRequest] = []  # the requests that run this step
     finished_req_ids: list[str] = []  # finished or aborted by the control plane: free their state
+    # Per drafter whose offers cost nothing: the match length from which its offer is as good as
+    # sure. A request it offers that to is not offered to by drafters whose offers run a model
+    # (Drafter.offers_run_model): the speculator's head 0 need not run where n-gram lookup copies.
+    sure_match_lens: dict[str, int] = {}
 
 
 class Shutdown(_Wire, frozen=True, tag=2):
@@ -227,6 +231,7 @@ class EngineReady(_Wire, frozen=True, tag=4):
     model_path: str  # where the tokenizer and chat template can be read
     load_s: float = 0.0
     kernel_row_limit: int = 0  # the target's products of up to this many rows run in our kernel
+    offer_model_drafters: list[str] = []  # drafters that run a model to work out their offers (the speculator)
 
 
 class EngineError(_Wire, frozen=True, tag=5):

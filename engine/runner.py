@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -122,7 +123,8 @@ class ModelRunner:
             self._keep_hidden(works, emitted, hidden)
         sampled = time.perf_counter()
         advanced = [self._advance(work, tokens) for work, tokens in zip(works, emitted, strict=True)]
-        outputs += self._with_offers(advanced, {s.req_id for s in plan.scheduled if s.wants_offers})
+        wanted = {s.req_id for s in plan.scheduled if s.wants_offers}
+        outputs += self._with_offers(advanced, wanted, plan.sure_match_lens)
         return StepResult(
             step_id=plan.step_id,
             outputs=outputs,
@@ -262,10 +264,14 @@ class ModelRunner:
                 outcomes.append(OfferOutcome(drafter.name, num_tested, num_passed))
         return outcomes
 
-    def _with_offers(self, outputs: list[RequestOutput], wanted: set[str]) -> list[RequestOutput]:
+    def _with_offers(
+        self, outputs: list[RequestOutput], wanted: set[str], sure_match_lens: Mapping[str, int]
+    ) -> list[RequestOutput]:
         """Each continuing request's outputs with every drafter's offer for its next step, one call
         per drafter over the batch; a request that emitted nothing (a prefill chunk), may not draft
-        any more, or whose plans do not want offers gets empty ones, a finished one none."""
+        any more, or whose plans do not want offers gets empty ones, a finished one none. Drafters
+        whose offers cost nothing offer first; one whose offers run a model then skips the
+        requests they made a sure offer to (StepPlan.sure_match_lens), which gets an empty one."""
         asking = []
         for out in outputs:
             seq = self.seqs.get(out.req_id)
@@ -273,14 +279,20 @@ class ModelRunner:
             is_asking = out.req_id in wanted and out.new_token_ids and out.finish_reason == FinishReason.NONE
             if seq and max_k > 0 and is_asking:
                 asking.append(draft_request(seq, max_k, len(seq.token_ids)))
-        offers_by_drafter = [
-            dict(zip([r.req_id for r in asking], drafter.offers(asking), strict=True)) if asking else {}
-            for drafter in self.drafters.values()
-        ]
+        offers_by_drafter: dict[str, dict[str, Offer]] = {}
+        sure: set[str] = set()
+        for drafter in sorted(self.drafters.values(), key=lambda d: d.offers_run_model):
+            asked = [r for r in asking if r.req_id not in sure] if drafter.offers_run_model else asking
+            offers = dict(zip([r.req_id for r in asked], drafter.offers(asked), strict=True)) if asked else {}
+            offers_by_drafter[drafter.name] = offers
+            if sure_len := sure_match_lens.get(drafter.name, 0):
+                sure |= {req_id for req_id, offer in offers.items() if offer.num_tokens and offer.match_len >= sure_len}
         return [
             out
             if out.finish_reason != FinishReason.NONE
-            else msgspec.structs.replace(out, offers=[offers.get(out.req_id, Offer()) for offers in offers_by_drafter])
+            else msgspec.structs.replace(
+                out, offers=[offers_by_drafter[name].get(out.req_id, Offer()) for name in self.drafters]
+            )
             for out in outputs
         ]
 

@@ -87,6 +87,7 @@ def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[Mode
         load_s=time.perf_counter() - started,
         model_path=path,
         kernel_row_limit=model.kernel_row_limit,
+        offer_model_drafters=[drafter.name for drafter in drafters if drafter.offers_run_model],
     )
     return runner, ready
 

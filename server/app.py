@@ -230,6 +230,7 @@ def build_policy(config: ServerConfig, ready: EngineReady) -> SpeculationPolicy:
         drafters=drafters,
         model_drafters=tuple(ready.model_drafters),
         prefill_drafters=tuple(ready.prefill_drafters),
+        offer_model_drafters=tuple(ready.offer_model_drafters),
         prior_acceptance=MappingProxyType(ready.prior_acceptance),
     )
 

@@ -225,7 +225,8 @@ class Scheduler:
         if not (new or scheduled or self.finished_in_engine):
             return None
         self.step_id += 1
-        plan = StepPlan(self.step_id, new, scheduled, self.finished_in_engine)
+        sure_match_lens = self.policy.sure_match_lens() if any(s.wants_offers for s in scheduled) else {}
+        plan = StepPlan(self.step_id, new, scheduled, self.finished_in_engine, sure_match_lens)
         self.finished_in_engine = []
         return plan
 

@@ -42,6 +42,7 @@ class Drafter(ABC):
     name: str
     sees_prefill = False  # True for a drafter with a KV cache of its own: it is shown prefill chunks too
     runs_model = False  # True for one whose forwards cost time: the control plane profiles and prices them
+    offers_run_model = False  # True for one that runs a model to work out its offers (see StepPlan.sure_match_lens)
     # The chance a draft token passes, for the control plane to plan with before it has seen any of
     # this drafter's drafts: a guess, which the first drafts replace.
     prior_acceptance = 0.5

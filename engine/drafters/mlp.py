@@ -39,6 +39,7 @@ class FirstHead:
 class MLPDrafter(Drafter):
     name = "mlp"
     runs_model = True
+    offers_run_model = True  # head 0, for its confidence
 
     def __init__(
         self,

@@ -79,6 +79,7 @@ class SpeculationPolicy:
     drafters: tuple[str, ...] = ("ngram",)  # the engine's, in order; the first serves FIXED by default
     model_drafters: tuple[str, ...] = ()  # those that run a model: priced by a step-cost model each
     prefill_drafters: tuple[str, ...] = ()  # of those, the ones that prefill with the target (a draft model)
+    offer_model_drafters: tuple[str, ...] = ()  # of those, the ones that run a model to offer (the speculator)
     # per drafter: its acceptance before its first draft (INITIAL_RATE where it names none)
     prior_acceptance: Mapping[str, float] = field(default_factory=dict)
     cost_model: StepCostModel = field(default_factory=StepCostModel)
@@ -105,6 +106,31 @@ class SpeculationPolicy:
         """Whether the request's steps are chosen from its offers: under OFF and FIXED they are not,
         so the engine's drafters need not work out what they would offer."""
         return bool(self.drafters) and (request.speculation_mode or self.settings.mode) == SpeculationMode.AUTO
+
+    def sure_match_lens(self) -> dict[str, int]:
+        """Per model-free drafter, the shortest match length from which its first draft token has
+        passed at least as often as that of any drafter that runs a model to offer, at its most
+        confident, at every longer match length seen. The engine works out no such costly offer
+        (the speculator's head 0) for a request a model-free drafter offers that much: it could
+        not win the step. Running head 0 on every step cost AUTO 2-4% on code editing, where
+        n-gram lookup copies most of the output (docs/speculator.md)."""
+        costly = [self.acceptance[name] for name in self.offer_model_drafters]
+        if not costly:
+            return {}
+        bar = max(max(a.first_token_rates().values(), default=a.server_first_rate) for a in costly)
+        sure = {}
+        for name in self.drafters:
+            if name in self.model_drafters:
+                continue
+            rates = self.acceptance[name].first_token_rates()
+            shortest = 0
+            for match_len in sorted(rates, reverse=True):
+                if rates[match_len] < bar:
+                    break
+                shortest = match_len
+            if shortest:
+                sure[name] = shortest
+        return sure
 
     def choose(self, requests: Sequence[Decoding], base: StepBase | None = None) -> dict[str, Assignment]:
         settings = self.settings

@@ -16,11 +16,13 @@ from engine.drafters.base import Draft, DraftRequest
 from engine.drafters.mlp import MLPDrafter, confidence_bucket
 from engine.offline import Job, run_alone, run_jobs
 from engine.profile import profile_steps
-from engine.protocol import NewRequest, Offer, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
+from engine.protocol import EngineReady, NewRequest, Offer, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.speculator.store import SpeculatorNotFoundError
 from engine.worker import build_runner
 from server.__main__ import add_serve_arguments, config_from_args
+from server.app import build_policy
+from server.config import ServerConfig
 from tests.engine.distributions import claiming_uniform_q, total_variation
 from tests.speculator.tiny import make_corpus, save_markov_speculator, train_tiny
 from tests.tiny_models import make_tiny_llama, make_tiny_markov_llama
@@ -40,11 +42,15 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_runner(model: Path, drafters: tuple[str, ...]) -> ModelRunner:
+    return build(model, drafters)[0]
+
+
+def build(model: Path, drafters: tuple[str, ...]) -> tuple[ModelRunner, EngineReady]:
     """With the speculators of the model's own cache, beside it."""
     config = EngineConfig(model=str(model), drafters=drafters, kv_cache_tokens=4096, num_threads=1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GOODSPEED_SPECULATORS", str(model.parent / "speculators"))
-        return build_runner(config, show_progress=False)[0]
+        return build_runner(config, show_progress=False)
 
 
 def prompts() -> list[list[int]]:
@@ -125,6 +131,12 @@ def test_offers_run_head_zero_only_for_requests_planned_from_them(model: Path) -
     assert list(drafter_of(runner).first_heads) == ["auto"]
     assert outputs["off"].offers == [Offer(), Offer()]  # one per drafter, none worked out
     assert outputs["auto"].offers[1].num_tokens == 3 and outputs["auto"].offers[1].match_len >= 1
+
+
+def test_the_control_plane_is_told_the_speculators_offers_run_a_model(model: Path) -> None:
+    _, ready = build(model, ("ngram", "mlp"))
+    assert ready.model_drafters == ready.offer_model_drafters == ["mlp"]
+    assert build_policy(ServerConfig(), ready).offer_model_drafters == ("mlp",)
 
 
 def test_sampled_drafts_come_with_their_distribution_and_stay_seeded(model: Path) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
+from engine.drafters.base import Draft, Drafter, DraftRequest
 from engine.drafters.ngram import NgramIndex
 from engine.offline import Job, run_alone
-from engine.protocol import FinishReason, NewRequest, OfferOutcome, ScheduledRequest, StepPlan
+from engine.protocol import FinishReason, NewRequest, Offer, OfferOutcome, ScheduledRequest, StepPlan
 from engine.runner import ModelRunner
 from engine.worker import build_runner
 from tests.tiny_models import make_tiny_llama
@@ -103,3 +104,45 @@ def test_an_offer_not_drafted_is_checked_against_the_tokens_the_target_emitted(t
         assert output.offer_outcomes == [OfferOutcome("ngram", num_tested, num_passed)]
         outcomes.append(output.offer_outcomes[0])
     assert any(o.num_passed >= 2 for o in outcomes) and any(o.num_passed == o.num_tested == 1 for o in outcomes)
+
+
+class AskedDrafter(Drafter):
+    """Offers every request one token, as if it had run a model to know it; records whom it was asked for."""
+
+    name = "asked"
+    offers_run_model = True
+
+    def __init__(self) -> None:
+        self.asked: list[set[str]] = []
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        return [Draft() for _ in requests]
+
+    def offers(self, requests: list[DraftRequest]) -> list[Offer]:
+        self.asked.append({r.req_id for r in requests})
+        return [Offer(1, match_len=1) for _ in requests]
+
+
+def test_an_offer_that_runs_a_model_is_not_worked_out_where_a_free_one_is_sure(tiny_model: Path) -> None:
+    runner = make_runner(tiny_model, kv_tokens=300)  # n-gram and self, then the one that runs a model
+    asked = AskedDrafter()
+    runner.drafters[asked.name] = asked
+    # n-gram lookup catches on to what this tiny model writes after [3, 4] * 10 (see above)
+    new = [NewRequest("copy", [3, 4] * 10, 60), NewRequest("fresh", list(range(30, 50)), 60)]
+    runner.step(StepPlan(0, new, [ScheduledRequest("copy", 64), ScheduledRequest("fresh", 64)]))
+    assert asked.asked == [{"copy", "fresh"}]  # no sure lengths in the plan: everyone is asked
+    num_sure = 0
+    for step_id in range(1, 16):
+        plan = StepPlan(
+            step_id, scheduled=[ScheduledRequest("copy"), ScheduledRequest("fresh")], sure_match_lens={"ngram": 4}
+        )
+        num_calls = len(asked.asked)
+        outputs = runner.step(plan).outputs
+        ngram_offers = {out.req_id: out.offers[0] for out in outputs}
+        is_sure = {req_id: offer.num_tokens > 0 and offer.match_len >= 4 for req_id, offer in ngram_offers.items()}
+        unsure = {req_id for req_id, sure in is_sure.items() if not sure}
+        assert asked.asked[num_calls:] == ([unsure] if unsure else [])  # not called for nobody
+        for out in outputs:  # the offers keep the engine's order of drafters; a skipped one is empty
+            assert len(out.offers) == 3 and (out.offers[2] == Offer()) == is_sure[out.req_id]
+        num_sure += sum(is_sure.values())
+    assert 0 < num_sure < 30  # some offers were sure and some were not

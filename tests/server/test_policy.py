@@ -344,6 +344,32 @@ def test_first_token_rate_follows_the_match_length_and_the_request() -> None:
     assert estimator.first_rate("odd", 8) == estimator.first_rate("new", 8)
 
 
+def test_a_model_free_offer_is_sure_where_its_first_tokens_pass_as_often_as_a_costly_offer_at_best() -> None:
+    settings = PolicySettings(SpeculationMode.AUTO, 4, 8)
+    policy = SpeculationPolicy(settings, 8, ("ngram", "mlp"), ("mlp",), offer_model_drafters=("mlp",))
+
+    def observe(drafter: str, match_len: int, num_drafts: int, num_passing: int) -> None:
+        for i in range(num_drafts):
+            policy.observe_draft(f"r{i}", drafter, Offer(4, match_len=match_len), 4, int(i < num_passing))
+
+    observe("mlp", 10, 100, 80)  # the speculator's most confident bucket passes 80% of the time
+    observe("mlp", 3, 100, 20)
+    assert policy.sure_match_lens() == {}  # n-gram lookup has not drafted yet
+    observe("ngram", 8, 100, 95)
+    observe("ngram", 2, 100, 50)
+    assert policy.sure_match_lens() == {"ngram": 8}
+    observe("ngram", 5, 100, 85)
+    assert policy.sure_match_lens() == {"ngram": 5}
+    observe("ngram", 6, 100, 60)  # a longer match that passes less often: sure only past it
+    assert policy.sure_match_lens() == {"ngram": 8}
+    observe("mlp", 9, 400, 392)  # the speculator at its best now beats even the longest matches
+    assert policy.sure_match_lens() == {}
+    # with no drafter whose offers run a model there is nothing to skip
+    plain = SpeculationPolicy(settings, 8, ("ngram",))
+    plain.observe_draft("r", "ngram", Offer(4, match_len=8), 4, 4)
+    assert plain.sure_match_lens() == {}
+
+
 def test_later_positions_follow_the_request_as_well_as_the_server_curve() -> None:
     estimator = AcceptanceEstimator(8)
     for i in range(40):  # the server has seen requests that copy all the way

@@ -34,8 +34,12 @@ def make_scheduler(
     mode: SpeculationMode = SpeculationMode.FIXED,
     k: int = 3,
     max_prefill_slowdown: float = 0.0,
+    drafters: tuple[str, ...] = ("ngram",),
+    model_drafters: tuple[str, ...] = (),
 ) -> Scheduler:
-    policy = SpeculationPolicy(PolicySettings(mode, k, 8), 8)
+    policy = SpeculationPolicy(
+        PolicySettings(mode, k, 8), 8, drafters, model_drafters, offer_model_drafters=model_drafters
+    )
     return Scheduler(SchedulerLimits(max_running, max_waiting, max_step_tokens, kv, max_prefill_slowdown), policy)
 
 
@@ -58,20 +62,24 @@ def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused() -> None
 
 
 def test_only_requests_planned_from_offers_ask_the_engine_for_them() -> None:
-    scheduler = make_scheduler(mode=SpeculationMode.AUTO)
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO, drafters=("ngram", "mlp"), model_drafters=("mlp",))
     scheduler.add(make_state("auto", 4))
     scheduler.add(make_state("off", 4, mode=SpeculationMode.OFF))
     scheduler.add(make_state("fixed", 4, mode=SpeculationMode.FIXED, k=2))
+    for i in range(40):  # n-gram drafts from 8-token matches pass more often than the speculator's
+        scheduler.policy.observe_draft(f"r{i}", "ngram", Offer(4, match_len=8), 4, 4)
+        scheduler.policy.observe_draft(f"r{i}", "mlp", Offer(3, match_len=10), 3, i % 2)
     plan = scheduler.schedule()
     assert plan is not None and {s.req_id: s.wants_offers for s in plan.scheduled} == {
         "auto": True,
         "off": False,
         "fixed": False,
     }
+    assert plan.sure_match_lens == {"ngram": 8}  # so the engine need not run a model to offer beside them
     scheduler.policy.drafters = ()  # an engine without drafters has nothing to offer
     scheduler.update(result(plan.step_id, *[(name, [65], 0, 0, NONE) for name in ("auto", "off", "fixed")]))
     plan = scheduler.schedule()
-    assert plan is not None and not any(s.wants_offers for s in plan.scheduled)
+    assert plan is not None and not any(s.wants_offers for s in plan.scheduled) and plan.sure_match_lens == {}
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_decoding_continues() -> None:
@@ -310,8 +318,7 @@ def test_the_policy_learns_each_draft_with_the_offer_it_was_planned_from() -> No
 
 
 def test_the_policy_learns_how_the_offers_not_drafted_would_have_fared() -> None:
-    scheduler = make_scheduler(mode=SpeculationMode.AUTO)
-    scheduler.policy.drafters = ("ngram", "self")
+    scheduler = make_scheduler(mode=SpeculationMode.AUTO, drafters=("ngram", "self"))
     seen: list[tuple[str, str, Offer, int, int]] = []
     scheduler.policy.observe_draft = lambda *args: seen.append(args)  # type: ignore[method-assign]
     scheduler.add(make_state("a", 2))
