@@ -2,9 +2,10 @@
 
 Each request drafts from the target's final-norm hidden state that produced its last token (the
 runner keeps that row of the step's forward, so no extra forward runs) and that token: head 0
-guesses the token after it, head j the one after head j - 1's pick. Head 0 runs for every
-request right after each step, batched, and its confidence goes with the offer, so the policy
-drafts where the speculator is likely right; the other heads run batched over the requests
+guesses the token after it, head j the one after head j - 1's pick. Head 0 runs right after
+each step, batched over the requests the runner asks it to offer to (AUTO's, less those n-gram
+lookup is sure of: StepPlan.sure_match_lens), and its confidence goes with the offer, so the
+policy drafts where the speculator is likely right; the other heads run batched over the requests
 assigned to the speculator, as many as the longest draft asks for. The heads name only the
 target's most frequent tokens plus an "other" class; "other" is never proposed. The heads run from
 a copy laid out for serving (engine/speculator/served.py).
@@ -140,7 +141,8 @@ class MLPDrafter(Drafter):
     def take_forwards(self) -> list[BatchShape]:
         """The heads its last propose ran, one "forward" each, as one query token per request over
         one KV token: the cost model fits a constant plus a cost per request to them. Head 0 ran
-        with the offers, in the step before, for every request (priced in that step's time)."""
+        with the offers, in the step before (priced in that step's time), or here for a request
+        it had not offered to (then counted here)."""
         forwards, self.forwards = self.forwards, []
         return forwards
 

@@ -109,20 +109,24 @@ class SpeculationPolicy:
 
     def sure_match_lens(self) -> dict[str, int]:
         """Per model-free drafter, the shortest match length from which its first draft token has
-        passed at least as often as that of any drafter that runs a model to offer, at its most
-        confident, at every longer match length seen. The engine works out no such costly offer
-        (the speculator's head 0) for a request a model-free drafter offers that much: it could
-        not win the step. Skipping it made AUTO about 1% faster in bfloat16 (docs/speculator.md),
-        where head 0 had run on every step, most uselessly on code editing."""
-        costly = [self.acceptance[name] for name in self.offer_model_drafters]
-        if not costly:
+        passed, server-wide, at least as often as that of any drafter that runs a model to offer
+        at its most confident, at every longer match length seen. The engine works out no such
+        costly offer (the speculator's head 0) for a request a model-free drafter offers that much
+        to: the speculator's offer would rarely win the step. A rule of thumb: a request whose own
+        n-gram drafts keep failing loses the speculator's offer there too, and the speculator's
+        buckets are learned only where n-gram lookup is not sure. Nothing is skipped until both
+        have drafted. Skipping made AUTO about 1% faster in bfloat16 (docs/speculator.md), where
+        head 0 had run on every step, most uselessly on code editing."""
+        bars = [self.acceptance[name].first_token_rates().values() for name in self.offer_model_drafters]
+        if not any(bars):
             return {}
-        bar = max(max(a.first_token_rates().values(), default=a.server_first_rate) for a in costly)
+        bar = max(max(rates, default=0.0) for rates in bars)
         sure = {}
         for name in self.drafters:
             if name in self.model_drafters:
                 continue
-            rates = self.acceptance[name].first_token_rates()
+            # match length 0 holds drafts planned without an offer (FIXED): no length to be sure from
+            rates = {m: rate for m, rate in self.acceptance[name].first_token_rates().items() if m > 0}
             shortest = 0
             for match_len in sorted(rates, reverse=True):
                 if rates[match_len] < bar:

@@ -16,7 +16,16 @@ from engine.drafters.base import Draft, DraftRequest
 from engine.drafters.mlp import MLPDrafter, confidence_bucket
 from engine.offline import Job, run_alone, run_jobs
 from engine.profile import profile_steps
-from engine.protocol import EngineReady, NewRequest, Offer, ProfileShape, SamplingParams, ScheduledRequest, StepPlan
+from engine.protocol import (
+    EngineReady,
+    FinishReason,
+    NewRequest,
+    Offer,
+    ProfileShape,
+    SamplingParams,
+    ScheduledRequest,
+    StepPlan,
+)
 from engine.runner import ModelRunner
 from engine.speculator.store import SpeculatorNotFoundError
 from engine.worker import build_runner
@@ -131,6 +140,36 @@ def test_offers_run_head_zero_only_for_requests_planned_from_them(model: Path) -
     assert list(drafter_of(runner).first_heads) == ["auto"]
     assert outputs["off"].offers == [Offer(), Offer()]  # one per drafter, none worked out
     assert outputs["auto"].offers[1].num_tokens == 3 and outputs["auto"].offers[1].match_len >= 1
+
+
+def test_head_zero_waits_where_n_gram_is_sure_and_the_drafts_stay_exact(model: Path) -> None:
+    runner = make_runner(model, ("ngram", "mlp"))
+    drafter = drafter_of(runner)
+    prompt = [3, 4] * 10  # what this tiny llama writes after it, n-gram lookup catches on to
+    plain = run_alone(runner, Job("plain", prompt, 40), [])
+    runner.step(StepPlan(0, [NewRequest("a", prompt, 40, stop_token_ids=[])], [ScheduledRequest("a", 64)]))
+    tokens = list(runner.seqs["a"].token_ids[len(prompt) :])
+    num_skipped = num_drafted_after_a_skip = 0
+    step_id = 1
+    while "a" in runner.seqs:
+        seq = runner.seqs["a"]
+        first = drafter.first_heads.get("a")
+        is_head_fresh = first is not None and first.num_tokens == len(seq.token_ids)
+        k = 2 if step_id % 2 == 0 else 0  # drafting with the speculator every other step
+        num_drafted_after_a_skip += k > 0 and not is_head_fresh
+        scheduled = ScheduledRequest("a", num_draft_tokens=k, drafter="mlp" if k else "")
+        (out,) = runner.step(StepPlan(step_id, scheduled=[scheduled], sure_match_lens={"ngram": 2})).outputs
+        tokens += out.new_token_ids
+        step_id += 1
+        if out.finish_reason != FinishReason.NONE or runner.seqs["a"].num_new_tokens_left < 2:
+            continue  # no offers for a request that may not draft any more
+        is_sure = out.offers[0].num_tokens > 0 and out.offers[0].match_len >= 2
+        first = drafter.first_heads.get("a")
+        ran = first is not None and first.num_tokens == len(runner.seqs["a"].token_ids)
+        assert ran != is_sure and (out.offers[1] == Offer()) == is_sure  # head 0 ran exactly where not sure
+        num_skipped += is_sure
+    assert tokens == plain.output_ids
+    assert num_skipped > 0 and num_drafted_after_a_skip > 0  # drafting then ran head 0 itself
 
 
 def test_the_control_plane_is_told_the_speculators_offers_run_a_model(model: Path) -> None:

@@ -124,9 +124,9 @@ class AskedDrafter(Drafter):
 
 
 def test_an_offer_that_runs_a_model_is_not_worked_out_where_a_free_one_is_sure(tiny_model: Path) -> None:
-    runner = make_runner(tiny_model, kv_tokens=300)  # n-gram and self, then the one that runs a model
+    runner = make_runner(tiny_model, kv_tokens=300)
     asked = AskedDrafter()
-    runner.drafters[asked.name] = asked
+    runner.drafters = {asked.name: asked, **runner.drafters}  # first, so its offers must wait for n-gram's
     # n-gram lookup catches on to what this tiny model writes after [3, 4] * 10 (see above)
     new = [NewRequest("copy", [3, 4] * 10, 60), NewRequest("fresh", list(range(30, 50)), 60)]
     runner.step(StepPlan(0, new, [ScheduledRequest("copy", 64), ScheduledRequest("fresh", 64)]))
@@ -138,11 +138,11 @@ def test_an_offer_that_runs_a_model_is_not_worked_out_where_a_free_one_is_sure(t
         )
         num_calls = len(asked.asked)
         outputs = runner.step(plan).outputs
-        ngram_offers = {out.req_id: out.offers[0] for out in outputs}
+        ngram_offers = {out.req_id: out.offers[1] for out in outputs}
         is_sure = {req_id: offer.num_tokens > 0 and offer.match_len >= 4 for req_id, offer in ngram_offers.items()}
         unsure = {req_id for req_id, sure in is_sure.items() if not sure}
         assert asked.asked[num_calls:] == ([unsure] if unsure else [])  # not called for nobody
         for out in outputs:  # the offers keep the engine's order of drafters; a skipped one is empty
-            assert len(out.offers) == 3 and (out.offers[2] == Offer()) == is_sure[out.req_id]
+            assert len(out.offers) == 3 and (out.offers[0] == Offer()) == is_sure[out.req_id]
         num_sure += sum(is_sure.values())
     assert 0 < num_sure < 30  # some offers were sure and some were not

@@ -352,16 +352,21 @@ def test_a_model_free_offer_is_sure_where_its_first_tokens_pass_as_often_as_a_co
         for i in range(num_drafts):
             policy.observe_draft(f"r{i}", drafter, Offer(4, match_len=match_len), 4, int(i < num_passing))
 
-    observe("mlp", 10, 100, 80)  # the speculator's most confident bucket passes 80% of the time
-    observe("mlp", 3, 100, 20)
-    assert policy.sure_match_lens() == {}  # n-gram lookup has not drafted yet
     observe("ngram", 8, 100, 95)
+    assert policy.sure_match_lens() == {}  # the speculator has not drafted yet: nothing to compare with
+    observe("mlp", 10, 100, 80)  # its most confident bucket passes 80% of the time
+    observe("mlp", 3, 100, 20)
     observe("ngram", 2, 100, 50)
     assert policy.sure_match_lens() == {"ngram": 8}
     observe("ngram", 5, 100, 85)
     assert policy.sure_match_lens() == {"ngram": 5}
     observe("ngram", 6, 100, 60)  # a longer match that passes less often: sure only past it
     assert policy.sure_match_lens() == {"ngram": 8}
+    observe("ngram", 6, 400, 380)  # once it passes as often too, the 5s are sure again
+    assert policy.sure_match_lens() == {"ngram": 5}
+    observe("ngram", 2, 400, 380)
+    observe("ngram", 0, 100, 90)  # FIXED drafts, planned without an offer, count under length 0
+    assert policy.sure_match_lens() == {"ngram": 2}
     observe("mlp", 9, 400, 392)  # the speculator at its best now beats even the longest matches
     assert policy.sure_match_lens() == {}
     # with no drafter whose offers run a model there is nothing to skip
